@@ -1,0 +1,113 @@
+"""Device selection and the mixed-precision helpers every compute path shares.
+
+Nothing assumes a GPU and nothing ignores one: ``"auto"`` picks CUDA, then Apple MPS, then the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from .errors import ConfigError, DeviceError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Turn ``"auto" | "cpu" | "cuda[:i]" | "mps"`` (or a torch.device) into an available torch.device.
+
+    Raises DeviceError when the requested accelerator is absent, instead of failing later inside a kernel.
+    """
+    if isinstance(device, torch.device):
+        spec = str(device)
+    else:
+        spec = (device or "auto").strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device={spec!r} was requested but CUDA is not available on this machine "
+                "(no NVIDIA GPU or a CPU-only PyTorch build); use --device cpu or --device auto"
+            )
+        dev = torch.device(spec)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device={spec!r} was requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+        return dev
+    if spec == "mps":
+        if not _mps_available():
+            raise DeviceError("device='mps' was requested but Apple MPS is not available; use --device cpu")
+        return torch.device("mps")
+    raise ConfigError(f"device={device!r} is not understood; choose one of {', '.join(DEVICE_CHOICES)}")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def describe_device(device: torch.device) -> str:
+    """A short human description, e.g. ``"cuda (NVIDIA H100)"`` or ``"cpu (2 threads)"``."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return device.type
+
+
+def accumulation_device(device: torch.device) -> torch.device:
+    """Where float64 statistics are accumulated: on the device itself, except MPS (no float64) → CPU."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def amp_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
+    """Parse an autocast precision: None/"none"/"fp32" → None, "fp16"/"bf16" → the torch dtype."""
+    if spec is None or isinstance(spec, torch.dtype):
+        return spec
+    table = {
+        "none": None,
+        "fp32": None,
+        "float32": None,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "half": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
+    key = spec.strip().lower()
+    if key not in table:
+        raise ConfigError(f"amp={spec!r} is not understood; choose none, fp16 or bf16")
+    return table[key]
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """Mixed precision on CUDA when a dtype is given; a no-op on other devices or without a dtype."""
+    if dtype is not None and device.type == "cuda":
+        with torch.autocast(device_type="cuda", dtype=dtype):
+            yield
+    else:
+        yield
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so that wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def use_channels_last(device: torch.device) -> bool:
+    """channels_last memory format helps convolutions on CUDA (tensor cores); on CPU it is left off."""
+    return device.type == "cuda"

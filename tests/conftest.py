@@ -1,0 +1,27 @@
+"""Shared fixtures: the shared data folder (skipped with a reason when absent) and small helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cka_analysis.config import shared_data_dir
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder; tests that use it are skipped (with the reason) when it is absent."""
+    root = shared_data_dir()
+    if not (root / "cifar10-jpeg").is_dir() or not (root / "weights").is_dir():
+        pytest.skip(
+            f"shared data not found at {root} (expected cifar10-jpeg/ and weights/); "
+            "set CKA_PRUNE_DATA to the folder that holds them"
+        )
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    torch.manual_seed(0)
