@@ -1,0 +1,403 @@
+"""Residual blocks: finding them, deciding which can go, and removing them.
+
+Removing a block means replacing it by the identity: its residual branch is gone and its input flows straight
+through its shortcut. That only keeps the network valid when the shortcut *is* the identity (same input and output
+shape); blocks with a downsampling or projection shortcut are listed but marked not removable, with the reason.
+
+Known families (CIFAR ResNets, torchvision ResNets, MobileNetV2, ViT) are also decomposed into
+``stem → blocks → head → classifier`` (:class:`Topology`), which lets scoring run the shared prefix once and only
+the part of the network after each candidate. Any other model works when the user names its blocks (qualified
+module names or glob patterns); their shapes are checked with one probe forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .errors import BlockError, ConfigError
+
+__all__ = [
+    "Block",
+    "Topology",
+    "declare_blocks",
+    "find_blocks",
+    "remove_blocks",
+    "removed_blocks",
+    "topology",
+]
+
+REMOVED_ATTR = "cka_removed"
+PATTERNS_ATTR = "cka_block_patterns"
+
+
+@dataclass(frozen=True)
+class Block:
+    """One residual block of a model, in forward order.
+
+    Attributes:
+        name: qualified module name (``model.get_submodule(name)``).
+        index: position among all blocks of the unpruned model (0-based, forward order).
+        stage: the group of blocks that share a resolution and width (e.g. ``"layer2"``).
+        kind: the block's class name.
+        removable: True when its shortcut is the identity, so replacing it by the identity keeps shapes.
+        reason: why it is not removable (None when it is).
+        macs: multiply-accumulates of the block for one input of the model's preset size.
+        params: parameters of the block.
+    """
+
+    name: str
+    index: int
+    stage: str
+    kind: str
+    removable: bool
+    reason: str | None
+    macs: int
+    params: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Topologies
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Topology:
+    """How a model is laid out: its block slots in forward order and, for known families, how to run it in pieces.
+
+    ``slots`` are the qualified names of every residual block of the unpruned architecture; a removed block's slot
+    holds an ``nn.Identity``. When ``chain`` is True, ``logits == classify(head(blocks(stem(x))))`` where the
+    blocks are applied in slot order, which is what lets scoring reuse the prefix.
+    """
+
+    family = "generic"
+    chain = False
+
+    def __init__(self, model: nn.Module, slots: list[str], *, classifier: str | None, stem_layer: str | None):
+        self.slots = slots
+        self.classifier = classifier
+        self.stem_layer = stem_layer
+
+    # pieces of the forward pass (chain families only)
+    def stem(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise BlockError(f"{type(model).__name__} cannot be run in pieces; scoring uses full forward passes")
+
+    def head(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        raise BlockError(f"{type(model).__name__} cannot be run in pieces; scoring uses full forward passes")
+
+    def classify(self, model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        return model.get_submodule(self.classifier)(feats)
+
+    def run_blocks(self, model: nn.Module, h: torch.Tensor, start: int = 0, skip: int | None = None) -> torch.Tensor:
+        """Apply the blocks from slot ``start`` on, leaving out slot ``skip`` (it acts as the identity)."""
+        for i in range(start, len(self.slots)):
+            if i != skip:
+                h = model.get_submodule(self.slots[i])(h)
+        return h
+
+    def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate (pooled) features of the whole model."""
+        return self.head(model, self.run_blocks(model, self.stem(model, x)))
+
+    # per-block facts
+    def describe(self, model: nn.Module, name: str, module: nn.Module) -> tuple[str, bool, str | None]:
+        """(stage, removable, reason) of one block; generic models are judged by a probe forward elsewhere."""
+        return name.rsplit(".", 1)[0] if "." in name else "", True, None
+
+
+class CifarResNetTopology(Topology):
+    family = "cifar_resnet"
+    chain = True
+
+    def __init__(self, model: nn.Module):
+        slots = [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(len(model.get_submodule(f"layer{s}")))]
+        super().__init__(model, slots, classifier="linear", stem_layer="relu")
+
+    def stem(self, model, x):
+        return model.relu(model.bn1(model.conv1(x)))
+
+    def head(self, model, h):
+        return torch.flatten(model.avgpool(h), 1)
+
+    def describe(self, model, name, module):
+        stage = name.split(".")[0]
+        if isinstance(module.shortcut, nn.Identity):
+            return stage, True, None
+        return stage, False, "downsampling block (stride 2, option-A shortcut pads channels): it changes the shape"
+
+
+class TorchvisionResNetTopology(Topology):
+    family = "torchvision_resnet"
+    chain = True
+
+    def __init__(self, model: nn.Module):
+        slots = [f"layer{s}.{i}" for s in (1, 2, 3, 4) for i in range(len(model.get_submodule(f"layer{s}")))]
+        super().__init__(model, slots, classifier="fc", stem_layer="maxpool")
+
+    def stem(self, model, x):
+        return model.maxpool(model.relu(model.bn1(model.conv1(x))))
+
+    def head(self, model, h):
+        return torch.flatten(model.avgpool(h), 1)
+
+    def describe(self, model, name, module):
+        stage = name.split(".")[0]
+        if getattr(module, "downsample", None) is None:
+            return stage, True, None
+        return stage, False, "has a downsample shortcut (strided 1×1 conv): the block changes the shape"
+
+
+class MobileNetV2Topology(Topology):
+    family = "mobilenet_v2"
+    chain = True
+
+    def __init__(self, model: nn.Module):
+        n = len(model.features)
+        slots = [f"features.{i}" for i in range(1, n - 1)]
+        super().__init__(model, slots, classifier="classifier", stem_layer="features.0")
+        # stage = run of blocks with the same output width (the rows of the MobileNetV2 table)
+        self._stage: dict[str, str] = {}
+        stage, width = 0, None
+        for s in slots:
+            out = [m for m in model.get_submodule(s).modules() if isinstance(m, nn.Conv2d)]
+            w = out[-1].out_channels if out else width
+            if w != width:
+                stage, width = stage + 1, w
+            self._stage[s] = f"stage{stage} ({w} ch)"
+
+    def stem(self, model, x):
+        return model.features[0](x)
+
+    def head(self, model, h):
+        h = model.features[-1](h)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1)
+
+    def describe(self, model, name, module):
+        stage = self._stage.get(name, "")
+        if getattr(module, "use_res_connect", False):
+            return stage, True, None
+        return stage, False, "no residual connection (it changes stride or width)"
+
+
+class ViTTopology(Topology):
+    family = "vit"
+    chain = True
+
+    def __init__(self, model: nn.Module):
+        slots = [f"encoder.layers.{n}" for n, _ in model.encoder.layers.named_children()]
+        super().__init__(model, slots, classifier="heads", stem_layer="conv_proj")
+
+    def stem(self, model, x):
+        x = model._process_input(x)
+        x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return model.encoder.dropout(x + model.encoder.pos_embedding)
+
+    def head(self, model, h):
+        return model.encoder.ln(h)[:, 0]
+
+    def describe(self, model, name, module):
+        return "encoder", True, None
+
+
+class GenericTopology(Topology):
+    """A model the library does not know: blocks are the modules the user named; no decomposition."""
+
+    def __init__(self, model: nn.Module, patterns: Sequence[str]):
+        slots = _match_modules(model, patterns)
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        super().__init__(model, slots, classifier=linears[-1] if linears else None, stem_layer=None)
+
+
+def _match_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    if isinstance(patterns, str):
+        patterns = [p.strip() for p in patterns.split(",") if p.strip()]
+    names = [n for n, _ in model.named_modules() if n]
+    chosen: list[str] = []
+    unmatched = []
+    for p in patterns:
+        hits = [n for n in names if n == p] or [n for n in names if fnmatch.fnmatchcase(n, p)]
+        if not hits:
+            unmatched.append(p)
+        chosen += [h for h in hits if h not in chosen]
+    if unmatched:
+        raise BlockError(f"block names/patterns {unmatched} match no module of {type(model).__name__}")
+    # keep only outermost matches (a pattern like "layer1.*" also matches the blocks' children)
+    outer = [n for n in chosen if not any(n.startswith(o + ".") for o in chosen if o != n)]
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(outer, key=order.__getitem__)
+
+
+def declare_blocks(model: nn.Module, patterns: Sequence[str] | str) -> nn.Module:
+    """Tell the library which modules of a custom model are residual blocks (names or glob patterns).
+
+    Each named module must compute ``x + F(x)`` (input and output of the same shape): removing it makes it the
+    identity. Returns the same model.
+    """
+    if isinstance(patterns, str):
+        patterns = [p.strip() for p in patterns.split(",") if p.strip()]
+    _match_modules(model, patterns)  # validate now, with a clear error
+    object.__setattr__(model, PATTERNS_ATTR, tuple(patterns))
+    return model
+
+
+def topology(model: nn.Module, blocks: Sequence[str] | str | None = None) -> Topology:
+    """The :class:`Topology` of a model: a known family, or the blocks named by ``blocks`` (or
+    :func:`declare_blocks`)."""
+    if blocks is not None:
+        return GenericTopology(model, blocks)
+    declared = getattr(model, PATTERNS_ATTR, None)
+    if declared:
+        return GenericTopology(model, declared)
+    from torchvision.models import MobileNetV2, ResNet, VisionTransformer
+
+    from .models.cifar_resnet import CifarResNet
+
+    if isinstance(model, CifarResNet):
+        return CifarResNetTopology(model)
+    if isinstance(model, ResNet):
+        return TorchvisionResNetTopology(model)
+    if isinstance(model, MobileNetV2):
+        return MobileNetV2Topology(model)
+    if isinstance(model, VisionTransformer):
+        return ViTTopology(model)
+    raise BlockError(
+        f"{type(model).__name__} is not an architecture the library knows (CIFAR ResNet, torchvision ResNet, "
+        "MobileNetV2, ViT); name its residual blocks with blocks=['layer1.*', ...] / --blocks-pattern, or "
+        "declare_blocks(model, patterns)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding and removing blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def removed_blocks(model: nn.Module) -> list[str]:
+    """Names of the blocks already removed from ``model`` (in removal order)."""
+    return list(getattr(model, REMOVED_ATTR, ()))
+
+
+def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
+    if input_size is not None:
+        return tuple(input_size)
+    preset = getattr(model, "cka_preset", None)
+    if preset is None:
+        raise ConfigError(
+            f"{type(model).__name__} has no preset: pass input_size=(channels, height, width) so that block "
+            "shapes and MACs can be measured"
+        )
+    return tuple(preset.input_size)
+
+
+def _probe_shapes(model: nn.Module, names: Iterable[str], input_size: tuple[int, ...]) -> dict[str, tuple]:
+    """(input shape, output shape) of each named module in one forward pass on a zero image."""
+    shapes: dict[str, tuple] = {}
+    handles = []
+
+    def hook(name: str) -> Callable:
+        def fn(mod: nn.Module, args: tuple, out: object) -> None:
+            a = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            o = out if isinstance(out, torch.Tensor) else None
+            shapes.setdefault(name, (None if a is None else tuple(a.shape), None if o is None else tuple(o.shape),
+                                     len(args)))
+        return fn
+
+    for n in names:
+        handles.append(model.get_submodule(n).register_forward_hook(hook(n)))
+    was_training = model.training
+    try:
+        model.eval()
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            model(torch.zeros((1, *input_size), device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
+def find_blocks(
+    model: nn.Module,
+    blocks: Sequence[str] | str | None = None,
+    *,
+    input_size: Sequence[int] | None = None,
+) -> list[Block]:
+    """Every residual block of ``model`` in forward order, with removability, MACs and parameters.
+
+    Args:
+        model: a registry model, or any model when ``blocks`` names its residual blocks.
+        blocks: qualified module names or glob patterns of the residual blocks of a custom model.
+        input_size: (C, H, W) for MACs and shape probes; default: the model's preset.
+
+    Blocks already removed (replaced by the identity) are not listed; see :func:`removed_blocks`.
+    """
+    from .metrics import module_macs
+
+    topo = topology(model, blocks)
+    size = _input_size(model, input_size)
+    macs = module_macs(model, size)
+    generic = isinstance(topo, GenericTopology)
+    shapes = _probe_shapes(model, topo.slots, size) if generic else {}
+    out = []
+    for i, name in enumerate(topo.slots):
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Identity):
+            continue
+        stage, removable, reason = topo.describe(model, name, module)
+        if generic:
+            in_shape, out_shape, nargs = shapes.get(name, (None, None, 0))
+            if in_shape is None and out_shape is None:
+                removable, reason = False, "not called in the forward pass"
+            elif nargs != 1 or in_shape is None or out_shape is None:
+                removable, reason = False, "takes or returns something other than one tensor"
+            elif in_shape != out_shape:
+                removable, reason = False, f"input shape {in_shape[1:]} differs from output shape {out_shape[1:]}"
+        out.append(Block(
+            name=name,
+            index=i,
+            stage=stage,
+            kind=type(module).__name__,
+            removable=removable,
+            reason=reason,
+            macs=int(macs.get(name, 0)),
+            params=sum(p.numel() for p in module.parameters()),
+        ))
+    return out
+
+
+def remove_blocks(
+    model: nn.Module,
+    names: Iterable[str],
+    *,
+    blocks: Sequence[str] | str | None = None,
+) -> nn.Module:
+    """A new model in which the named blocks are the identity; ``model`` itself is not modified.
+
+    Raises BlockError naming any block that is unknown, already removed, or not removable (with the reason).
+    """
+    names = list(dict.fromkeys(names))
+    current = {b.name: b for b in find_blocks(model, blocks)}
+    gone = set(removed_blocks(model))
+    for n in names:
+        if n in gone:
+            raise BlockError(f"block {n!r} has already been removed")
+        if n not in current:
+            raise BlockError(
+                f"{n!r} is not a residual block of {type(model).__name__}; blocks are: "
+                + ", ".join(list(current)[:12]) + (" ..." if len(current) > 12 else "")
+            )
+        if not current[n].removable:
+            raise BlockError(f"block {n!r} cannot be removed: {current[n].reason}")
+    pruned = copy.deepcopy(model)
+    for n in names:
+        pruned.set_submodule(n, nn.Identity())
+    object.__setattr__(pruned, REMOVED_ATTR, (*removed_blocks(model), *names))
+    return pruned
