@@ -1,0 +1,347 @@
+"""What a pruned network is worth: accuracy, compute (MACs), size (parameters) and latency.
+
+* :func:`evaluate` — top-1 / top-5 accuracy and mean cross-entropy over a DataLoader, on any device.
+* :func:`count_macs` / :func:`module_macs` — multiply-accumulates of one forward pass, in total and per
+  module (so each residual block knows what removing it saves).
+* :func:`count_params` — number of distinct parameters.
+* :func:`measure_latency` — median wall-clock time of a forward pass, with honest device synchronisation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .device import (
+    accumulation_device,
+    amp_dtype,
+    autocast,
+    describe_device,
+    resolve_device,
+    synchronize,
+    use_channels_last,
+)
+from .errors import ConfigError, DataError
+from .progress import CancelToken, ProgressFn, check_cancel, no_progress
+
+__all__ = [
+    "Accuracy",
+    "Latency",
+    "count_macs",
+    "count_params",
+    "evaluate",
+    "measure_latency",
+    "module_macs",
+]
+
+TOP5_MIN_CLASSES = 11  # top-5 is reported only when there are more than 10 classes
+
+
+@dataclass
+class Accuracy:
+    """Classification quality on a dataset.
+
+    Attributes:
+        top1: percent of samples whose highest logit is the label.
+        top5: percent whose label is among the five highest logits; None with 10 classes or fewer,
+            where it says little.
+        loss: mean cross-entropy (nats per sample).
+        samples: how many samples were evaluated.
+    """
+
+    top1: float
+    top5: float | None
+    loss: float
+    samples: int
+
+    def __str__(self) -> str:
+        top5 = f", top-5 {self.top5:.2f} %" if self.top5 is not None else ""
+        return f"top-1 {self.top1:.2f} %{top5}, loss {self.loss:.4f} ({self.samples:,} images)"
+
+
+def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an integer ≥ {minimum}")
+    return value
+
+
+def _check_input_size(input_size: object) -> tuple[int, int, int]:
+    if (
+        not isinstance(input_size, (tuple, list))
+        or len(input_size) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)
+    ):
+        raise ConfigError(f"input_size={input_size!r} must be (channels, height, width) of positive integers")
+    return (int(input_size[0]), int(input_size[1]), int(input_size[2]))
+
+
+def _dataset_length(loader: Iterable) -> int | None:
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: str | torch.device = "auto",
+    amp: str | torch.dtype | None = None,
+    max_samples: int | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> Accuracy:
+    """Top-1 (and top-5 for more than 10 classes) accuracy and mean cross-entropy of ``model`` on ``loader``.
+
+    The model is moved to ``device`` (and to channels_last on CUDA) and left there; its train/eval mode is
+    restored afterwards. Counts are accumulated on the device, so the loop never waits for the GPU; the host
+    reads them once at the end. ``amp`` ("fp16", "bf16" or a dtype) runs the forward pass under autocast on
+    CUDA. ``max_samples`` stops after that many samples (the last batch is cut). ``cancel`` is checked
+    between batches and raises Cancelled.
+
+    Raises:
+        ConfigError: bad arguments, or labels outside the model's outputs; DataError: an empty loader.
+    """
+    if max_samples is not None:
+        _check_positive_int("max_samples", max_samples)
+    dev = resolve_device(device)
+    dtype = amp_dtype(amp)
+    report = progress or no_progress
+    channels_last = use_channels_last(dev)
+    total = _dataset_length(loader)
+    if max_samples is not None:
+        total = max_samples if total is None else min(total, max_samples)
+
+    was_training = model.training
+    model.to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.eval()
+    acc_dev = accumulation_device(dev)
+    correct1 = torch.zeros((), dtype=torch.int64, device=dev)
+    correct5 = torch.zeros((), dtype=torch.int64, device=dev)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=acc_dev)
+    seen = 0
+    num_classes: int | None = None
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                check_cancel(cancel, "evaluation")
+                images, labels = batch[0], batch[1]
+                if not isinstance(labels, torch.Tensor):
+                    labels = torch.as_tensor(labels)
+                if max_samples is not None and seen + len(labels) > max_samples:
+                    keep = max_samples - seen
+                    images, labels = images[:keep], labels[:keep]
+                count = len(labels)
+                if count == 0:
+                    continue
+                images = images.to(dev, non_blocking=True)
+                if channels_last and images.dim() == 4:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with autocast(dev, dtype):
+                    logits = model(images)
+                logits = logits.float()
+                if num_classes is None:
+                    num_classes = int(logits.shape[1])
+                if labels.device.type == "cpu":  # check on the host copy: no device sync, no CUDA assert
+                    low, high = int(labels.min()), int(labels.max())
+                    if low < 0 or high >= num_classes:
+                        raise ConfigError(
+                            f"the data has label {high if high >= num_classes else low} but the model has "
+                            f"{num_classes} outputs; build the model with the data's number of classes "
+                            "(num_classes= / --num-classes)"
+                        )
+                labels = labels.to(dev, non_blocking=True)
+                loss_sum += F.cross_entropy(logits, labels, reduction="sum").to(acc_dev, torch.float64)
+                correct1 += (logits.argmax(dim=1) == labels).sum()
+                if num_classes >= TOP5_MIN_CLASSES:
+                    top5 = logits.topk(5, dim=1).indices
+                    correct5 += (top5 == labels[:, None]).any(dim=1).sum()
+                seen += count
+                report(seen, total, "evaluating")
+                if max_samples is not None and seen >= max_samples:
+                    break
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise DataError("the data loader produced no samples to evaluate; check the dataset and max_samples")
+    assert num_classes is not None
+    top5_value = 100.0 * int(correct5.item()) / seen if num_classes >= TOP5_MIN_CLASSES else None
+    return Accuracy(
+        top1=100.0 * int(correct1.item()) / seen,
+        top5=top5_value,
+        loss=float(loss_sum.item()) / seen,
+        samples=seen,
+    )
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _flop_pass(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[int, dict[str, int]]:
+    """One FlopCounterMode forward pass of a zero image: (total FLOPs, FLOPs by counter module key)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = _check_input_size(input_size)
+    device, dtype = _model_device_dtype(model)
+    x = torch.zeros((1, *size), device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    per_key = {key: sum(ops.values()) for key, ops in counter.get_flop_counts().items()}
+    return int(counter.get_total_flops()), per_key
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """Multiply-accumulate operations (MACs) of one forward pass for ONE image of ``input_size`` (C, H, W).
+
+    This is the number the pruning literature (and the CKA block-pruning paper) reports as "FLOPs":
+    PyTorch's FlopCounterMode counts a multiply-add as 2 FLOPs, and MACs = FLOPs / 2. Like that literature it
+    covers convolutions and matrix products (linear layers, attention); batch norm, activations, pooling
+    and additions are not counted. The pass runs a zero image of batch 1 in eval mode without gradients, on
+    the device the model is on (CPU for the usual case), and restores the model's mode.
+    """
+    total, _ = _flop_pass(model, input_size)
+    return total // 2
+
+
+def module_macs(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, int]:
+    """MACs of one image per module, keyed by the names ``model.named_modules()`` uses ("" = the whole model).
+
+    A module's MACs include everything run inside its forward (its submodules and functional calls), so a
+    residual block's entry is what removing it saves. Modules not called in the forward pass get 0. Counted in
+    one FlopCounterMode pass, like :func:`count_macs` (whose value is the ``""`` entry).
+    """
+    _, per_key = _flop_pass(model, input_size)
+    # FlopCounterMode names modules "<RootClass>.<child>.<child>…" from named_children; a module reachable
+    # under several names gets one of them. Map every alias back to the first name named_modules() uses.
+    canonical: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        canonical.setdefault(id(module), name)
+        alias[name] = canonical[id(module)]
+    result = {name: 0 for name, _ in model.named_modules()}
+    root = type(model).__name__
+    for key, flops in per_key.items():
+        if key == root:
+            relative = ""
+        elif key.startswith(root + "."):
+            relative = key[len(root) + 1 :]
+        else:
+            continue  # "Global", or modules outside the model
+        name = alias.get(relative)
+        if name is not None:
+            result[name] = flops // 2
+    return result
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter values; a parameter shared between modules (tied weights) is counted once."""
+    unique = {id(p): p for p in model.parameters()}
+    return int(sum(p.numel() for p in unique.values()))
+
+
+@dataclass
+class Latency:
+    """Forward-pass timing of one batch.
+
+    Attributes:
+        median_ms, p10_ms, p90_ms: median and 10th/90th percentiles over the timed repeats, milliseconds.
+        batch_size: images per forward pass.
+        device: where it ran, e.g. ``"cpu (2 threads)"`` or ``"cuda (NVIDIA H100 80GB HBM3)"``.
+        repeats: number of timed forward passes.
+    """
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    batch_size: int
+    device: str
+    repeats: int
+
+    @property
+    def throughput(self) -> float:
+        """Images per second at the median latency."""
+        return self.batch_size * 1000.0 / self.median_ms if self.median_ms > 0 else float("inf")
+
+    def __str__(self) -> str:
+        return (
+            f"{self.median_ms:.3f} ms median (p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}) at batch "
+            f"{self.batch_size} on {self.device}, {self.throughput:,.0f} images/s"
+        )
+
+
+def measure_latency(
+    model: nn.Module,
+    input_size: tuple[int, int, int],
+    *,
+    batch_size: int = 1,
+    device: str | torch.device = "auto",
+    warmup: int = 10,
+    repeats: int = 50,
+    amp: str | torch.dtype | None = None,
+    channels_last: bool | None = None,
+) -> Latency:
+    """Time ``repeats`` forward passes of a random batch after ``warmup`` untimed ones.
+
+    The device is synchronised before and after every timed pass, so GPU time is measured, not launch time.
+    The model is moved to ``device`` (and to channels_last when ``channels_last`` is true — by default on
+    CUDA) and left there; it runs in eval mode under inference_mode, and its mode is restored afterwards.
+    """
+    size = _check_input_size(input_size)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("warmup", warmup, minimum=0)
+    _check_positive_int("repeats", repeats)
+    dev = resolve_device(device)
+    dtype = amp_dtype(amp)
+    use_cl = use_channels_last(dev) if channels_last is None else bool(channels_last)
+    model.to(dev)
+    if use_cl:
+        model.to(memory_format=torch.channels_last)
+    _, param_dtype = _model_device_dtype(model)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch_size, *size), generator=gen).to(dev, param_dtype)
+    if use_cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()
+    times: list[float] = []
+    try:
+        with torch.inference_mode(), autocast(dev, dtype):
+            for _ in range(warmup):
+                model(x)
+            for _ in range(repeats):
+                synchronize(dev)
+                start = time.perf_counter()
+                model(x)
+                synchronize(dev)
+                times.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        model.train(was_training)
+    p10, p50, p90 = torch.quantile(
+        torch.tensor(times, dtype=torch.float64), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    ).tolist()
+    return Latency(
+        median_ms=p50,
+        p10_ms=p10,
+        p90_ms=p90,
+        batch_size=batch_size,
+        device=describe_device(dev),
+        repeats=repeats,
+    )
