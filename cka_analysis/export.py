@@ -1,0 +1,205 @@
+"""Saving and loading pruned models, and exporting them for deployment.
+
+A pruned model is a directory:
+
+* ``model.safetensors`` — the weights (no pickle, nothing executable);
+* ``manifest.json`` — the base architecture, its preset, the removed blocks in order, scores and metrics, and the
+  library and torch versions. :func:`load_pruned` validates it, rebuilds the base architecture, removes the same
+  blocks and loads the weights with strict matching, so the reloaded model gives identical logits.
+
+:func:`export_pt2` (``torch.export``) and :func:`export_onnx` (checked against onnxruntime when installed) write
+self-contained files for serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .blocks import find_blocks, remove_blocks, removed_blocks
+from .errors import CheckpointError, ConfigError
+from .models import available_models, build_model
+from .models.preset import Preset, attach_preset, get_preset
+
+__all__ = ["MANIFEST", "WEIGHTS", "export_onnx", "export_pt2", "load_pruned", "read_manifest", "save_pruned"]
+
+FORMAT = "cka-prune/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+_REQUIRED = {"format": str, "arch": str, "num_classes": int, "preset": dict, "removed": list, "weights_file": str}
+
+
+def _jsonable(obj: Any) -> Any:
+    """Make report content JSON-safe (tensors → lists, floats keys → strings, NaN → None)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and obj != obj:  # NaN
+        return None
+    if hasattr(obj, "to_dict"):
+        return _jsonable(obj.to_dict())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def save_pruned(model: nn.Module, path: str | Path, *, report: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (a registry model, pruned or not) to the directory ``path`` and return it.
+
+    ``report`` (scores, metrics, the pruning record, ...) is stored in the manifest as given (JSON-safe).
+    """
+    from safetensors.torch import save_file
+
+    preset = get_preset(model)
+    if preset.arch not in available_models():
+        raise ConfigError(f"{preset.arch!r} is not a registry architecture, so the pruned model cannot be rebuilt")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    weights = out / WEIGHTS
+    save_file(state, str(weights), metadata={"format": FORMAT, "arch": preset.arch})
+    manifest = {
+        "format": FORMAT,
+        "arch": preset.arch,
+        "num_classes": preset.num_classes,
+        "preset": preset.to_dict(),
+        "removed": removed_blocks(model),
+        "weights_file": WEIGHTS,
+        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "report": _jsonable(report or {}),
+        "versions": {
+            "cka_prune": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and validate the manifest of a saved model directory (or of ``manifest.json`` itself)."""
+    p = Path(path)
+    mpath = p / MANIFEST if p.is_dir() else p
+    if not mpath.is_file():
+        raise CheckpointError(f"{p} is not a saved model: {MANIFEST} not found")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{mpath} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{mpath} must hold a JSON object")
+    for key, typ in _REQUIRED.items():
+        if key not in manifest:
+            raise CheckpointError(f"{mpath} lacks the field {key!r}")
+        if not isinstance(manifest[key], typ):
+            raise CheckpointError(f"{mpath}: field {key!r} must be a {typ.__name__}")
+    if manifest["format"] != FORMAT:
+        raise CheckpointError(
+            f"{mpath} has format {manifest['format']!r}; this version of cka-prune reads {FORMAT!r}"
+        )
+    if manifest["arch"] not in available_models():
+        raise CheckpointError(f"{mpath} names an unknown architecture {manifest['arch']!r}")
+    if not all(isinstance(n, str) for n in manifest["removed"]):
+        raise CheckpointError(f"{mpath}: 'removed' must be a list of block names")
+    wf = manifest["weights_file"]
+    if "/" in wf or "\\" in wf or wf.startswith("."):
+        raise CheckpointError(f"{mpath}: weights_file {wf!r} must be a plain file name inside the directory")
+    try:
+        Preset.from_dict(manifest["preset"])
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{mpath}: invalid preset: {exc}") from exc
+    return manifest
+
+
+def load_pruned(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_pruned`: validated manifest, same blocks removed, strict weights."""
+    from .checkpoints import load_weights, read_state_dict
+
+    p = Path(path)
+    root = p if p.is_dir() else p.parent
+    manifest = read_manifest(p)
+    model = build_model(manifest["arch"], num_classes=manifest["num_classes"])
+    removed = manifest["removed"]
+    known = {b.name: b for b in find_blocks(model)}
+    unknown = [n for n in removed if n not in known]
+    if unknown:
+        raise CheckpointError(f"{root}: removed blocks {unknown} do not exist in {manifest['arch']}")
+    if removed:
+        model = remove_blocks(model, removed)
+    weights = root / manifest["weights_file"]
+    if not weights.is_file():
+        raise CheckpointError(f"{root}: weights file {manifest['weights_file']} is missing")
+    digest = manifest.get("weights_sha256")
+    if digest and hashlib.sha256(weights.read_bytes()).hexdigest() != digest:
+        raise CheckpointError(f"{weights} does not match the checksum in its manifest (modified or truncated)")
+    load_weights(model, read_state_dict(weights), source=str(weights))
+    preset = Preset.from_dict(manifest["preset"]).with_(weights=str(root.resolve()))
+    attach_preset(model, preset)
+    object.__setattr__(model, "cka_manifest", manifest)
+    return model.to(device).eval()
+
+
+def _example(model: nn.Module, batch: int = 2) -> torch.Tensor:
+    return torch.zeros((batch, *get_preset(model).input_size))
+
+
+def export_pt2(model: nn.Module, path: str | Path) -> Path:
+    """Export with ``torch.export`` (dynamic batch size) to a ``.pt2`` archive."""
+    model = model.eval().cpu()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    ep = torch.export.export(model, (_example(model),), dynamic_shapes=({0: batch},))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(ep, str(out))
+    return out
+
+
+def export_onnx(model: nn.Module, path: str | Path, *, check: bool = True, opset: int | None = None) -> dict:
+    """Export to ONNX (dynamic batch size) and, when onnxruntime is installed, check it against PyTorch.
+
+    Returns ``{"path": ..., "checked": bool, "max_abs_diff": float | None}``.
+    """
+    model = model.eval().cpu()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    x = _example(model)
+    kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"],
+                              "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    try:
+        torch.onnx.export(model, (x,), str(out), dynamo=False, **kwargs)
+    except TypeError:  # torch versions without the dynamo switch
+        torch.onnx.export(model, (x,), str(out), **kwargs)
+    info: dict[str, Any] = {"path": str(out), "checked": False, "max_abs_diff": None}
+    if check:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return info
+        g = torch.Generator().manual_seed(0)
+        probe = torch.randn((3, *get_preset(model).input_size), generator=g)
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"input": probe.numpy()})[0]
+        with torch.no_grad():
+            ref = model(probe).numpy()
+        diff = float(abs(got - ref).max())
+        if diff > 1e-3 * max(1.0, float(abs(ref).max())):
+            raise CheckpointError(f"the ONNX export differs from PyTorch by {diff:.2e}")
+        info.update(checked=True, max_abs_diff=diff)
+    return info
