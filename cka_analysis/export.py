@@ -29,7 +29,16 @@ from .errors import CheckpointError, ConfigError
 from .models import available_models, build_model
 from .models.preset import Preset, attach_preset, get_preset
 
-__all__ = ["MANIFEST", "WEIGHTS", "export_onnx", "export_pt2", "load_pruned", "read_manifest", "save_pruned"]
+__all__ = [
+    "MANIFEST",
+    "WEIGHTS",
+    "export_onnx",
+    "export_pt2",
+    "load_pruned",
+    "open_model",
+    "read_manifest",
+    "save_pruned",
+]
 
 FORMAT = "cka-prune/1"
 MANIFEST = "manifest.json"
@@ -151,6 +160,34 @@ def load_pruned(path: str | Path, *, device: str | torch.device = "cpu") -> nn.M
     preset = Preset.from_dict(manifest["preset"]).with_(weights=str(root.resolve()))
     attach_preset(model, preset)
     object.__setattr__(model, "cka_manifest", manifest)
+    return model.to(device).eval()
+
+
+def open_model(
+    source: str | Path,
+    *,
+    weights: str | Path | None = None,
+    num_classes: int | None = None,
+    allow_download: bool = True,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """The one way every entry point (CLI, dashboard, benchmarks) opens a model.
+
+    ``source`` is a registry name (then ``weights`` is None, a checkpoint file or a named source, see
+    :func:`~cka_analysis.models.build_model`) or a directory written by :func:`save_pruned` (then ``weights`` and
+    ``num_classes`` must not be given: the directory carries both).
+    """
+    p = Path(source).expanduser()
+    if str(source) not in available_models() and (p.is_dir() or p.name == MANIFEST):
+        if weights is not None or num_classes is not None:
+            raise ConfigError(
+                f"{source} is a saved model directory: it carries its own weights and classes; "
+                "drop --weights/--num-classes"
+            )
+        return load_pruned(p, device=device)
+    if str(source) not in available_models() and ("/" in str(source) or p.exists()):
+        raise CheckpointError(f"{source} is not a saved model directory ({MANIFEST} not found)")
+    model = build_model(str(source), num_classes=num_classes, weights=weights, allow_download=allow_download)
     return model.to(device).eval()
 
 
