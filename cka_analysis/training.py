@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .device import amp_dtype, autocast, resolve_device, use_channels_last
-from .errors import Cancelled, ConfigError
+from .errors import Cancelled, CheckpointError, ConfigError
 from .progress import CancelToken, ProgressFn, no_progress
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune"]
@@ -145,6 +147,9 @@ def finetune(
     device: str | torch.device = "auto",
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place and return it with the best weights seen at an evaluation point.
 
@@ -158,6 +163,10 @@ def finetune(
         eval_samples: evaluate on at most this many images.
         progress, cancel: see :mod:`cka_analysis.progress`. A cancel stops at the next step and keeps the best
             (or, without an eval loader, the current) weights; ``result.cancelled`` says so.
+        checkpoint_path: write the whole training state (weights, optimiser, schedule, best weights, data order)
+            here every ``checkpoint_every`` steps and at every evaluation, so a killed run can go on.
+        resume: continue from ``checkpoint_path`` when it exists (same model, loader and config): the run picks
+            up at the saved step with the same data order and ends as the uninterrupted run would.
     """
     from . import distributed as dist_utils
     from .metrics import evaluate
@@ -195,6 +204,59 @@ def finetune(
     result = FinetuneResult(model=model)
     best_state: dict[str, torch.Tensor] | None = None
     last_eval = -1
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    loader_gen = getattr(train_loader, "generator", None)
+    epoch_state: dict[str, Any] = {}
+
+    def save_state(step: int, epoch: int, batch: int) -> None:
+        if ckpt is None or not is_main:
+            return
+        payload = {
+            "format": "cka-prune-finetune/1",
+            "step": step, "epoch": epoch, "batch": batch, "total": total,
+            "model": _state_copy(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(), "best_state": best_state, "best_accuracy": result.best_accuracy,
+            "best_step": result.best_step, "last_eval": last_eval, "history": result.history,
+            "config": config.to_dict(), **epoch_state,
+        }
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, ckpt)
+
+    start_step, start_epoch, skip_batches = 0, 0, 0
+    resumed = False
+    if resume and ckpt is not None and ckpt.is_file():
+        try:
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot resume from {ckpt}: {exc}") from exc
+        if not isinstance(saved, dict) or saved.get("format") != "cka-prune-finetune/1":
+            raise CheckpointError(f"{ckpt} is not a cka-prune fine-tuning checkpoint")
+        if saved["total"] != total:
+            raise CheckpointError(
+                f"{ckpt} was written for a {saved['total']}-step run but this run has {total} steps; "
+                "resume with the same budget and data, or delete the checkpoint to start over"
+            )
+        try:
+            model.load_state_dict(saved["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{ckpt} does not fit this model (different blocks removed?): {exc}") from exc
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        best_state = saved["best_state"]
+        result.best_accuracy, result.best_step = saved["best_accuracy"], saved["best_step"]
+        result.history = list(saved["history"])
+        last_eval = saved["last_eval"]
+        start_step, start_epoch, skip_batches = saved["step"], saved["epoch"], saved["batch"]
+        if loader_gen is not None and saved.get("loader_generator") is not None:
+            loader_gen.set_state(saved["loader_generator"])
+        if saved.get("torch_rng") is not None:
+            torch.set_rng_state(saved["torch_rng"])
+        epoch_state = {"loader_generator": saved.get("loader_generator"), "torch_rng": saved.get("torch_rng")}
+        resumed = True
+        report(start_step, total, f"fine-tuning: resumed at step {start_step}/{total}")
 
     def checkpoint(step: int) -> None:
         nonlocal best_state
@@ -210,20 +272,32 @@ def finetune(
             result.best_accuracy, result.best_step = top1, step
             best_state = _state_copy(model)
 
-    checkpoint(0)
+    if not resumed:
+        checkpoint(0)
     per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
     eval_every = config.eval_every or per_epoch or total
-    step, epoch = 0, 0
+    step, epoch = start_step, start_epoch
     running = torch.zeros((), device=dev)
     try:
         while step < total:
             sampler = getattr(train_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
+            if not (resumed and epoch == start_epoch):
+                # the data order of this epoch, so that a resumed run sees the same batches
+                epoch_state = {
+                    "loader_generator": loader_gen.get_state() if loader_gen is not None else None,
+                    "torch_rng": torch.get_rng_state(),
+                }
             net.train()
+            in_epoch = 0
             for batch in train_loader:
                 if step >= total:
                     break
+                if skip_batches:
+                    skip_batches -= 1
+                    in_epoch += 1
+                    continue
                 if cancel is not None and cancel.cancelled:
                     raise Cancelled("fine-tuning was cancelled")
                 x, y = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
@@ -246,6 +320,7 @@ def finetune(
                 sched.step()
                 running += loss.detach()
                 step += 1
+                in_epoch += 1
                 if step % 10 == 0 or step == total:
                     mean_loss = float(running) / (10 if step % 10 == 0 else step % 10)
                     running.zero_()
@@ -254,6 +329,8 @@ def finetune(
                 if step % eval_every == 0 and step < total:
                     checkpoint(step)
                     net.train()
+                if ckpt is not None and (step % checkpoint_every == 0 or step % eval_every == 0) and step < total:
+                    save_state(step, epoch, in_epoch)
             epoch += 1
         if total > 0:
             checkpoint(step)
