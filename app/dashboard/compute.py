@@ -1,0 +1,199 @@
+"""Cached wrappers around the library's computations (``st.cache_data``), run inside background jobs.
+
+Each wrapper is keyed by plain strings that name its inputs (model key, data key, options, device); the model,
+the loaders, the progress callback and the cancel token are passed as underscore arguments, which Streamlit
+does not hash. A cancelled or failed computation raises, so nothing partial is cached. Results are plain data
+(lists, dicts, floats), so they pickle cheaply and survive reruns.
+
+No math lives here: every number comes from :mod:`cka_analysis`.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+import torch
+from torch import nn
+
+from cka_analysis.cka import cka_matrix
+from cka_analysis.errors import CKAPruneError
+from cka_analysis.export import export_onnx, export_pt2, save_pruned
+from cka_analysis.metrics import evaluate, measure_latency
+from cka_analysis.robustness import evaluate_robustness
+from cka_analysis.scoring import score_blocks
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy for one job: cached models are shared between sessions and must never carry a job's hooks."""
+    return copy.deepcopy(model)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def test_accuracy(model_key: str, data_key: str, device: str, max_samples: int | None, *,
+                  _model: nn.Module, _loader: Any, _progress=None, _cancel=None) -> dict:
+    """Top-1 (top-5) accuracy and loss on the test split."""
+    acc = evaluate(private_copy(_model), _loader, device=device, max_samples=max_samples,
+                   progress=_progress, cancel=_cancel)
+    return {"top1": acc.top1, "top5": acc.top5, "loss": acc.loss, "samples": acc.samples}
+
+
+def _matrix_dict(result: Any) -> dict:
+    return {"matrix": result.matrix.tolist(), "names_a": list(result.names_a), "names_b": list(result.names_b)}
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def heatmap(model_key: str, data_key: str, kernel: str, debiased: bool, device: str, *,
+            _model: nn.Module, _loader: Any, _progress=None, _cancel=None) -> dict:
+    """Layer × layer CKA of the model over the calibration images."""
+    res = cka_matrix(private_copy(_model), _loader, kernel=kernel, debiased=debiased, device=device,
+                     progress=_progress, cancel=_cancel)
+    return _matrix_dict(res)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cross_heatmap(model_key: str, run_id: str, data_key: str, kernel: str, debiased: bool, device: str, *,
+                  _model: nn.Module, _pruned: nn.Module, _loader: Any, _progress=None, _cancel=None) -> dict:
+    """Original (rows) × pruned (columns) CKA over the same calibration images."""
+    res = cka_matrix(private_copy(_model), _loader, model_b=private_copy(_pruned), kernel=kernel,
+                     debiased=debiased, device=device, progress=_progress, cancel=_cancel)
+    return _matrix_dict(res)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def scores(model_key: str, data_key: str, criterion: str, debiased: bool, device: str, *,
+           _model: nn.Module, _loader: Any, _progress=None, _cancel=None) -> dict:
+    """Removal scores of every removable block under one criterion (``Scores.to_dict()``)."""
+    res = score_blocks(private_copy(_model), _loader, criterion, debiased=debiased, device=device,
+                       progress=_progress, cancel=_cancel)
+    return res.to_dict()
+
+
+def many_scores(model_key: str, data_key: str, criteria: list[str], debiased: bool, device: str, *,
+                model: nn.Module, loader: Any, progress=None, cancel=None) -> dict[str, dict]:
+    """Scores under several criteria (each cached on its own), with overall progress."""
+    out: dict[str, dict] = {}
+    for i, criterion in enumerate(criteria):
+        def step(done: int, total: int | None, message: str, i: int = i, c: str = criterion) -> None:
+            if progress is not None:
+                progress(i, len(criteria), f"{c} ({i + 1}/{len(criteria)}): {message}")
+
+        out[criterion] = scores(model_key, data_key, criterion, debiased, device, _model=model, _loader=loader,
+                                _progress=step, _cancel=cancel)
+    if progress is not None:
+        progress(len(criteria), len(criteria), "done")
+    return out
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def robustness(model_key: str, data_key: str, kinds: tuple[str, ...], eps: tuple[float, ...],
+               max_samples: int, device: str, *, _model: nn.Module, _loader: Any, _mean: tuple, _std: tuple,
+               _progress=None, _cancel=None) -> dict:
+    """Clean, FGSM/PGD and corruption accuracy (``evaluate_robustness``)."""
+    return evaluate_robustness(private_copy(_model), _loader, mean=_mean, std=_std, kinds=kinds, eps=eps,
+                               max_samples=max_samples, device=device, progress=_progress, cancel=_cancel)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def latency(model_key: str, batch_size: int, device: str, *, _model: nn.Module, _input_size: tuple) -> dict:
+    """Median forward latency of one batch (``measure_latency``)."""
+    lat = measure_latency(private_copy(_model), _input_size, batch_size=batch_size, device=device,
+                          warmup=5, repeats=30)
+    return {"median_ms": lat.median_ms, "p10_ms": lat.p10_ms, "p90_ms": lat.p90_ms, "batch_size": lat.batch_size,
+            "device": lat.device, "throughput": lat.throughput}
+
+
+def compare_runs(entries: list[dict], *, robustness_kinds: tuple[str, ...], eps: tuple[float, ...],
+                 max_samples: int, batch_size: int, device: str, data_key: str, loader: Any,
+                 mean: tuple, std: tuple, progress=None, cancel=None) -> dict[str, dict]:
+    """Latency and robustness of several models: ``{key: {"latency": ..., "robustness": ...}}``.
+
+    ``entries`` are ``{"key", "model", "label"}`` dicts; each measurement is cached on its own.
+    """
+    out: dict[str, dict] = {}
+    n = len(entries)
+    for i, e in enumerate(entries):
+        def step(done: int, total: int | None, message: str, i: int = i, label: str = e["label"]) -> None:
+            if progress is not None:
+                progress(i, n, f"{label}: {message}")
+
+        step(0, None, "latency")
+        model = e["model"]
+        lat = latency(e["key"], batch_size, device, _model=model, _input_size=tuple(model.cka_preset.input_size))
+        rob = None
+        if robustness_kinds:
+            rob = robustness(e["key"], data_key, robustness_kinds, eps, max_samples, device, _model=model,
+                             _loader=loader, _mean=mean, _std=std, _progress=step, _cancel=cancel)
+        out[e["key"]] = {"latency": lat, "robustness": rob}
+    if progress is not None:
+        progress(n, n, "done")
+    return out
+
+
+def _zip_dir(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(folder.iterdir()):
+            zf.write(f, arcname=f"{folder.name}/{f.name}")
+    return buf.getvalue()
+
+
+def build_exports(model: nn.Module, name: str, report: dict, formats: tuple[str, ...], *,
+                  progress=None, cancel=None) -> dict[str, Any]:
+    """Write the requested exports into a private temporary folder and return their bytes.
+
+    ``formats`` ⊆ ``("safetensors", "pt2", "onnx")``. Returns ``{"files": {format: (file name, bytes)},
+    "errors": {format: message}, "onnx": info}``: one format failing (an architecture ``torch.export`` cannot
+    trace, say) does not lose the others. The temporary folder is removed before returning.
+    """
+    from cka_analysis.progress import check_cancel
+
+    model = private_copy(model).cpu().eval()
+    tmp = Path(tempfile.mkdtemp(prefix="cka-prune-export-"))
+    out: dict[str, Any] = {"files": {}, "errors": {}, "onnx": None}
+    try:
+        steps = [f for f in ("safetensors", "pt2", "onnx") if f in formats]
+        for i, fmt in enumerate(steps):
+            check_cancel(cancel, "the export")
+            if progress is not None:
+                progress(i, len(steps), f"writing {fmt}")
+            try:
+                if fmt == "safetensors":
+                    folder = save_pruned(model, tmp / name, report=report)
+                    out["files"][fmt] = (f"{name}.zip", _zip_dir(folder))
+                elif fmt == "pt2":
+                    path = export_pt2(model, tmp / f"{name}.pt2")
+                    out["files"][fmt] = (path.name, path.read_bytes())
+                else:
+                    info = export_onnx(model, tmp / f"{name}.onnx")
+                    out["onnx"] = {k: v for k, v in info.items() if k != "path"}
+                    out["files"][fmt] = (f"{name}.onnx", Path(info["path"]).read_bytes())
+            except CKAPruneError as exc:
+                out["errors"][fmt] = str(exc)
+            except Exception as exc:  # an exporter that cannot handle this architecture
+                out["errors"][fmt] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if progress is not None:
+            progress(len(steps), len(steps), "done")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def cached_job(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Adapt a cached wrapper (``_progress``/``_cancel``) to the job runner's ``progress``/``cancel`` call."""
+
+    def run(*, progress=None, cancel=None) -> Any:
+        return fn(*args, **kwargs, _progress=progress, _cancel=cancel)
+
+    return run
+
+
+def empty_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,209 @@
+"""Long work in a background thread, so that the page stays usable and the work can be cancelled.
+
+Streamlit reruns the whole script on every click, so work that takes more than a moment cannot live inside the
+script run: a click on "Cancel" would only be seen after the work finished. Instead a :class:`Job` runs the
+library call in a daemon thread with a :class:`~cka_analysis.progress.CancelToken` and a progress callback that
+only writes plain attributes. The page shows the job with :func:`show_job`: an ``st.status`` box with a progress
+bar and a Cancel button, inside an ``st.fragment(run_every=...)`` that polls the job and reruns the page once the
+job has finished. One job runs at a time per session; its outcome (result, user error, unexpected exception) is
+kept on the job until the page collects it.
+
+Nothing here runs in the thread except the library call itself: the thread never touches ``st.*``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import streamlit as st
+import torch
+from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
+
+from cka_analysis.errors import Cancelled, CKAPruneError
+from cka_analysis.progress import CancelToken
+
+JOB_KEY = "_job"
+POLL_SECONDS = 0.5
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for CUDA (or any accelerator) out-of-memory errors."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+OOM_HINT = (
+    "the device ran out of memory{what}. Lower the number of calibration images or evaluation samples, "
+    "or pick the CPU in the sidebar, and try again"
+)
+
+
+@dataclass
+class Job:
+    """One piece of long work and what became of it.
+
+    ``status`` is ``running`` → ``done`` | ``cancelled`` | ``error`` (a CKAPruneError or out of memory: ``error``
+    holds the message for the user) | ``crashed`` (an unexpected exception: ``exception`` holds it).
+    """
+
+    name: str
+    key: Any
+    label: str
+    token: CancelToken = field(default_factory=CancelToken)
+    done: int = 0
+    total: int | None = None
+    message: str = ""
+    status: str = "running"
+    result: Any = None
+    error: str | None = None
+    exception: BaseException | None = None
+    trace: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+    thread: threading.Thread | None = None
+    collected: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished or time.perf_counter()) - self.started
+
+    def progress(self, done: int, total: int | None, message: str) -> None:
+        """The progress callback handed to the library (called from the worker thread)."""
+        self.done, self.total, self.message = int(done), total, str(message)
+
+    def fraction(self) -> float | None:
+        if self.total:
+            return max(0.0, min(1.0, self.done / self.total))
+        return None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the thread ends (tests and scripts); True when it has ended."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+        return not self.running
+
+
+def _run(job: Job, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    try:
+        job.result = fn(*args, progress=job.progress, cancel=job.token, **kwargs)
+        job.status = "cancelled" if getattr(job.result, "cancelled", False) else "done"
+    except Cancelled:
+        job.status = "cancelled"
+    except CKAPruneError as exc:
+        job.status, job.error = "error", str(exc)
+    except Exception as exc:
+        if is_oom(exc):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            job.status, job.error = "error", OOM_HINT.format(what=f" while {job.label}")
+        else:
+            job.status, job.exception, job.trace = "crashed", exc, traceback.format_exc()
+    finally:
+        job.finished = time.perf_counter()
+
+
+def current() -> Job | None:
+    """The session's job (running or finished and not yet collected), if any."""
+    return st.session_state.get(JOB_KEY)
+
+
+def busy() -> bool:
+    """True while a job of this session is running."""
+    job = current()
+    return job is not None and job.running
+
+
+def start(name: str, key: Any, label: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Job:
+    """Run ``fn(*args, progress=..., cancel=..., **kwargs)`` in a background thread as job ``name``.
+
+    ``key`` identifies the inputs, so that a page shows a finished job's result only for the inputs it was
+    started with. Refuses (RuntimeError) while another job of the session is running: pages disable their
+    buttons then.
+    """
+    if busy():
+        raise RuntimeError("another job is running")
+    job = Job(name=name, key=key, label=label)
+    thread = threading.Thread(target=_run, args=(job, fn, args, kwargs), name=f"cka-prune-{name}", daemon=True)
+    if get_script_run_ctx(suppress_warning=True) is not None:
+        add_script_run_ctx(thread)  # lets st.cache_data inside fn use this session's runtime
+    job.thread = thread
+    st.session_state[JOB_KEY] = job
+    thread.start()
+    return job
+
+
+def take(name: str, key: Any) -> Job | None:
+    """The finished job ``name`` started for ``key``, marked as collected (None when there is none)."""
+    job = current()
+    if job is None or job.name != name or job.key != key or job.running:
+        return None
+    job.collected = True
+    return job
+
+
+def cancel() -> None:
+    job = current()
+    if job is not None and job.running:
+        job.token.cancel()
+
+
+def show_outcome(job: Job) -> None:
+    """Show a finished job's error, crash or cancellation (nothing for success)."""
+    if job.status == "error":
+        st.error(job.error)
+    elif job.status == "cancelled":
+        st.warning(f"Cancelled: {job.label} (after {job.seconds:.1f} s).")
+    elif job.status == "crashed":
+        st.error(f"Unexpected error while {job.label}: {type(job.exception).__name__}: {job.exception}. "
+                 "The session is still usable; the details below help to report it.")
+        with st.expander("Error details"):
+            st.exception(job.exception)
+
+
+def show_running(name: str | None = None) -> bool:
+    """Show the running job (``name``'s only, when given) with progress and Cancel; True when one is shown.
+
+    The box is an ``st.fragment`` that reruns itself every POLL_SECONDS and reruns the whole page once the job
+    has ended, so that the page renders the result.
+    """
+    job = current()
+    if job is None or not job.running or (name is not None and job.name != name):
+        return False
+    _poller(job)
+    return True
+
+
+@st.fragment(run_every=POLL_SECONDS)
+def _poller(job: Job) -> None:
+    if not job.running:
+        st.rerun(scope="app")
+    with st.status(f"{job.label[:1].upper()}{job.label[1:]} …", state="running", expanded=True):
+        frac = job.fraction()
+        text = f"{job.message or 'working'} — {job.seconds:.0f} s"
+        if frac is None:
+            st.progress(0.0 if job.done == 0 else 0.5, text=text)
+        else:
+            st.progress(frac, text=f"{job.done}/{job.total} · {text}")
+        if job.token.cancelled:
+            st.caption("Cancelling: the work stops at the next safe point …")
+        elif st.button("Cancel", key=f"cancel_{job.name}", help="Stop at the next safe point; finished work is kept"):
+            job.token.cancel()
+            st.caption("Cancelling: the work stops at the next safe point …")
+
+
+def show_busy_note(name: str) -> None:
+    """A note on pages whose run button is disabled because another page's job is running."""
+    job = current()
+    if job is not None and job.running and job.name != name:
+        st.info(f"Busy: {job.label} is running (started on another page). Wait for it or cancel it there.")
+        _poller(job)

@@ -1,0 +1,313 @@
+"""Session state of the dashboard: the active model and data, the device, results and pruning runs.
+
+Models and datasets are loaded once per process (``st.cache_resource``, keyed by what identifies them: registry
+name and weights, or an upload's content hash; data spec and the model's input contract). The session keeps the
+active selection in ``st.session_state["active"]`` (a :class:`Active`), computed results in
+``st.session_state["results"]`` and pruning runs in ``st.session_state["runs"]``, so everything survives reruns
+and page switches. Cached models are shared between sessions and are never modified: every job works on a copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import streamlit as st
+import torch
+from torch import nn
+
+from cka_analysis.blocks import Block, find_blocks
+from cka_analysis.data import calibration_subset, check_num_classes, load_dataset, make_loader
+from cka_analysis.device import describe_device, resolve_device
+from cka_analysis.errors import CKAPruneError
+from cka_analysis.export import open_model
+from cka_analysis.metrics import count_macs, count_params
+from cka_analysis.models import model_entry
+from cka_analysis.models.preset import Preset
+
+from . import jobs, uploads
+
+DEMO_MODEL = {"kind": "registry", "name": "digits_resnet", "weights": "demo", "num_classes": None,
+              "allow_download": False}
+DEMO_DATA = {"kind": "digits", "root": "", "download": False, "n_calib": 256, "seed": 0}
+CALIB_BATCH = 128
+EVAL_BATCH = 256
+TRAIN_BATCH = 64
+RANDOM_WEIGHTS = "(random initialisation)"
+# Work below this many MACs × images starts by itself when a page opens (the digits demo is ~1e9).
+AUTO_RUN_BUDGET = 2e10
+
+
+@dataclass
+class Active:
+    """The model and data every page works on."""
+
+    model_spec: dict
+    data_spec: dict
+    model_key: str
+    model_label: str
+    model: nn.Module
+    blocks: list[Block]
+    macs: int
+    params: int
+    data_key: str
+    data_label: str
+    train: Any
+    test: Any
+    calib: Any
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def preset(self) -> Preset:
+        return self.model.cka_preset
+
+    @property
+    def removable(self) -> list[str]:
+        return [b.name for b in self.blocks if b.removable]
+
+
+# ------------------------------------------------------------------------------------------------ cached loading
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _registry_model(name: str, weights: str | None, num_classes: int | None, allow_download: bool) -> nn.Module:
+    return open_model(name, weights=weights, num_classes=num_classes, allow_download=allow_download, device="cpu")
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _checkpoint_model(arch: str, content: str, num_classes: int | None, *, _name: str, _data: bytes) -> nn.Module:
+    return uploads.model_from_checkpoint(_name, _data, arch, num_classes)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _archive_model(content: str, *, _name: str, _data: bytes) -> nn.Module:
+    return uploads.model_from_archive(_name, _data)
+
+
+def preset_key(preset: Preset) -> str:
+    """What the data pipeline depends on in a preset (not where the weights came from)."""
+    d = preset.to_dict()
+    for k in ("weights", "notes", "extra", "arch", "num_classes"):
+        d.pop(k, None)
+    return json.dumps(d, sort_keys=True)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _dataset(spec: str, split: str, pkey: str, augment: bool, download: bool, *, _preset: Preset) -> Any:
+    return load_dataset(spec, split, _preset, augment=augment, download=download)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _model_facts(model_key: str, *, _model: nn.Module) -> tuple[list[Block], int, int]:
+    size = tuple(_model.cka_preset.input_size)
+    return find_blocks(_model), count_macs(_model, size), count_params(_model)
+
+
+def data_spec_string(spec: dict) -> str:
+    kind = spec["kind"]
+    return kind if kind == "digits" else f"{kind}:{spec['root'].strip()}" if spec["root"].strip() else kind
+
+
+def model_key_and_label(spec: dict) -> tuple[str, str]:
+    if spec["kind"] == "registry":
+        w = spec.get("weights")
+        wl = "random weights" if w is None else f"{w} weights"
+        nc = spec.get("num_classes")
+        return (f"registry:{spec['name']}:{w}:{nc}",
+                f"{spec['name']} ({wl}{f', {nc} classes' if nc else ''})")
+    if spec["kind"] == "checkpoint":
+        return (f"checkpoint:{spec['arch']}:{spec['digest']}:{spec.get('num_classes')}",
+                f"{spec['arch']} + {spec['file_name']}")
+    return f"archive:{spec['digest']}", f"saved model {spec['file_name']}"
+
+
+def load_model(spec: dict, upload: tuple[str, bytes] | None = None) -> nn.Module:
+    """The (cached) model a spec names; uploads need their ``(file name, bytes)``."""
+    if spec["kind"] == "registry":
+        return _registry_model(spec["name"], spec.get("weights"), spec.get("num_classes"),
+                               bool(spec.get("allow_download")))
+    if upload is None:
+        raise CKAPruneError("choose a file to upload first")
+    name, data = upload
+    if spec["kind"] == "checkpoint":
+        return _checkpoint_model(spec["arch"], spec["digest"], spec.get("num_classes"), _name=name, _data=data)
+    return _archive_model(spec["digest"], _name=name, _data=data)
+
+
+def activate(model_spec: dict, data_spec: dict, upload: tuple[str, bytes] | None = None) -> Active:
+    """Load a model and its data, check that they fit, and make them the session's active selection.
+
+    Raises CKAPruneError (shown by the page) and leaves the previous selection untouched on failure.
+    """
+    if upload is not None and model_spec["kind"] != "registry":
+        model_spec = {**model_spec, "digest": uploads.digest(upload[1]), "file_name": upload[0]}
+    model = load_model(model_spec, upload)
+    model_key, model_label = model_key_and_label(model_spec)
+    preset = model.cka_preset
+    spec = data_spec_string(data_spec)
+    pkey = preset_key(preset)
+    download = bool(data_spec.get("download"))
+    train = _dataset(spec, "train", pkey, False, download, _preset=preset)
+    test = _dataset(spec, "test", pkey, False, download, _preset=preset)
+    check_num_classes(train, preset.num_classes)
+    n, seed = int(data_spec["n_calib"]), int(data_spec.get("seed", 0))
+    calib = calibration_subset(train, n, seed=seed)
+    blocks, macs, params = _model_facts(model_key, _model=model)
+    data_key = f"{spec}|{pkey}|n={n}|seed={seed}"
+    active = Active(model_spec, dict(data_spec), model_key, model_label, model, blocks, macs, params, data_key,
+                    f"{spec} ({len(train):,} train / {len(test):,} test images, {n} calibration)", train, test,
+                    calib)
+    previous: Active | None = st.session_state.get("active")
+    st.session_state["active"] = active
+    if previous is None or previous.model_key != model_key or previous.data_key != data_key:
+        st.session_state["results"] = {}
+        st.session_state["runs"] = []
+        st.session_state["exports"] = {}
+    return active
+
+
+def ensure_default() -> Active | None:
+    """Activate the bundled digits demo on a session's first run."""
+    if "active" not in st.session_state:
+        st.session_state.setdefault("results", {})
+        st.session_state.setdefault("runs", [])
+        st.session_state.setdefault("exports", {})
+        with guard("loading the digits demo") as g:
+            activate(dict(DEMO_MODEL), dict(DEMO_DATA))
+        if g.failed:
+            return None
+    return st.session_state.get("active")
+
+
+def active() -> Active | None:
+    return st.session_state.get("active")
+
+
+def require_active() -> Active:
+    """The active selection, or stop the page with a pointer to the first page."""
+    a = active()
+    if a is None:
+        st.warning("No model is loaded yet: choose one on the **Model & data** page.")
+        st.stop()
+    return a
+
+
+def describe_model(a: Active) -> str:
+    return model_entry(a.preset.arch).description
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+def calib_loader(a: Active) -> Any:
+    return make_loader(a.calib, batch_size=CALIB_BATCH, shuffle=False, seed=int(a.data_spec.get("seed", 0)))
+
+
+def test_loader(a: Active) -> Any:
+    return make_loader(a.test, batch_size=EVAL_BATCH, shuffle=False)
+
+
+def train_loader(a: Active) -> Any:
+    spec = data_spec_string(a.data_spec)
+    ds = _dataset(spec, "train", preset_key(a.preset), True, bool(a.data_spec.get("download")), _preset=a.preset)
+    return make_loader(ds, batch_size=TRAIN_BATCH, shuffle=True, seed=int(a.data_spec.get("seed", 0)),
+                       drop_last=len(ds) > TRAIN_BATCH)
+
+
+def small_work(a: Active, images: int) -> bool:
+    """Cheap enough to start without a click (the digits demo on a CPU)."""
+    return a.macs * images <= AUTO_RUN_BUDGET
+
+
+# ------------------------------------------------------------------------------------------------ device
+def device_options() -> list[str]:
+    opts = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        opts += [f"cuda:{i}" if torch.cuda.device_count() > 1 else "cuda" for i in range(torch.cuda.device_count())]
+    backend = getattr(torch.backends, "mps", None)
+    if backend is not None and backend.is_available():
+        opts.append("mps")
+    return opts
+
+
+def device() -> str:
+    """The resolved device (``cpu``, ``cuda``, ...) chosen in the sidebar."""
+    choice = st.session_state.get("device_choice", "auto")
+    try:
+        return str(resolve_device(choice))
+    except CKAPruneError:
+        return "cpu"
+
+
+def device_description() -> str:
+    return describe_device(torch.device(device()))
+
+
+# ------------------------------------------------------------------------------------------------ results & runs
+def results() -> dict:
+    return st.session_state.setdefault("results", {})
+
+
+def result(kind: str, key: Any) -> Any:
+    return results().get(kind, {}).get(_k(key))
+
+
+def store(kind: str, key: Any, value: Any) -> None:
+    results().setdefault(kind, {})[_k(key)] = value
+
+
+def _k(key: Any) -> str:
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def runs() -> list[dict]:
+    return st.session_state.setdefault("runs", [])
+
+
+def new_run_id() -> str:
+    """Unique across sessions: cached measurements of a pruned model are keyed by it."""
+    return uuid.uuid4().hex[:10]
+
+
+def run_key(a: Active, run: dict) -> str:
+    return f"{a.model_key}|run:{run['id']}"
+
+
+def model_choices(a: Active) -> list[dict]:
+    """The original model and every pruning run, as ``{"key", "label", "model", "run"}`` dicts."""
+    out = [{"key": a.model_key, "label": "original", "model": a.model, "run": None}]
+    for r in runs():
+        out.append({"key": run_key(a, r), "label": r["label"], "model": r["model"], "run": r})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ errors
+class _Guard:
+    failed = False
+    error: str | None = None
+
+
+@contextlib.contextmanager
+def guard(what: str) -> Iterator[_Guard]:
+    """Show a user error, an out-of-memory or an unexpected exception in the page instead of crashing it.
+
+    Streamlit's own control flow (st.rerun, st.stop) passes through: those are BaseExceptions.
+    """
+    g = _Guard()
+    try:
+        yield g
+    except CKAPruneError as exc:
+        g.failed, g.error = True, str(exc)
+        st.error(str(exc))
+    except Exception as exc:
+        g.failed = True
+        if jobs.is_oom(exc):
+            g.error = jobs.OOM_HINT.format(what=f" while {what}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            st.error(g.error)
+        else:
+            g.error = f"{type(exc).__name__}: {exc}"
+            st.error(f"Unexpected error while {what}: {g.error}. The session is still usable.")
+            with st.expander("Error details"):
+                st.exception(exc)

@@ -1,0 +1,152 @@
+"""Step 1 — Model & data: pick or upload a model, pick the data, see the blocks and the test accuracy."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+from dashboard import compute, state, uploads
+from dashboard.ui import MACS_NOTE, count, job_result, pct
+
+from cka_analysis.data import DATA_KINDS
+from cka_analysis.models import available_models, model_entry, weight_names
+
+st.title("Model & data")
+st.caption(
+    "Choose the network to make shallower and the images to measure it with. CKA (Centered Kernel Alignment) "
+    "compares what layers compute; blocks whose removal barely changes the final features can go."
+)
+
+SOURCES = {
+    "registry": "Model from the registry",
+    "checkpoint": "Upload a checkpoint (.pt/.pth/.th/.safetensors)",
+    "archive": "Upload a saved pruned model (.zip of manifest.json + model.safetensors)",
+}
+DATA_LABELS = {"digits": "digits (bundled, offline)", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+               "imagefolder": "ImageFolder (train/ and test/ or val/)"}
+
+models = available_models()
+left, right = st.columns(2, gap="large")
+
+with left:
+    st.subheader("Model")
+    st.session_state.setdefault("md_source", "registry")
+    source = st.radio("Source", list(SOURCES), format_func=SOURCES.get, key="md_source")
+    model_spec: dict = {}
+    upload = None
+    file = None
+    if source == "registry":
+        st.session_state.setdefault("md_registry", "digits_resnet")
+        name = st.selectbox("Architecture", models, key="md_registry")
+        st.caption(model_entry(name).description)
+        names = weight_names(name)
+        options = [*names, state.RANDOM_WEIGHTS]
+        if st.session_state.get("md_weights") not in options:
+            st.session_state.pop("md_weights", None)
+        weights = st.selectbox("Weights", options, key="md_weights",
+                               help="Named weights of the architecture; random initialisation for experiments")
+        w = None if weights == state.RANDOM_WEIGHTS else weights
+        if w is not None:
+            src = model_entry(name).weights[w]
+            if src.notes:
+                st.caption(src.notes)
+        st.session_state.setdefault("md_classes", 0)
+        classes = st.number_input("Number of classes (0 = the weights' own)", 0, 100_000, key="md_classes")
+        st.session_state.setdefault("md_weights_download", False)
+        allow = st.toggle("Allow downloading weights", key="md_weights_download",
+                          help="Named weights that are not cached yet are downloaded once into the torch hub cache")
+        model_spec = {"kind": "registry", "name": name, "weights": w, "num_classes": int(classes) or None,
+                      "allow_download": allow}
+    elif source == "checkpoint":
+        st.session_state.setdefault("md_ckpt_arch", "digits_resnet")
+        arch = st.selectbox("Architecture of the checkpoint", models, key="md_ckpt_arch")
+        st.session_state.setdefault("md_ckpt_classes", 0)
+        classes = st.number_input("Number of classes (0 = the architecture's default)", 0, 100_000,
+                                  key="md_ckpt_classes")
+        file = st.file_uploader("Checkpoint file", type=list(uploads.CHECKPOINT_TYPES), key="md_ckpt_file",
+                                help="A state dict; torch files are read with weights_only=True (no code runs)")
+        model_spec = {"kind": "checkpoint", "arch": arch, "num_classes": int(classes) or None}
+    else:
+        file = st.file_uploader("Saved model (.zip)", type=list(uploads.ARCHIVE_TYPES), key="md_archive_file",
+                                help="The .zip the Export page downloads (manifest.json + model.safetensors)")
+        model_spec = {"kind": "archive"}
+    if file is not None:
+        upload = (file.name, file.getvalue())
+
+with right:
+    st.subheader("Data")
+    st.session_state.setdefault("md_data_kind", "digits")
+    kind = st.selectbox("Dataset", list(DATA_KINDS), format_func=DATA_LABELS.get, key="md_data_kind")
+    root = ""
+    download = False
+    if kind in ("cifar10", "cifar100"):
+        st.session_state.setdefault("md_data_root", "")
+        root = st.text_input("Root folder (empty: the download cache)", key="md_data_root")
+        st.session_state.setdefault("md_download", False)
+        download = st.toggle("Allow download", key="md_download",
+                             help=f"Fetch {kind} (about 170 MB) into the root folder when it is not there")
+    elif kind == "imagefolder":
+        st.session_state.setdefault("md_data_root", "")
+        root = st.text_input("Folder with train/ and test/ (or val/), one subfolder per class", key="md_data_root")
+    st.session_state.setdefault("md_n_calib", state.DEMO_DATA["n_calib"])
+    n_calib = st.number_input("Calibration images (from the training split)", 4, 50_000, step=64,
+                              key="md_n_calib",
+                              help="CKA heatmaps and removal scores use this class-balanced, seeded subset")
+    st.session_state.setdefault("md_seed", 0)
+    seed = st.number_input("Seed", 0, 2**31 - 1, key="md_seed")
+    data_spec = {"kind": kind, "root": root, "download": download, "n_calib": int(n_calib), "seed": int(seed)}
+
+if st.button("Load model and data", type="primary", key="md_load"):
+    if model_spec["kind"] != "registry" and upload is None:
+        st.error("Choose a file to upload first.")
+    elif kind == "imagefolder" and not root.strip():
+        st.error("Enter the ImageFolder path (a folder holding train/ and test/ or val/).")
+    else:
+        with st.spinner("Loading …"), state.guard("loading the model and data") as g:
+            state.activate(model_spec, data_spec, upload)
+        if not g.failed:
+            st.session_state["md_loaded_ok"] = True
+            st.rerun()
+
+a = state.active()
+if a is None:
+    st.stop()
+if st.session_state.pop("md_loaded_ok", False):
+    st.success(f"Loaded {a.model_label} with {a.data_label}.")
+
+st.divider()
+st.subheader(f"Active: {a.model_label}")
+p = a.preset
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("MACs per image", count(a.macs), help=MACS_NOTE)
+c2.metric("Parameters", count(a.params))
+c3.metric("Residual blocks", f"{len(a.removable)} / {len(a.blocks)} removable")
+acc_box = c4.empty()
+st.caption(f"{state.describe_model(a)} · input {p.input_size[0]}×{p.input_size[1]}×{p.input_size[2]}, "
+           f"{p.num_classes} classes · weights: {p.weights}. {MACS_NOTE}")
+
+st.markdown("**Blocks** (in forward order). A block is removable when its shortcut is the identity, so the "
+            "network stays valid without it.")
+table = pd.DataFrame([
+    {"block": b.name, "stage": b.stage, "kind": b.kind, "removable": b.removable, "MACs": b.macs,
+     "MACs %": 100 * b.macs / a.macs if a.macs else 0.0, "params": b.params, "why not removable": b.reason or ""}
+    for b in a.blocks
+])
+st.dataframe(table, hide_index=True, key="md_blocks", column_config={
+    "MACs %": st.column_config.NumberColumn(format="%.1f %%"),
+    "MACs": st.column_config.NumberColumn(format="localized"),
+    "params": st.column_config.NumberColumn(format="localized"),
+})
+
+st.markdown("**Accuracy on the test split**")
+key = {"model": a.model_key, "data": a.data_key, "device": state.device()}
+acc = job_result(
+    "accuracy", key, "evaluating on the test split",
+    lambda: compute.cached_job(compute.test_accuracy, a.model_key, a.data_key, state.device(), None,
+                               _model=a.model, _loader=state.test_loader(a)),
+    button="Evaluate on the test split", auto=state.small_work(a, len(a.test)),
+)
+if acc is not None:
+    top5 = f", top-5 {acc['top5']:.2f} %" if acc.get("top5") is not None else ""
+    acc_box.metric("Test accuracy (top-1)", pct(acc["top1"], 2), help=f"{acc['samples']:,} images{top5}")
+    st.caption(f"top-1 {acc['top1']:.2f} %{top5}, mean cross-entropy {acc['loss']:.4f} over "
+               f"{acc['samples']:,} test images.")
