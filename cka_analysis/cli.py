@@ -1,25 +1,718 @@
-"""The ``cka-prune`` command line."""
+"""The ``cka-prune`` command line (also ``python -m cka_analysis``, also under ``torchrun``).
+
+Every command takes ``--device auto|cpu|cuda`` and ``--debug``; progress goes to stderr, results to stdout or the
+files named with ``--json``/``--out``. A mistake the user can fix (unknown model, missing folder, a target that
+cannot be met, ...) ends the command with exit code 2 and one line saying what is wrong; ``--debug`` shows the
+traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from ._version import __version__
 
+EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+
+_MODEL_HELP = "a registry name (see `cka-prune models`) or a directory written by `cka-prune prune/finetune`"
+_DATA_HELP = "digits | cifar10[:ROOT] | cifar100[:ROOT] | imagefolder:ROOT (ROOT holds train/ and test/ or val/)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress on stderr
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class StderrProgress:
+    """A ``progress(done, total, message)`` callback that draws a bar on stderr.
+
+    On a terminal the bar is redrawn in place; otherwise (logs, CI) a line is written at most every few seconds.
+    Silent on ranks other than 0 and with ``--quiet``.
+    """
+
+    def __init__(self, enabled: bool = True, interval: float = 2.0) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.interval = interval if not self.tty else 0.1
+        self._last = 0.0
+        self._open = False
+
+    def __call__(self, done: int, total: int | None, message: str) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        final = total is not None and done >= total
+        if now - self._last < self.interval and not final:
+            return
+        self._last = now
+        if total:
+            frac = min(1.0, done / total)
+            bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+            line = f"[{bar}] {100 * frac:5.1f}% {message}"
+        else:
+            line = message
+        if self.tty:
+            sys.stderr.write("\r" + line[:150].ljust(150))
+            self._open = True
+            if final:
+                self.newline()
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def newline(self) -> None:
+        if self._open:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._open = False
+
+    def info(self, message: str) -> None:
+        """A status line (always on its own line)."""
+        if self.enabled:
+            self.newline()
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument parsing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fraction(text: str) -> float:
+    """A reduction as 0.5, 50% or 50 (percent when > 1)."""
+    t = text.strip().rstrip("%")
+    try:
+        v = float(t)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (use e.g. 0.5 or 50%)") from exc
+    if text.strip().endswith("%") or v > 1:
+        v /= 100
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction between 0 and 1 (e.g. 0.5 or 50%)")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be ≥ 1")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be ≥ 0")
+    return v
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N")
+    g.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    g.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    g.add_argument("--num-workers", type=int, default=None, metavar="K",
+                   help="data-loading worker processes (default: 0 for in-memory data, else up to 4)")
+
+
+def _model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("model", metavar="MODEL_OR_DIR", help=_MODEL_HELP)
+    else:
+        p.add_argument("--model", required=True, metavar="M", help=_MODEL_HELP)
+    p.add_argument("--weights", metavar="W", default=None,
+                   help="checkpoint file (.pt/.pth/.th loaded with weights_only=True, or .safetensors) or a named "
+                        "source (e.g. DEFAULT, cifar10, cifar10jpeg, demo); not with a saved directory")
+    p.add_argument("--num-classes", type=_positive_int, default=None, metavar="K",
+                   help="output classes when they differ from the architecture's default")
+
+
+def _data_args(p: argparse.ArgumentParser, *, samples_help: str, samples_default: int | None) -> None:
+    p.add_argument("--data", required=True, metavar="D", help=_DATA_HELP)
+    p.add_argument("--download", action="store_true", help="allow downloading CIFAR into ROOT when missing")
+    p.add_argument("--samples", type=_positive_int, default=samples_default, metavar="N", help=samples_help)
+    p.add_argument("--batch-size", type=_positive_int, default=128, metavar="B", help="batch size (default 128)")
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from .robustness import ROBUSTNESS_KINDS
+    from .scoring import CRITERIA
+
     parser = argparse.ArgumentParser(
         prog="cka-prune",
-        description="Remove whole residual blocks chosen with Centered Kernel Alignment (CKA).",
+        description="Make residual networks shallower: remove whole blocks chosen with Centered Kernel "
+                    "Alignment (Pons et al., ICPR 2024). MACs are multiply-accumulates (= FLOPs/2, what the "
+                    "pruning literature calls FLOPs).",
+        epilog="Run `cka-prune COMMAND --help` for each command's options.",
     )
     parser.add_argument("--version", action="version", version=f"cka-prune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the model registry with removable blocks and MACs",
+                       description="List every registry model with its input size, named weights, removable "
+                                   "blocks and MACs (multiply-accumulates for one image).")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON ('-' for stdout)")
+    _common(p)
+
+    p = sub.add_parser("heatmap", help="layer × layer CKA heatmap of a model (or model vs model)",
+                       description="Layer × layer CKA between the stem, every residual block output and the "
+                                   "pooled features, over test images. With --compare, model vs another model "
+                                   "(e.g. original vs pruned).")
+    _model_args(p)
+    _data_args(p, samples_help="images to use (default 1000)", samples_default=1000)
+    p.add_argument("--compare", metavar="MODEL_OR_DIR", help="second model (same registry rules) for A×B CKA")
+    p.add_argument("--compare-weights", metavar="W", help="weights of the --compare model")
+    p.add_argument("--kernel", choices=("linear", "rbf"), default="linear", help="CKA kernel (default linear)")
+    p.add_argument("--biased", action="store_true", help="biased HSIC (default: unbiased minibatch CKA)")
+    p.add_argument("--split", choices=("train", "test"), default="test", help="which split (default test)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help=".json (matrix and names), .html (interactive plotly) or .png (needs kaleido)")
+    _common(p)
+
+    p = sub.add_parser("score", help="removal score of every removable block (lower = safer to remove)",
+                       description="Score every removable block on calibration images from the training split. "
+                                   "The paper's criterion is cka: 1 − linear CKA between the penultimate "
+                                   "features with and without the block.")
+    _model_args(p)
+    _data_args(p, samples_help="calibration images from the training split (default 500)", samples_default=500)
+    p.add_argument("--criterion", choices=CRITERIA, default="cka", help="removal criterion (default cka)")
+    p.add_argument("--debiased", action="store_true", help="debiased linear CKA for the cka criterion")
+    p.add_argument("--seed", type=int, default=0, help="calibration sample and random-criterion seed")
+    p.add_argument("--json", metavar="FILE", help="write {criterion, samples, seconds, scores} ('-' for stdout)")
+    _common(p)
+
+    p = sub.add_parser("prune", help="remove blocks (by hand or to a target), fine-tune, save",
+                       description="Remove residual blocks chosen by hand or by a criterion until a target is "
+                                   "met (one-shot or iterative as in the paper), optionally fine-tune, and write "
+                                   "the pruned model (loadable with load_pruned) and report.json to --out.")
+    _model_args(p)
+    _data_args(p, samples_help="calibration images from the training split (default 500)", samples_default=500)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--blocks", metavar="A,B", help="comma-separated block names to remove")
+    how.add_argument("--target-macs-reduction", type=_fraction, metavar="X",
+                     help="remove blocks until MACs drop by at least X (0.5 or 50%%)")
+    how.add_argument("--target-params-reduction", type=_fraction, metavar="X",
+                     help="remove blocks until parameters drop by at least X")
+    how.add_argument("--remove", type=_positive_int, metavar="N", help="remove N blocks")
+    p.add_argument("--criterion", choices=CRITERIA, default="cka", help="removal criterion (default cka)")
+    p.add_argument("--debiased", action="store_true", help="debiased linear CKA for the cka criterion")
+    p.add_argument("--iterative", action="store_true",
+                   help="rescore after each removal (with --step-finetune-steps of fine-tuning in between)")
+    p.add_argument("--step-finetune-steps", type=int, default=0, metavar="S",
+                   help="fine-tuning steps after each iterative removal (default 0)")
+    p.add_argument("--finetune-epochs", type=_non_negative_float, default=1.0, metavar="E",
+                   help="final fine-tuning epochs (default 1; 0 skips fine-tuning)")
+    p.add_argument("--finetune-steps", type=int, default=None, metavar="S", help="final budget in steps instead")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate (default 0.01)")
+    p.add_argument("--distill", action="store_true", help="distil from the unpruned model while fine-tuning")
+    p.add_argument("--eval-samples", type=_positive_int, default=None, metavar="N",
+                   help="evaluate on at most N test images (default: the whole test split)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration, shuffling and random scores")
+    p.add_argument("--out", default="pruned", metavar="DIR", help="output directory (default ./pruned)")
+    p.add_argument("--resume", action="store_true", help="go on from what an interrupted run left in --out")
+    _common(p)
+
+    p = sub.add_parser("finetune", help="fine-tune a model (pruned or not) and save it",
+                       description="Fine-tune MODEL_OR_DIR with SGD + cosine schedule (optionally distilling "
+                                   "from a teacher) and save it to --out (a directory load_pruned reads). Runs "
+                                   "unchanged under torchrun --nproc_per_node=K -m cka_analysis finetune ...")
+    _model_args(p, positional=True)
+    p.add_argument("--data", required=True, metavar="D", help=_DATA_HELP)
+    p.add_argument("--download", action="store_true", help="allow downloading CIFAR into ROOT when missing")
+    p.add_argument("--epochs", type=_non_negative_float, default=1.0, metavar="E", help="epochs (default 1)")
+    p.add_argument("--steps", type=int, default=None, metavar="S", help="budget in optimiser steps instead")
+    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate (default 0.01)")
+    p.add_argument("--batch-size", type=_positive_int, default=128, metavar="B",
+                   help="global batch size, split across processes under torchrun (default 128)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default 0)")
+    p.add_argument("--schedule", choices=("cosine", "onecycle", "constant"), default="cosine")
+    p.add_argument("--no-augment", action="store_true",
+                   help="train without the random crop/flip augmentation (deterministic batches)")
+    p.add_argument("--distill-from", metavar="MODEL", help="teacher: registry name or saved directory")
+    p.add_argument("--distill-weights", metavar="W", help="weights of the teacher")
+    p.add_argument("--eval-samples", type=_positive_int, default=None, metavar="N",
+                   help="evaluate on at most N test images (default: the whole test split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--resume", action="store_true", help="go on from the checkpoint an interrupted run left")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="accuracy, MACs, params, latency (and robustness) of a model",
+                       description="Evaluate MODEL_OR_DIR on the test split: top-1 (top-5 above 10 classes), "
+                                   "MACs, parameters and latency; with --robustness also FGSM/PGD accuracy "
+                                   "(ε in pixel units of [0, 1]) and common-corruption accuracy.")
+    _model_args(p, positional=True)
+    _data_args(p, samples_help="test images (default: the whole split)", samples_default=None)
+    p.add_argument("--robustness", metavar="KINDS",
+                   help=f"comma-separated subset of {','.join(ROBUSTNESS_KINDS)}")
+    p.add_argument("--eps", default="1/255,2/255,4/255,8/255", metavar="LIST",
+                   help="ε values for fgsm/pgd, decimals or fractions (default 1/255,2/255,4/255,8/255)")
+    p.add_argument("--pgd-steps", type=_positive_int, default=10, help="PGD iterations (default 10)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--seed", type=int, default=0, help="seed for PGD starts and noise corruptions")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
+    _common(p)
+
+    p = sub.add_parser("export", help="export a saved model to safetensors, .pt2 or ONNX",
+                       description="Export a directory written by prune/finetune for deployment.")
+    p.add_argument("model", metavar="DIR", help="a directory written by `cka-prune prune` or `finetune`")
+    p.add_argument("--format", required=True, choices=("safetensors", "pt2", "onnx"),
+                   help="safetensors: a copy of the directory; pt2: torch.export; onnx: checked with onnxruntime")
+    p.add_argument("--out", metavar="PATH", help="output file or directory (default: inside DIR)")
+    _common(p)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    parser.parse_args(argv)
-    parser.print_help(sys.stderr)
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers shared by the commands
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _write_json(target: str, payload: Any) -> None:
+    from .export import _jsonable
+
+    text = json.dumps(_jsonable(payload), indent=2)
+    if target == "-":
+        print(text)
+        return
+    path = Path(target)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+
+
+def _open(args: argparse.Namespace, source: str, weights: str | None, num_classes: int | None = None):
+    from .export import open_model
+
+    return open_model(source, weights=weights, num_classes=num_classes)
+
+
+def _dataset(args: argparse.Namespace, model, split: str, *, augment: bool = False, bar=None):
+    from .data import check_num_classes, load_dataset, parse_data_spec
+
+    spec = parse_data_spec(args.data)
+    in_memory = spec.kind == "imagefolder"
+    ds = load_dataset(spec, split, model.cka_preset, augment=augment, download=args.download,
+                      in_memory=in_memory, progress=bar)
+    check_num_classes(ds, model.cka_preset.num_classes)
+    return ds
+
+
+def _loader(args: argparse.Namespace, dataset, *, shuffle: bool = False, batch_size: int | None = None,
+            device=None):
+    from .data import make_loader
+
+    return make_loader(dataset, batch_size=batch_size or args.batch_size, shuffle=shuffle,
+                       seed=getattr(args, "seed", 0), num_workers=args.num_workers, device=device)
+
+
+def _calibration(args: argparse.Namespace, model, bar):
+    from .data import calibration_subset
+
+    train = _dataset(args, model, "train", bar=bar)
+    return calibration_subset(train, args.samples, seed=args.seed)
+
+
+def _fmt_int(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return str(int(n))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace, bar: StderrProgress) -> int:
+    import torch
+
+    from .blocks import find_blocks
+    from .metrics import count_macs, count_params
+    from .models import available_models, build_model, weight_names
+
+    rows = []
+    for name in available_models():
+        bar(0, None, f"building {name}")
+        # shapes are all that counting needs: build on the meta device (no memory, no weight init)
+        with torch.device("meta"):
+            model = build_model(name)
+            blocks = find_blocks(model)
+            preset = model.cka_preset
+            macs = count_macs(model, preset.input_size)
+        rows.append({
+            "name": name,
+            "input_size": list(preset.input_size),
+            "classes": preset.num_classes,
+            "blocks": len(blocks),
+            "removable": sum(b.removable for b in blocks),
+            "macs": macs,
+            "params": count_params(model),
+            "weights": weight_names(name),
+        })
+    bar.newline()
+    header = f"{'model':<18}{'input':<14}{'classes':>8}{'removable':>12}{'MACs':>12}{'params':>12}  named weights"
+    print(header)
+    for r in rows:
+        size = "×".join(str(v) for v in r["input_size"])
+        print(f"{r['name']:<18}{size:<14}{r['classes']:>8}{r['removable']:>6}/{r['blocks']:<5}"
+              f"{_fmt_int(r['macs']):>12}{_fmt_int(r['params']):>12}  {', '.join(r['weights']) or '-'}")
+    print("MACs = multiply-accumulates per image (FLOPs/2, what the pruning literature calls FLOPs).")
+    if args.json:
+        _write_json(args.json, rows)
     return 0
+
+
+def cmd_heatmap(args: argparse.Namespace, bar: StderrProgress) -> int:
+    from .cka import cka_matrix
+    from .errors import ConfigError
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".json", ".html", ".png"):
+        raise ConfigError(f"--out {out} must end in .json, .html or .png")
+    if out.suffix.lower() == ".png":
+        try:
+            import kaleido  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("--out .png needs the kaleido package (pip install kaleido); use .html or .json")\
+                from exc
+    model = _open(args, args.model, args.weights, args.num_classes)
+    other = _open(args, args.compare, args.compare_weights) if args.compare else None
+    ds = _dataset(args, model, args.split, bar=bar)
+    loader = _loader(args, ds, device=args.device)
+    result = cka_matrix(model, loader, model_b=other, kernel=args.kernel, debiased=not args.biased,
+                        max_samples=args.samples, device=args.device, progress=bar)
+    bar.newline()
+    samples = min(args.samples or len(ds), len(ds))
+    if out.suffix.lower() == ".json":
+        _write_json(str(out), {
+            "model": args.model, "compare": args.compare, "kernel": args.kernel, "debiased": not args.biased,
+            "samples": samples, "layers_a": result.names_a, "layers_b": result.names_b,
+            "matrix": result.matrix.tolist(),
+        })
+    else:
+        from .figures import cka_heatmap
+
+        title = f"{args.kernel} CKA, {samples} images" + (f": {args.model} vs {args.compare}" if other else "")
+        # matrix[i, j] compares names_a[i] (rows, y) with names_b[j] (columns, x)
+        fig = cka_heatmap(result.matrix, result.names_b, result.names_a, title=title)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix.lower() == ".html":
+            fig.write_html(str(out), include_plotlyjs="cdn")
+        else:
+            fig.write_image(str(out))
+    print(f"wrote {out} ({len(result.names_a)}×{len(result.names_b)} layers, {samples} images)")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace, bar: StderrProgress) -> int:
+    from .blocks import find_blocks
+    from .scoring import score_blocks
+
+    model = _open(args, args.model, args.weights, args.num_classes)
+    needs_data = args.criterion not in ("random", "weight_norm")
+    calib = _calibration(args, model, bar) if needs_data else None
+    scores = score_blocks(model, calib, args.criterion, debiased=args.debiased, batch_size=args.batch_size,
+                          device=args.device, seed=args.seed, progress=bar)
+    bar.newline()
+    blocks = {b.name: b for b in find_blocks(model)}
+    ranking = scores.ranking()
+    print(f"{args.criterion} scores on {scores.samples} calibration images ({scores.seconds:.1f} s); "
+          "lower = safer to remove")
+    print(f"{'rank':>4}  {'block':<24}{'score':>12}{'MACs':>12}{'params':>12}")
+    for i, name in enumerate(ranking, 1):
+        b = blocks[name]
+        print(f"{i:>4}  {name:<24}{scores.scores[name]:>12.6f}{_fmt_int(b.macs):>12}{_fmt_int(b.params):>12}")
+    for b in blocks.values():
+        if not b.removable:
+            print(f"   -  {b.name:<24}not removable: {b.reason}")
+    if args.json:
+        _write_json(args.json, {"criterion": scores.criterion, "samples": scores.samples,
+                                "seconds": scores.seconds, "scores": scores.scores,
+                                "options": scores.options, "model": args.model, "seed": args.seed})
+    return 0
+
+
+def _finetune_config(args: argparse.Namespace, epochs: float, steps: int | None, distill: bool):
+    from .training import FinetuneConfig
+
+    return FinetuneConfig(epochs=epochs, steps=steps, lr=args.lr, distill=distill, seed=args.seed,
+                          label_smoothing=getattr(args, "label_smoothing", 0.0),
+                          schedule=getattr(args, "schedule", "cosine"))
+
+
+def _world_loaders(args: argparse.Namespace, model, dev, *, train_needed: bool):
+    """Training loader sharded across torchrun ranks (global batch = --batch-size) and the test loader."""
+    from .distributed import make_loader_for_world
+
+    train = None
+    if train_needed:
+        train_ds = _dataset(args, model, "train", augment=not getattr(args, "no_augment", False))
+        train = make_loader_for_world(train_ds, global_batch_size=args.batch_size, shuffle=True, seed=args.seed,
+                                      num_workers=args.num_workers or 0, drop_last=False, device=dev)
+    test_ds = _dataset(args, model, "test")
+    test = _loader(args, test_ds, batch_size=max(args.batch_size, 256), device=dev)
+    return train, test
+
+
+def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
+    from . import distributed as dist_utils
+    from .export import save_pruned
+    from .metrics import measure_latency
+    from .pruning import Target, prune
+
+    dev = dist_utils.init_from_env(args.device)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume and (out / "manifest.json").exists():
+        from .errors import ConfigError
+
+        raise ConfigError(f"--out {out} already holds a saved model; choose another --out or pass --resume")
+    model = _open(args, args.model, args.weights, args.num_classes)
+    if args.blocks:
+        target, chosen = None, [b.strip() for b in args.blocks.split(",") if b.strip()]
+    else:
+        chosen = None
+        if args.remove is not None:
+            target = Target("blocks", args.remove)
+        elif args.target_macs_reduction is not None:
+            target = Target("macs", args.target_macs_reduction)
+        else:
+            target = Target("params", args.target_params_reduction)
+    needs_calib = chosen is None and args.criterion not in ("random", "weight_norm")
+    calib = _calibration(args, model, bar) if needs_calib else None
+    ft_budget = args.finetune_steps if args.finetune_steps is not None else args.finetune_epochs
+    train_needed = bool(ft_budget) or (args.iterative and args.step_finetune_steps > 0)
+    train, test = _world_loaders(args, model, dev, train_needed=train_needed)
+    ft_cfg = _finetune_config(args, args.finetune_epochs, args.finetune_steps, args.distill) if ft_budget else None
+    step_cfg = (_finetune_config(args, 0, args.step_finetune_steps, args.distill)
+                if args.iterative and args.step_finetune_steps > 0 else None)
+    result = prune(model, calib, target=target, blocks_to_remove=chosen, criterion=args.criterion,
+                   iterative=args.iterative, debiased=args.debiased, train_loader=train, finetune_config=ft_cfg,
+                   step_finetune_config=step_cfg, distill=args.distill, eval_loader=test,
+                   eval_samples=args.eval_samples, batch_size=args.batch_size, device=dev, seed=args.seed,
+                   progress=bar, checkpoint_dir=out / ".resume", resume=args.resume)
+    bar.newline()
+    report = result.to_dict()
+    report["command"] = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    if dist_utils.is_main_process():
+        size = model.cka_preset.input_size
+        lat_base = measure_latency(model, size, batch_size=1, device=dev, warmup=3, repeats=20)
+        lat_pruned = measure_latency(result.model, size, batch_size=1, device=dev, warmup=3, repeats=20)
+        report["latency_ms"] = {"base": lat_base.median_ms, "pruned": lat_pruned.median_ms,
+                                "batch_size": 1, "device": lat_base.device}
+        save_pruned(result.model, out, report=report)
+        _write_json(str(out / "report.json"), report)
+        _print_prune_summary(result, report)
+        print(f"wrote {out}/ (model.safetensors, manifest.json, report.json)")
+        if not result.cancelled:
+            _clear_resume(out / ".resume")
+    dist_utils.barrier()
+    return 0
+
+
+def _clear_resume(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _print_prune_summary(result, report: dict[str, Any]) -> None:
+    base, final = result.base, result.final
+
+    def acc(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f} %"
+
+    print(f"removed {len(result.removed)} block(s): {', '.join(result.removed) or '-'}")
+    print(f"{'':<10}{'accuracy':>12}{'MACs':>12}{'params':>12}{'latency':>12}")
+    lat = report.get("latency_ms", {})
+    print(f"{'original':<10}{acc(base.get('accuracy')):>12}{_fmt_int(base['macs']):>12}"
+          f"{_fmt_int(base['params']):>12}{lat.get('base', 0):>9.2f} ms")
+    print(f"{'pruned':<10}{acc(final.get('accuracy')):>12}{_fmt_int(final['macs']):>12}"
+          f"{_fmt_int(final['params']):>12}{lat.get('pruned', 0):>9.2f} ms")
+    print(f"MACs −{100 * final['macs_reduction']:.1f} %, parameters −{100 * final['params_reduction']:.1f} %"
+          + (" (cancelled: the best weights so far were kept)" if result.cancelled else ""))
+
+
+def cmd_finetune(args: argparse.Namespace, bar: StderrProgress) -> int:
+    from . import distributed as dist_utils
+    from .export import save_pruned
+    from .training import finetune
+
+    dev = dist_utils.init_from_env(args.device)
+    model = _open(args, args.model, args.weights, args.num_classes)
+    teacher = _open(args, args.distill_from, args.distill_weights) if args.distill_from else None
+    train, test = _world_loaders(args, model, dev, train_needed=True)
+    cfg = _finetune_config(args, args.epochs, args.steps, teacher is not None)
+    out = Path(args.out)
+    ckpt = out / ".resume" / "finetune.pt"
+    result = finetune(model, train, cfg, teacher=teacher, eval_loader=test, eval_samples=args.eval_samples,
+                      device=dev, progress=bar, checkpoint_path=ckpt, resume=args.resume)
+    bar.newline()
+    if dist_utils.is_main_process():
+        previous = getattr(model, "cka_manifest", {}).get("report", {})
+        report = {"previous": previous or None, "finetune": {"config": cfg.to_dict(), **result.to_dict()},
+                  "command": {k: v for k, v in vars(args).items() if k != "func"},
+                  "world_size": dist_utils.world_size()}
+        save_pruned(model, out, report=report)
+        _write_json(str(out / "report.json"), report)
+        best = "-" if result.best_accuracy is None else f"{result.best_accuracy:.2f} %"
+        print(f"fine-tuned {result.steps} steps in {result.seconds:.1f} s on {dist_utils.world_size()} "
+              f"process(es); best test accuracy {best} (step {result.best_step})"
+              + (" — cancelled, best weights kept" if result.cancelled else ""))
+        print(f"wrote {out}/ (model.safetensors, manifest.json, report.json)")
+        if not result.cancelled:
+            _clear_resume(out / ".resume")
+    dist_utils.barrier()
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, bar: StderrProgress) -> int:
+    from .blocks import removed_blocks
+    from .device import describe_device, resolve_device
+    from .metrics import count_macs, count_params, evaluate, measure_latency
+
+    dev = resolve_device(args.device)
+    model = _open(args, args.model, args.weights, args.num_classes)
+    preset = model.cka_preset
+    ds = _dataset(args, model, "test", bar=bar)
+    loader = _loader(args, ds, batch_size=max(args.batch_size, 1), device=dev)
+    acc = evaluate(model, loader, device=dev, max_samples=args.samples, progress=bar)
+    bar.newline()
+    result: dict[str, Any] = {
+        "model": args.model, "arch": preset.arch, "removed": removed_blocks(model), "data": args.data,
+        "device": describe_device(dev), "top1": acc.top1, "top5": acc.top5, "loss": acc.loss,
+        "samples": acc.samples, "macs": count_macs(model, preset.input_size), "params": count_params(model),
+    }
+    if not args.no_latency:
+        lat = measure_latency(model, preset.input_size, batch_size=1, device=dev, warmup=3, repeats=20)
+        result["latency_ms"] = {"median": lat.median_ms, "p10": lat.p10_ms, "p90": lat.p90_ms, "batch_size": 1}
+    print(f"{args.model}: {acc}")
+    print(f"MACs {_fmt_int(result['macs'])}, parameters {_fmt_int(result['params'])}"
+          + (f", latency {result['latency_ms']['median']:.2f} ms (batch 1, {result['device']})"
+             if "latency_ms" in result else ""))
+    if args.robustness:
+        from .robustness import evaluate_robustness, parse_eps
+
+        kinds = [k.strip() for k in args.robustness.split(",") if k.strip()]
+        eps = parse_eps(args.eps)
+        rob = evaluate_robustness(model, loader, mean=preset.mean, std=preset.std, kinds=kinds, eps=eps,
+                                  max_samples=args.samples, device=dev, pgd_steps=args.pgd_steps,
+                                  seed=args.seed, progress=bar)
+        bar.newline()
+        result["robustness"] = rob
+        for kind in ("fgsm", "pgd"):
+            if kind in rob:
+                vals = ", ".join(f"ε={e * 255:g}/255: {a:.2f} %" for e, a in rob[kind].items())
+                print(f"{kind.upper()}: {vals}")
+        if "corruption_mean_per_severity" in rob:
+            vals = ", ".join(f"s{s}: {a:.2f} %" for s, a in rob["corruption_mean_per_severity"].items())
+            print(f"corruptions (mean over {len(rob['corruptions'])}): {vals}")
+    if args.json:
+        _write_json(args.json, result)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, bar: StderrProgress) -> int:
+    import shutil
+
+    from .errors import ConfigError
+    from .export import export_onnx, export_pt2, load_pruned, read_manifest
+
+    src = Path(args.model)
+    if not src.is_dir():
+        raise ConfigError(f"{src} is not a directory written by `cka-prune prune` or `finetune`")
+    read_manifest(src)
+    model = load_pruned(src)
+    if args.format == "safetensors":
+        dest = Path(args.out) if args.out else src
+        if dest.resolve() != src.resolve():
+            dest.mkdir(parents=True, exist_ok=True)
+            for name in ("model.safetensors", "manifest.json", "report.json"):
+                if (src / name).exists():
+                    shutil.copy2(src / name, dest / name)
+        print(f"safetensors weights and manifest in {dest}/ (load with cka_analysis.export.load_pruned)")
+    elif args.format == "pt2":
+        path = export_pt2(model, Path(args.out) if args.out else src / "model.pt2")
+        print(f"wrote {path} (load with torch.export.load)")
+    else:
+        info = export_onnx(model, Path(args.out) if args.out else src / "model.onnx")
+        check = (f"checked with onnxruntime, max |Δ| {info['max_abs_diff']:.2e}" if info.get("checked")
+                 else "not checked (onnxruntime not installed)")
+        print(f"wrote {info['path']} ({check})")
+    return 0
+
+
+COMMANDS = {
+    "models": cmd_models,
+    "heatmap": cmd_heatmap,
+    "score": cmd_score,
+    "prune": cmd_prune,
+    "finetune": cmd_finetune,
+    "evaluate": cmd_evaluate,
+    "export": cmd_export,
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 user error, 1 internal error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    from . import distributed as dist_utils
+    from .errors import CKAPruneError
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    bar = StderrProgress(enabled=not args.quiet and main_rank)
+    try:
+        return COMMANDS[args.command](args, bar)
+    except CKAPruneError as exc:
+        bar.newline()
+        if args.debug:
+            raise
+        print(f"cka-prune {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        bar.newline()
+        hint = " (rerun with --resume to go on)" if args.command in ("prune", "finetune") else ""
+        print(f"cka-prune {args.command}: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        bar.newline()
+        if args.debug:
+            raise
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            print(f"cka-prune {args.command}: error: out of memory — use a smaller --batch-size or "
+                  "--device cpu", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"cka-prune {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+    finally:
+        dist_utils.shutdown()

@@ -104,8 +104,8 @@ def make_loader_for_world(
 ) -> DataLoader:
     """A loader whose per-rank batch is ``global_batch_size / world_size`` and that shards the data by rank.
 
-    Alone, it is an ordinary (seeded) loader with the global batch size, so a K-process run and a 1-process run
-    see the same global batches.
+    Alone it uses the same seeded DistributedSampler with one replica, so a K-process run and a 1-process run
+    see the same global batches (``sampler.set_epoch`` reshuffles each epoch).
     """
     ws = world_size()
     if global_batch_size % ws:
@@ -113,15 +113,11 @@ def make_loader_for_world(
 
         raise ConfigError(f"batch size {global_batch_size} is not divisible by the {ws} processes")
     pin = device is not None and device.type == "cuda"
-    if ws > 1:
-        sampler = DistributedSampler(dataset, num_replicas=ws, rank=rank(), shuffle=shuffle, seed=seed,
-                                     drop_last=drop_last)
-        return DataLoader(dataset, batch_size=global_batch_size // ws, sampler=sampler, num_workers=num_workers,
-                          pin_memory=pin, drop_last=drop_last, persistent_workers=num_workers > 0)
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=global_batch_size, shuffle=shuffle, generator=gen if shuffle else None,
-                      num_workers=num_workers, pin_memory=pin, drop_last=drop_last,
-                      persistent_workers=num_workers > 0)
+    # the same sampler alone and under torchrun: the K ranks' batches together are the 1-process batch
+    sampler = DistributedSampler(dataset, num_replicas=ws, rank=rank(), shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last)
+    return DataLoader(dataset, batch_size=global_batch_size // ws, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin, drop_last=drop_last, persistent_workers=num_workers > 0)
 
 
 def mean_across_ranks(value: float, device: torch.device) -> float:

@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .blocks import Block, find_blocks, remove_blocks, removed_blocks
-from .errors import Cancelled, ConfigError, TargetError
+from .errors import Cancelled, CheckpointError, ConfigError, TargetError
 from .progress import CancelToken, ProgressFn, check_cancel, no_progress
 from .scoring import Scores, score_blocks
 from .training import FinetuneConfig, finetune
@@ -234,6 +236,8 @@ def prune(
     seed: int = 0,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> PruneResult:
     """Prune ``model`` (not modified) and return the pruned copy with its record.
 
@@ -253,6 +257,9 @@ def prune(
             and of the final model.
         progress, cancel: reported / honoured throughout; a cancel keeps the blocks removed so far and the best
             fine-tuned weights, and sets ``result.cancelled``.
+        checkpoint_dir: keep the finished parts of the run here (scores, each iterative step's model, the
+            fine-tuning state) so that a killed run can go on with ``resume=True`` from where it stopped.
+        resume: reuse what ``checkpoint_dir`` holds from an earlier run with the same settings.
     """
     progress = progress or no_progress
     start = time.perf_counter()
@@ -272,13 +279,24 @@ def prune(
     score_kw = {"debiased": debiased, "batch_size": batch_size, "device": device, "amp": amp, "seed": seed}
     current = model
     teacher = model if distill else None
+    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckdir is not None:
+        ckdir.mkdir(parents=True, exist_ok=True)
+    run_key = {"arch": arch, "criterion": criterion, "debiased": debiased, "seed": seed, "iterative": iterative,
+               "target": None if target is None else asdict(target), "removed_base": removed_blocks(model)}
     try:
         if not iterative or blocks_to_remove is not None:
             blocks = find_blocks(model)
             scores = None
             if blocks_to_remove is None:
-                progress(0, None, f"scoring blocks ({criterion})")
-                scores = score_blocks(model, calibration, criterion, progress=progress, cancel=cancel, **score_kw)
+                scores = _load_scores(ckdir, run_key) if resume else None
+                if scores is None:
+                    progress(0, None, f"scoring blocks ({criterion})")
+                    scores = score_blocks(model, calibration, criterion, progress=progress, cancel=cancel,
+                                          **score_kw)
+                    _save_json(ckdir, "scores.json", {"key": run_key, "scores": scores.to_dict()})
+                else:
+                    progress(0, None, f"reusing the {criterion} scores of the interrupted run")
             p = plan(blocks, scores, target, base_macs=base_macs, base_params=base_params, chosen=blocks_to_remove)
             current = remove_blocks(model, p.blocks)
             macs, params = _model_costs(current)
@@ -289,6 +307,13 @@ def prune(
             result.removed = list(p.blocks)
         else:
             step = 0
+            if resume:
+                restored = _load_iterative(ckdir, run_key, model)
+                if restored is not None:
+                    current, result.removed, saved_steps = restored
+                    result.steps = [PruneStep(**d) for d in saved_steps]
+                    step = len(result.steps) - 1
+                    progress(step, None, f"resumed after step {step} ({', '.join(result.removed)} removed)")
             while True:
                 macs, params = _model_costs(current)
                 if target.met(len(result.removed), 1 - macs / base_macs, 1 - params / base_params):
@@ -318,13 +343,15 @@ def prune(
                 acc = _accuracy(current, eval_loader, device, eval_samples) if eval_steps else None
                 result.steps.append(PruneStep(step, [best], macs, params, acc, dict(scores.scores), ft,
                                               time.perf_counter() - t0))
+                _save_iterative(ckdir, run_key, current, result)
         if train_loader is not None and finetune_config is not None and (
             finetune_config.steps or (finetune_config.steps is None and finetune_config.epochs > 0)
         ):
             check_cancel(cancel, "pruning")
             progress(0, None, "fine-tuning the pruned model")
             r = finetune(current, train_loader, finetune_config, teacher=teacher, eval_loader=eval_loader,
-                         eval_samples=eval_samples, device=device, progress=progress, cancel=cancel)
+                         eval_samples=eval_samples, device=device, progress=progress, cancel=cancel,
+                         checkpoint_path=None if ckdir is None else ckdir / "finetune.pt", resume=resume)
             result.finetune = {"config": finetune_config.to_dict(), **r.to_dict()}
             result.cancelled = r.cancelled
     except Cancelled:
@@ -342,3 +369,81 @@ def prune(
     }
     result.seconds = time.perf_counter() - start
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resumable runs: what a killed run had finished
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _save_json(ckdir: Path | None, name: str, payload: dict[str, Any]) -> None:
+    if ckdir is None:
+        return
+    from .distributed import is_main_process
+
+    if not is_main_process():
+        return
+    tmp = ckdir / (name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    tmp.replace(ckdir / name)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot resume: {path} is unreadable ({exc}); delete it to start over") from exc
+    return data if isinstance(data, dict) else None
+
+
+def _same_run(saved: dict[str, Any], key: dict[str, Any], path: Path) -> bool:
+    if json.loads(json.dumps(key, default=str)) != saved.get("key"):
+        raise CheckpointError(
+            f"cannot resume: {path} was written by a run with other settings ({saved.get('key')}); "
+            "rerun with the same settings, or without --resume to start over"
+        )
+    return True
+
+
+def _load_scores(ckdir: Path | None, key: dict[str, Any]) -> Scores | None:
+    if ckdir is None:
+        return None
+    path = ckdir / "scores.json"
+    saved = _read_json(path)
+    if saved is None or not _same_run(saved, key, path):
+        return None
+    d = saved["scores"]
+    return Scores(d["criterion"], {k: float(v) for k, v in d["scores"].items()}, float(d["seconds"]),
+                  int(d["samples"]), dict(d.get("options", {})))
+
+
+def _save_iterative(ckdir: Path | None, key: dict[str, Any], current: nn.Module, result: PruneResult) -> None:
+    if ckdir is None:
+        return
+    from safetensors.torch import save_file
+
+    from .distributed import is_main_process
+
+    if not is_main_process():
+        return
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in current.state_dict().items()}
+    save_file(state, str(ckdir / "iterative.safetensors.tmp"))
+    (ckdir / "iterative.safetensors.tmp").replace(ckdir / "iterative.safetensors")
+    _save_json(ckdir, "iterative.json", {"key": key, "removed": result.removed,
+                                         "steps": [s.to_dict() for s in result.steps]})
+
+
+def _load_iterative(ckdir: Path | None, key: dict[str, Any], model: nn.Module):
+    if ckdir is None:
+        return None
+    path = ckdir / "iterative.json"
+    saved = _read_json(path)
+    if saved is None or not _same_run(saved, key, path):
+        return None
+    from .checkpoints import load_weights, read_state_dict
+
+    current = remove_blocks(model, saved["removed"])
+    load_weights(current, read_state_dict(ckdir / "iterative.safetensors"), source=str(ckdir))
+    return current, list(saved["removed"]), saved["steps"]
