@@ -77,14 +77,18 @@ def scores(model_key: str, data_key: str, criterion: str, debiased: bool, device
 
 def many_scores(model_key: str, data_key: str, criteria: list[str], debiased: bool, device: str, *,
                 model: nn.Module, loader: Any, progress=None, cancel=None) -> dict[str, dict]:
-    """Scores under several criteria (each cached on its own), with overall progress."""
+    """Scores under several criteria (each cached on its own), with overall progress.
+
+    ``debiased`` applies to the ``cka`` criterion only.
+    """
     out: dict[str, dict] = {}
     for i, criterion in enumerate(criteria):
         def step(done: int, total: int | None, message: str, i: int = i, c: str = criterion) -> None:
             if progress is not None:
                 progress(i, len(criteria), f"{c} ({i + 1}/{len(criteria)}): {message}")
 
-        out[criterion] = scores(model_key, data_key, criterion, debiased, device, _model=model, _loader=loader,
+        deb = debiased and criterion == "cka"
+        out[criterion] = scores(model_key, data_key, criterion, deb, device, _model=model, _loader=loader,
                                 _progress=step, _cancel=cancel)
     if progress is not None:
         progress(len(criteria), len(criteria), "done")

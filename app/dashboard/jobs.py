@@ -151,6 +151,13 @@ def take(name: str, key: Any) -> Job | None:
     return job
 
 
+def clear() -> None:
+    """Forget the session's finished job (after its result was stored)."""
+    job = current()
+    if job is not None and not job.running:
+        st.session_state[JOB_KEY] = None
+
+
 def cancel() -> None:
     job = current()
     if job is not None and job.running:
@@ -188,12 +195,7 @@ def _poller(job: Job) -> None:
     if not job.running:
         st.rerun(scope="app")
     with st.status(f"{job.label[:1].upper()}{job.label[1:]} …", state="running", expanded=True):
-        frac = job.fraction()
-        text = f"{job.message or 'working'} — {job.seconds:.0f} s"
-        if frac is None:
-            st.progress(0.0 if job.done == 0 else 0.5, text=text)
-        else:
-            st.progress(frac, text=f"{job.done}/{job.total} · {text}")
+        _progress_bar(job)
         if job.token.cancelled:
             st.caption("Cancelling: the work stops at the next safe point …")
         elif st.button("Cancel", key=f"cancel_{job.name}", help="Stop at the next safe point; finished work is kept"):
@@ -201,9 +203,25 @@ def _poller(job: Job) -> None:
             st.caption("Cancelling: the work stops at the next safe point …")
 
 
+def _progress_bar(job: Job) -> None:
+    frac = job.fraction()
+    text = f"{job.message or 'working'} — {job.seconds:.0f} s"
+    if frac is None:
+        st.progress(0.0 if job.done == 0 else 0.5, text=text)
+    else:
+        st.progress(frac, text=f"{job.done}/{job.total} · {text}")
+
+
+@st.fragment(run_every=POLL_SECONDS)
+def _waiter(job: Job) -> None:
+    if not job.running:
+        st.rerun(scope="app")
+    _progress_bar(job)
+
+
 def show_busy_note(name: str) -> None:
-    """A note on pages whose run button is disabled because another page's job is running."""
+    """A note where a run button is disabled because another job is running (progress, no second Cancel)."""
     job = current()
     if job is not None and job.running and job.name != name:
-        st.info(f"Busy: {job.label} is running (started on another page). Wait for it or cancel it there.")
-        _poller(job)
+        st.info(f"Busy: {job.label} is running. Wait for it or cancel it where it was started.")
+        _waiter(job)

@@ -1,4 +1,123 @@
-"""placeholder"""
-import streamlit as st
+"""Step 5 — Compare: original vs pruned runs on accuracy, compute, latency and robustness; Pareto plot."""
 
-st.title("compare")
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+from dashboard import compute, state
+from dashboard.ui import MACS_NOTE, job_result, plotly
+
+from cka_analysis.figures import adversarial_curves, corruption_curves, pareto
+from cka_analysis.robustness import DEFAULT_EPS, ROBUSTNESS_KINDS
+
+st.title("Compare")
+a = state.require_active()
+dev = state.device()
+choices = state.model_choices(a)
+by_key = {c["key"]: c for c in choices}
+runs = state.runs()
+if not runs:
+    st.info("No pruning run yet: the table shows the original network only. Prune on the **Prune** page, then "
+            "come back to compare.")
+
+# Accuracy of the original: the full test split from the first page, else the base of the first run.
+acc_key = {"model": a.model_key, "data": a.data_key, "device": dev}
+orig_acc = state.result("accuracy", acc_key)
+orig_top1 = orig_acc["top1"] if orig_acc else (runs[0]["record"]["base"].get("accuracy") if runs else None)
+
+
+def _row(c: dict) -> dict:
+    if c["run"] is None:
+        return {"model": "original", "criterion": "original", "accuracy": orig_top1, "macs": a.macs,
+                "params": a.params, "removed": 0}
+    rec = c["run"]["record"]
+    return {"model": c["label"], "criterion": rec["criterion"] or "by hand", "accuracy": rec["final"]["accuracy"],
+            "macs": rec["final"]["macs"], "params": rec["final"]["params"], "removed": len(rec["removed"])}
+
+
+rows = {c["key"]: _row(c) for c in choices}
+
+st.session_state.setdefault("cmp_kinds", list(ROBUSTNESS_KINDS))
+st.session_state.setdefault("cmp_samples", min(256, len(a.test)))
+st.session_state.setdefault("cmp_batch", 32)
+if not set(st.session_state.get("cmp_models") or []) <= set(by_key):
+    st.session_state.pop("cmp_models", None)
+st.session_state.setdefault("cmp_models", list(by_key))
+selected = st.multiselect("Models", list(by_key), format_func=lambda k: by_key[k]["label"], key="cmp_models")
+c1, c2, c3 = st.columns(3)
+kinds = c1.multiselect("Robustness", list(ROBUSTNESS_KINDS), key="cmp_kinds",
+                       help="FGSM and PGD (L∞, ε in pixel units of [0, 1]) and 8 common corruptions at severities 1–5")
+samples = c2.number_input("Test images for robustness", 8, len(a.test), key="cmp_samples")
+batch = c3.number_input("Latency batch size", 1, 4096, key="cmp_batch")
+
+measured = None
+if selected:
+    kinds_t = tuple(k for k in ROBUSTNESS_KINDS if k in kinds)
+    entries = [{"key": k, "label": by_key[k]["label"], "model": by_key[k]["model"]} for k in selected]
+    mkey = {"models": selected, "data": a.data_key, "kinds": kinds_t, "samples": int(samples), "batch": int(batch),
+            "device": dev}
+    measured = job_result(
+        "compare", mkey, f"measuring latency and robustness of {len(selected)} model(s)",
+        lambda: lambda progress=None, cancel=None: compute.compare_runs(
+            entries, robustness_kinds=kinds_t, eps=tuple(DEFAULT_EPS), max_samples=int(samples),
+            batch_size=int(batch), device=dev, data_key=a.data_key, loader=state.test_loader(a),
+            mean=tuple(a.preset.mean), std=tuple(a.preset.std), progress=progress, cancel=cancel),
+        button="Measure latency and robustness",
+        help="Latency: median of 30 timed forward passes; robustness on the first test images",
+    )
+
+table = []
+for k in selected or list(by_key):
+    r = dict(rows[k])
+    m = (measured or {}).get(k) or {}
+    lat = m.get("latency")
+    rob = m.get("robustness") or {}
+    r["latency ms"] = None if lat is None else lat["median_ms"]
+    r["images/s"] = None if lat is None else lat["throughput"]
+    if "fgsm" in rob:
+        r["FGSM acc @8/255"] = rob["fgsm"].get(8 / 255)
+    if "pgd" in rob:
+        r["PGD acc @8/255"] = rob["pgd"].get(8 / 255)
+    if "corruption_mean_per_severity" in rob:
+        sev = rob["corruption_mean_per_severity"]
+        r["corruption acc (mean)"] = sum(sev.values()) / len(sev)
+    table.append(r)
+df = pd.DataFrame(table)
+st.dataframe(df, hide_index=True, key="cmp_table", column_config={
+    "accuracy": st.column_config.NumberColumn("accuracy %", format="%.2f"),
+    "macs": st.column_config.NumberColumn("MACs", format="localized"),
+    "params": st.column_config.NumberColumn(format="localized"),
+    "latency ms": st.column_config.NumberColumn(format="%.3f"),
+    "images/s": st.column_config.NumberColumn(format="%.0f"),
+})
+st.caption(f"Accuracy: top-1 on the test split (pruned runs: on the number of test images chosen on the Prune "
+           f"page). Latency on {state.device_description()}. {MACS_NOTE}")
+
+points = [{"label": r["model"], "macs": r["macs"], "accuracy": r["accuracy"], "criterion": r["criterion"],
+           "params": r["params"]} for r in rows.values()]
+if any(p["accuracy"] is not None for p in points):
+    plotly(pareto(points, x="reduction", reference_macs=a.macs, title="Accuracy vs MACs reduction across runs"),
+           key="cmp_pareto")
+else:
+    st.info("The Pareto plot needs accuracies: evaluate the original on the **Model & data** page or prune once.")
+
+if measured:
+    adv = {}
+    cor = {}
+    for k in selected:
+        rob = (measured.get(k) or {}).get("robustness") or {}
+        label = by_key[k]["label"]
+        attacks = {name: rob[name] for name in ("fgsm", "pgd") if name in rob}
+        if attacks:
+            adv[label] = attacks
+        if "corruption_mean_per_severity" in rob:
+            cor[label] = rob["corruption_mean_per_severity"]
+    if adv:
+        plotly(adversarial_curves(adv, attack_names=[n for n in ("fgsm", "pgd") if n in kinds_t]),
+               key="cmp_adv")
+    if cor:
+        plotly(corruption_curves(cor), key="cmp_corr")
+    if adv or cor:
+        st.caption(f"Robustness on the first {int(samples)} test images; ε in pixel units (8/255 = eight grey "
+                   f"levels). Corruptions: mean over 8 types (CIFAR-10-C / ImageNet-C parameters).")
+    st.session_state["cmp_last"] = {"selected": selected, "measured": measured}
