@@ -329,6 +329,7 @@ def find_blocks(
     blocks: Sequence[str] | str | None = None,
     *,
     input_size: Sequence[int] | None = None,
+    count_macs: bool = True,
 ) -> list[Block]:
     """Every residual block of ``model`` in forward order, with removability, MACs and parameters.
 
@@ -336,15 +337,17 @@ def find_blocks(
         model: a registry model, or any model when ``blocks`` names its residual blocks.
         blocks: qualified module names or glob patterns of the residual blocks of a custom model.
         input_size: (C, H, W) for MACs and shape probes; default: the model's preset.
+        count_macs: measure each block's MACs (one FLOP-counting forward pass, the slow part); when False,
+            ``Block.macs`` is 0 — for callers that only need names and removability.
 
     Blocks already removed (replaced by the identity) are not listed; see :func:`removed_blocks`.
     """
     from .metrics import module_macs
 
     topo = topology(model, blocks)
-    size = _input_size(model, input_size)
-    macs = module_macs(model, size)
     generic = isinstance(topo, GenericTopology)
+    size = _input_size(model, input_size) if count_macs or generic else ()
+    macs = module_macs(model, size) if count_macs else {}
     shapes = _probe_shapes(model, topo.slots, size) if generic else {}
     out = []
     for i, name in enumerate(topo.slots):
@@ -384,7 +387,7 @@ def remove_blocks(
     Raises BlockError naming any block that is unknown, already removed, or not removable (with the reason).
     """
     names = list(dict.fromkeys(names))
-    current = {b.name: b for b in find_blocks(model, blocks)}
+    current = {b.name: b for b in find_blocks(model, blocks, count_macs=False)}
     gone = set(removed_blocks(model))
     for n in names:
         if n in gone:
