@@ -130,7 +130,7 @@ def test_pruned_output_equals_zeroed_residual_branch(family) -> None:
 
 
 def test_removing_several_blocks_equals_zeroing_all_their_branches(family) -> None:
-    name, model, x = family
+    _, model, x = family
     removable = [b.name for b in find_blocks(model, count_macs=False) if b.removable]
     chosen = removable[::2]
     pruned = remove_blocks(model, chosen)
