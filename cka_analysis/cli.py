@@ -51,8 +51,8 @@ class StderrProgress:
             return
         now = time.monotonic()
         final = total is not None and done >= total
-        if now - self._last < self.interval and not final:
-            return
+        if now - self._last < self.interval and not final and total is not None:
+            return  # bars are throttled; status lines (no total) always show
         self._last = now
         if total:
             frac = min(1.0, done / total)

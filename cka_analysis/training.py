@@ -256,7 +256,7 @@ def finetune(
             torch.set_rng_state(saved["torch_rng"])
         epoch_state = {"loader_generator": saved.get("loader_generator"), "torch_rng": saved.get("torch_rng")}
         resumed = True
-        report(start_step, total, f"fine-tuning: resumed at step {start_step}/{total}")
+        report(start_step, None, f"fine-tuning: resumed at step {start_step}/{total}")
 
     def checkpoint(step: int) -> None:
         nonlocal best_state

@@ -1,0 +1,272 @@
+"""The ``cka-prune`` command line on the bundled digits demo: every command, every criterion, bad input, resume,
+and multi-process fine-tuning with torchrun (2 CPU processes, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cka_analysis.blocks import find_blocks
+from cka_analysis.cli import main
+from cka_analysis.export import load_pruned, open_model
+from cka_analysis.scoring import CRITERIA
+
+DEMO = ["--model", "digits_resnet", "--weights", "demo", "--data", "digits", "--device", "cpu"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "pruned"
+    code = main(["prune", *DEMO, "--samples", "128", "--target-macs-reduction", "30%", "--finetune-steps", "6",
+                 "--eval-samples", "200", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert "cka-prune" in capsys.readouterr().out
+    code, _, err = run(capsys)
+    assert code == 2 and "COMMAND" in err
+
+
+def test_module_entry_point_is_the_cli():
+    r = subprocess.run([sys.executable, "-m", "cka_analysis", "--version"], capture_output=True, text=True,
+                       env=_env(), timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("cka-prune ")
+
+
+def test_models_lists_the_registry(capsys, tmp_path):
+    code, out, _ = run(capsys, "models", "--json", tmp_path / "models.json", "--quiet")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "models.json").read_text())}
+    assert rows["cifar_resnet56"]["removable"] == 25 and rows["cifar_resnet56"]["blocks"] == 27
+    assert rows["digits_resnet"]["weights"] == ["demo"]
+    assert "cifar_resnet56" in out and "FLOPs/2" in out
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_score_every_criterion_writes_the_documented_json(capsys, tmp_path, criterion):
+    path = tmp_path / "scores.json"
+    code, out, _ = run(capsys, "score", *DEMO, "--samples", "64", "--criterion", criterion, "--json", path)
+    assert code == 0, out
+    data = json.loads(path.read_text())
+    assert data["criterion"] == criterion
+    assert data["seconds"] >= 0
+    removable = [b.name for b in find_blocks(open_model("digits_resnet", weights="demo")) if b.removable]
+    assert sorted(data["scores"]) == sorted(removable)
+    assert all(isinstance(v, float) and v == v for v in data["scores"].values())
+    assert data["samples"] == (0 if criterion in ("random", "weight_norm") else 64)
+    assert "not removable" in out  # the stride-2 blocks are listed with their reason
+
+
+def test_score_is_seeded(capsys, tmp_path):
+    for name in ("a", "b"):
+        assert run(capsys, "score", *DEMO, "--samples", "32", "--criterion", "random", "--seed", "3",
+                   "--json", tmp_path / f"{name}.json")[0] == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())["scores"] for n in "ab")
+    assert a == b
+
+
+def test_heatmap_json_and_html(capsys, tmp_path, pruned_dir):
+    code, _, _ = run(capsys, "heatmap", *DEMO, "--samples", "96", "--out", tmp_path / "h.json")
+    assert code == 0
+    data = json.loads((tmp_path / "h.json").read_text())
+    m = torch.tensor(data["matrix"])
+    assert m.shape == (len(data["layers_a"]), len(data["layers_b"]))
+    assert data["layers_a"][-1] == "penultimate" and torch.allclose(m.diagonal(), torch.ones(len(m)), atol=1e-6)
+    code, _, _ = run(capsys, "heatmap", *DEMO, "--samples", "64", "--compare", pruned_dir,
+                     "--out", tmp_path / "h.html")
+    assert code == 0
+    assert "plotly" in (tmp_path / "h.html").read_text()
+
+
+def test_prune_writes_a_loadable_model_and_report(pruned_dir):
+    report = json.loads((pruned_dir / "report.json").read_text())
+    model = load_pruned(pruned_dir)
+    base = open_model("digits_resnet", weights="demo")
+    blocks = {b.name: b for b in find_blocks(base)}
+    assert report["removed"] and report["final"]["macs_reduction"] >= 0.30
+    assert report["final"]["macs"] == report["base"]["macs"] - sum(blocks[n].macs for n in report["removed"])
+    assert report["final"]["params"] == report["base"]["params"] - sum(blocks[n].params for n in report["removed"])
+    assert model.cka_manifest["removed"] == report["removed"]
+    assert report["finetune"]["steps"] == 6
+    assert not (pruned_dir / ".resume").exists()
+
+
+def test_prune_by_hand_and_iterative(capsys, tmp_path):
+    code, out, _ = run(capsys, "prune", *DEMO, "--blocks", "layer3.2,layer1.2", "--finetune-epochs", "0",
+                       "--eval-samples", "100", "--out", tmp_path / "hand")
+    assert code == 0, out
+    assert load_pruned(tmp_path / "hand").cka_manifest["removed"] == ["layer3.2", "layer1.2"]
+    code, out, _ = run(capsys, "prune", *DEMO, "--samples", "64", "--remove", "2", "--iterative",
+                       "--step-finetune-steps", "2", "--finetune-epochs", "0", "--eval-samples", "100",
+                       "--out", tmp_path / "iter")
+    assert code == 0, out
+    report = json.loads((tmp_path / "iter" / "report.json").read_text())
+    assert len(report["removed"]) == 2 and [len(s["removed"]) for s in report["steps"]] == [0, 1, 1]
+    assert report["steps"][1]["scores"] and report["steps"][2]["finetune"]["steps"] == 2
+
+
+def test_finetune_evaluate_export(capsys, tmp_path, pruned_dir):
+    out = tmp_path / "ft"
+    code, text, _ = run(capsys, "finetune", pruned_dir, "--data", "digits", "--steps", "4", "--device", "cpu",
+                        "--eval-samples", "100", "--out", out)
+    assert code == 0, text
+    model = load_pruned(out)
+    assert model.cka_manifest["removed"] == load_pruned(pruned_dir).cka_manifest["removed"]
+
+    path = tmp_path / "eval.json"
+    code, text, _ = run(capsys, "evaluate", out, "--data", "digits", "--samples", "64", "--device", "cpu",
+                        "--robustness", "fgsm,pgd,corruptions", "--eps", "0,2/255,0.05", "--pgd-steps", "3",
+                        "--json", path)
+    assert code == 0, text
+    data = json.loads(path.read_text())
+    rob = data["robustness"]
+    assert data["samples"] == 64 and 0 <= data["top1"] <= 100 and data["macs"] > 0
+    assert set(rob["fgsm"]) == {"0.0", str(2 / 255), "0.05"}
+    assert rob["fgsm"]["0.0"] == pytest.approx(rob["clean_accuracy"])
+    assert set(rob["corruptions"]) >= {"gaussian_noise", "jpeg_compression", "pixelate"}
+    assert set(rob["corruption_mean_per_severity"]) == {"1", "2", "3", "4", "5"}
+
+    for fmt, name in (("onnx", "model.onnx"), ("pt2", "model.pt2")):
+        code, text, _ = run(capsys, "export", out, "--format", fmt)
+        assert code == 0, text
+        assert (out / name).stat().st_size > 0
+    x = torch.randn(3, *model.cka_preset.input_size)
+    exported = torch.export.load(out / "model.pt2").module()
+    torch.testing.assert_close(exported(x), model(x))
+    code, text, _ = run(capsys, "export", out, "--format", "safetensors", "--out", tmp_path / "copy")
+    assert code == 0
+    torch.testing.assert_close(load_pruned(tmp_path / "copy")(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["score", "--model", "resnet9000", "--data", "digits"], ["unknown model", "resnet9000"]),
+        (["score", "--model", "digits_resnet", "--data", "imagefolder:/no/such/folder"], ["/no/such/folder"]),
+        (["score", "--model", "digits_resnet", "--data", "mnist"], ["not understood", "imagefolder"]),
+        (["score", "--model", "digits_resnet", "--weights", "demo", "--data", "digits", "--device", "cuda"]
+         if not torch.cuda.is_available() else ["score", "--model", "x"], ["CUDA"] if not torch.cuda.is_available()
+         else ["unknown model"]),
+        (["prune", *DEMO, "--blocks", "layer2.0"], ["layer2.0", "cannot be removed"]),
+        (["prune", *DEMO, "--blocks", "layer9.9"], ["layer9.9"]),
+        (["prune", *DEMO, "--samples", "32", "--target-macs-reduction", "0.95", "--finetune-epochs", "0"],
+         ["cannot be met"]),
+        (["score", *DEMO, "--samples", "2"], ["at least 4"]),
+        (["score", *DEMO, "--samples", "99999"], ["only", "items"]),
+        (["score", "--model", "digits_resnet", "--weights", "/no/such/file.pt", "--data", "digits"],
+         ["/no/such/file.pt"]),
+        (["score", "--model", "digits_resnet", "--num-classes", "7", "--data", "digits"], ["10 classes", "7"]),
+        (["evaluate", "/no/such/dir", "--data", "digits"], ["/no/such/dir"]),
+        (["evaluate", "digits_resnet", "--weights", "demo", "--data", "digits", "--robustness", "fgsm",
+          "--eps", "nope"], ["nope"]),
+        (["heatmap", *DEMO, "--out", "map.txt"], [".json", ".html"]),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(capsys, argv, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv, "--quiet")
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "error:" in lines[0]
+    for w in words:
+        assert w.lower() in lines[0].lower(), lines[0]
+
+
+def test_argparse_rejects_bad_values(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", *DEMO, "--target-macs-reduction", "150%"])
+    assert exc.value.code == 2
+    assert "fraction" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(capsys):
+    from cka_analysis.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["score", "--model", "resnet9000", "--data", "digits", "--debug", "--quiet"])
+
+
+def test_killed_prune_resumes_from_its_last_checkpoint(tmp_path):
+    """SIGKILL a prune run during fine-tuning, rerun with --resume: it goes on from the saved step."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cka_analysis", "prune", *DEMO, "--samples", "64", "--remove", "2",
+           "--finetune-steps", "200", "--eval-samples", "64", "--batch-size", "16", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt = out / ".resume" / "finetune.pt"
+    deadline = time.monotonic() + 240
+    try:
+        while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ckpt.exists(), "no fine-tuning checkpoint appeared"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "manifest.json").exists()
+    assert (out / ".resume" / "scores.json").exists()
+    saved_step = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < saved_step < 200
+    r = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "reusing the cka scores" in r.stderr and f"resumed at step {saved_step}/200" in r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetune"]["steps"] == 200 and len(report["removed"]) == 2
+    load_pruned(out)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_torchrun_two_processes_match_one(tmp_path):
+    """2 gloo processes with a global batch of 64 end where 1 process with batch 64 does (per-rank BatchNorm
+    statistics are the only difference), and rank 0 saves a loadable model."""
+    common = ["-m", "cka_analysis", "finetune", "digits_resnet", "--weights", "demo", "--data", "digits",
+              "--steps", "12", "--batch-size", "64", "--lr", "0.05", "--no-augment", "--device", "cpu",
+              "--eval-samples", "200", "--quiet"]
+    single = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", *common, "--out",
+                            str(tmp_path / "two")], env=_env(), capture_output=True, text=True, timeout=300)
+    assert multi.returncode == 0, multi.stderr
+    assert "on 2 process(es)" in multi.stdout
+    one, two = load_pruned(tmp_path / "one"), load_pruned(tmp_path / "two")
+    base = open_model("digits_resnet", weights="demo")
+    sa, sb, s0 = one.state_dict(), two.state_dict(), base.state_dict()
+    params = [n for n, _ in one.named_parameters()]
+
+    def dist(a, b):
+        return sum(float((a[k] - b[k]).norm() ** 2) for k in params) ** 0.5
+
+    moved = dist(sa, s0)
+    assert moved > 0
+    assert dist(sa, sb) < 0.35 * moved, (dist(sa, sb), moved)
+    r1 = json.loads((tmp_path / "one" / "report.json").read_text())["finetune"]
+    r2 = json.loads((tmp_path / "two" / "report.json").read_text())["finetune"]
+    assert r2["steps"] == r1["steps"] == 12
+    assert abs(r1["best_accuracy"] - r2["best_accuracy"]) <= 2.0
