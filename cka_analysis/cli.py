@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .device import amp_dtype
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -148,6 +149,8 @@ def _data_args(p: argparse.ArgumentParser, *, samples_help: str, samples_default
     p.add_argument("--download", action="store_true", help="allow downloading CIFAR into ROOT when missing")
     p.add_argument("--samples", type=_positive_int, default=samples_default, metavar="N", help=samples_help)
     p.add_argument("--batch-size", type=_positive_int, default=128, metavar="B", help="batch size (default 128)")
+    p.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none",
+                   help="autocast the forward passes on CUDA (CKA and scores stay in float32/float64)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -398,7 +401,7 @@ def cmd_heatmap(args: argparse.Namespace, bar: StderrProgress) -> int:
     ds = _dataset(args, model, args.split, bar=bar)
     loader = _loader(args, ds, device=args.device)
     result = cka_matrix(model, loader, model_b=other, kernel=args.kernel, debiased=not args.biased,
-                        max_samples=args.samples, device=args.device, progress=bar)
+                        max_samples=args.samples, device=args.device, amp=amp_dtype(args.amp), progress=bar)
     bar.newline()
     samples = min(args.samples or len(ds), len(ds))
     if out.suffix.lower() == ".json":
@@ -430,7 +433,7 @@ def cmd_score(args: argparse.Namespace, bar: StderrProgress) -> int:
     needs_data = args.criterion not in ("random", "weight_norm")
     calib = _calibration(args, model, bar) if needs_data else None
     scores = score_blocks(model, calib, args.criterion, debiased=args.debiased, batch_size=args.batch_size,
-                          device=args.device, seed=args.seed, progress=bar)
+                          device=args.device, amp=amp_dtype(args.amp), seed=args.seed, progress=bar)
     bar.newline()
     blocks = {b.name: b for b in find_blocks(model)}
     ranking = scores.ranking()
@@ -506,7 +509,8 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
     result = prune(model, calib, target=target, blocks_to_remove=chosen, criterion=args.criterion,
                    iterative=args.iterative, debiased=args.debiased, train_loader=train, finetune_config=ft_cfg,
                    step_finetune_config=step_cfg, distill=args.distill, eval_loader=test,
-                   eval_samples=args.eval_samples, batch_size=args.batch_size, device=dev, seed=args.seed,
+                   eval_samples=args.eval_samples, batch_size=args.batch_size, device=dev,
+                   amp=amp_dtype(args.amp), seed=args.seed,
                    progress=bar, checkpoint_dir=out / ".resume", resume=args.resume)
     bar.newline()
     report = result.to_dict()
@@ -594,7 +598,7 @@ def cmd_evaluate(args: argparse.Namespace, bar: StderrProgress) -> int:
     preset = model.cka_preset
     ds = _dataset(args, model, "test", bar=bar)
     loader = _loader(args, ds, batch_size=max(args.batch_size, 1), device=dev)
-    acc = evaluate(model, loader, device=dev, max_samples=args.samples, progress=bar)
+    acc = evaluate(model, loader, device=dev, amp=amp_dtype(args.amp), max_samples=args.samples, progress=bar)
     bar.newline()
     result: dict[str, Any] = {
         "model": args.model, "arch": preset.arch, "removed": removed_blocks(model), "data": args.data,
@@ -696,6 +700,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"cka-prune {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # stdout was closed early (e.g. piped into `head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         bar.newline()
         hint = " (rerun with --resume to go on)" if args.command in ("prune", "finetune") else ""
