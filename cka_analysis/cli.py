@@ -103,24 +103,24 @@ def _fraction(text: str) -> float:
     return v
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be ≥ 1")
-    return v
+def _bounded(kind: type, minimum: float, what: str):
+    """An argparse type: a number of ``kind`` that is at least ``minimum``."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from exc
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be ≥ {minimum}")
+        return v
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be ≥ 0")
-    return v
+_positive_int = _bounded(int, 1, "a whole number")
+_non_negative_float = _bounded(float, 0, "a number")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
