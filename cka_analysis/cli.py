@@ -396,14 +396,31 @@ def cmd_heatmap(args: argparse.Namespace, bar: StderrProgress) -> int:
         except ImportError as exc:
             raise ConfigError("--out .png needs the kaleido package (pip install kaleido); use .html or .json")\
                 from exc
+    from . import distributed as dist_utils
+
+    dev = dist_utils.init_from_env(args.device)
     model = _open(args, args.model, args.weights, args.num_classes)
     other = _open(args, args.compare, args.compare_weights) if args.compare else None
     ds = _dataset(args, model, args.split, bar=bar)
-    loader = _loader(args, ds, device=args.device)
-    result = cka_matrix(model, loader, model_b=other, kernel=args.kernel, debiased=not args.biased,
-                        max_samples=args.samples, device=args.device, amp=amp_dtype(args.amp), progress=bar)
-    bar.newline()
     samples = min(args.samples or len(ds), len(ds))
+    ws = dist_utils.world_size()
+    if ws > 1:
+        # under torchrun each rank takes every K-th image; the HSIC sums are all-reduced before the division
+        from torch.utils.data import Subset
+
+        ds = Subset(ds, list(range(samples)))
+        loader = dist_utils.make_loader_for_world(ds, global_batch_size=args.batch_size * ws, shuffle=False,
+                                                  num_workers=args.num_workers or 0, device=dev)
+        per_rank = None
+    else:
+        loader = _loader(args, ds, device=dev)
+        per_rank = args.samples
+    result = cka_matrix(model, loader, model_b=other, kernel=args.kernel, debiased=not args.biased,
+                        max_samples=per_rank, device=dev, amp=amp_dtype(args.amp), progress=bar,
+                        reducer=dist_utils.all_reduce_cka if ws > 1 else None)
+    bar.newline()
+    if not dist_utils.is_main_process():
+        return 0
     if out.suffix.lower() == ".json":
         _write_json(str(out), {
             "model": args.model, "compare": args.compare, "kernel": args.kernel, "debiased": not args.biased,

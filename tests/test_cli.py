@@ -270,3 +270,20 @@ def test_torchrun_two_processes_match_one(tmp_path):
     r2 = json.loads((tmp_path / "two" / "report.json").read_text())["finetune"]
     assert r2["steps"] == r1["steps"] == 12
     assert abs(r1["best_accuracy"] - r2["best_accuracy"]) <= 2.0
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_torchrun_heatmap_merges_the_hsic_sums_of_both_ranks(tmp_path):
+    common = ["-m", "cka_analysis", "heatmap", "--model", "digits_resnet", "--weights", "demo", "--data", "digits",
+              "--split", "train", "--samples", "1400", "--device", "cpu", "--quiet"]
+    one = subprocess.run([sys.executable, *common, "--batch-size", "64", "--out", str(tmp_path / "one.json")],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", *common, "--batch-size", "32",
+                          "--out", str(tmp_path / "two.json")], env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["layers_a"] == b["layers_a"] and b["samples"] == 1400
+    # same global batches of 64 images, split 32 + 32 across the ranks: minibatch CKA agrees to its noise level
+    assert (torch.tensor(a["matrix"]) - torch.tensor(b["matrix"])).abs().max() < 0.02
