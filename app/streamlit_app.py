@@ -28,7 +28,7 @@ PERSISTENT = (
     "pr_mode", "pr_target_kind", "pr_macs", "pr_params", "pr_blocks", "pr_chosen", "pr_criterion", "pr_iterative",
     "pr_ft_unit", "pr_ft_steps", "pr_ft_epochs", "pr_lr", "pr_distill", "pr_step_steps", "pr_eval_samples",
     "pr_show_run",
-    "cmp_models", "cmp_kinds", "cmp_samples", "cmp_batch",
+    "cmp_models", "cmp_kinds", "cmp_samples", "cmp_batch", "cmp_repeats",
     "ex_model", "ex_formats",
 )
 

@@ -105,16 +105,17 @@ def robustness(model_key: str, data_key: str, kinds: tuple[str, ...], eps: tuple
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def latency(model_key: str, batch_size: int, device: str, *, _model: nn.Module, _input_size: tuple) -> dict:
+def latency(model_key: str, batch_size: int, repeats: int, device: str, *, _model: nn.Module,
+            _input_size: tuple) -> dict:
     """Median forward latency of one batch (``measure_latency``)."""
     lat = measure_latency(private_copy(_model), _input_size, batch_size=batch_size, device=device,
-                          warmup=5, repeats=30)
+                          warmup=min(10, repeats), repeats=repeats)
     return {"median_ms": lat.median_ms, "p10_ms": lat.p10_ms, "p90_ms": lat.p90_ms, "batch_size": lat.batch_size,
             "device": lat.device, "throughput": lat.throughput}
 
 
 def compare_runs(entries: list[dict], *, robustness_kinds: tuple[str, ...], eps: tuple[float, ...],
-                 max_samples: int, batch_size: int, device: str, data_key: str, loader: Any,
+                 max_samples: int, batch_size: int, repeats: int, device: str, data_key: str, loader: Any,
                  mean: tuple, std: tuple, progress=None, cancel=None) -> dict[str, dict]:
     """Latency and robustness of several models: ``{key: {"latency": ..., "robustness": ...}}``.
 
@@ -129,7 +130,7 @@ def compare_runs(entries: list[dict], *, robustness_kinds: tuple[str, ...], eps:
 
         step(0, None, "latency")
         model = e["model"]
-        lat = latency(e["key"], batch_size, device, _model=model, _input_size=tuple(model.cka_preset.input_size))
+        lat = latency(e["key"], batch_size, repeats, device, _model=model, _input_size=tuple(model.cka_preset.input_size))
         rob = None
         if robustness_kinds:
             rob = robustness(e["key"], data_key, robustness_kinds, eps, max_samples, device, _model=model,

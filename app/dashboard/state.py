@@ -66,6 +66,11 @@ class Active:
         return self.model.cka_preset
 
     @property
+    def test_key(self) -> str:
+        """The part of ``data_key`` the test split depends on (not the calibration subset)."""
+        return self.data_key.split("|n=")[0]
+
+    @property
     def removable(self) -> list[str]:
         return [b.name for b in self.blocks if b.removable]
 

@@ -61,7 +61,10 @@ def model_from_checkpoint(name: str, data: bytes, arch: str, num_classes: int | 
         path = tmp / f"checkpoint.{suffix}"
         path.write_bytes(data)
         path.chmod(0o600)
-        return open_model(arch, weights=path, num_classes=num_classes, allow_download=False, device=device)
+        try:
+            return open_model(arch, weights=path, num_classes=num_classes, allow_download=False, device=device)
+        except CheckpointError as exc:  # name the user's file, not the private temporary copy
+            raise CheckpointError(str(exc).replace(str(path), f"the uploaded {name!r}")) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -21,7 +21,7 @@ if not runs:
             "come back to compare.")
 
 # Accuracy of the original: the full test split from the first page, else the base of the first run.
-acc_key = {"model": a.model_key, "data": a.data_key, "device": dev}
+acc_key = {"model": a.model_key, "data": a.test_key, "device": dev}
 orig_acc = state.result("accuracy", acc_key)
 orig_top1 = orig_acc["top1"] if orig_acc else (runs[0]["record"]["base"].get("accuracy") if runs else None)
 
@@ -40,30 +40,33 @@ rows = {c["key"]: _row(c) for c in choices}
 st.session_state.setdefault("cmp_kinds", list(ROBUSTNESS_KINDS))
 st.session_state.setdefault("cmp_samples", min(256, len(a.test)))
 st.session_state.setdefault("cmp_batch", 32)
+st.session_state.setdefault("cmp_repeats", 30)
 if not set(st.session_state.get("cmp_models") or []) <= set(by_key):
     st.session_state.pop("cmp_models", None)
 st.session_state.setdefault("cmp_models", list(by_key))
 selected = st.multiselect("Models", list(by_key), format_func=lambda k: by_key[k]["label"], key="cmp_models")
-c1, c2, c3 = st.columns(3)
+c1, c2, c3, c4 = st.columns(4)
 kinds = c1.multiselect("Robustness", list(ROBUSTNESS_KINDS), key="cmp_kinds",
                        help="FGSM and PGD (L∞, ε in pixel units of [0, 1]) and 8 common corruptions at severities 1–5")
 samples = c2.number_input("Test images for robustness", 8, len(a.test), key="cmp_samples")
 batch = c3.number_input("Latency batch size", 1, 4096, key="cmp_batch")
+repeats = c4.number_input("Timed forward passes", 1, 1000, key="cmp_repeats",
+                          help="The median of these is reported (after as many warm-up passes, at most 10)")
 
 measured = None
 if selected:
     kinds_t = tuple(k for k in ROBUSTNESS_KINDS if k in kinds)
     entries = [{"key": k, "label": by_key[k]["label"], "model": by_key[k]["model"]} for k in selected]
     mkey = {"models": selected, "data": a.data_key, "kinds": kinds_t, "samples": int(samples), "batch": int(batch),
-            "device": dev}
+            "repeats": int(repeats), "device": dev}
     measured = job_result(
         "compare", mkey, f"measuring latency and robustness of {len(selected)} model(s)",
         lambda: lambda progress=None, cancel=None: compute.compare_runs(
             entries, robustness_kinds=kinds_t, eps=tuple(DEFAULT_EPS), max_samples=int(samples),
-            batch_size=int(batch), device=dev, data_key=a.data_key, loader=state.test_loader(a),
+            batch_size=int(batch), repeats=int(repeats), device=dev, data_key=a.data_key, loader=state.test_loader(a),
             mean=tuple(a.preset.mean), std=tuple(a.preset.std), progress=progress, cancel=cancel),
         button="Measure latency and robustness",
-        help="Latency: median of 30 timed forward passes; robustness on the first test images",
+        help="Latency: median of the timed forward passes; robustness on the first test images",
     )
 
 table = []

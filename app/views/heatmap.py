@@ -64,5 +64,6 @@ else:
     if cross is not None:
         plotly(cka_heatmap(cross["matrix"], cross["names_b"], cross["names_a"],
                            title=f"Original (rows) vs {run['label']} (columns)"), key="hm_cross_fig")
-        st.caption("Rows: layers of the original network; columns: layers of the pruned one. Removed blocks "
-                   "appear as identity layers in the pruned network.")
+        st.caption("Rows: layers of the original network; columns: layers of the pruned one (the removed blocks "
+                   f"{', '.join(run['record']['removed'])} are gone). A bright diagonal means the pruned network "
+                   "still computes what the original did.")

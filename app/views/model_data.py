@@ -138,10 +138,10 @@ st.dataframe(table, hide_index=True, key="md_blocks", column_config={
 })
 
 st.markdown("**Accuracy on the test split**")
-key = {"model": a.model_key, "data": a.data_key, "device": state.device()}
+key = {"model": a.model_key, "data": a.test_key, "device": state.device()}
 acc = job_result(
     "accuracy", key, "evaluating on the test split",
-    lambda: compute.cached_job(compute.test_accuracy, a.model_key, a.data_key, state.device(), None,
+    lambda: compute.cached_job(compute.test_accuracy, a.model_key, a.test_key, state.device(), None,
                                _model=a.model, _loader=state.test_loader(a)),
     button="Evaluate on the test split", auto=state.small_work(a, len(a.test)),
 )

@@ -155,7 +155,10 @@ def _make_job():
 can_run = preview is not None or (mode == "target" and iterative and target is not None)
 pkey = {"model": a.model_key, "data": a.data_key}
 job = jobs.take("prune", pkey)
-if job is not None and job.result is not None:
+if job is not None and job.result is not None and not job.result[0].removed:
+    st.warning("Cancelled before any block was removed: nothing to keep.")
+    jobs.clear()
+elif job is not None and job.result is not None:
     result, settings = job.result
     n = len(state.runs()) + 1
     what = settings["target"] or f"{len(result.removed)} chosen block(s)"
