@@ -57,7 +57,7 @@ def _sidebar() -> None:
         st.markdown(f"**Device** · {state.device_description()}")
         job = jobs.current()
         if job is not None and job.running:
-            st.caption(f"⏳ {job.label} ({job.seconds:.0f} s)")
+            st.caption(f":material/hourglass_top: {job.label} ({job.seconds:.0f} s)")
 
 
 st.set_page_config(page_title="CKA Prune", page_icon="✂️", layout="wide")
@@ -65,12 +65,12 @@ _persist_widgets()
 state.ensure_default()
 
 PAGES = [
-    st.Page("views/model_data.py", title="Model & data", icon="📦", default=True),
-    st.Page("views/heatmap.py", title="CKA heatmap", icon="🟪"),
-    st.Page("views/scores.py", title="Removal scores", icon="📊"),
-    st.Page("views/prune.py", title="Prune", icon="✂️"),
-    st.Page("views/compare.py", title="Compare", icon="⚖️"),
-    st.Page("views/export.py", title="Export", icon="📤"),
+    st.Page("views/model_data.py", title="Model & data", icon=":material/inventory_2:", default=True),
+    st.Page("views/heatmap.py", title="CKA heatmap", icon=":material/grid_on:"),
+    st.Page("views/scores.py", title="Removal scores", icon=":material/bar_chart:"),
+    st.Page("views/prune.py", title="Prune", icon=":material/content_cut:"),
+    st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:"),
+    st.Page("views/export.py", title="Export", icon=":material/download:"),
 ]
 page = st.navigation(PAGES)
 _sidebar()
