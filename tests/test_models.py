@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from cka_analysis.blocks import find_blocks
 from cka_analysis.config import asset_path
 from cka_analysis.data import calibration_subset, load_dataset, make_loader
 from cka_analysis.errors import CheckpointError, ConfigError
@@ -103,13 +104,16 @@ def test_build_and_forward_with_random_weights(name: str, input_size: tuple[int,
         assert count_params(model) == PARAMS[name]
 
 
-@pytest.mark.parametrize("name", ["resnet101", "vit_b_16"])
-def test_large_models_build(name: str) -> None:
+@pytest.mark.parametrize(("name", "n_blocks", "n_removable"), [("resnet101", 33, 29), ("vit_b_16", 12, 12)])
+def test_large_models_build(name: str, n_blocks: int, n_removable: int) -> None:
     model = build_model(name)
     preset = get_preset(model)
     assert preset.input_size == (3, 224, 224)
     assert preset.num_classes == 1000
     assert count_params(model) == PARAMS[name]
+    # their residual blocks (checked here, where the model is built anyway, to save a second slow build)
+    blocks = find_blocks(model, count_macs=False)
+    assert (len(blocks), sum(b.removable for b in blocks)) == (n_blocks, n_removable)
 
 
 def test_num_classes_override() -> None:

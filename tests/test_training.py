@@ -193,7 +193,7 @@ def test_distillation_uses_the_teacher(demo, damaged, data, test_loader) -> None
     assert ignored == pytest.approx(plain, rel=1e-6)
     # distilling from the unpruned model (no labels at all with kd_alpha = 1) repairs the pruned one
     model = copy.deepcopy(student)
-    config = FinetuneConfig(steps=24, lr=0.05, distill=True, kd_alpha=1.0, seed=0)
+    config = FinetuneConfig(steps=24, lr=0.05, distill=True, kd_alpha=1.0, seed=0, eval_every=10**6)
     result = finetune(model, train_loader(data), config, teacher=demo, eval_loader=test_loader, device="cpu")
     assert result.best_accuracy >= before + 3
     assert all(torch.equal(v, teacher_before[k]) for k, v in demo.state_dict().items())
