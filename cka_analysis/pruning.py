@@ -14,7 +14,7 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +279,9 @@ def prune(
     score_kw = {"debiased": debiased, "batch_size": batch_size, "device": device, "amp": amp, "seed": seed}
     current = model
     teacher = model if distill else None
+    if distill:  # ``distill`` turns distillation on for every fine-tune of this run
+        finetune_config = None if finetune_config is None else replace(finetune_config, distill=True)
+        step_finetune_config = None if step_finetune_config is None else replace(step_finetune_config, distill=True)
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckdir is not None:
         ckdir.mkdir(parents=True, exist_ok=True)

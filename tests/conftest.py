@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from cka_analysis.config import shared_data_dir
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The test models are tiny: one thread is as fast as two there, and never spins against the subprocesses
+    # (CLI, torchrun, streamlit) that some tests start. CKA_PRUNE_TEST_THREADS overrides it.
+    torch.set_num_threads(int(os.environ.get("CKA_PRUNE_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
