@@ -56,11 +56,19 @@ def _torch_load_safely(path: Path) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        if "weights_only" in msg or "Unsupported global" in msg or "Unsupported operand" in msg:
+        if "Unsupported global" in msg:
             raise CheckpointError(
                 f"refused to load {path}: it contains Python objects that would run code when unpickled "
                 "(only tensors and plain containers are accepted). Re-save it as a state dict "
                 "(torch.save(model.state_dict(), ...)) or as .safetensors."
+            ) from exc
+        if "weights_only" in msg or "Unsupported operand" in msg:
+            # random bytes and pickles written without torch.save both end here
+            raise CheckpointError(
+                f"refused to load {path}: it is not a plain PyTorch checkpoint. Either the file is corrupt, "
+                "truncated or not a checkpoint at all, or it was pickled with instructions outside the safe "
+                "subset (which could run code). Re-save it with torch.save(model.state_dict(), ...) or as "
+                ".safetensors."
             ) from exc
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {msg}") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
@@ -114,11 +122,12 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
     """
     state = dict(state)
     own = model.state_dict()
+    # before the num_batches_tracked fill-in below, which would make an all-prefixed state look partly matched
+    if not any(k in own for k in state) and any(k.startswith("model.") for k in state):
+        state = {k.removeprefix("model."): v for k, v in state.items()}
     for k in own:
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = own[k]
-    if not any(k in own for k in state) and any(k.startswith("model.") for k in state):
-        state = {k.removeprefix("model."): v for k, v in state.items()}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [
@@ -148,18 +157,30 @@ def describe_mismatch(
             f"wrong number of classes: the checkpoint's {head[0][0]} has {head[0][1][0]} outputs, the model "
             f"{head[0][2][0]} (pass num_classes={head[0][1][0]} / --num-classes {head[0][1][0]})"
         )
-    if unexpected and all(k.split(".")[0] in {"module", "model", "net", "backbone", "_orig_mod"} for k in unexpected) \
-            and missing:
-        causes.append(f"the checkpoint's keys carry a '{unexpected[0].split('.')[0]}.' prefix")
-    stages_m = {".".join(k.split(".")[:2]) for k in missing if k.split(".")[0].startswith("layer")}
-    stages_u = {".".join(k.split(".")[:2]) for k in unexpected if k.split(".")[0].startswith("layer")}
-    if stages_m or stages_u:
+    firsts = {k.split(".")[0] for k in unexpected if "." in k}
+    prefix = f"{firsts.pop()}." if len(firsts) == 1 and all("." in k for k in unexpected) else None
+    if prefix and missing and set(missing) <= {k.removeprefix(prefix) for k in unexpected}:
         causes.append(
-            "wrong depth: the checkpoint has "
-            + (f"extra blocks {sorted(stages_u)[:4]}" if stages_u else "")
-            + (" and " if stages_u and stages_m else "")
-            + (f"lacks blocks {sorted(stages_m)[:4]}" if stages_m else "")
-            + " — pick the architecture with the matching depth"
+            f"the checkpoint's keys carry a '{prefix}' prefix (e.g. {unexpected[0]}); "
+            f"save the state dict without it ({{k.removeprefix('{prefix}'): v for k, v in state.items()}})"
+        )
+    else:  # block names only mean something once the keys line up
+        stages_m = {".".join(k.split(".")[:2]) for k in missing if k.split(".")[0].startswith("layer")}
+        stages_u = {".".join(k.split(".")[:2]) for k in unexpected if k.split(".")[0].startswith("layer")}
+        if stages_m or stages_u:
+            causes.append(
+                "wrong depth: the checkpoint "
+                + (f"has extra blocks {sorted(stages_u)[:4]}" if stages_u else "")
+                + (" and " if stages_u and stages_m else "")
+                + (f"lacks blocks {sorted(stages_m)[:4]}" if stages_m else "")
+                + " — pick the architecture with the matching depth"
+            )
+    stem = [m for m in mismatched if len(m[1]) == 4 and len(m[2]) == 4 and m[1][0] == m[2][0] and m[1][1] != m[2][1]]
+    first_weight = next((k for k, v in model.state_dict().items() if v.dim() == 4), None)
+    if stem and stem[0][0] == first_weight:
+        causes.append(
+            f"a different input: the checkpoint's {stem[0][0]} takes {stem[0][1][1]}-channel images, the model "
+            f"{stem[0][2][1]} (weights of another architecture or dataset)"
         )
     lines = [f"{source} does not fit {arch}" + (f": likely {'; '.join(causes)}" if causes else "")]
     if missing:

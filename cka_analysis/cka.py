@@ -10,7 +10,9 @@
 
 Numerics: features are centred per batch in float64 before any product. Uncentred float32 ReLU features make the
 HSIC estimate cancel catastrophically (it goes negative and CKA becomes NaN). When a representation has no
-variance (a constant or dead layer), CKA is defined as 0 rather than NaN.
+variance (a constant or dead layer) or the unbiased estimator is degenerate for it (0/0), CKA is defined as 0
+rather than NaN or a ratio of rounding residues; values are clipped to [0, 1] (biased) or [−1, 1] (debiased).
+NaN or Inf activations are a ConfigError, never a silent number. Tests: tests/test_cka_properties.py.
 """
 
 from __future__ import annotations
@@ -75,6 +77,34 @@ def _center(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(dim=0, keepdim=True)
 
 
+def _center_scale(x: torch.Tensor) -> torch.Tensor:
+    """Centre the features, zero those that are constant up to rounding, then divide by the largest magnitude.
+
+    * A constant feature does not centre to exactly 0: the rounding error of its mean is left (~1e-17). Without
+      the zeroing, a constant representation made of such residues gave an arbitrary CKA (the debiased estimate
+      of a constant layer came out as −0.07 instead of 0). A feature whose spread is below what the mean's
+      rounding can produce (4·n·eps of its magnitude) carries no information and is set to 0.
+    * CKA does not change under isotropic scaling, but its fourth-order sums (‖XᵀX‖²·‖YᵀY‖²) overflow or
+      underflow float64 for features beyond about 1e±75, which silently turned CKA into 0.
+    * Centring before the RBF kernel keeps the pairwise distances of near-constant features from cancelling.
+    """
+    x = _center_clean(x)
+    peak = x.abs().max()
+    return x / peak if peak > 0 else x
+
+
+def _center_clean(x: torch.Tensor) -> torch.Tensor:
+    """Centre (n, d) features and set to 0 those whose spread is within the rounding error of their mean.
+
+    Centring twice removes the residual mean that the rounding of a large offset leaves (~eps·offset): the
+    unbiased estimator assumes columns that sum to 0, and that residue was enough to turn an exact 0 into 1e-7.
+    """
+    size = x.abs().amax(dim=0)
+    x = _center(_center(x))
+    spread = x.abs().amax(dim=0)
+    return x * (spread > 4 * x.shape[0] * torch.finfo(x.dtype).eps * size)
+
+
 def gram_linear(x: torch.Tensor) -> torch.Tensor:
     """Linear kernel Gram matrix K = X Xᵀ."""
     return x @ x.T
@@ -137,20 +167,37 @@ def hsic(k: torch.Tensor, l: torch.Tensor, *, debiased: bool = False) -> torch.T
     return (_center_gram(k) * _center_gram(l)).sum() / (n - 1) ** 2
 
 
-def _ratio(num: torch.Tensor, den_sq: torch.Tensor) -> float:
-    """num / sqrt(den_sq), with 0 for a representation without variance (instead of NaN)."""
+def _ratio(num: torch.Tensor, den_sq: torch.Tensor, *, lower: float = -1.0) -> float:
+    """num / sqrt(den_sq), with 0 for a representation without variance (instead of NaN).
+
+    The value is clipped to [lower, 1]: by Cauchy–Schwarz CKA lies in [0, 1] (biased, ``lower=0``) or [−1, 1]
+    (debiased), and rounding must not push it past the bounds (a score 1 − CKA of −2e-16 looks like a bug).
+    """
     den_sq = float(den_sq)
     if not den_sq > 0:
         return 0.0
-    return float(num) / den_sq**0.5
+    return min(1.0, max(lower, float(num) / den_sq**0.5))
+
+
+def _degenerate(self_hsic: torch.Tensor, energy: torch.Tensor, n: int) -> bool:
+    """Whether an unbiased self-HSIC is 0 up to rounding, relative to the Gram energy ‖K‖² it was computed from.
+
+    The unbiased HSIC of some non-constant representations is exactly 0 (e.g. one example that differs from
+    the n − 1 others): CKA is then 0/0, and the rounding residue in both terms made it an arbitrary number.
+    """
+    return not float(self_hsic) > 64 * n * torch.finfo(torch.float64).eps * float(energy)
 
 
 def _cka_from_grams(k: torch.Tensor, l: torch.Tensor, debiased: bool) -> float:
     if debiased:
         ku, lu = _u_center_gram(k), _u_center_gram(l)
-        return _ratio((ku * lu).sum(), (ku * ku).sum() * (lu * lu).sum())
+        kk, ll = (ku * ku).sum(), (lu * lu).sum()
+        n = k.shape[0]
+        if _degenerate(kk, (k * k).sum(), n) or _degenerate(ll, (l * l).sum(), n):
+            return 0.0
+        return _ratio((ku * lu).sum(), kk * ll)
     kc, lc = _center_gram(k), _center_gram(l)
-    return _ratio((kc * lc).sum(), (kc * kc).sum() * (lc * lc).sum())
+    return _ratio((kc * lc).sum(), (kc * kc).sum() * (lc * lc).sum(), lower=0.0)
 
 
 def linear_cka(
@@ -171,11 +218,11 @@ def linear_cka(
     y = _as_2d_float64(y, "y").to(x.device)
     _check_pair(x, y, debiased=debiased)
     n = x.shape[0]
-    x, y = _center(x), _center(y)
+    x, y = _center_scale(x), _center_scale(y)
     if max(x.shape[1], y.shape[1]) >= n:
         return _cka_from_grams(gram_linear(x), gram_linear(y), debiased)
     if not debiased:
-        return _ratio((y.T @ x).square().sum(), (x.T @ x).square().sum() * (y.T @ y).square().sum())
+        return _ratio((y.T @ x).square().sum(), (x.T @ x).square().sum() * (y.T @ y).square().sum(), lower=0.0)
     # Unbiased HSIC in feature space. With centred features 1ᵀK1 = 0, so for K̃ = K − diag(K):
     # n(n−3)·HSIC_u = ‖XᵀY‖² − n/(n−2)·⟨d_x, d_y⟩ + ‖X‖²‖Y‖²/((n−1)(n−2)), d = row squared norms.
     dx, dy = x.square().sum(1), y.square().sum(1)
@@ -184,9 +231,12 @@ def linear_cka(
     def unbiased(xty_sq: torch.Tensor, da: torch.Tensor, db: torch.Tensor, na: torch.Tensor, nb: torch.Tensor):
         return xty_sq - n / (n - 2) * (da @ db) + na * nb / ((n - 1) * (n - 2))
 
+    ex, ey = (x.T @ x).square().sum(), (y.T @ y).square().sum()  # ‖K‖², ‖L‖²
     xy = unbiased((x.T @ y).square().sum(), dx, dy, nx, ny)
-    xx = unbiased((x.T @ x).square().sum(), dx, dx, nx, nx)
-    yy = unbiased((y.T @ y).square().sum(), dy, dy, ny, ny)
+    xx = unbiased(ex, dx, dx, nx, nx)
+    yy = unbiased(ey, dy, dy, ny, ny)
+    if _degenerate(xx, ex, n) or _degenerate(yy, ey, n):
+        return 0.0
     return _ratio(xy, xx * yy)
 
 
@@ -204,6 +254,9 @@ def rbf_cka(
     x = _as_2d_float64(x, "x")
     y = _as_2d_float64(y, "y").to(x.device)
     _check_pair(x, y, debiased=debiased)
+    x, y = _center_scale(x), _center_scale(y)  # distances are unchanged; see _center_scale
+    if not x.any() or not y.any():  # a constant representation: its kernel centres to 0 (up to rounding)
+        return 0.0
     return _cka_from_grams(gram_rbf(x, threshold), gram_rbf(y, threshold), debiased)
 
 
@@ -253,6 +306,8 @@ class MinibatchCKA:
         self.hsic_ab: torch.Tensor | None = None
         self.hsic_aa: torch.Tensor | None = None
         self.hsic_bb: torch.Tensor | None = None
+        self.energy_a: torch.Tensor | None = None  # Σ ‖K‖²·scale per layer: the rounding yardstick of hsic_aa
+        self.energy_b: torch.Tensor | None = None
         self.batches: torch.Tensor | None = None
         self.samples = 0
         self._pending: tuple[list[torch.Tensor], list[torch.Tensor] | None] | None = None
@@ -266,20 +321,37 @@ class MinibatchCKA:
         self.hsic_ab = torch.zeros(num_a, num_b, **kw)
         self.hsic_aa = torch.zeros(num_a, **kw)
         self.hsic_bb = torch.zeros(num_b, **kw)
+        self.energy_a = torch.zeros(num_a, **kw)
+        self.energy_b = torch.zeros(num_b, **kw)
         self.batches = torch.zeros((), **kw)
 
-    def _grams(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """U-centred (or H-centred) Gram matrices of every layer, stacked: (L, m, m) float64."""
+    def _grams(self, feats: Sequence[torch.Tensor], names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """U-centred (or H-centred) Gram matrices of every layer, stacked: (L, m, m) float64, and their ‖K‖².
+
+        A layer whose activations hold NaN or Inf (or values too large to square in float64) raises a
+        ConfigError naming it: left alone, NaN would make its CKA silently 0 (see :meth:`compute`).
+        """
         grams = []
         for f in feats:
-            x = f.detach().reshape(f.shape[0], -1).to(self.device, torch.float64)
-            x = x - x.mean(dim=0, keepdim=True)
-            grams.append(gram_linear(x) if self.kernel == "linear" else gram_rbf(x, self.threshold))
+            x = _center_clean(f.detach().reshape(f.shape[0], -1).to(self.device, torch.float64))
+            if self.kernel == "linear":
+                grams.append(gram_linear(x))
+            else:  # a constant layer's kernel is constant: use 0, which centres to exactly 0
+                grams.append(gram_rbf(x, self.threshold) if x.any() else torch.zeros_like(gram_linear(x)))
         k = torch.stack(grams)
+        finite = torch.isfinite(k.flatten(1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = [n for n, ok in zip(names, finite.tolist(), strict=True) if not ok]
+            raise ConfigError(
+                f"the activations of {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} contain NaN or Inf "
+                "(or values too large for float64), so their CKA is undefined; the model's weights are probably "
+                "corrupt or diverged, the images hold NaN, or float16 autocast overflowed (try without amp)"
+            )
+        energy = k.square().flatten(1).sum(1)
         if self.debiased:
-            return _u_center_gram(k)
+            return _u_center_gram(k), energy
         k = k - k.mean(dim=-2, keepdim=True)
-        return k - k.mean(dim=-1, keepdim=True)
+        return k - k.mean(dim=-1, keepdim=True), energy
 
     def update(
         self,
@@ -287,9 +359,13 @@ class MinibatchCKA:
         feats_b: Sequence[torch.Tensor] | None = None,
     ) -> None:
         """Add one batch: ``feats_a[i]`` is layer i's activations (m, ...) for the batch's m examples."""
+        names_a = [str(k) for k in feats_a] if isinstance(feats_a, dict) else None
+        names_b = [str(k) for k in feats_b] if isinstance(feats_b, dict) else None
         feats_a = list(feats_a.values()) if isinstance(feats_a, dict) else list(feats_a)
         if feats_b is not None:
             feats_b = list(feats_b.values()) if isinstance(feats_b, dict) else list(feats_b)
+        names_a = names_a or [f"feats_a[{i}]" for i in range(len(feats_a))]
+        names_b = names_b or [f"feats_b[{i}]" for i in range(len(feats_b or []))]
         if not feats_a or (feats_b is not None and not feats_b):
             raise ConfigError("update() needs at least one layer in feats_a (and in feats_b when given)")
         m = feats_a[0].shape[0]
@@ -321,12 +397,15 @@ class MinibatchCKA:
         if m < MIN_SAMPLES:
             self._pending = ([f.detach() for f in feats_a], None if feats_b is None else [f.detach() for f in feats_b])
             return
-        ka = self._grams(feats_a).flatten(1)  # (La, m²)
-        kb = ka if feats_b is None else self._grams(feats_b).flatten(1)
+        ka, ea = self._grams(feats_a, names_a)
+        kb, eb = (ka, ea) if feats_b is None else self._grams(feats_b, names_b)
+        ka, kb = ka.flatten(1), kb.flatten(1)  # (La, m²), (Lb, m²)
         scale = 1.0 / (m * (m - 3)) if self.debiased else 1.0 / (m - 1) ** 2
         self.hsic_ab += (ka @ kb.T) * scale
         self.hsic_aa += ka.square().sum(1) * scale
         self.hsic_bb += kb.square().sum(1) * scale
+        self.energy_a += ea * scale
+        self.energy_b += eb * scale
         self.batches += 1
         self.samples += m
 
@@ -342,7 +421,7 @@ class MinibatchCKA:
             )
         if (self.kernel, self.debiased, self.threshold) != (other.kernel, other.debiased, other.threshold):
             raise ConfigError("cannot merge accumulators with different kernel/debiased/threshold settings")
-        for name in ("hsic_ab", "hsic_aa", "hsic_bb", "batches"):
+        for name in ("hsic_ab", "hsic_aa", "hsic_bb", "energy_a", "energy_b", "batches"):
             getattr(self, name).add_(getattr(other, name).to(self.device))
         self.samples += other.samples
         return self
@@ -351,7 +430,7 @@ class MinibatchCKA:
         """The float64 sums, in place: ``all_reduce(SUM)`` each of them to merge data-parallel workers."""
         if self.symmetric is None:
             raise ConfigError("no batch has been added yet")
-        return [self.hsic_ab, self.hsic_aa, self.hsic_bb, self.batches]
+        return [self.hsic_ab, self.hsic_aa, self.hsic_bb, self.energy_a, self.energy_b, self.batches]
 
     def compute(self) -> torch.Tensor:
         """The (len A × len B) CKA matrix, float64 on the CPU. Pairs involving a layer without variance are 0."""
@@ -367,11 +446,23 @@ class MinibatchCKA:
             )
         if self.symmetric is None or float(self.batches) == 0:
             raise ConfigError("no batch has been added yet: call update() before compute()")
-        den = self.hsic_aa[:, None] * self.hsic_bb[None, :]
+        sums = (self.hsic_ab, self.hsic_aa, self.hsic_bb, self.energy_a, self.energy_b)
+        if not all(bool(torch.isfinite(t).all()) for t in sums):
+            raise ConfigError(
+                "the CKA sums overflowed float64: some activations are too large (beyond about 1e75); "
+                "the model's weights are probably diverged"
+            )
+        # a layer whose summed self-HSIC is 0 up to rounding (constant, or degenerate for the unbiased
+        # estimator, see _degenerate) gets CKA 0 instead of a ratio of rounding residues
+        tol = 64 * torch.finfo(torch.float64).eps * (self.samples / float(self.batches))
+        aa = torch.where(self.hsic_aa > tol * self.energy_a, self.hsic_aa, torch.zeros_like(self.hsic_aa))
+        bb = torch.where(self.hsic_bb > tol * self.energy_b, self.hsic_bb, torch.zeros_like(self.hsic_bb))
+        # sqrt(aa)·sqrt(bb) rather than sqrt(aa·bb): the product of two sums overflows far sooner
+        den = aa.sqrt()[:, None] * bb.sqrt()[None, :]
         ok = den > 0
-        out = torch.where(ok, self.hsic_ab / den.clamp_min(torch.finfo(torch.float64).tiny).sqrt(),
-                          torch.zeros_like(den))
-        return out.cpu()
+        out = torch.where(ok, self.hsic_ab / den.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(den))
+        # CKA lies in [0, 1] (biased) or [-1, 1] (debiased); keep rounding from crossing the bounds
+        return out.clamp(-1.0 if self.debiased else 0.0, 1.0).cpu()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -469,7 +560,7 @@ def cka_matrix(
                 names_a = list(feats_a)
                 if feats_b is not None:
                     names_b = list(feats_b)
-                acc.update(list(feats_a.values()), None if feats_b is None else list(feats_b.values()))
+                acc.update(feats_a, feats_b)  # dicts: an error names the layer
                 seen += x.shape[0]
                 progress(seen, total, f"CKA over {seen} images")
                 if max_samples is not None and seen >= max_samples:

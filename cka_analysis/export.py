@@ -25,7 +25,7 @@ from torch import nn
 
 from ._version import __version__
 from .blocks import find_blocks, remove_blocks, removed_blocks
-from .errors import CheckpointError, ConfigError
+from .errors import BlockError, CheckpointError, ConfigError
 from .models import available_models, build_model
 from .models.preset import Preset, attach_preset, get_preset
 
@@ -123,6 +123,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         )
     if manifest["arch"] not in available_models():
         raise CheckpointError(f"{mpath} names an unknown architecture {manifest['arch']!r}")
+    if isinstance(manifest["num_classes"], bool) or manifest["num_classes"] < 1:
+        raise CheckpointError(f"{mpath}: num_classes must be a positive integer, got {manifest['num_classes']!r}")
     if not all(isinstance(n, str) for n in manifest["removed"]):
         raise CheckpointError(f"{mpath}: 'removed' must be a list of block names")
     wf = manifest["weights_file"]
@@ -149,14 +151,24 @@ def load_pruned(path: str | Path, *, device: str | torch.device = "cpu") -> nn.M
     if unknown:
         raise CheckpointError(f"{root}: removed blocks {unknown} do not exist in {manifest['arch']}")
     if removed:
-        model = remove_blocks(model, removed)
+        try:
+            model = remove_blocks(model, removed)
+        except BlockError as exc:  # e.g. a downsampling block, or a name listed twice
+            raise CheckpointError(f"{root}: the manifest's removed blocks cannot be removed: {exc}") from exc
     weights = root / manifest["weights_file"]
     if not weights.is_file():
         raise CheckpointError(f"{root}: weights file {manifest['weights_file']} is missing")
     digest = manifest.get("weights_sha256")
     if digest and hashlib.sha256(weights.read_bytes()).hexdigest() != digest:
         raise CheckpointError(f"{weights} does not match the checksum in its manifest (modified or truncated)")
-    load_weights(model, read_state_dict(weights), source=str(weights))
+    state = read_state_dict(weights)
+    try:
+        load_weights(model, state, source=str(weights))
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{root}: the weights do not fit {manifest['arch']} with blocks {removed} removed (the manifest and "
+            f"the weights file disagree: edited or mixed up?): {exc}"
+        ) from exc
     preset = Preset.from_dict(manifest["preset"]).with_(weights=str(root.resolve()))
     attach_preset(model, preset)
     object.__setattr__(model, "cka_manifest", manifest)

@@ -103,22 +103,41 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _split_on_oom(fn: Callable[[torch.Tensor, torch.Tensor], None], x: torch.Tensor, y: torch.Tensor) -> None:
-    """Run ``fn`` on the batch; on out-of-memory, run it on each half instead (down to one image)."""
+    """Run ``fn`` on the batch; on out-of-memory, run it on each half instead (down to one image).
+
+    ``fn`` must leave no partial result behind when it raises (see :meth:`_Runner.step`).
+    """
     try:
         fn(x, y)
+        return
     except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
         if not _is_oom(exc):
             raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         if len(x) <= 1:
             raise ConfigError(
                 "out of memory while scoring even a single image; use a smaller model input, --device cpu, "
                 "or --amp fp16/bf16"
             ) from exc
-        half = len(x) // 2
-        _split_on_oom(fn, x[:half], y[:half])
-        _split_on_oom(fn, x[half:], y[half:])
+    # Retry outside the except block: the exception's traceback keeps the failed attempt's activations alive,
+    # so retrying inside it would run the halves with that memory still held.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = len(x) // 2
+    _split_on_oom(fn, x[:half], y[:half])
+    _split_on_oom(fn, x[half:], y[half:])
+
+
+def _check_finite(criterion: str, values: dict[str, float]) -> dict[str, float]:
+    """ConfigError when a score is NaN or Inf: a silent NaN would sort arbitrarily and prune the wrong block."""
+    bad = [n for n, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise ConfigError(
+            f"the {criterion!r} scores of {len(bad)} block(s) ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}) "
+            "are NaN or Inf: the model produces non-finite activations, losses or weights. Check the weights "
+            "(a corrupt or diverged checkpoint), the calibration images (NaN pixels) and, on CUDA, try without "
+            "amp (float16 overflow); nothing was pruned"
+        )
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,7 +273,8 @@ def score_blocks(
         options["seed"] = seed
         return Scores(criterion, dict(zip(cands, vals, strict=True)), time.perf_counter() - start, 0, options)
     if criterion == "weight_norm":
-        return Scores(criterion, _weight_norm(model, cands), time.perf_counter() - start, 0, options)
+        values = _check_finite(criterion, _weight_norm(model, cands))
+        return Scores(criterion, values, time.perf_counter() - start, 0, options)
 
     if calibration is None:
         raise ConfigError(f"criterion {criterion!r} needs calibration images")
@@ -280,7 +300,7 @@ def score_blocks(
             progress(i + 1, n_batches, f"{criterion}: batch {i + 1}/{n_batches or '?'}")
         if runner.samples == 0:
             raise ConfigError("the calibration data yielded no images")
-        values = runner.finish(debiased)
+        values = _check_finite(criterion, runner.finish(debiased))
     finally:
         for m, mode in was_training.items():
             m.training = mode
@@ -305,6 +325,20 @@ class _Runner:
 
     # one batch ---------------------------------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add one batch; all or nothing, so that an out-of-memory retry on its halves does not count twice."""
+        saved = (len(self.full), {c: len(v) for c, v in self.minus.items()}, self.sums.clone(),
+                 self.base_loss.clone())
+        try:
+            self._step(x, y)
+        except BaseException:
+            del self.full[saved[0]:]
+            for c, n in saved[1].items():
+                del self.minus[c][n:]
+            self.sums.copy_(saved[2])
+            self.base_loss.copy_(saved[3])
+            raise
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.criterion in ("cka", "loss"):
             with torch.inference_mode(), autocast(self.device, self.amp):
                 if self.prefix:
@@ -395,7 +429,19 @@ class _Runner:
         n = self.samples
         if self.criterion == "cka":
             full = torch.cat(self.full)
-            return {c: 1.0 - linear_cka(full, torch.cat(self.minus[c]), debiased=debiased) for c in self.cands}
+            if not bool(torch.isfinite(full).all()):
+                raise ConfigError(
+                    "the model's penultimate features contain NaN or Inf on the calibration images, so no block "
+                    "can be scored: check the weights (a corrupt or diverged checkpoint), the images (NaN pixels) "
+                    "and, on CUDA, try without amp (float16 overflow)"
+                )
+            out = {}
+            for c in self.cands:
+                minus = torch.cat(self.minus[c])
+                # NaN (reported by _check_finite with the block's name) rather than linear_cka's generic error
+                out[c] = 1.0 - linear_cka(full, minus, debiased=debiased) if bool(torch.isfinite(minus).all()) \
+                    else math.nan
+            return out
         vals = self.sums.cpu()
         if self.criterion == "loss":
             vals = (vals - self.base_loss.cpu()) / n

@@ -137,6 +137,7 @@ def build_model(
         )
     model = entry.builder(classes)
     preset = entry.preset.with_(num_classes=classes)
+    attach_preset(model, preset)  # now, so that a weights mismatch message names the architecture
     if source is not None:
         state, preset = _load_named(entry, source, preset, allow_download)
         load_weights(model, state, source=f"weights {source.name!r} of {name}")

@@ -1,0 +1,116 @@
+"""A seeded run of scoring and pruning on CPU reproduces exactly (issue 8, "Serving").
+
+Same seed → bit-identical scores, the same removed blocks and bit-identical weights: twice in this process, and
+once more in a fresh interpreter with another hash seed (as two CLI runs would be).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from cka_analysis.data import calibration_subset, load_dataset, make_loader
+from cka_analysis.export import open_model
+from cka_analysis.pruning import prune
+from cka_analysis.scoring import score_blocks
+from cka_analysis.training import FinetuneConfig
+
+CRITERIA = ("cka", "random", "taylor")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """8×8 images: one intra-op thread is as fast, and many times faster on a shared, loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _state_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_once(seed: int = 0) -> dict[str, Any]:
+    """Score with three criteria and prune (one-shot, CKA, 3 fine-tuning steps) from scratch; a JSON digest.
+
+    Everything is rebuilt inside (model, datasets, loaders), as a new CLI run would.
+    """
+    model = open_model("digits_resnet", weights="demo")
+    preset = model.cka_preset
+    train = load_dataset("digits", "train", preset)
+    calib = calibration_subset(train, 48, seed=seed)
+    scores = {
+        c: score_blocks(model, calib, c, device="cpu", batch_size=16, seed=seed).scores for c in CRITERIA
+    }
+    augmented = load_dataset("digits", "train", preset, augment=True)
+    test = calibration_subset(load_dataset("digits", "test", preset), 64, seed=seed)
+    result = prune(
+        model,
+        calib,
+        target="2 blocks",
+        criterion="cka",
+        train_loader=make_loader(augmented, batch_size=32, shuffle=True, seed=seed, num_workers=0),
+        finetune_config=FinetuneConfig(steps=3, lr=0.05, seed=seed, amp="none"),
+        eval_loader=make_loader(test, batch_size=64),
+        device="cpu",
+        seed=seed,
+        batch_size=16,
+    )
+    return {
+        "scores": {c: {k: repr(v) for k, v in s.items()} for c, s in scores.items()},
+        "removed": result.removed,
+        "accuracy": repr(result.final["accuracy"]),
+        "history": json.dumps(result.finetune["history"] if result.finetune else None),
+        "weights": _state_digest(result.model),
+        "base_weights": _state_digest(model),
+    }
+
+
+@pytest.fixture(scope="module")
+def first() -> dict[str, Any]:
+    return run_once()
+
+
+def test_scoring_and_pruning_reproduce_exactly_in_process(first: dict[str, Any]) -> None:
+    again = run_once()
+    assert again == first
+    # the run did something: scores differ between blocks, blocks were removed, weights were fine-tuned
+    assert len(first["removed"]) == 2
+    assert all(len(set(s.values())) == len(s) for s in first["scores"].values())
+    assert first["weights"] != first["base_weights"]
+
+
+def test_the_seed_matters(first: dict[str, Any]) -> None:
+    """A different seed changes the random scores and the fine-tuned weights: the seed is really used."""
+    model = open_model("digits_resnet", weights="demo")
+    other = score_blocks(model, None, "random", seed=1).scores
+    assert {k: repr(v) for k, v in other.items()} != first["scores"]["random"]
+    same = score_blocks(model, None, "random", seed=0).scores
+    assert {k: repr(v) for k, v in same.items()} == first["scores"]["random"]
+
+
+def test_a_fresh_process_reproduces_the_run(first: dict[str, Any]) -> None:
+    """Another interpreter, another PYTHONHASHSEED: the same digest (nothing depends on set or hash order)."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import json, runpy, torch; torch.set_num_threads(1); "
+        f"m = runpy.run_path({str(Path(__file__).resolve())!r}); print(json.dumps(m['run_once']()))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == first
