@@ -443,15 +443,19 @@ def cmd_heatmap(args: argparse.Namespace, bar: StderrProgress) -> int:
 
 
 def cmd_score(args: argparse.Namespace, bar: StderrProgress) -> int:
+    from . import distributed as dist_utils
     from .blocks import find_blocks
     from .scoring import score_blocks
 
+    dev = dist_utils.init_from_env(args.device)  # under torchrun the ranks share the calibration images
     model = _open(args, args.model, args.weights, args.num_classes)
     needs_data = args.criterion not in ("random", "weight_norm")
     calib = _calibration(args, model, bar) if needs_data else None
     scores = score_blocks(model, calib, args.criterion, debiased=args.debiased, batch_size=args.batch_size,
-                          device=args.device, amp=amp_dtype(args.amp), seed=args.seed, progress=bar)
+                          device=dev, amp=amp_dtype(args.amp), seed=args.seed, progress=bar)
     bar.newline()
+    if not dist_utils.is_main_process():
+        return 0
     blocks = {b.name: b for b in find_blocks(model)}
     ranking = scores.ranking()
     print(f"{args.criterion} scores on {scores.samples} calibration images ({scores.seconds:.1f} s); "

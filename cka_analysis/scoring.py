@@ -279,6 +279,14 @@ def score_blocks(
     if calibration is None:
         raise ConfigError(f"criterion {criterion!r} needs calibration images")
     dev = resolve_device(device)
+    from . import distributed as dist_utils
+
+    # under torchrun every rank scores every K-th calibration image; finish() gathers features / sums the totals
+    shard = dist_utils.is_distributed() and not isinstance(calibration, DataLoader)
+    if shard:
+        whole = _batches(calibration, batch_size)[1]
+        calibration = _shard(calibration, dist_utils.rank(), dist_utils.world_size())
+        options["world_size"] = dist_utils.world_size()
     batches, total_samples = _batches(calibration, batch_size)
     use_prefix = topo.chain and strategy != "full" and criterion in ("cka", "loss")
     if strategy == "prefix" and not topo.chain:
@@ -289,7 +297,7 @@ def score_blocks(
     model.eval()
     model.to(dev)
     try:
-        runner = _Runner(model, topo, cands, criterion, dev, amp, use_prefix)
+        runner = _Runner(model, topo, cands, criterion, dev, amp, use_prefix, gather=shard)
         n_batches = len(batches) if hasattr(batches, "__len__") else None
         for i, batch in enumerate(batches):
             check_cancel(cancel, "scoring")
@@ -304,7 +312,7 @@ def score_blocks(
     finally:
         for m, mode in was_training.items():
             m.training = mode
-    options["samples_expected"] = total_samples
+    options["samples_expected"] = whole if shard else total_samples
     return Scores(criterion, values, time.perf_counter() - start, runner.samples, options)
 
 
@@ -312,9 +320,9 @@ class _Runner:
     """Accumulates one criterion over calibration batches."""
 
     def __init__(self, model: nn.Module, topo: Topology, cands: list[str], criterion: str,
-                 device: torch.device, amp: torch.dtype | None, prefix: bool):
+                 device: torch.device, amp: torch.dtype | None, prefix: bool, gather: bool = False):
         self.model, self.topo, self.cands, self.criterion = model, topo, cands, criterion
-        self.device, self.amp, self.prefix = device, amp, prefix
+        self.device, self.amp, self.prefix, self.gather = device, amp, prefix, gather
         self.samples = 0
         self.full: list[torch.Tensor] = []
         self.minus: dict[str, list[torch.Tensor]] = {c: [] for c in cands}
@@ -425,7 +433,24 @@ class _Runner:
         self.sums += torch.stack(grads).double()
 
     # result -----------------------------------------------------------------------------------------------------
+    def _merge_ranks(self) -> None:
+        """Combine the shards of all ranks: gather the features (CKA needs all samples), sum the rest."""
+        import torch.distributed as dist
+
+        n = torch.tensor([self.samples], dtype=torch.float64, device=self.device)
+        dist.all_reduce(n)
+        self.samples = int(n)
+        if self.criterion == "cka":
+            self.full = [_all_gather_rows(torch.cat(self.full))]
+            for c in self.cands:
+                self.minus[c] = [_all_gather_rows(torch.cat(self.minus[c]))]
+        else:
+            dist.all_reduce(self.sums)
+            dist.all_reduce(self.base_loss)
+
     def finish(self, debiased: bool) -> dict[str, float]:
+        if self.gather:
+            self._merge_ranks()
         n = self.samples
         if self.criterion == "cka":
             full = torch.cat(self.full)
@@ -452,3 +477,31 @@ class _Runner:
         elif self.criterion == "taylor":
             vals = vals.abs() / n
         return dict(zip(self.cands, vals.tolist(), strict=True))
+
+
+def _shard(calibration: Any, rank: int, world: int) -> Any:
+    """Every ``world``-th item of the calibration data, starting at ``rank`` (no padding, no duplicates)."""
+    from torch.utils.data import Subset
+
+    if isinstance(calibration, Dataset):
+        return Subset(calibration, list(range(rank, len(calibration), world)))  # type: ignore[arg-type]
+    if isinstance(calibration, torch.Tensor):
+        return calibration[rank::world]
+    if isinstance(calibration, (tuple, list)) and len(calibration) == 2:
+        return calibration[0][rank::world], calibration[1][rank::world]
+    return calibration
+
+
+def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate the rows of ``t`` from every rank (ranks may hold different numbers of rows)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([t.shape[0]], dtype=torch.long, device=t.device))
+    longest = int(max(int(x) for x in sizes))
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: int(k)] for p, k in zip(parts, sizes, strict=True)])

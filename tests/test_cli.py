@@ -287,3 +287,19 @@ def test_torchrun_heatmap_merges_the_hsic_sums_of_both_ranks(tmp_path):
     assert a["layers_a"] == b["layers_a"] and b["samples"] == 1400
     # same global batches of 64 images, split 32 + 32 across the ranks: minibatch CKA agrees to its noise level
     assert (torch.tensor(a["matrix"]) - torch.tensor(b["matrix"])).abs().max() < 0.02
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_torchrun_scoring_shards_the_calibration_images(tmp_path):
+    common = ["-m", "cka_analysis", "score", "--model", "digits_resnet", "--weights", "demo", "--data", "digits",
+              "--samples", "200", "--device", "cpu", "--quiet"]
+    one = subprocess.run([sys.executable, *common, "--json", str(tmp_path / "one.json")], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", *common, "--json",
+                          str(tmp_path / "two.json")], env=_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert b["options"]["world_size"] == 2 and b["samples"] == 200
+    # the features of both halves are gathered: the same CKA as one process
+    assert max(abs(a["scores"][k] - b["scores"][k]) for k in a["scores"]) < 1e-9
