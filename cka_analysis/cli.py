@@ -288,9 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _write_json(target: str, payload: Any) -> None:
-    from .export import _jsonable
+    from .export import jsonable
 
-    text = json.dumps(_jsonable(payload), indent=2)
+    text = json.dumps(jsonable(payload), indent=2)
     if target == "-":
         print(text)
         return

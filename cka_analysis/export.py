@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,21 +47,26 @@ WEIGHTS = "model.safetensors"
 _REQUIRED = {"format": str, "arch": str, "num_classes": int, "preset": dict, "removed": list, "weights_file": str}
 
 
-def _jsonable(obj: Any) -> Any:
-    """Make report content JSON-safe (tensors → lists, floats keys → strings, NaN → None)."""
+def jsonable(obj: Any) -> Any:
+    """Report content made JSON-safe: tensors and numpy values → lists/numbers, keys → strings, NaN/±Inf → None,
+    paths → strings, objects with ``to_dict`` → their dict. Reports written by the CLI and the app go through it."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, float) and obj != obj:  # NaN
+        return jsonable(obj.tolist())
+    if hasattr(obj, "dtype") and hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if hasattr(obj, "to_dict"):
-        return _jsonable(obj.to_dict())
+        return jsonable(obj.to_dict())
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
 
 
 def save_pruned(model: nn.Module, path: str | Path, *, report: dict[str, Any] | None = None) -> Path:
@@ -88,7 +94,7 @@ def save_pruned(model: nn.Module, path: str | Path, *, report: dict[str, Any] | 
         "removed": removed_blocks(model),
         "weights_file": WEIGHTS,
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-        "report": _jsonable(report or {}),
+        "report": jsonable(report or {}),
         "versions": {
             "cka_prune": __version__,
             "torch": torch.__version__,
