@@ -32,3 +32,11 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def demo() -> torch.nn.Module:
+    """The bundled digits demo model with its trained weights, in eval mode (one per test module)."""
+    from cka_analysis.models import build_model
+
+    return build_model("digits_resnet", weights="demo").eval()

@@ -43,15 +43,6 @@ from cka_analysis.scoring import score_blocks
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """8×8 images: one intra-op thread is as fast, and many times faster on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits() -> torch.nn.Module:
     return open_model("digits_resnet", weights="demo")

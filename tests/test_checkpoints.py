@@ -24,15 +24,6 @@ from cka_analysis.models import build_model
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """8×8 images: one intra-op thread is as fast, and many times faster on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits() -> torch.nn.Module:
     return open_model("digits_resnet", weights="demo")

@@ -77,15 +77,6 @@ def _minibatch(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, batch
     return float(acc.compute()[0, 0])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small float64 matrices: one intra-op thread is as fast, and many times faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------------ symmetry, range
 @FAST
 @given(pair=related_pair())

@@ -385,7 +385,7 @@ def test_in_memory_equals_on_the_fly(tmp_path: Path) -> None:
         calls: list[tuple[int, int | None]] = []
         disk = D.load_dataset(spec, "train", preset)
         memory = D.load_dataset(
-            spec, "train", preset, in_memory=True, progress=lambda done, total, _m: calls.append((done, total))
+            spec, "train", preset, in_memory=True, progress=lambda done, total, _m, calls=calls: calls.append((done, total))
         )
         assert memory.in_memory and not disk.in_memory
         assert memory.targets == disk.targets and memory.classes == disk.classes

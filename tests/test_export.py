@@ -34,15 +34,6 @@ from cka_analysis.models.preset import Preset
 REMOVED = ["layer3.2", "layer2.1"]  # in removal order (not forward order)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread while this module runs (OpenMP spinning on a shared 2-core machine makes small
-    convolutions far slower with 2); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def demo() -> nn.Module:

@@ -58,15 +58,6 @@ FORWARD = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread while this module runs: on a shared, oversubscribed 2-core machine OpenMP's spinning
-    makes small convolutions 10–50× slower with 2 threads than with 1. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ----------------------------------------------------------------------------------------------- registry
 def test_registry_lists_every_family() -> None:

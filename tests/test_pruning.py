@@ -24,16 +24,6 @@ from cka_analysis.scoring import Scores, score_blocks
 from cka_analysis.training import FinetuneConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread while this module runs (OpenMP spinning on a shared 2-core machine makes small
-    convolutions far slower with 2); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -------------------------------------------------------------------------------------------------- Target
 @pytest.mark.parametrize(
     ("text", "kind", "value"),
@@ -161,9 +151,6 @@ def test_plan_chosen_blocks() -> None:
 
 
 # ---------------------------------------------------------------------------------------- pruning the demo
-@pytest.fixture(scope="module")
-def demo() -> nn.Module:
-    return build_model("digits_resnet", weights="demo").eval()
 
 
 @pytest.fixture(scope="module")

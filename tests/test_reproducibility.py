@@ -26,15 +26,6 @@ from cka_analysis.training import FinetuneConfig
 CRITERIA = ("cka", "random", "taylor")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """8×8 images: one intra-op thread is as fast, and many times faster on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _state_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for key, value in model.state_dict().items():

@@ -12,7 +12,6 @@ import colorsys
 import itertools
 import json
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -71,18 +70,6 @@ class Digits:
             logits = self.model(self.normalise(self.pixels[:n]))
         correct = int((logits.argmax(dim=1) == self.labels[:n]).sum())
         return 100.0 * correct / len(self.labels[:n])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Run this module on one intra-op thread: 8×8 images gain nothing from two, and on a CPU shared with other
-    jobs, OpenMP threads waiting for each other made these tests an order of magnitude slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

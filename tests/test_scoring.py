@@ -17,7 +17,7 @@ from cka_analysis.blocks import declare_blocks, find_blocks, remove_blocks
 from cka_analysis.cka import linear_cka
 from cka_analysis.data import calibration_subset, load_dataset, make_loader
 from cka_analysis.errors import Cancelled, ConfigError
-from cka_analysis.models import attach_preset, build_model, get_preset
+from cka_analysis.models import attach_preset, get_preset
 from cka_analysis.models.preset import Preset
 from cka_analysis.progress import CancelToken
 from cka_analysis.scoring import CRITERIA, Scores, score_blocks
@@ -26,19 +26,6 @@ CALIBRATION = 128
 BATCH = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread while this module runs (OpenMP spinning on a shared 2-core machine makes small
-    convolutions far slower with 2); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def demo() -> nn.Module:
-    return build_model("digits_resnet", weights="demo").eval()
 
 
 @pytest.fixture(scope="module")

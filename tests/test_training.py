@@ -21,21 +21,6 @@ from cka_analysis.progress import CancelToken
 from cka_analysis.training import FinetuneConfig, _lr_lambda, finetune
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread while this module runs (OpenMP spinning on a shared 2-core machine makes small
-    convolutions far slower with 2); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def demo() -> nn.Module:
-    return build_model("digits_resnet", weights="demo").eval()
-
-
 @pytest.fixture(scope="module")
 def data(demo: nn.Module):
     preset = get_preset(demo)
