@@ -119,7 +119,8 @@ p = a.preset
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("MACs per image", count(a.macs), help=MACS_NOTE)
 c2.metric("Parameters", count(a.params))
-c3.metric("Residual blocks", f"{len(a.removable)} / {len(a.blocks)} removable")
+c3.metric("Removable blocks", f"{len(a.removable)} / {len(a.blocks)}",
+          help="Residual blocks whose shortcut is the identity (the others change the shape)")
 acc_box = c4.empty()
 st.caption(f"{state.describe_model(a)} · input {p.input_size[0]}×{p.input_size[1]}×{p.input_size[2]}, "
            f"{p.num_classes} classes · weights: {p.weights}. {MACS_NOTE}")

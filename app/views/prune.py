@@ -98,8 +98,8 @@ else:
 if preview is not None:
     c1, c2, c3 = st.columns(3)
     c1.metric("Blocks removed", f"{len(preview.blocks)} of {len(a.blocks)}")
-    c2.metric("MACs", count(preview.macs), f"−{100 * preview.macs_reduction:.1f} %", delta_color="inverse")
-    c3.metric("Parameters", count(preview.params), f"−{100 * preview.params_reduction:.1f} %",
+    c2.metric("MACs", count(preview.macs), f"-{100 * preview.macs_reduction:.1f} %", delta_color="inverse")
+    c3.metric("Parameters", count(preview.params), f"-{100 * preview.params_reduction:.1f} %",
               delta_color="inverse")
     st.markdown("Would remove: " + ", ".join(f"`{b}`" for b in preview.blocks))
     if iterative:
@@ -202,8 +202,8 @@ if runs:
                  else f"{final['accuracy'] - base['accuracy']:+.2f} pts")
     c1.metric("Test accuracy", pct(final.get("accuracy"), 2), acc_delta,
               help=f"before: {pct(base.get('accuracy'), 2)} on {run['settings']['eval_samples']} test images")
-    c2.metric("MACs", count(final["macs"]), f"−{100 * final['macs_reduction']:.1f} %", delta_color="inverse")
-    c3.metric("Parameters", count(final["params"]), f"−{100 * final['params_reduction']:.1f} %",
+    c2.metric("MACs", count(final["macs"]), f"-{100 * final['macs_reduction']:.1f} %", delta_color="inverse")
+    c3.metric("Parameters", count(final["params"]), f"-{100 * final['params_reduction']:.1f} %",
               delta_color="inverse")
     c4.metric("Time", f"{rec['seconds']:.1f} s")
     st.markdown("Removed, in order: " + ", ".join(f"`{b}`" for b in rec["removed"]))
