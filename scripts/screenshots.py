@@ -72,12 +72,12 @@ def _number(page, label: str, value: str) -> None:
     page.wait_for_timeout(1000)
 
 
-def _shot(page, out: Path, name: str, locator=None) -> None:
+def _shot(page, out: Path, name: str, locator=None, full_page: bool = False) -> None:
     path = out / f"{name}.png"
     if locator is not None:  # that element at the top of the window
         locator.first.evaluate("e => e.scrollIntoView({block: 'start'})")
         page.wait_for_timeout(800)
-    page.screenshot(path=str(path), type="png")
+    page.screenshot(path=str(path), type="png", full_page=full_page)
     print(f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}: {path.stat().st_size // 1024} KB")
 
 
@@ -102,7 +102,7 @@ def main() -> None:
             page.get_by_text("Active: digits_resnet").wait_for(timeout=120_000)
             page.get_by_text("Test accuracy (top-1)").wait_for(timeout=LONG)
             _settle(page)
-            _shot(page, args.out, "model_data", page.get_by_text("Active: digits_resnet"))
+            _shot(page, args.out, "model_data", full_page=True)
 
             _go(page, "CKA heatmap")
             page.locator(".js-plotly-plot").first.wait_for(state="visible", timeout=LONG)

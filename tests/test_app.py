@@ -34,8 +34,10 @@ def _settle(at: AppTest, timeout: float) -> AppTest:
     at.run(timeout=timeout)
     for _ in range(50):
         job = at.session_state.get("_job")
-        if job is None or not job.running:
+        if job is None or (not job.running and job.collected):
             return at
+        # a job that is running, or that finished before the page could show it (the run that started it ended
+        # with a rerun request): wait, then run once more so that the page collects and renders the result
         assert job.wait(timeout), f"job {job.name} did not finish within {timeout} s"
         at.run(timeout=timeout)
     raise AssertionError("the app kept starting jobs")

@@ -99,7 +99,7 @@ def markdown(rep: dict[str, Any]) -> str:
            f"Generated {rep['generated']} with cka-prune {rep['versions']['cka_prune']} "
            f"(torch {rep['versions']['torch']}) on {rep['device']}.", "",
            "## Model and data", "",
-           f"- Model: {m['label']} ({m['arch']}), {format_count(m['macs'])} MACs, "
+           f"- Model: {m['label']}, {format_count(m['macs'])} MACs, "
            f"{format_count(m['params'])} parameters. {m['macs_note']}.",
            f"- Data: {rep['data']['label']}, seed {rep['data'].get('seed', 0)}."]
     if rep.get("test_accuracy"):
@@ -137,6 +137,10 @@ def markdown(rep: dict[str, Any]) -> str:
                 _table(["step", "removed", "MACs", "params", "accuracy %"],
                        [[s["step"], ", ".join(s["removed"]), s["macs"], s["params"], s.get("accuracy")]
                         for s in p["steps"]])]
+        for h in rep.get("cross_heatmaps", []):
+            out += ["", f"### Original (rows) vs pruned (columns) CKA ({h['kernel']}"
+                    f"{', debiased' if h['debiased'] else ''})", "",
+                    _table(["layer", *h["names_b"]], [[h["names_a"][i], *row] for i, row in enumerate(h["matrix"])])]
     for c in rep.get("comparisons", []):
         out += ["", "## Comparison", "", f"Settings: {c['settings']}", ""]
         rows = []

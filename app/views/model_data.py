@@ -128,7 +128,7 @@ st.caption(f"{state.describe_model(a)} · input {p.input_size[0]}×{p.input_size
 st.markdown("**Blocks** (in forward order). A block is removable when its shortcut is the identity, so the "
             "network stays valid without it.")
 table = pd.DataFrame([
-    {"block": b.name, "stage": b.stage, "kind": b.kind, "removable": b.removable, "MACs": b.macs,
+    {"block": b.name, "stage": b.stage, "removable": b.removable, "MACs": b.macs,
      "MACs %": 100 * b.macs / a.macs if a.macs else 0.0, "params": b.params, "why not removable": b.reason or ""}
     for b in a.blocks
 ])
