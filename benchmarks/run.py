@@ -388,7 +388,11 @@ def write_report(run_info: dict[str, Any] | None = None) -> Path:
                  f"prefix {', '.join(f'{t:.1f}' for t in sc.get('prefix_seconds_all', []))} s, plain "
                  f"{', '.join(f'{t:.1f}' for t in sc.get('plain_loop_seconds_all', []))} s). On a shared machine the "
                  f"rate moves with the load, so the floor is also given at the plain loop's own rate: "
-                 f"{sc['ratio_prefix_vs_floor_at_plain_loop_rate']:.2f}× for the prefix path. Scores of both paths agree to "
+                 f"{sc['ratio_prefix_vs_floor_at_plain_loop_rate']:.2f}× for the prefix path. Prefix / plain per "
+                 f"repeat: " + ", ".join(f"{a / b:.2f}" for a, b in zip(sc.get('prefix_seconds_all', []),
+                                                                         sc.get('plain_loop_seconds_all', []),
+                                                                         strict=False))
+                 + f". Scores of both paths agree to "
                  f"{sc['max_abs_score_difference']:.1e} "
                  f"(same ranking: {sc['same_ranking']}). Goals: ≤ 0.55 × plain loop — "
                  f"**{'met' if sc['meets_goal_vs_plain'] else 'NOT met'}** ({sc['ratio_prefix_vs_plain']:.2f}); "
@@ -423,10 +427,11 @@ def write_report(run_info: dict[str, Any] | None = None) -> Path:
         mem = ck.get("memory") or {}
         if "peak_rss_bytes" in mem:
             L.append(f" Peak memory of a {mem['samples']:,}-image heatmap (`cka_matrix`, batch {mem['batch_size']}): "
-                     f"{_gb(mem['peak_rss_bytes'])} peak RSS of the whole process ({_gb(mem['peak_rss_before_bytes'])} "
-                     f"before the heatmap started, +{_gb(mem['heatmap_peak_increase_bytes'])} during it; "
-                     f"{mem['seconds']:.0f} s), measured with `resource.getrusage` (ru_maxrss) in a fresh child "
-                     f"process; goal ≤ 2 GB: **{'met' if mem['meets_goal'] else 'NOT met'}**.\n")
+                     f"{_gb(mem['peak_rss_bytes'])} peak RSS of the whole process (Python, torch and the model: "
+                     f"{_gb(mem['peak_rss_before_bytes'])} before the heatmap started; "
+                     f"+{_gb(mem['heatmap_peak_increase_bytes'])} during it; test JPEGs read from disk per batch; "
+                     f"{mem['seconds']:.0f} s), measured as VmHWM (/proc/self/status) of a fresh child process; "
+                     f"goal ≤ 2 GB: **{'met' if mem['meets_goal'] else 'NOT met'}**.\n")
         elif mem:
             L.append(f" Peak-memory child failed: `{mem.get('error', '')[-300:]}`\n")
     extra = RESULTS_DIR / "conclusions.md"
