@@ -29,6 +29,14 @@ from cka_analysis.models import build_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+
+
+def results_dir() -> Path:
+    """Where JSON, plots and the report go: ``benchmarks/results`` (the committed results), or
+    ``$CKA_BENCH_RESULTS`` when set (the ``--tiny`` development mode uses ``benchmarks/.cache/tiny-results`` so
+    that it never overwrites the committed numbers)."""
+    env = os.environ.get("CKA_BENCH_RESULTS")
+    return Path(env) if env else RESULTS_DIR
 ARCHS = {"resnet56": "cifar_resnet56", "resnet20": "cifar_resnet20"}
 
 
@@ -147,14 +155,14 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
 
 
 def write_json(name: str, obj: Any) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / name
+    results_dir().mkdir(parents=True, exist_ok=True)
+    path = results_dir() / name
     path.write_text(json.dumps(obj, indent=1, default=_jsonable) + "\n")
     return path
 
 
 def read_json(name: str) -> Any:
-    path = RESULTS_DIR / name
+    path = results_dir() / name
     return json.loads(path.read_text()) if path.exists() else None
 
 

@@ -73,6 +73,9 @@ def run(quick: bool = False, device: str = "auto", criteria: dict[str, Any] | No
             if row is None:
                 continue
             model = in_memory.get(arch, {}).get((crit, target))
+            if model is None and "per removal" in str(row.get("variant", "")):
+                log(f"  skipping {crit}: its per-step fine-tuned model is only available inside the criteria run")
+                continue
             model = copy.deepcopy(model) if model is not None else _rebuild(row, dev)
             models[f"{arch} {crit} −{100 * row['macs_reduction']:.0f} % MACs"] = (model, row)
         for name, (model, row) in models.items():

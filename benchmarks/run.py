@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import RESULTS_DIR, env_info, log, read_json, write_json
+from .common import CACHE_DIR, env_info, log, read_json, results_dir, write_json
 
 STAGES = ("criteria", "robustness", "scoring", "cka", "report")
 CRITERION_ORDER = ("cka", "cka_iterative", "random", "weight_norm", "block_influence", "angular", "taylor", "loss")
@@ -231,7 +231,7 @@ def plot_criteria(crit: dict[str, Any]) -> list[Path]:
         axes[mi][1].legend(fontsize=8, loc="lower left")
     fig.suptitle(f"Accuracy vs MACs reduction per removal criterion ({crit['mode']} run; random: mean ± std)")
     fig.tight_layout()
-    png = RESULTS_DIR / "criteria.png"
+    png = results_dir() / "criteria.png"
     fig.savefig(png, dpi=110)
     plt.close(fig)
     paths = [png]
@@ -245,7 +245,7 @@ def plot_criteria(crit: dict[str, Any]) -> list[Path]:
                                              title=f"{model}: accuracy {'without' if key == 'acc_no_ft' else 'after'}"
                                                    " fine-tuning vs MACs reduction")
                 html.append(f.to_html(full_html=False, include_plotlyjs="cdn" if not html else False))
-        p = RESULTS_DIR / "criteria.html"
+        p = results_dir() / "criteria.html"
         p.write_text("<html><body>" + "\n".join(html) + "</body></html>\n")
         paths.append(p)
     except Exception as exc:  # the PNG is the product; an HTML failure is reported, not fatal
@@ -278,7 +278,7 @@ def plot_robustness(rob: dict[str, Any]) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=8)
     fig.tight_layout()
-    png = RESULTS_DIR / "robustness.png"
+    png = results_dir() / "robustness.png"
     fig.savefig(png, dpi=100)
     plt.close(fig)
     paths = [png]
@@ -287,7 +287,7 @@ def plot_robustness(rob: dict[str, Any]) -> list[Path]:
 
         adv = adversarial_curves({n: {"fgsm": r["fgsm"], "pgd": r["pgd"]} for n, r in rob["models"].items()})
         cor = corruption_curves({n: r["corruption_mean_per_severity"] for n, r in rob["models"].items()})
-        p = RESULTS_DIR / "robustness.html"
+        p = results_dir() / "robustness.html"
         p.write_text("<html><body>" + adv.to_html(full_html=False, include_plotlyjs="cdn")
                      + cor.to_html(full_html=False, include_plotlyjs=False) + "</body></html>\n")
         paths.append(p)
@@ -434,7 +434,7 @@ def write_report(run_info: dict[str, Any] | None = None) -> Path:
                      f"goal ≤ 2 GB: **{'met' if mem['meets_goal'] else 'NOT met'}**.\n")
         elif mem:
             L.append(f" Peak-memory child failed: `{mem.get('error', '')[-300:]}`\n")
-    extra = RESULTS_DIR / "conclusions.md"
+    extra = results_dir() / "conclusions.md"
     if extra.exists():
         L.append("## Conclusions vs the paper's claim (hand-written reading of this run)\n")
         L.append(extra.read_text().strip() + "\n")
@@ -443,7 +443,7 @@ def write_report(run_info: dict[str, Any] | None = None) -> Path:
              "python -m benchmarks.run           # full: 25/40/50 %, 10,000 test images, one-epoch fine-tune, "
              "per-step fine-tune in iterative CKA\npython -m benchmarks.run --only report   # rebuild this "
              "report from the JSON files\n```\n")
-    path = RESULTS_DIR / "REPORT.md"
+    path = results_dir() / "REPORT.md"
     path.write_text("\n".join(L) + "\n")
     return path
 
@@ -458,6 +458,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice; 1 can be faster on an oversubscribed machine)")
     args = ap.parse_args()
+    if args.tiny:  # development runs never overwrite the committed results
+        import os
+
+        os.environ.setdefault("CKA_BENCH_RESULTS", str(CACHE_DIR / "tiny-results"))
     if args.threads:
         import torch
 
