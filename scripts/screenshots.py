@@ -72,12 +72,19 @@ def _number(page, label: str, value: str) -> None:
     page.wait_for_timeout(1000)
 
 
-def _shot(page, out: Path, name: str, locator=None, full_page: bool = False) -> None:
+def _shot(page, out: Path, name: str, locator=None, height: int | None = None) -> None:
+    """Screenshot the window (Streamlit scrolls inside its main block, so a taller page needs a taller window)."""
     path = out / f"{name}.png"
+    size = page.viewport_size
+    if height is not None:
+        page.set_viewport_size({"width": size["width"], "height": height})
+        page.wait_for_timeout(1500)
     if locator is not None:  # that element at the top of the window
         locator.first.evaluate("e => e.scrollIntoView({block: 'start'})")
         page.wait_for_timeout(800)
-    page.screenshot(path=str(path), type="png", full_page=full_page)
+    page.screenshot(path=str(path), type="png")
+    if height is not None:
+        page.set_viewport_size(size)
     print(f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}: {path.stat().st_size // 1024} KB")
 
 
@@ -102,7 +109,7 @@ def main() -> None:
             page.get_by_text("Active: digits_resnet").wait_for(timeout=120_000)
             page.get_by_text("Test accuracy (top-1)").wait_for(timeout=LONG)
             _settle(page)
-            _shot(page, args.out, "model_data", full_page=True)
+            _shot(page, args.out, "model_data", height=1640)
 
             _go(page, "CKA heatmap")
             page.locator(".js-plotly-plot").first.wait_for(state="visible", timeout=LONG)
