@@ -49,7 +49,8 @@ _REQUIRED = {"format": str, "arch": str, "num_classes": int, "preset": dict, "re
 
 def jsonable(obj: Any) -> Any:
     """Report content made JSON-safe: tensors and numpy values → lists/numbers, keys → strings, NaN/±Inf → None,
-    paths → strings, objects with ``to_dict`` → their dict. Reports written by the CLI and the app go through it."""
+    objects with ``to_dict`` → their dict, anything else (paths, devices, dtypes) → its string. Reports written by the
+    CLI and the dashboard go through it."""
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -62,9 +63,9 @@ def jsonable(obj: Any) -> Any:
         return None
     if hasattr(obj, "to_dict"):
         return jsonable(obj.to_dict())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)  # paths, devices, dtypes, enums: their readable form
 
 
 

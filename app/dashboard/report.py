@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import platform
 from datetime import datetime, timezone
 from typing import Any
@@ -11,26 +10,10 @@ from typing import Any
 import torch
 
 from cka_analysis._version import __version__
+from cka_analysis.export import jsonable
 from cka_analysis.figures import format_count
 
 from . import state
-
-
-def jsonable(obj: Any) -> Any:
-    """Plain JSON data: tensors → lists, NaN/inf → None, non-string keys → strings, dataclasses → dicts."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return jsonable(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if hasattr(obj, "to_dict"):
-        return jsonable(obj.to_dict())
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
 
 
 def _results_of(kind: str, model_key: str) -> list[tuple[dict, Any]]:
