@@ -153,6 +153,11 @@ def _data_args(p: argparse.ArgumentParser, *, samples_help: str, samples_default
                    help="autocast the forward passes on CUDA (CKA and scores stay in float32/float64)")
 
 
+def _criterion_args(p: argparse.ArgumentParser, criteria: Sequence[str]) -> None:
+    p.add_argument("--criterion", choices=criteria, default="cka", help="removal criterion (default cka)")
+    p.add_argument("--debiased", action="store_true", help="debiased linear CKA for the cka criterion")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .robustness import ROBUSTNESS_KINDS
     from .scoring import CRITERIA
@@ -194,8 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "features with and without the block.")
     _model_args(p)
     _data_args(p, samples_help="calibration images from the training split (default 500)", samples_default=500)
-    p.add_argument("--criterion", choices=CRITERIA, default="cka", help="removal criterion (default cka)")
-    p.add_argument("--debiased", action="store_true", help="debiased linear CKA for the cka criterion")
+    _criterion_args(p, CRITERIA)
     p.add_argument("--seed", type=int, default=0, help="calibration sample and random-criterion seed")
     p.add_argument("--json", metavar="FILE", help="write {criterion, samples, seconds, scores} ('-' for stdout)")
     _common(p)
@@ -213,8 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--target-params-reduction", type=_fraction, metavar="X",
                      help="remove blocks until parameters drop by at least X")
     how.add_argument("--remove", type=_positive_int, metavar="N", help="remove N blocks")
-    p.add_argument("--criterion", choices=CRITERIA, default="cka", help="removal criterion (default cka)")
-    p.add_argument("--debiased", action="store_true", help="debiased linear CKA for the cka criterion")
+    _criterion_args(p, CRITERIA)
     p.add_argument("--iterative", action="store_true",
                    help="rescore after each removal (with --step-finetune-steps of fine-tuning in between)")
     p.add_argument("--step-finetune-steps", type=int, default=0, metavar="S",
