@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pooled features, over test images. With --compare, model vs another model "
                                    "(e.g. original vs pruned).")
     _model_args(p)
-    _data_args(p, samples_help="images to use (default 1000)", samples_default=1000)
+    _data_args(p, samples_help="class-balanced images to use (default 1000)", samples_default=1000)
     p.add_argument("--compare", metavar="MODEL_OR_DIR", help="second model (same registry rules) for A×B CKA")
     p.add_argument("--compare-weights", metavar="W", help="weights of the --compare model")
     p.add_argument("--kernel", choices=("linear", "rbf"), default="linear", help="CKA kernel (default linear)")
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate (default 0.01)")
     p.add_argument("--distill", action="store_true", help="distil from the unpruned model while fine-tuning")
     p.add_argument("--eval-samples", type=_positive_int, default=None, metavar="N",
-                   help="evaluate on at most N test images (default: the whole test split)")
+                   help="evaluate on N class-balanced test images (default: the whole test split)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration, shuffling and random scores")
     p.add_argument("--out", default="pruned", metavar="DIR", help="output directory (default ./pruned)")
     p.add_argument("--resume", action="store_true", help="go on from what an interrupted run left in --out")
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-from", metavar="MODEL", help="teacher: registry name or saved directory")
     p.add_argument("--distill-weights", metavar="W", help="weights of the teacher")
     p.add_argument("--eval-samples", type=_positive_int, default=None, metavar="N",
-                   help="evaluate on at most N test images (default: the whole test split)")
+                   help="evaluate on N class-balanced test images (default: the whole test split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--resume", action="store_true", help="go on from the checkpoint an interrupted run left")
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "MACs, parameters and latency; with --robustness also FGSM/PGD accuracy "
                                    "(ε in pixel units of [0, 1]) and common-corruption accuracy.")
     _model_args(p, positional=True)
-    _data_args(p, samples_help="test images (default: the whole split)", samples_default=None)
+    _data_args(p, samples_help="class-balanced test images (default: the whole split)", samples_default=None)
     p.add_argument("--robustness", metavar="KINDS",
                    help=f"comma-separated subset of {','.join(ROBUSTNESS_KINDS)}")
     p.add_argument("--eps", default="1/255,2/255,4/255,8/255", metavar="LIST",
@@ -309,15 +309,28 @@ def _open(args: argparse.Namespace, source: str, weights: str | None, num_classe
     return open_model(source, weights=weights, num_classes=num_classes)
 
 
-def _dataset(args: argparse.Namespace, model, split: str, *, augment: bool = False, bar=None):
+def _dataset(args: argparse.Namespace, model, split: str, *, augment: bool = False, bar=None,
+             whole: bool = True):
+    """One split for the model's preset. ``whole``: every image will be read (decode an image folder into
+    memory once); otherwise files are read when used (a subset of a large folder)."""
     from .data import check_num_classes, load_dataset, parse_data_spec
 
     spec = parse_data_spec(args.data)
-    in_memory = spec.kind == "imagefolder"
+    in_memory = spec.kind == "imagefolder" and whole
     ds = load_dataset(spec, split, model.cka_preset, augment=augment, download=args.download,
                       in_memory=in_memory, progress=bar)
     check_num_classes(ds, model.cka_preset.num_classes)
     return ds
+
+
+def _subset(args: argparse.Namespace, dataset, n: int | None):
+    """A class-balanced, seeded subset of n images (all of them when n is None or not smaller): image folders
+    list their files class by class, so the first n images would all be of one class."""
+    from .data import calibration_subset
+
+    if n is None or n >= len(dataset):
+        return dataset
+    return calibration_subset(dataset, n, seed=getattr(args, "seed", 0))
 
 
 def _loader(args: argparse.Namespace, dataset, *, shuffle: bool = False, batch_size: int | None = None,
@@ -331,7 +344,7 @@ def _loader(args: argparse.Namespace, dataset, *, shuffle: bool = False, batch_s
 def _calibration(args: argparse.Namespace, model, bar):
     from .data import calibration_subset
 
-    train = _dataset(args, model, "train", bar=bar)
+    train = _dataset(args, model, "train", bar=bar, whole=False)
     return calibration_subset(train, args.samples, seed=args.seed)
 
 
@@ -404,22 +417,18 @@ def cmd_heatmap(args: argparse.Namespace, bar: StderrProgress) -> int:
     dev = dist_utils.init_from_env(args.device)
     model = _open(args, args.model, args.weights, args.num_classes)
     other = _open(args, args.compare, args.compare_weights) if args.compare else None
-    ds = _dataset(args, model, args.split, bar=bar)
-    samples = min(args.samples or len(ds), len(ds))
+    ds = _dataset(args, model, args.split, bar=bar, whole=False)
+    ds = _subset(args, ds, args.samples)
+    samples = len(ds)
     ws = dist_utils.world_size()
     if ws > 1:
         # under torchrun each rank takes every K-th image; the HSIC sums are all-reduced before the division
-        from torch.utils.data import Subset
-
-        ds = Subset(ds, list(range(samples)))
         loader = dist_utils.make_loader_for_world(ds, global_batch_size=args.batch_size * ws, shuffle=False,
                                                   num_workers=args.num_workers or 0, device=dev)
-        per_rank = None
     else:
         loader = _loader(args, ds, device=dev)
-        per_rank = args.samples
     result = cka_matrix(model, loader, model_b=other, kernel=args.kernel, debiased=not args.biased,
-                        max_samples=per_rank, device=dev, amp=amp_dtype(args.amp), progress=bar,
+                        device=dev, amp=amp_dtype(args.amp), progress=bar,
                         reducer=dist_utils.all_reduce_cka if ws > 1 else None)
     bar.newline()
     if not dist_utils.is_main_process():
@@ -494,7 +503,7 @@ def _world_loaders(args: argparse.Namespace, model, dev, *, train_needed: bool):
         train_ds = _dataset(args, model, "train", augment=not getattr(args, "no_augment", False))
         train = make_loader_for_world(train_ds, global_batch_size=args.batch_size, shuffle=True, seed=args.seed,
                                       num_workers=args.num_workers or 0, drop_last=False, device=dev)
-    test_ds = _dataset(args, model, "test")
+    test_ds = _subset(args, _dataset(args, model, "test", whole=args.eval_samples is None), args.eval_samples)
     test = _loader(args, test_ds, batch_size=max(args.batch_size, 256), device=dev)
     return train, test
 
@@ -533,7 +542,7 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
     result = prune(model, calib, target=target, blocks_to_remove=chosen, criterion=args.criterion,
                    iterative=args.iterative, debiased=args.debiased, train_loader=train, finetune_config=ft_cfg,
                    step_finetune_config=step_cfg, distill=args.distill, eval_loader=test,
-                   eval_samples=args.eval_samples, batch_size=args.batch_size, device=dev,
+                   batch_size=args.batch_size, device=dev,
                    amp=amp_dtype(args.amp), seed=args.seed,
                    progress=bar, checkpoint_dir=out / ".resume", resume=args.resume)
     bar.newline()
@@ -591,7 +600,7 @@ def cmd_finetune(args: argparse.Namespace, bar: StderrProgress) -> int:
     cfg = _finetune_config(args, args.epochs, args.steps, teacher is not None)
     out = Path(args.out)
     ckpt = out / ".resume" / "finetune.pt"
-    result = finetune(model, train, cfg, teacher=teacher, eval_loader=test, eval_samples=args.eval_samples,
+    result = finetune(model, train, cfg, teacher=teacher, eval_loader=test,
                       device=dev, progress=bar, checkpoint_path=ckpt, resume=args.resume)
     bar.newline()
     if dist_utils.is_main_process():
@@ -620,9 +629,9 @@ def cmd_evaluate(args: argparse.Namespace, bar: StderrProgress) -> int:
     dev = resolve_device(args.device)
     model = _open(args, args.model, args.weights, args.num_classes)
     preset = model.cka_preset
-    ds = _dataset(args, model, "test", bar=bar)
+    ds = _subset(args, _dataset(args, model, "test", bar=bar, whole=args.samples is None), args.samples)
     loader = _loader(args, ds, batch_size=max(args.batch_size, 1), device=dev)
-    acc = evaluate(model, loader, device=dev, amp=amp_dtype(args.amp), max_samples=args.samples, progress=bar)
+    acc = evaluate(model, loader, device=dev, amp=amp_dtype(args.amp), progress=bar)
     bar.newline()
     result: dict[str, Any] = {
         "model": args.model, "arch": preset.arch, "removed": removed_blocks(model), "data": args.data,
@@ -642,7 +651,7 @@ def cmd_evaluate(args: argparse.Namespace, bar: StderrProgress) -> int:
         kinds = [k.strip() for k in args.robustness.split(",") if k.strip()]
         eps = parse_eps(args.eps)
         rob = evaluate_robustness(model, loader, mean=preset.mean, std=preset.std, kinds=kinds, eps=eps,
-                                  max_samples=args.samples, device=dev, pgd_steps=args.pgd_steps,
+                                  device=dev, pgd_steps=args.pgd_steps,
                                   seed=args.seed, progress=bar)
         bar.newline()
         result["robustness"] = rob

@@ -303,3 +303,19 @@ def test_torchrun_scoring_shards_the_calibration_images(tmp_path):
     assert b["options"]["world_size"] == 2 and b["samples"] == 200
     # the features of both halves are gathered: the same CKA as one process
     assert max(abs(a["scores"][k] - b["scores"][k]) for k in a["scores"]) < 1e-9
+
+
+def test_sample_limits_take_a_class_balanced_subset():
+    """Image folders list files class by class: `--samples N` must not mean "the first N" (one class)."""
+    import argparse
+
+    from torch.utils.data import TensorDataset
+
+    from cka_analysis.cli import _subset
+    from cka_analysis.data import dataset_targets
+
+    labels = torch.arange(4).repeat_interleave(25)  # sorted by class, like an ImageFolder
+    ds = TensorDataset(torch.zeros(100, 1, 8, 8), labels)
+    sub = _subset(argparse.Namespace(seed=0), ds, 20)
+    assert sorted(dataset_targets(sub)) == sorted([0, 1, 2, 3] * 5)
+    assert _subset(argparse.Namespace(seed=0), ds, None) is ds
