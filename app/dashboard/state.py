@@ -19,6 +19,7 @@ from typing import Any
 import streamlit as st
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from cka_analysis.blocks import Block, find_blocks
 from cka_analysis.data import calibration_subset, check_num_classes, load_dataset, make_loader
@@ -209,7 +210,10 @@ def calib_loader(a: Active) -> Any:
 
 
 def test_loader(a: Active) -> Any:
-    return make_loader(a.test, batch_size=EVAL_BATCH, shuffle=False)
+    """The test split in a fixed shuffled order: image folders list files class by class, so "the first N test
+    images" (accuracy or robustness on a sample) must not all be of one class."""
+    order = torch.randperm(len(a.test), generator=torch.Generator().manual_seed(0)).tolist()
+    return make_loader(Subset(a.test, order), batch_size=EVAL_BATCH, shuffle=False)
 
 
 def train_loader(a: Active) -> Any:
