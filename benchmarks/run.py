@@ -322,7 +322,7 @@ def write_report(run_info: dict[str, Any] | None = None) -> Path:
     if run_info.get("stages"):
         L.append("Wall time per stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in run_info["stages"].items())
                  + f"; total {run_info.get('total_seconds', 0) / 60:.1f} min"
-                 + (f" (the machine was shared: {run_info['note']})" if run_info.get("note") else "") + ".\n")
+                 + (f" (note: {run_info['note']})" if run_info.get("note") else "") + ".\n")
 
     if crit:
         b = crit["budget"]
