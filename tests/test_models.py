@@ -352,10 +352,30 @@ def test_public_resnet56_on_500_jpeg_test_images(cifar_test) -> None:
 
 
 @pytest.mark.data
-@pytest.mark.slow
 def test_public_resnet56_accuracy_matches_readme(cifar_test) -> None:
     r56, test = cifar_test
     assert len(test) == 10_000
     acc = evaluate(r56, make_loader(test, batch_size=500), device="cpu")
     assert acc.samples == 10_000
     assert acc.top1 == pytest.approx(83.20, abs=0.1)  # the weights README's figure for the JPEG copy
+
+
+@pytest.mark.data
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "weights", "expected"),
+    [
+        ("cifar_resnet20", "cifar10", 81.03),
+        ("cifar_resnet20", "cifar10jpeg", 87.88),
+        ("cifar_resnet56", "cifar10jpeg", 89.51),
+    ],
+)
+def test_other_shared_checkpoints_match_their_readme(shared_data: Path, name: str, weights: str,
+                                                     expected: float) -> None:
+    """The figures the shared weights README states for the JPEG test copy (named sources resolve to the
+    shared folder first)."""
+    model = build_model(name, weights=weights).eval()
+    test = load_dataset(f"imagefolder:{shared_data / 'cifar10-jpeg'}", "test", get_preset(model), in_memory=True)
+    acc = evaluate(model, make_loader(test, batch_size=500), device="cpu")
+    assert acc.samples == 10_000
+    assert acc.top1 == pytest.approx(expected, abs=0.1)

@@ -306,7 +306,6 @@ def test_progress_is_reported(demo, loaders) -> None:
 
 # ------------------------------------------------------------------------------- adapted ResNet-56 (data)
 @pytest.mark.data
-@pytest.mark.slow
 def test_resnet56_half_the_macs_matches_removed_blocks_and_reloads(shared_data: Path, tmp_path: Path) -> None:
     r56 = build_model("cifar_resnet56", weights=shared_data / "weights" / "resnet56-cifar10jpeg.th").eval()
     preset = get_preset(r56)
