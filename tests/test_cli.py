@@ -245,18 +245,28 @@ def test_killed_prune_resumes_from_its_last_checkpoint(tmp_path):
 def test_torchrun_two_processes_match_one(tmp_path):
     """2 gloo processes with a global batch of 64 end where 1 process with batch 64 does (per-rank BatchNorm
     statistics are the only difference), and rank 0 saves a loadable model."""
-    common = ["-m", "cka_analysis", "finetune", "digits_resnet", "--weights", "demo", "--data", "digits",
+    # the demo with three blocks removed: fine-tuning repairs it, so the kept (best) weights are the trained ones
+    from cka_analysis.blocks import remove_blocks
+    from cka_analysis.export import save_pruned
+
+    save_pruned(remove_blocks(open_model("digits_resnet", weights="demo"), ["layer1.0", "layer1.1", "layer3.2"]),
+                tmp_path / "init")
+    common = ["-m", "cka_analysis", "finetune", str(tmp_path / "init"), "--data", "digits",
               "--steps", "12", "--batch-size", "64", "--lr", "0.05", "--no-augment", "--device", "cpu",
               "--eval-samples", "200", "--quiet"]
     single = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=_env(),
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
+    # control: one process, another data order; the 2-process run must be much closer than this one
+    other = subprocess.run([sys.executable, *common, "--seed", "1", "--out", str(tmp_path / "other")], env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 0, other.stderr
     multi = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", *common, "--out",
                             str(tmp_path / "two")], env=_env(), capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr
     assert "on 2 process(es)" in multi.stdout
     one, two = load_pruned(tmp_path / "one"), load_pruned(tmp_path / "two")
-    base = open_model("digits_resnet", weights="demo")
+    base = load_pruned(tmp_path / "init")
     sa, sb, s0 = one.state_dict(), two.state_dict(), base.state_dict()
     params = [n for n, _ in one.named_parameters()]
 
@@ -265,10 +275,14 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
     moved = dist(sa, s0)
     assert moved > 0
-    assert dist(sa, sb) < 0.35 * moved, (dist(sa, sb), moved)
+    control = dist(sa, load_pruned(tmp_path / "other").state_dict())
+    print(f"2 ranks vs 1: {dist(sa, sb):.4f}; other data order: {control:.4f}; training moved {moved:.4f}")
+    assert dist(sa, sb) < 0.4 * moved, (dist(sa, sb), moved)
+    assert dist(sa, sb) < 0.6 * control, (dist(sa, sb), control)
     r1 = json.loads((tmp_path / "one" / "report.json").read_text())["finetune"]
     r2 = json.loads((tmp_path / "two" / "report.json").read_text())["finetune"]
     assert r2["steps"] == r1["steps"] == 12
+    assert r1["best_step"] == r2["best_step"] == 12, (r1["history"], r2["history"])
     assert abs(r1["best_accuracy"] - r2["best_accuracy"]) <= 2.0
 
 
