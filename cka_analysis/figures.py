@@ -935,9 +935,13 @@ def pruning_trajectory(
     steps: Sequence[Mapping[str, Any]],
     *,
     reference_macs: float | None = None,
+    finetuned_accuracy: float | None = None,
     title: str = "Pruning trajectory",
 ) -> go.Figure:
     """Accuracy (%, left axis) and MACs relative to the original (%, right axis) at each pruning step.
+
+    ``finetuned_accuracy``: the accuracy after the final fine-tune, drawn as a separate marker at the last step
+    (step accuracies are measured right after each removal).
 
     Each step is ``{"step", "removed", "macs", "params", "accuracy"}``; step 0 is the unpruned model and its
     MACs are the 100 % reference unless ``reference_macs`` is given. ``accuracy`` may be None (not evaluated:
@@ -1020,6 +1024,19 @@ def pruning_trajectory(
         ),
         secondary_y=True,
     )
+    if finetuned_accuracy is not None:
+        acc_ft = _number(finetuned_accuracy, "finetuned_accuracy")
+        fig.add_trace(
+            go.Scatter(
+                x=[numbers[-1]],
+                y=[acc_ft],
+                mode="markers",
+                name="after fine-tuning",
+                marker={"color": BAR_COLOUR, "size": 14, "symbol": "star"},
+                hovertemplate=f"<b>after fine-tuning</b><br>accuracy: {_fmt(acc_ft, 2)} %<extra></extra>",
+            ),
+            secondary_y=False,
+        )
     fig.update_xaxes(title={"text": "pruning step (0 = unpruned)"}, tickmode="linear", tick0=0, dtick=1)
     # Both axes start at 0 with ticks every 20 % so that their grid lines coincide.
     fig.update_yaxes(

@@ -564,3 +564,14 @@ def test_criteria_accuracy_curves_validation():
         F.criteria_accuracy_curves([{"criterion": "c", "macs_reduction": 0.3, "acc_ft": None}])
     with pytest.raises(ConfigError, match="criterion"):
         F.criteria_accuracy_curves([{"macs_reduction": 0.3, "acc_ft": 1.0}])
+
+
+def test_pruning_trajectory_marks_the_finetuned_accuracy():
+    from cka_analysis.figures import pruning_trajectory
+
+    steps = [{"step": 0, "removed": None, "macs": 100, "params": 10, "accuracy": 95.0},
+             {"step": 1, "removed": ["a"], "macs": 60, "params": 6, "accuracy": 70.0}]
+    assert len(pruning_trajectory(steps).data) == 2
+    fig = pruning_trajectory(steps, finetuned_accuracy=93.5)
+    star = fig.data[-1]
+    assert star.name == "after fine-tuning" and list(star.x) == [1] and list(star.y) == [93.5]

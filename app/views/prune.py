@@ -208,7 +208,8 @@ if runs:
     c4.metric("Time", f"{rec['seconds']:.1f} s")
     st.markdown("Removed, in order: " + ", ".join(f"`{b}`" for b in rec["removed"]))
     if len(rec["steps"]) > 1:
-        plotly(pruning_trajectory(rec["steps"]), key="pr_trajectory")
+        tuned = rec["final"].get("accuracy") if rec.get("finetune") else None
+        plotly(pruning_trajectory(rec["steps"], finetuned_accuracy=tuned), key="pr_trajectory")
     ft = rec.get("finetune")
     if ft and ft.get("history"):
         hist = pd.DataFrame(ft["history"])
