@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import platform
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -238,10 +239,15 @@ def export_onnx(model: nn.Module, path: str | Path, *, check: bool = True, opset
                               "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}
     if opset is not None:
         kwargs["opset_version"] = opset
-    try:
-        torch.onnx.export(model, (x,), str(out), dynamo=False, **kwargs)
-    except TypeError:  # torch versions without the dynamo switch
-        torch.onnx.export(model, (x,), str(out), **kwargs)
+    with warnings.catch_warnings():
+        # the TorchScript exporter is used deliberately (its output is checked against onnxruntime below); its
+        # deprecation notice and constant-folding remarks say nothing the user can act on
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*Constant folding.*")
+        try:
+            torch.onnx.export(model, (x,), str(out), dynamo=False, **kwargs)
+        except TypeError:  # torch versions without the dynamo switch
+            torch.onnx.export(model, (x,), str(out), **kwargs)
     info: dict[str, Any] = {"path": str(out), "checked": False, "max_abs_diff": None}
     if check:
         try:
