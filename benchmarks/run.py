@@ -301,6 +301,11 @@ def plot_robustness(rob: dict[str, Any]) -> list[Path]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _top_ops(profile: list[dict]) -> str:
+    """The six most expensive operators of a torch.profiler summary, as "`op` share %" text."""
+    return ", ".join(f"`{p['op']}` {100 * (p['share'] or 0):.0f} %" for p in profile[:6])
+
+
 def _gb(b: float) -> str:
     return f"{b / 2**30:.2f} GiB"
 
@@ -403,7 +408,7 @@ def write_report(run_info: dict[str, Any] | None = None) -> Path:
         prof = sc.get("profile_prefix_one_batch") or []
         if prof:
             L.append("Where the prefix path spends its time (torch.profiler, one batch, self CPU time): "
-                     + ", ".join(f"`{p['op']}` {100 * (p['share'] or 0):.0f} %" for p in prof[:6]) + ".\n")
+                     + _top_ops(prof) + ".\n")
     if ck:
         L.append(f"### CKA heatmap, ResNet-56, {ck['images']:,} test images, {len(ck['layers'])} layers, batch "
                  f"{ck['batch_size']}\n")
@@ -423,7 +428,7 @@ def write_report(run_info: dict[str, Any] | None = None) -> Path:
         prof = ck.get("profile_minibatch_update_one_batch") or []
         if prof:
             L.append(" Where one `MinibatchCKA.update` spends its time (torch.profiler, self CPU): "
-                     + ", ".join(f"`{p['op']}` {100 * (p['share'] or 0):.0f} %" for p in prof[:6]) + ".")
+                     + _top_ops(prof) + ".")
         mem = ck.get("memory") or {}
         if "peak_rss_bytes" in mem:
             L.append(f" Peak memory of a {mem['samples']:,}-image heatmap (`cka_matrix`, batch {mem['batch_size']}): "

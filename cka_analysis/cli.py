@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .device import amp_dtype
+from .choices import CRITERIA, ROBUSTNESS_KINDS
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -159,9 +159,6 @@ def _criterion_args(p: argparse.ArgumentParser, criteria: Sequence[str]) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .robustness import ROBUSTNESS_KINDS
-    from .scoring import CRITERIA
-
     parser = argparse.ArgumentParser(
         prog="cka-prune",
         description="Make residual networks shallower: remove whole blocks chosen with Centered Kernel "
@@ -298,15 +295,21 @@ def _write_json(target: str, payload: Any) -> None:
         print(text)
         return
     path = Path(target)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")
 
 
-def _open(args: argparse.Namespace, source: str, weights: str | None, num_classes: int | None = None):
+def _open(source: str, weights: str | None, num_classes: int | None = None):
     from .export import open_model
 
     return open_model(source, weights=weights, num_classes=num_classes)
+
+
+def _amp(args: argparse.Namespace):
+    """The autocast dtype for ``--amp`` (None for "none")."""
+    from .device import amp_dtype
+
+    return amp_dtype(args.amp)
 
 
 def _dataset(args: argparse.Namespace, model, split: str, *, augment: bool = False, bar=None,
@@ -415,8 +418,8 @@ def cmd_heatmap(args: argparse.Namespace, bar: StderrProgress) -> int:
     from . import distributed as dist_utils
 
     dev = dist_utils.init_from_env(args.device)
-    model = _open(args, args.model, args.weights, args.num_classes)
-    other = _open(args, args.compare, args.compare_weights) if args.compare else None
+    model = _open(args.model, args.weights, args.num_classes)
+    other = _open(args.compare, args.compare_weights) if args.compare else None
     ds = _dataset(args, model, args.split, bar=bar, whole=False)
     ds = _subset(args, ds, args.samples)
     samples = len(ds)
@@ -428,7 +431,7 @@ def cmd_heatmap(args: argparse.Namespace, bar: StderrProgress) -> int:
     else:
         loader = _loader(args, ds, device=dev)
     result = cka_matrix(model, loader, model_b=other, kernel=args.kernel, debiased=not args.biased,
-                        device=dev, amp=amp_dtype(args.amp), progress=bar,
+                        device=dev, amp=_amp(args), progress=bar,
                         reducer=dist_utils.all_reduce_cka if ws > 1 else None)
     bar.newline()
     if not dist_utils.is_main_process():
@@ -460,11 +463,11 @@ def cmd_score(args: argparse.Namespace, bar: StderrProgress) -> int:
     from .scoring import score_blocks
 
     dev = dist_utils.init_from_env(args.device)  # under torchrun the ranks share the calibration images
-    model = _open(args, args.model, args.weights, args.num_classes)
+    model = _open(args.model, args.weights, args.num_classes)
     needs_data = args.criterion not in ("random", "weight_norm")
     calib = _calibration(args, model, bar) if needs_data else None
     scores = score_blocks(model, calib, args.criterion, debiased=args.debiased, batch_size=args.batch_size,
-                          device=dev, amp=amp_dtype(args.amp), seed=args.seed, progress=bar)
+                          device=dev, amp=_amp(args), seed=args.seed, progress=bar)
     bar.newline()
     if not dist_utils.is_main_process():
         return 0
@@ -516,11 +519,11 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
 
     dev = dist_utils.init_from_env(args.device)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.resume and (out / "manifest.json").exists():
+    if (out / "manifest.json").exists() and not args.resume:
         from .errors import ConfigError
 
         raise ConfigError(f"--out {out} already holds a saved model; choose another --out or pass --resume")
-    model = _open(args, args.model, args.weights, args.num_classes)
+    model = _open(args.model, args.weights, args.num_classes)
     if args.blocks:
         target, chosen = None, [b.strip() for b in args.blocks.split(",") if b.strip()]
     else:
@@ -543,11 +546,11 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
                    iterative=args.iterative, debiased=args.debiased, train_loader=train, finetune_config=ft_cfg,
                    step_finetune_config=step_cfg, distill=args.distill, eval_loader=test,
                    batch_size=args.batch_size, device=dev,
-                   amp=amp_dtype(args.amp), seed=args.seed,
+                   amp=_amp(args), seed=args.seed,
                    progress=bar, checkpoint_dir=out / ".resume", resume=args.resume)
     bar.newline()
     report = result.to_dict()
-    report["command"] = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    report["command"] = dict(vars(args))
     if dist_utils.is_main_process():
         size = model.cka_preset.input_size
         lat_base = measure_latency(model, size, batch_size=1, device=dev, warmup=3, repeats=20)
@@ -594,8 +597,8 @@ def cmd_finetune(args: argparse.Namespace, bar: StderrProgress) -> int:
     from .training import finetune
 
     dev = dist_utils.init_from_env(args.device)
-    model = _open(args, args.model, args.weights, args.num_classes)
-    teacher = _open(args, args.distill_from, args.distill_weights) if args.distill_from else None
+    model = _open(args.model, args.weights, args.num_classes)
+    teacher = _open(args.distill_from, args.distill_weights) if args.distill_from else None
     train, test = _world_loaders(args, model, dev, train_needed=True)
     cfg = _finetune_config(args, args.epochs, args.steps, teacher is not None)
     out = Path(args.out)
@@ -606,7 +609,7 @@ def cmd_finetune(args: argparse.Namespace, bar: StderrProgress) -> int:
     if dist_utils.is_main_process():
         previous = getattr(model, "cka_manifest", {}).get("report", {})
         report = {"previous": previous or None, "finetune": {"config": cfg.to_dict(), **result.to_dict()},
-                  "command": {k: v for k, v in vars(args).items() if k != "func"},
+                  "command": dict(vars(args)),
                   "world_size": dist_utils.world_size()}
         save_pruned(model, out, report=report)
         _write_json(str(out / "report.json"), report)
@@ -627,11 +630,11 @@ def cmd_evaluate(args: argparse.Namespace, bar: StderrProgress) -> int:
     from .metrics import count_macs, count_params, evaluate, measure_latency
 
     dev = resolve_device(args.device)
-    model = _open(args, args.model, args.weights, args.num_classes)
+    model = _open(args.model, args.weights, args.num_classes)
     preset = model.cka_preset
     ds = _subset(args, _dataset(args, model, "test", bar=bar, whole=args.samples is None), args.samples)
     loader = _loader(args, ds, batch_size=max(args.batch_size, 1), device=dev)
-    acc = evaluate(model, loader, device=dev, amp=amp_dtype(args.amp), progress=bar)
+    acc = evaluate(model, loader, device=dev, amp=_amp(args), progress=bar)
     bar.newline()
     result: dict[str, Any] = {
         "model": args.model, "arch": preset.arch, "removed": removed_blocks(model), "data": args.data,

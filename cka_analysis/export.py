@@ -198,17 +198,20 @@ def open_model(
     ``num_classes`` must not be given: the directory carries both).
     """
     p = Path(source).expanduser()
-    if str(source) not in available_models() and (p.is_dir() or p.name == MANIFEST):
+    if str(source) in available_models():
+        model = build_model(str(source), num_classes=num_classes, weights=weights, allow_download=allow_download)
+        return model.to(device).eval()
+    if p.is_dir() or p.name == MANIFEST:
         if weights is not None or num_classes is not None:
             raise ConfigError(
                 f"{source} is a saved model directory: it carries its own weights and classes; "
                 "drop --weights/--num-classes"
             )
         return load_pruned(p, device=device)
-    if str(source) not in available_models() and ("/" in str(source) or p.exists()):
+    if "/" in str(source) or p.exists():
         raise CheckpointError(f"{source} is not a saved model directory ({MANIFEST} not found)")
-    model = build_model(str(source), num_classes=num_classes, weights=weights, allow_download=allow_download)
-    return model.to(device).eval()
+    # not a registry name: build_model's error names the closest ones and lists the registry
+    return build_model(str(source), num_classes=num_classes, weights=weights, allow_download=allow_download)
 
 
 def _example(model: nn.Module, batch: int = 2) -> torch.Tensor:

@@ -401,13 +401,12 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _same_run(saved: dict[str, Any], key: dict[str, Any], path: Path) -> bool:
+def _check_same_run(saved: dict[str, Any], key: dict[str, Any], path: Path) -> None:
     if json.loads(json.dumps(key, default=str)) != saved.get("key"):
         raise CheckpointError(
             f"cannot resume: {path} was written by a run with other settings ({saved.get('key')}); "
             "rerun with the same settings, or without --resume to start over"
         )
-    return True
 
 
 def _load_scores(ckdir: Path | None, key: dict[str, Any]) -> Scores | None:
@@ -415,8 +414,9 @@ def _load_scores(ckdir: Path | None, key: dict[str, Any]) -> Scores | None:
         return None
     path = ckdir / "scores.json"
     saved = _read_json(path)
-    if saved is None or not _same_run(saved, key, path):
+    if saved is None:
         return None
+    _check_same_run(saved, key, path)
     d = saved["scores"]
     return Scores(d["criterion"], {k: float(v) for k, v in d["scores"].items()}, float(d["seconds"]),
                   int(d["samples"]), dict(d.get("options", {})))
@@ -443,8 +443,9 @@ def _load_iterative(ckdir: Path | None, key: dict[str, Any], model: nn.Module):
         return None
     path = ckdir / "iterative.json"
     saved = _read_json(path)
-    if saved is None or not _same_run(saved, key, path):
+    if saved is None:
         return None
+    _check_same_run(saved, key, path)
     from .checkpoints import load_weights, read_state_dict
 
     current = remove_blocks(model, saved["removed"])

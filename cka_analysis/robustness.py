@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .choices import ROBUSTNESS_KINDS
 from .device import resolve_device
 from .errors import ConfigError, DataError
 from .progress import CancelToken, ProgressFn, check_cancel
@@ -60,7 +61,6 @@ __all__ = [
 ]
 
 ATTACKS: tuple[str, ...] = ("fgsm", "pgd")
-ROBUSTNESS_KINDS: tuple[str, ...] = ("fgsm", "pgd", "corruptions")
 DEFAULT_EPS: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise",

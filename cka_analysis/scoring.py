@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .blocks import Topology, find_blocks, topology
+from .choices import CRITERIA
 from .cka import linear_cka
 from .device import autocast, resolve_device
 from .errors import ConfigError
@@ -42,7 +43,6 @@ from .progress import CancelToken, ProgressFn, check_cancel, no_progress
 
 __all__ = ["CRITERIA", "Scores", "score_blocks"]
 
-CRITERIA = ("cka", "random", "weight_norm", "block_influence", "angular", "taylor", "loss")
 _DATA_FREE = ("random", "weight_norm")
 
 
