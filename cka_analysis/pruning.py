@@ -278,6 +278,7 @@ def prune(
     result.steps.append(PruneStep(0, [], base_macs, base_params, base_acc))
     score_kw = {"debiased": debiased, "batch_size": batch_size, "device": device, "amp": amp, "seed": seed}
     current = model
+    current_acc = base_acc  # accuracy of ``current`` when known (None: not measured yet)
     teacher = model if distill else None
     if distill:  # ``distill`` turns distillation on for every fine-tune of this run
         finetune_config = None if finetune_config is None else replace(finetune_config, distill=True)
@@ -303,7 +304,7 @@ def prune(
             p = plan(blocks, scores, target, base_macs=base_macs, base_params=base_params, chosen=blocks_to_remove)
             current = remove_blocks(model, p.blocks)
             macs, params = _model_costs(current)
-            acc = _accuracy(current, eval_loader, device, eval_samples) if eval_steps else None
+            acc = current_acc = _accuracy(current, eval_loader, device, eval_samples) if eval_steps else None
             result.steps.append(PruneStep(1, list(p.blocks), macs, params, acc,
                                           None if scores is None else dict(scores.scores),
                                           seconds=0.0 if scores is None else scores.seconds))
@@ -315,6 +316,7 @@ def prune(
                 if restored is not None:
                     current, result.removed, saved_steps = restored
                     result.steps = [PruneStep(**d) for d in saved_steps]
+                    current_acc = result.steps[-1].accuracy
                     step = len(result.steps) - 1
                     progress(step, None, f"resumed after step {step} ({', '.join(result.removed)} removed)")
             while True:
@@ -333,7 +335,7 @@ def prune(
                 t0 = time.perf_counter()
                 scores = score_blocks(current, calibration, criterion, progress=progress, cancel=cancel, **score_kw)
                 best = scores.ranking()[0]
-                current = remove_blocks(current, [best])
+                current, current_acc = remove_blocks(current, [best]), None
                 result.removed.append(best)
                 ft = None
                 if train_loader is not None and step_finetune_config is not None:
@@ -343,7 +345,7 @@ def prune(
                     if r.cancelled:
                         raise Cancelled("pruning was cancelled during a fine-tuning step")
                 macs, params = _model_costs(current)
-                acc = _accuracy(current, eval_loader, device, eval_samples) if eval_steps else None
+                acc = current_acc = _accuracy(current, eval_loader, device, eval_samples) if eval_steps else None
                 result.steps.append(PruneStep(step, [best], macs, params, acc, dict(scores.scores), ft,
                                               time.perf_counter() - t0))
                 _save_iterative(ckdir, run_key, current, result)
@@ -357,11 +359,13 @@ def prune(
                          checkpoint_path=None if ckdir is None else ckdir / "finetune.pt", resume=resume)
             result.finetune = {"config": finetune_config.to_dict(), **r.to_dict()}
             result.cancelled = r.cancelled
+            current_acc = None
     except Cancelled:
         result.cancelled = True
     result.model = current
     macs, params = _model_costs(current)
-    final_acc = _accuracy(current, eval_loader, device, eval_samples)
+    # the last step's accuracy is the final one unless the model changed since (fine-tuning, a cancel mid-step)
+    final_acc = current_acc if current_acc is not None else _accuracy(current, eval_loader, device, eval_samples)
     result.final = {
         "macs": macs,
         "params": params,
