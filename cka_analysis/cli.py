@@ -138,8 +138,10 @@ def _model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None
     else:
         p.add_argument("--model", required=True, metavar="M", help=_MODEL_HELP)
     p.add_argument("--weights", metavar="W", default=None,
-                   help="checkpoint file (.pt/.pth/.th loaded with weights_only=True, or .safetensors) or a named "
-                        "source (e.g. DEFAULT, cifar10, cifar10jpeg, demo); not with a saved directory")
+                   help="checkpoint file (.pt/.pth/.th loaded with weights_only=True, or .safetensors), a named "
+                        "source (e.g. DEFAULT, cifar10, cifar10jpeg, demo), or 'random' for random initialisation "
+                        "on purpose. Without it a registry model gets its default named weights (said on stderr); "
+                        "one without defaults is refused. Not with a saved directory")
     p.add_argument("--num-classes", type=_positive_int, default=None, metavar="K",
                    help="output classes when they differ from the architecture's default")
 
@@ -300,8 +302,30 @@ def _write_json(target: str, payload: Any) -> None:
 
 
 def _open(source: str, weights: str | None, num_classes: int | None = None):
-    from .export import open_model
+    """Open ``--model``/``--weights``; never random weights unless the user wrote ``--weights random``.
 
+    Without ``--weights`` a registry model gets its default named weights (one line on stderr says which, and
+    what else exists); an architecture without fitting defaults is a usage error naming the choices.
+    """
+    from .errors import ConfigError
+    from .export import open_model
+    from .models import available_models, default_weights, describe_weight_choices, model_entry
+
+    if weights is None and source in available_models():
+        weights = default_weights(source, num_classes)
+        choices = describe_weight_choices(source)
+        if weights is None:
+            classes = ""
+            entry = model_entry(source)
+            if num_classes is not None and entry.default_weights:
+                fixed = entry.weights[entry.default_weights].num_classes
+                classes = f" fitting --num-classes {num_classes} (its default {entry.default_weights!r} has {fixed} classes)"
+            raise ConfigError(f"--weights is required for {source}: no default weights{classes} ({choices})")
+        from .distributed import is_main_process
+
+        if is_main_process():
+            print(f"note: no --weights given: using {source}'s default weights {weights!r} ({choices})",
+                  file=sys.stderr)
     return open_model(source, weights=weights, num_classes=num_classes)
 
 

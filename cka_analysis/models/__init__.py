@@ -3,9 +3,12 @@
 Every model built here carries its :class:`Preset` (input size, normalisation, classes, where its weights came
 from) as ``model.cka_preset``, so data pipelines, MACs counts and exports follow the model.
 
-Weights are ``None`` (random initialisation), a local file (``.pt/.pth/.th/.safetensors``, loaded without running
-code), or a named source of the architecture (``"DEFAULT"`` and the names in :func:`weight_names`). Named sources
-with a URL are downloaded once into torch.hub's cache; offline, a clear error says which file to fetch.
+Weights are a named source of the architecture (``"DEFAULT"`` and the names in :func:`weight_names`), a local
+file (``.pt/.pth/.th/.safetensors``, loaded without running code), or random initialisation: ``"random"`` (say it
+on purpose) or ``None`` (the library default, kept for code that re-initialises or loads weights itself). A
+trained network is almost always what pruning needs: front ends never pass ``None`` for a user, they use
+:func:`default_weights` or ask for ``"random"`` explicitly (the CLI's ``--weights random``). Named sources with a
+URL are downloaded once into torch.hub's cache; offline, a clear error says which file to fetch.
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ from .cifar_resnet import CifarResNet
 from .preset import IMAGENET_MEAN, IMAGENET_STD, Preset, attach_preset, get_preset
 
 __all__ = [
+    "RANDOM_WEIGHTS",
     "ModelEntry",
     "Preset",
     "WeightSource",
     "attach_preset",
     "available_models",
     "build_model",
+    "default_weights",
+    "describe_weight_choices",
     "get_preset",
     "model_entry",
     "weight_names",
@@ -88,9 +94,34 @@ def model_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
+RANDOM_WEIGHTS = "random"  # the explicit name of random initialisation (``--weights random``)
+
+
 def weight_names(name: str) -> list[str]:
     """Named weight sources of an architecture (``"DEFAULT"`` is accepted as well when it has a default)."""
     return list(model_entry(name).weights)
+
+
+def default_weights(name: str, num_classes: int | None = None) -> str | None:
+    """The named weights ``name`` uses when a front end is given none, or None when there is no fitting default.
+
+    There is none when the architecture has no named weights (``vit_tiny``) or when ``num_classes`` differs from
+    the default weights' class count; a front end must then ask for a file or for ``"random"`` explicitly.
+    """
+    entry = model_entry(name)
+    if entry.default_weights is None:
+        return None
+    source = entry.weights[entry.default_weights]
+    if num_classes is not None and num_classes != source.num_classes:
+        return None
+    return entry.default_weights
+
+
+def describe_weight_choices(name: str) -> str:
+    """One phrase naming what ``weights`` can be for ``name``: its named sources, a file, or random."""
+    names = weight_names(name)
+    named = f"named weights {', '.join(names)}" if names else "no named weights"
+    return f"{name} has {named}; or give a checkpoint file, or {RANDOM_WEIGHTS!r} for random initialisation"
 
 
 def build_model(
@@ -102,11 +133,16 @@ def build_model(
 ) -> nn.Module:
     """Build a registry architecture, optionally with weights, and attach its preset.
 
+    ``weights=None`` means **random initialisation** (as in torchvision), which is rarely what pruning or
+    evaluation needs: ask for trained weights by name (``build_model("cifar_resnet56", weights="cifar10")``,
+    ``"DEFAULT"`` for the architecture's default, :func:`default_weights` to look it up) or by file, and write
+    ``weights="random"`` where random weights are meant, so that the intent shows in the code.
+
     Args:
         name: registry name (see :func:`available_models`).
         num_classes: output classes; default: the architecture's (or the named weights') class count.
-        weights: None (random), a path to a local checkpoint, or a named source (:func:`weight_names`,
-            or ``"DEFAULT"``).
+        weights: a named source (:func:`weight_names`, or ``"DEFAULT"``), a path to a local checkpoint, or
+            ``"random"``/None for random initialisation.
         allow_download: whether a named source that is not cached yet may be downloaded.
     """
     entry = model_entry(name)
@@ -114,6 +150,8 @@ def build_model(
         raise ConfigError(f"num_classes={num_classes!r} must be a positive integer")
     source: WeightSource | None = None
     path: Path | None = None
+    if isinstance(weights, str) and weights == RANDOM_WEIGHTS and RANDOM_WEIGHTS not in entry.weights:
+        weights = None
     if weights is not None:
         wname = str(weights)
         if wname == "DEFAULT" and entry.default_weights:
@@ -127,7 +165,8 @@ def build_model(
         else:
             known = ", ".join(["DEFAULT", *entry.weights]) if entry.weights else "none"
             raise ConfigError(
-                f"weights={wname!r} is neither a file nor a named source of {name} (named sources: {known})"
+                f"weights={wname!r} is neither a file nor a named source of {name} (named sources: {known}; "
+                f"{RANDOM_WEIGHTS!r} for random initialisation)"
             )
     classes = num_classes or (source.num_classes if source else entry.preset.num_classes)
     if source is not None and classes != source.num_classes:
