@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .choices import CRITERIA, ROBUSTNESS_KINDS
+from .choices import CRITERIA, CRITERION_INFO, ROBUSTNESS_KINDS
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -156,7 +156,9 @@ def _data_args(p: argparse.ArgumentParser, *, samples_help: str, samples_default
 
 
 def _criterion_args(p: argparse.ArgumentParser, criteria: Sequence[str]) -> None:
-    p.add_argument("--criterion", choices=criteria, default="cka", help="removal criterion (default cka)")
+    described = "; ".join(f"{c}: {CRITERION_INFO[c].description}" for c in criteria)
+    p.add_argument("--criterion", choices=criteria, default="cka",
+                   help=f"removal criterion, lower score = safer to remove (default cka). {described}")
     p.add_argument("--debiased", action="store_true", help="debiased linear CKA for the cka criterion")
 
 
@@ -488,8 +490,7 @@ def cmd_score(args: argparse.Namespace, bar: StderrProgress) -> int:
 
     dev = dist_utils.init_from_env(args.device)  # under torchrun the ranks share the calibration images
     model = _open(args.model, args.weights, args.num_classes)
-    needs_data = args.criterion not in ("random", "weight_norm")
-    calib = _calibration(args, model, bar) if needs_data else None
+    calib = _calibration(args, model, bar) if CRITERION_INFO[args.criterion].needs_data else None
     scores = score_blocks(model, calib, args.criterion, debiased=args.debiased, batch_size=args.batch_size,
                           device=dev, amp=_amp(args), seed=args.seed, progress=bar)
     bar.newline()
@@ -558,7 +559,7 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
             target = Target("macs", args.target_macs_reduction)
         else:
             target = Target("params", args.target_params_reduction)
-    needs_calib = chosen is None and args.criterion not in ("random", "weight_norm")
+    needs_calib = chosen is None and CRITERION_INFO[args.criterion].needs_data
     calib = _calibration(args, model, bar) if needs_calib else None
     ft_budget = args.finetune_steps if args.finetune_steps is not None else args.finetune_epochs
     train_needed = bool(ft_budget) or (args.iterative and args.step_finetune_steps > 0)

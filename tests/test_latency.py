@@ -1,0 +1,246 @@
+"""Latency planning on the digits demo: the block-cost cache, the planner's latency target (with injected costs,
+so nothing here depends on how fast the machine is), predicted-vs-measured records and runtime timings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cka_analysis.blocks import find_blocks, remove_blocks
+from cka_analysis.errors import Cancelled, ConfigError, TargetError
+from cka_analysis.latency import (
+    BlockCosts,
+    LatencyCheck,
+    check_prediction,
+    compare_latency,
+    latency_cache_dir,
+    measure_block_costs,
+    model_fingerprint,
+    predict_latency,
+    time_runtimes,
+)
+from cka_analysis.metrics import count_macs, count_params
+from cka_analysis.progress import CancelToken
+from cka_analysis.pruning import Target, plan
+
+QUICK = {"device": "cpu", "warmup": 0, "repeats": 2}
+
+
+def _costs(block_ms: dict[str, float], base_ms: float = 10.0, **kw) -> BlockCosts:
+    """Hand-made costs (what a measurement would return) for planner tests that must not depend on timing."""
+    fields = {"arch": "digits_resnet", "fingerprint": "f", "removed": [], "device": "cpu: test", "batch_size": 1,
+              "dtype": "float32", "threads": 1, "method": "blocks", "base_ms": base_ms, "base_p10_ms": base_ms,
+              "base_p90_ms": base_ms, "block_ms": block_ms, "warmup": 0, "repeats": 1, "seconds": 0.0,
+              "created": "2026-01-01T00:00:00+00:00"}
+    return BlockCosts(**{**fields, **kw})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cost cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_costs_cover_removable_blocks_and_are_measured_once(demo, tmp_path):
+    first = measure_block_costs(demo, cache_dir=tmp_path, **QUICK)
+    removable = [b.name for b in find_blocks(demo, count_macs=False) if b.removable]
+    assert sorted(first.block_ms) == sorted(removable)
+    assert not first.from_cache
+    assert first.base_ms > 0 and all(v > 0 for v in first.block_ms.values())
+    assert (first.batch_size, first.dtype, first.threads, first.method) == (1, "float32", 1, "blocks")
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and files[0].name.startswith("digits_resnet-")
+
+    again = measure_block_costs(demo, cache_dir=tmp_path, **QUICK)
+    assert again.from_cache
+    assert again == first  # the very numbers measured the first time
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_cache_key_separates_batch_threads_method_and_structure(demo, tmp_path):
+    base = measure_block_costs(demo, cache_dir=tmp_path, **QUICK)
+    for kw in ({"batch_size": 4}, {"threads": 2}, {"method": "ablation"}):
+        other = measure_block_costs(demo, cache_dir=tmp_path, **{**QUICK, **kw})
+        assert not other.from_cache, kw
+    assert len(list(tmp_path.glob("*.json"))) == 4
+    assert measure_block_costs(demo, cache_dir=tmp_path, batch_size=4, **QUICK).batch_size == 4
+
+    pruned = remove_blocks(demo, ["layer1.0"])
+    assert model_fingerprint(pruned) != model_fingerprint(demo)
+    costs = measure_block_costs(pruned, cache_dir=tmp_path, **QUICK)
+    assert not costs.from_cache and costs.removed == ["layer1.0"] and "layer1.0" not in costs.block_ms
+
+    # other weights, same structure: same latency, so the cached costs are reused
+    retrained = remove_blocks(demo, [])
+    with torch.no_grad():
+        for p in retrained.parameters():
+            p.mul_(0.5)
+    assert model_fingerprint(retrained) == model_fingerprint(demo)
+    assert measure_block_costs(retrained, cache_dir=tmp_path, **QUICK) == base
+
+
+def test_refresh_remeasures_and_a_corrupt_cache_is_replaced(demo, tmp_path):
+    measure_block_costs(demo, cache_dir=tmp_path, **QUICK)
+    assert not measure_block_costs(demo, cache_dir=tmp_path, refresh=True, **QUICK).from_cache
+    (path,) = tmp_path.glob("*.json")
+    path.write_text("{not json")
+    fresh = measure_block_costs(demo, cache_dir=tmp_path, **QUICK)
+    assert not fresh.from_cache
+    assert json.loads(path.read_text())["costs"]["base_ms"] == fresh.base_ms
+    assert measure_block_costs(demo, cache_dir=tmp_path, **QUICK).from_cache
+
+
+def test_cache_off_writes_nothing_and_env_var_sets_the_folder(demo, tmp_path, monkeypatch):
+    measure_block_costs(demo, cache=False, cache_dir=tmp_path, **QUICK)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setenv("CKA_PRUNE_LATENCY_CACHE", str(tmp_path / "env"))
+    assert latency_cache_dir() == tmp_path / "env"
+    measure_block_costs(demo, **QUICK)
+    assert len(list((tmp_path / "env").glob("*.json"))) == 1
+    assert latency_cache_dir(tmp_path / "arg") == tmp_path / "arg"
+
+
+def test_block_costs_round_trip_and_bad_records(demo, tmp_path):
+    costs = measure_block_costs(demo, cache_dir=tmp_path, method="ablation", **QUICK)
+    d = json.loads(json.dumps(costs.to_dict()))
+    assert "from_cache" not in d
+    assert BlockCosts.from_dict(d) == costs
+    with pytest.raises(ConfigError, match="block_ms"):
+        BlockCosts.from_dict({k: v for k, v in d.items() if k != "block_ms"})
+    with pytest.raises(ConfigError, match="wrong type"):
+        BlockCosts.from_dict({**d, "batch_size": "one"})
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"batch_size": 0}, "batch_size"),
+    ({"repeats": 0}, "repeats"),
+    ({"method": "profile"}, "method"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"threads": 0}, "threads"),
+])
+def test_bad_arguments_name_themselves(demo, tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        measure_block_costs(demo, cache_dir=tmp_path, **{**QUICK, **kw})
+
+
+def test_progress_is_reported_and_cancel_stops(demo, tmp_path):
+    seen = []
+    measure_block_costs(demo, cache=False, progress=lambda d, t, m: seen.append((d, t)), **QUICK)
+    assert seen == [(1, 2), (2, 2)]
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        measure_block_costs(demo, cache_dir=tmp_path, cancel=token, **QUICK)
+    assert not list(tmp_path.glob("*.json"))  # nothing half-measured is cached
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prediction and the planner's latency target (injected costs: no timing dependence)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_predict_latency_subtracts_removed_block_costs():
+    costs = _costs({"a": 1.0, "b": 2.5, "c": 0.5})
+    assert predict_latency(costs, []) == 10.0
+    assert predict_latency(costs, ["a", "b"]) == pytest.approx(6.5)
+    assert predict_latency(costs, ["b", "b"]) == pytest.approx(7.5)  # a block removed once
+    with pytest.raises(ConfigError, match="'z'"):
+        predict_latency(costs, ["a", "z"])
+
+
+def _plan_inputs(model):
+    blocks = find_blocks(model)
+    removable = [b.name for b in blocks if b.removable]
+    size = model.cka_preset.input_size
+    return blocks, removable, count_macs(model, size), count_params(model)
+
+
+def test_latency_target_removes_lowest_scores_until_predicted_drop(demo):
+    blocks, removable, macs, params = _plan_inputs(demo)
+    scores = {n: float(i) for i, n in enumerate(removable)}  # forward order = removal order
+    # stage 1 blocks cost 0.5 ms each, the later ones 2 ms each; the whole model 10 ms
+    block_ms = {n: (0.5 if n.startswith("layer1") else 2.0) for n in removable}
+    costs = _costs(block_ms)
+    p = plan(blocks, scores, Target("latency", 0.3), base_macs=macs, base_params=params,
+             block_costs=costs.block_ms, base_latency=costs.base_ms)
+    # 3 × 0.5 ms (layer1) = 15 %, then 2 ms more = 35 % ≥ 30 %: four blocks, in score order
+    assert p.blocks == removable[:4]
+    assert p.latency_reduction == pytest.approx(0.35)
+    assert p.latency == pytest.approx(predict_latency(costs, p.blocks))
+    # a MACs target of the same size removes another number of blocks: every block has the same MACs here
+    by_macs = plan(blocks, scores, Target("macs", 0.3), base_macs=macs, base_params=params)
+    assert len(by_macs.blocks) != len(p.blocks)
+
+
+def test_latency_target_follows_the_costs_not_the_macs(demo):
+    blocks, removable, macs, params = _plan_inputs(demo)
+    scores = {n: float(i) for i, n in enumerate(removable)}
+    cheap_first = {n: (0.1 if i < 3 else 3.0) for i, n in enumerate(removable)}
+    dear_first = {n: (3.0 if i < 3 else 0.1) for i, n in enumerate(removable)}
+    kw = {"base_macs": macs, "base_params": params, "base_latency": 10.0}
+    assert len(plan(blocks, scores, Target("latency", 0.25), block_costs=cheap_first, **kw).blocks) == 4
+    assert len(plan(blocks, scores, Target("latency", 0.25), block_costs=dear_first, **kw).blocks) == 1
+
+
+def test_latency_target_needs_costs_and_must_be_reachable(demo):
+    blocks, removable, macs, params = _plan_inputs(demo)
+    scores = {n: 0.0 for n in removable}
+    with pytest.raises(ConfigError, match="block_costs"):
+        plan(blocks, scores, Target("latency", 0.3), base_macs=macs, base_params=params)
+    small = {n: 0.1 for n in removable}  # all removable blocks together save 7 % of 10 ms
+    with pytest.raises(TargetError, match="latency"):
+        plan(blocks, scores, Target("latency", 0.5), base_macs=macs, base_params=params, block_costs=small,
+             base_latency=10.0)
+
+
+def test_target_parses_latency():
+    assert Target.parse("latency:40%") == Target("latency", 0.4)
+    with pytest.raises(ConfigError, match="latency"):
+        Target("latency", 1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measured against predicted; deployed runtimes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_check_prediction_records_predicted_measured_and_error(demo, tmp_path):
+    costs = measure_block_costs(demo, cache_dir=tmp_path, **QUICK)
+    gone = ["layer1.0", "layer3.2"]
+    pruned = remove_blocks(demo, gone)
+    check = check_prediction(demo, pruned, costs, device="cpu", warmup=0, repeats=3)
+    assert check.predicted_ms == pytest.approx(predict_latency(costs, gone))
+    assert check.predicted_reduction == pytest.approx(1 - check.predicted_ms / costs.base_ms)
+    assert check.measured_reduction == pytest.approx(1 - check.pruned_ms / check.base_ms)
+    assert check.error == pytest.approx(check.measured_reduction - check.predicted_reduction)
+    assert (check.batch_size, check.threads, check.dtype, check.repeats) == (1, 1, "float32", 3)
+    d = json.loads(json.dumps(check.to_dict()))
+    assert LatencyCheck.from_dict(d) == check
+    with pytest.raises(ConfigError, match="error"):
+        LatencyCheck.from_dict({k: v for k, v in d.items() if k != "error"})
+
+
+def test_compare_latency_leaves_the_models_alone(demo):
+    pruned = remove_blocks(demo, ["layer1.1"])
+    before = {k: v.clone() for k, v in demo.state_dict().items()}
+    t = compare_latency({"base": demo, "pruned": pruned}, device="cpu", batch_size=2, warmup=0, repeats=3)
+    assert set(t) == {"base", "pruned"}
+    assert all(v.batch_size == 2 and v.repeats == 3 and v.median_ms > 0 for v in t.values())
+    assert all(torch.equal(before[k], v) for k, v in demo.state_dict().items())
+    with pytest.raises(ConfigError, match="models"):
+        compare_latency({}, device="cpu")
+
+
+def test_runtime_timings_cover_every_model_runtime_and_batch(demo, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pruned = remove_blocks(demo, ["layer1.1", "layer2.1"])
+    rows = time_runtimes({"base": demo, "pruned": pruned}, batch_sizes=(1, 8), device="cpu", threads=1,
+                         warmup=1, repeats=2, workdir=tmp_path)
+    got = {(r.model, r.runtime, r.batch_size) for r in rows}
+    assert got == {(m, rt, b) for m in ("base", "pruned") for rt in ("torch", "pt2", "onnxruntime-cpu")
+                   for b in (1, 8)}
+    assert all(r.median_ms > 0 and r.threads == 1 and r.repeats == 2 for r in rows)
+    assert {p.name for p in tmp_path.iterdir()} == {"base.pt2", "base.onnx", "pruned.pt2", "pruned.onnx"}
+    with pytest.raises(ConfigError, match="runtimes"):
+        time_runtimes({"base": demo}, runtimes=["tensorrt"], device="cpu")
