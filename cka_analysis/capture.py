@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .device import eval_mode
 from .errors import ConfigError
 
 PENULTIMATE = "penultimate"
@@ -98,11 +100,11 @@ class ActivationCapture:
         self.targets = _resolve(model, layers)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._records: list[tuple[str, torch.Tensor]] = []
-        self._modes: dict[nn.Module, bool] = {}
+        self._eval: contextlib.AbstractContextManager | None = None
 
     def __enter__(self) -> ActivationCapture:
-        self._modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
+        self._eval = eval_mode(self.model)
+        self._eval.__enter__()
         for name, module, pre in self.targets:
             if pre:
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
@@ -114,8 +116,9 @@ class ActivationCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for m, mode in self._modes.items():
-            m.training = mode
+        if self._eval is not None:
+            self._eval.__exit__(None, None, None)
+            self._eval = None
         self._records.clear()
 
     def _hook(self, name: str):

@@ -1,9 +1,77 @@
-"""Names the command line offers as choices, kept free of heavy imports so that ``cka-prune --help`` and
-``--version`` answer at once (the modules that implement them re-export these tuples)."""
+"""Names and descriptions the command line and the dashboard offer as choices, kept free of heavy imports so that
+``cka-prune --help`` and ``--version`` answer at once (the modules that implement them re-export these).
+
+The removal criteria are declared once, here, as :class:`CriterionInfo` records: name, one-line description,
+whether they need calibration images and whether they need labels. The scoring code
+(:mod:`cka_analysis.scoring`) implements each one under the same name; the CLI's choices and help, the dashboard's
+help texts and the benchmarks all read :data:`CRITERION_INFO`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from .errors import ConfigError
+
+__all__ = [
+    "CRITERIA",
+    "CRITERION_INFO",
+    "DATA_FREE_CRITERIA",
+    "ROBUSTNESS_KINDS",
+    "CriterionInfo",
+    "criterion_info",
+]
+
+
+@dataclass(frozen=True)
+class CriterionInfo:
+    """What a removal criterion is, without its implementation (no torch import needed).
+
+    Attributes:
+        name: the value of ``--criterion`` / ``score_blocks(criterion=...)``.
+        description: one line for help texts: what the score measures (lower = safer to remove, always).
+        needs_data: whether calibration images are needed (``random`` and ``weight_norm`` read only the weights).
+        needs_labels: whether the calibration labels matter (loss-based criteria); the others only use images.
+    """
+
+    name: str
+    description: str
+    needs_data: bool
+    needs_labels: bool
+
+
+_INFOS = (
+    CriterionInfo("cka", "the paper's criterion: 1 − linear CKA between the final features with and without the "
+                  "block (optionally debiased)", needs_data=True, needs_labels=False),
+    CriterionInfo("random", "seeded random numbers: the floor every criterion must beat",
+                  needs_data=False, needs_labels=False),
+    CriterionInfo("weight_norm", "mean |w| of the block's conv/linear weights (data-free)",
+                  needs_data=False, needs_labels=False),
+    CriterionInfo("block_influence", "1 − cosine similarity of the block's pooled input and output (ShortGPT)",
+                  needs_data=True, needs_labels=False),
+    CriterionInfo("angular", "angle between the block's pooled input and output, arccos(cos)/π (Gromov et al.)",
+                  needs_data=True, needs_labels=False),
+    CriterionInfo("taylor", "first-order estimate of the loss change when the block goes (one backward pass)",
+                  needs_data=True, needs_labels=True),
+    CriterionInfo("loss", "oracle: increase of the calibration cross-entropy when the block is removed",
+                  needs_data=True, needs_labels=True),
+)
+
+#: Every removal criterion by name, in the order help texts list them (the paper's ``"cka"`` first); read-only.
+CRITERION_INFO: Mapping[str, CriterionInfo] = MappingProxyType({c.name: c for c in _INFOS})
 #: Removal criteria of :func:`cka_analysis.scoring.score_blocks`; ``"cka"`` is the paper's.
-CRITERIA: tuple[str, ...] = ("cka", "random", "weight_norm", "block_influence", "angular", "taylor", "loss")
+CRITERIA: tuple[str, ...] = tuple(CRITERION_INFO)
+#: Criteria that read only the weights: no calibration images, ``samples == 0`` in their scores.
+DATA_FREE_CRITERIA: tuple[str, ...] = tuple(c.name for c in _INFOS if not c.needs_data)
 #: Measures of :func:`cka_analysis.robustness.evaluate_robustness`.
 ROBUSTNESS_KINDS: tuple[str, ...] = ("fgsm", "pgd", "corruptions")
+
+
+def criterion_info(name: str) -> CriterionInfo:
+    """The :class:`CriterionInfo` of ``name``; a ConfigError naming the known criteria when it is not one."""
+    try:
+        return CRITERION_INFO[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"criterion={name!r} is not known; choose one of {', '.join(CRITERIA)}") from None

@@ -17,6 +17,7 @@ NaN or Inf activations are a ConfigError, never a silent number. Tests: tests/te
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -541,7 +542,7 @@ def cka_matrix(
     names_a: list[str] | None = None
     names_b: list[str] | None = None
     cap_b = ActivationCapture(model_b, layers_b) if model_b is not None else None
-    with ActivationCapture(model, layers) as cap_a, (cap_b if cap_b is not None else _null_ctx()):
+    with ActivationCapture(model, layers) as cap_a, (cap_b if cap_b is not None else contextlib.nullcontext()):
         models = [model] + ([model_b] if model_b is not None else [])
         for m in models:
             m.to(dev)
@@ -572,10 +573,3 @@ def cka_matrix(
     matrix = acc.compute()
     return CKAMatrix(matrix, names_a, names_b if names_b is not None else list(names_a))
 
-
-class _null_ctx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

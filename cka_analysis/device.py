@@ -9,8 +9,22 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 from .errors import ConfigError, DeviceError
+
+__all__ = [
+    "DEVICE_CHOICES",
+    "accumulation_device",
+    "amp_dtype",
+    "autocast",
+    "describe_device",
+    "eval_mode",
+    "is_out_of_memory",
+    "resolve_device",
+    "synchronize",
+    "use_channels_last",
+]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
@@ -111,3 +125,31 @@ def synchronize(device: torch.device) -> None:
 def use_channels_last(device: torch.device) -> bool:
     """channels_last memory format helps convolutions on CUDA (tensor cores); on CPU it is left off."""
     return device.type == "cuda"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when ``exc`` says a device ran out of memory.
+
+    CUDA raises :class:`torch.cuda.OutOfMemoryError`; MPS and older CUDA paths raise a plain ``RuntimeError`` whose
+    message contains "out of memory". Every caller that turns this into advice or a retry (scoring's batch
+    halving, the CLI's one-line error, the dashboard's job runner) asks here, so they agree on what counts.
+    """
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and give every submodule back its own train/eval flag afterwards.
+
+    Restoring per submodule (not ``model.train(was_training)``) keeps a caller's deliberate mix, e.g. a network in
+    training mode with frozen BatchNorm layers in eval mode, exactly as it was, also when the block raises.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training

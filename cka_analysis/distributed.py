@@ -25,7 +25,6 @@ __all__ = [
     "is_distributed",
     "is_main_process",
     "make_loader_for_world",
-    "mean_across_ranks",
     "rank",
     "reduce_accuracy",
     "shutdown",
@@ -118,15 +117,6 @@ def make_loader_for_world(
                                  drop_last=drop_last)
     return DataLoader(dataset, batch_size=global_batch_size // ws, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin, drop_last=drop_last, persistent_workers=num_workers > 0)
-
-
-def mean_across_ranks(value: float, device: torch.device) -> float:
-    """The mean of a scalar over ranks (the value itself when alone)."""
-    if not is_distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t) / world_size()
 
 
 def reduce_accuracy(acc: Any, device: torch.device) -> Any:

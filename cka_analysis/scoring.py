@@ -19,15 +19,21 @@ Speed: for the known families (see :class:`~cka_analysis.blocks.Topology`) the s
 batch and, for each candidate, only the blocks after it run again (``strategy="prefix"``); the cost is the sum of
 the suffixes' MACs instead of one full forward per candidate (``strategy="full"``, the paper code's loop, also the
 path for custom models). Batches that run out of GPU memory are split in halves and retried.
+
+Each criterion is a small :class:`Criterion` in :data:`REGISTRY`, keyed by the names of
+:data:`cka_analysis.choices.CRITERION_INFO` (which holds the descriptions and whether a criterion needs data or
+labels, importable without torch). Weight criteria score from the parameters alone; data criteria hand
+:func:`score_blocks` an accumulator that it feeds the calibration batches.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +41,27 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .blocks import Topology, find_blocks, topology
-from .choices import CRITERIA
+from .choices import CRITERIA, CRITERION_INFO, CriterionInfo, criterion_info
 from .cka import linear_cka
-from .device import autocast, resolve_device
+from .device import autocast, eval_mode, is_out_of_memory, resolve_device
 from .errors import ConfigError
 from .progress import CancelToken, ProgressFn, check_cancel, no_progress
 
-__all__ = ["CRITERIA", "Scores", "score_blocks"]
-
-_DATA_FREE = ("random", "weight_norm")
+__all__ = [
+    "CRITERIA",
+    "REGISTRY",
+    "AngularCriterion",
+    "BlockInfluenceCriterion",
+    "CKACriterion",
+    "Criterion",
+    "LossCriterion",
+    "RandomCriterion",
+    "Scores",
+    "TaylorCriterion",
+    "WeightNormCriterion",
+    "get_criterion",
+    "score_blocks",
+]
 
 
 @dataclass
@@ -96,22 +114,16 @@ def _batches(calibration: Any, batch_size: int) -> tuple[Iterable, int | None]:
     )
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
-
-
 def _split_on_oom(fn: Callable[[torch.Tensor, torch.Tensor], None], x: torch.Tensor, y: torch.Tensor) -> None:
     """Run ``fn`` on the batch; on out-of-memory, run it on each half instead (down to one image).
 
-    ``fn`` must leave no partial result behind when it raises (see :meth:`_Runner.step`).
+    ``fn`` must leave no partial result behind when it raises (see :meth:`_Accumulator.step`).
     """
     try:
         fn(x, y)
         return
     except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-        if not _is_oom(exc):
+        if not is_out_of_memory(exc):
             raise
         if len(x) <= 1:
             raise ConfigError(
@@ -141,7 +153,7 @@ def _check_finite(criterion: str, values: dict[str, float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Criteria
+# Hooks the criteria share
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -197,19 +209,401 @@ class _Features:
         self.handle.remove()
 
 
-def _weight_norm(model: nn.Module, names: Sequence[str]) -> dict[str, float]:
-    out = {}
-    for n in names:
-        ws = [m.weight for m in model.get_submodule(n).modules()
-              if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and m.weight is not None]
-        ws += [p for name, p in model.get_submodule(n).named_parameters()
-               if name.endswith("in_proj_weight")]  # attention projections
-        if not ws:
-            out[n] = 0.0
-            continue
-        total = sum(float(w.detach().abs().sum()) for w in ws)
-        out[n] = total / sum(w.numel() for w in ws)
-    return out
+# ---------------------------------------------------------------------------------------------------------------
+# Accumulators: one data criterion over calibration batches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What an accumulator works on: the model (in eval mode, on ``device``), its topology and the candidates.
+
+    ``prefix``: run the shared prefix once and only each candidate's suffix again (removal criteria on a chain).
+    """
+
+    model: nn.Module
+    topo: Topology
+    cands: list[str]
+    device: torch.device
+    amp: torch.dtype | None
+    prefix: bool
+    debiased: bool
+
+
+class _Accumulator:
+    """Per-candidate float64 sums over calibration batches; subclasses say what a batch adds and what it means.
+
+    :meth:`step` is all or nothing, so that an out-of-memory retry on the batch's halves does not count twice.
+    """
+
+    def __init__(self, setup: _Setup) -> None:
+        self.setup = setup
+        self.samples = 0
+        self.sums = torch.zeros(len(setup.cands), dtype=torch.float64, device=setup.device)
+        self.index = {c: i for i, c in enumerate(setup.cands)}
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add one batch of images ``x`` with labels ``y``; on any error the state is as before the call."""
+        saved = self._save()
+        try:
+            self._add(x, y)
+        except BaseException:
+            self._restore(saved)
+            raise
+        self.samples += len(x)
+
+    def _save(self) -> Any:
+        return self.sums.clone()
+
+    def _restore(self, saved: Any) -> None:
+        self.sums.copy_(saved)
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def merge_ranks(self) -> None:
+        """Combine the shards of all ranks (under torchrun): sum the sample counts, then :meth:`_merge`."""
+        import torch.distributed as dist
+
+        n = torch.tensor([self.samples], dtype=torch.float64, device=self.setup.device)
+        dist.all_reduce(n)
+        self.samples = int(n)
+        self._merge()
+
+    def _merge(self) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(self.sums)
+
+    def finish(self) -> dict[str, float]:
+        """The score of every candidate (lower = safer to remove)."""
+        return dict(zip(self.setup.cands, self._final(self.sums.cpu(), self.samples).tolist(), strict=True))
+
+    def _final(self, sums: torch.Tensor, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _RemovalAccumulator(_Accumulator):
+    """Criteria that compare the network with and without each candidate (``cka``, ``loss``).
+
+    Each batch runs the whole network once and the network without each candidate once, and hands every outcome
+    to :meth:`_record` (``name`` None = the whole network): the prefix path on a chain topology, a gated full
+    forward otherwise.
+    """
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.inference_mode(), autocast(self.setup.device, self.setup.amp):
+            if self.setup.prefix:
+                self._run_prefix(x, y)
+            else:
+                self._run_full(x, y)
+
+    def _record(self, name: str | None, feats: torch.Tensor, logits: Callable[[], torch.Tensor],
+                y: torch.Tensor) -> None:
+        """Record one outcome: penultimate ``feats`` and a thunk for the logits (computed only when needed)."""
+        raise NotImplementedError
+
+    def _run_prefix(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        s = self.setup
+        topo, model = s.topo, s.model
+        h = topo.stem(model, x)
+        for i, slot in enumerate(topo.slots):
+            if slot in self.index:
+                feats = topo.head(model, topo.run_blocks(model, h, start=i + 1))
+                self._record(slot, feats, lambda f=feats: topo.classify(model, f), y)
+            h = model.get_submodule(slot)(h)
+        feats = topo.head(model, h)
+        self._record(None, feats, lambda: topo.classify(model, feats), y)
+
+    def _run_full(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        model = self.setup.model
+        feats = _Features(model, self.setup.topo.classifier)
+        try:
+            logits = model(x)
+            self._record(None, feats.value, lambda: logits, y)
+            for c in self.setup.cands:
+                gate = _Gate(model, [c])
+                try:
+                    without = model(x)
+                finally:
+                    gate.remove()
+                self._record(c, feats.value, lambda out=without: out, y)
+        finally:
+            feats.remove()
+
+
+class _CKAAccumulator(_RemovalAccumulator):
+    """Keeps the penultimate features of the whole network and of each removal; CKA needs all samples at once."""
+
+    def __init__(self, setup: _Setup) -> None:
+        super().__init__(setup)
+        self.full: list[torch.Tensor] = []
+        self.minus: dict[str, list[torch.Tensor]] = {c: [] for c in setup.cands}
+
+    def _record(self, name: str | None, feats: torch.Tensor, logits: Callable[[], torch.Tensor],
+                y: torch.Tensor) -> None:
+        (self.full if name is None else self.minus[name]).append(feats.float())
+
+    def _save(self) -> Any:
+        return len(self.full), {c: len(v) for c, v in self.minus.items()}
+
+    def _restore(self, saved: Any) -> None:
+        del self.full[saved[0]:]
+        for c, n in saved[1].items():
+            del self.minus[c][n:]
+
+    def _merge(self) -> None:
+        self.full = [_all_gather_rows(torch.cat(self.full))]
+        for c in self.setup.cands:
+            self.minus[c] = [_all_gather_rows(torch.cat(self.minus[c]))]
+
+    def finish(self) -> dict[str, float]:
+        full = torch.cat(self.full)
+        if not bool(torch.isfinite(full).all()):
+            raise ConfigError(
+                "the model's penultimate features contain NaN or Inf on the calibration images, so no block "
+                "can be scored: check the weights (a corrupt or diverged checkpoint), the images (NaN pixels) "
+                "and, on CUDA, try without amp (float16 overflow)"
+            )
+        out = {}
+        for c in self.setup.cands:
+            minus = torch.cat(self.minus[c])
+            # NaN (reported by _check_finite with the block's name) rather than linear_cka's generic error
+            out[c] = 1.0 - linear_cka(full, minus, debiased=self.setup.debiased) \
+                if bool(torch.isfinite(minus).all()) else math.nan
+        return out
+
+
+class _LossAccumulator(_RemovalAccumulator):
+    """Summed cross-entropy of the whole network and of each removal; the score is the mean increase."""
+
+    def __init__(self, setup: _Setup) -> None:
+        super().__init__(setup)
+        self.base_loss = torch.zeros((), dtype=torch.float64, device=setup.device)
+
+    def _record(self, name: str | None, feats: torch.Tensor, logits: Callable[[], torch.Tensor],
+                y: torch.Tensor) -> None:
+        loss = F.cross_entropy(logits().float(), y, reduction="sum")
+        if name is None:
+            self.base_loss += loss
+        else:
+            self.sums[self.index[name]] += loss
+
+    def _save(self) -> Any:
+        return super()._save(), self.base_loss.clone()
+
+    def _restore(self, saved: Any) -> None:
+        super()._restore(saved[0])
+        self.base_loss.copy_(saved[1])
+
+    def _merge(self) -> None:
+        import torch.distributed as dist
+
+        super()._merge()
+        dist.all_reduce(self.base_loss)
+
+    def _final(self, sums: torch.Tensor, n: int) -> torch.Tensor:
+        return (sums - self.base_loss.cpu()) / n
+
+
+class _SimilarityAccumulator(_Accumulator):
+    """Sums a per-sample function of cos(pooled block input, pooled block output) over one plain forward pass."""
+
+    def __init__(self, setup: _Setup, per_sample: Callable[[torch.Tensor], torch.Tensor],
+                 final: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+        super().__init__(setup)
+        self.per_sample, self.final = per_sample, final
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        model = self.setup.model
+        store: dict[str, torch.Tensor] = {}
+        handles = []
+        for c in self.setup.cands:
+            def hook(module, args, out, c=c):
+                store[c] = self.per_sample(_cosine(args[0], out).double()).sum()
+            handles.append(model.get_submodule(c).register_forward_hook(hook))
+        with torch.inference_mode(), autocast(self.setup.device, self.setup.amp):
+            try:
+                model(x)
+            finally:
+                for h in handles:
+                    h.remove()
+            self.sums += torch.stack([store[c] for c in self.setup.cands])
+
+    def _final(self, sums: torch.Tensor, n: int) -> torch.Tensor:
+        return self.final(sums, n)
+
+
+class _TaylorAccumulator(_Accumulator):
+    """Sums ∂L/∂g of a gate g = 1 on each candidate's residual branch (one backward pass per batch)."""
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        s = self.setup
+        gates = {c: torch.ones((), device=s.device, requires_grad=True) for c in s.cands}
+        gate = _Gate(s.model, s.cands, gates)
+        try:
+            with torch.enable_grad(), autocast(s.device, s.amp):
+                loss = F.cross_entropy(s.model(x).float(), y, reduction="sum")
+            grads = torch.autograd.grad(loss, [gates[c] for c in s.cands])
+        finally:
+            gate.remove()
+        self.sums += torch.stack(grads).double()
+
+    def _final(self, sums: torch.Tensor, n: int) -> torch.Tensor:
+        return sums.abs() / n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Criteria: the registry
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Criterion:
+    """A removal criterion: its :class:`~cka_analysis.choices.CriterionInfo` (name, description, whether it needs
+    data and labels) and how it scores. Lower scores are always safer to remove.
+
+    Weight criteria (``needs_data`` False) implement :meth:`score_weights`; data criteria implement
+    :meth:`accumulator`, which :func:`score_blocks` feeds calibration batches.
+    """
+
+    info: ClassVar[CriterionInfo]
+    #: Whether the criterion compares the network with and without each block, so that it can run the shared
+    #: prefix once and only the suffix after each candidate again (``strategy="prefix"``).
+    removal: ClassVar[bool] = False
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def options(self, *, debiased: bool, seed: int) -> dict[str, Any]:
+        """The criterion's own settings recorded in :attr:`Scores.options`."""
+        return {}
+
+    def score_weights(self, model: nn.Module, cands: Sequence[str], *, seed: int) -> dict[str, float]:
+        raise NotImplementedError(f"{self.name} needs calibration data")
+
+    def accumulator(self, setup: _Setup) -> _Accumulator:
+        raise NotImplementedError(f"{self.name} reads only the weights")
+
+
+class RandomCriterion(Criterion):
+    """Seeded uniform noise in [0, 1): the floor any criterion must beat."""
+
+    info = CRITERION_INFO["random"]
+
+    def options(self, *, debiased: bool, seed: int) -> dict[str, Any]:
+        return {"seed": seed}
+
+    def score_weights(self, model: nn.Module, cands: Sequence[str], *, seed: int) -> dict[str, float]:
+        g = torch.Generator().manual_seed(seed)
+        vals = torch.rand(len(cands), generator=g, dtype=torch.float64).tolist()
+        return dict(zip(cands, vals, strict=True))
+
+
+class WeightNormCriterion(Criterion):
+    """Mean |w| over the block's conv/linear weights (and attention input projections)."""
+
+    info = CRITERION_INFO["weight_norm"]
+
+    def score_weights(self, model: nn.Module, cands: Sequence[str], *, seed: int) -> dict[str, float]:
+        out = {}
+        for n in cands:
+            block = model.get_submodule(n)
+            ws = [m.weight for m in block.modules()
+                  if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and m.weight is not None]
+            ws += [p for name, p in block.named_parameters() if name.endswith("in_proj_weight")]  # attention
+            if not ws:
+                out[n] = 0.0
+                continue
+            total = sum(float(w.detach().abs().sum()) for w in ws)
+            out[n] = total / sum(w.numel() for w in ws)
+        return out
+
+
+class CKACriterion(Criterion):
+    """The paper's: 1 − linear CKA(penultimate features, the same without the block), optionally debiased."""
+
+    info = CRITERION_INFO["cka"]
+    removal = True
+
+    def options(self, *, debiased: bool, seed: int) -> dict[str, Any]:
+        return {"debiased": debiased}
+
+    def accumulator(self, setup: _Setup) -> _Accumulator:
+        return _CKAAccumulator(setup)
+
+
+class LossCriterion(Criterion):
+    """Oracle: mean increase of the calibration cross-entropy when the block is removed."""
+
+    info = CRITERION_INFO["loss"]
+    removal = True
+
+    def accumulator(self, setup: _Setup) -> _Accumulator:
+        return _LossAccumulator(setup)
+
+
+class BlockInfluenceCriterion(Criterion):
+    """ShortGPT's block influence: 1 − mean cosine(pooled block input, pooled block output)."""
+
+    info = CRITERION_INFO["block_influence"]
+
+    def accumulator(self, setup: _Setup) -> _Accumulator:
+        return _SimilarityAccumulator(setup, per_sample=lambda cos: cos, final=lambda sums, n: 1.0 - sums / n)
+
+
+class AngularCriterion(Criterion):
+    """Gromov et al.'s angular distance: mean arccos(cosine)/π of pooled block input and output."""
+
+    info = CRITERION_INFO["angular"]
+
+    def accumulator(self, setup: _Setup) -> _Accumulator:
+        return _SimilarityAccumulator(setup, per_sample=lambda cos: torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi,
+                                      final=lambda sums, n: sums / n)
+
+
+class TaylorCriterion(Criterion):
+    """|Σ ∂L/∂g| / N for a gate g on the block's residual at g = 1: first-order loss change of removing it."""
+
+    info = CRITERION_INFO["taylor"]
+
+    def accumulator(self, setup: _Setup) -> _Accumulator:
+        return _TaylorAccumulator(setup)
+
+
+#: The implementation of every criterion of :data:`~cka_analysis.choices.CRITERION_INFO`, under the same names.
+REGISTRY: Mapping[str, Criterion] = MappingProxyType({c.name: c for c in (
+    CKACriterion(), RandomCriterion(), WeightNormCriterion(), BlockInfluenceCriterion(), AngularCriterion(),
+    TaylorCriterion(), LossCriterion(),
+)})
+if tuple(REGISTRY) != CRITERIA:  # a criterion declared in choices.py without an implementation, or the reverse
+    raise ImportError(f"scoring.REGISTRY {tuple(REGISTRY)} does not match choices.CRITERIA {CRITERIA}")
+
+
+def get_criterion(name: str) -> Criterion:
+    """The :class:`Criterion` called ``name``; ConfigError listing the known ones otherwise."""
+    criterion_info(name)  # the error message for an unknown name
+    return REGISTRY[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# score_blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _candidates(model: nn.Module, blocks: Sequence[str] | str | None, candidates: Sequence[str] | None) -> list[str]:
+    """The blocks to score: ``candidates`` (each must be removable) or every removable block."""
+    removable = [b.name for b in find_blocks(model, blocks) if b.removable]
+    if candidates is None:
+        cands = removable
+    else:
+        cands = list(dict.fromkeys(candidates))
+        bad = [c for c in cands if c not in removable]
+        if bad:
+            raise ConfigError(f"candidates {bad} are not removable blocks of this model")
+    if not cands:
+        raise ConfigError("the model has no removable block to score")
+    return cands
 
 
 def score_blocks(
@@ -233,8 +627,9 @@ def score_blocks(
     Args:
         model: a registry model (or a custom one with ``blocks``); it is not modified.
         calibration: the calibration images (training split): DataLoader, Dataset, image tensor, or
-            (images, labels). Not needed for ``random`` and ``weight_norm``.
-        criterion: one of :data:`CRITERIA`; ``"cka"`` is the paper's.
+            (images, labels). Not needed for the criteria whose ``needs_data`` is False (``random``,
+            ``weight_norm``; see :data:`~cka_analysis.choices.CRITERION_INFO`).
+        criterion: one of :data:`CRITERIA`; ``"cka"`` is the paper's. Implementations: :data:`REGISTRY`.
         debiased: for ``cka``, use debiased linear CKA.
         candidates: restrict to these block names (default: every removable block).
         blocks: residual blocks of a custom model (names or glob patterns).
@@ -245,238 +640,66 @@ def score_blocks(
         seed: for ``random``.
         progress, cancel: see :mod:`cka_analysis.progress`.
     """
-    if criterion not in CRITERIA:
+    if criterion not in REGISTRY:
         raise ConfigError(f"criterion={criterion!r} is not known; choose one of {', '.join(CRITERIA)}")
     if strategy not in ("auto", "prefix", "full"):
         raise ConfigError(f"strategy={strategy!r} must be 'auto', 'prefix' or 'full'")
-    progress = progress or no_progress
+    crit = REGISTRY[criterion]
     start = time.perf_counter()
     topo = topology(model, blocks)
-    found = find_blocks(model, blocks)
-    removable = [b.name for b in found if b.removable]
-    if candidates is None:
-        cands = removable
-    else:
-        cands = list(dict.fromkeys(candidates))
-        bad = [c for c in cands if c not in removable]
-        if bad:
-            raise ConfigError(f"candidates {bad} are not removable blocks of this model")
-    if not cands:
-        raise ConfigError("the model has no removable block to score")
-    options: dict[str, Any] = {"strategy": strategy, "batch_size": batch_size}
-    if criterion == "cka":
-        options["debiased"] = debiased
-
-    if criterion == "random":
-        g = torch.Generator().manual_seed(seed)
-        vals = torch.rand(len(cands), generator=g, dtype=torch.float64).tolist()
-        options["seed"] = seed
-        return Scores(criterion, dict(zip(cands, vals, strict=True)), time.perf_counter() - start, 0, options)
-    if criterion == "weight_norm":
-        values = _check_finite(criterion, _weight_norm(model, cands))
+    cands = _candidates(model, blocks, candidates)
+    options: dict[str, Any] = {"strategy": strategy, "batch_size": batch_size,
+                               **crit.options(debiased=debiased, seed=seed)}
+    if not crit.info.needs_data:
+        values = _check_finite(criterion, crit.score_weights(model, cands, seed=seed))
         return Scores(criterion, values, time.perf_counter() - start, 0, options)
-
     if calibration is None:
         raise ConfigError(f"criterion {criterion!r} needs calibration images")
+    if strategy == "prefix" and not topo.chain:
+        raise ConfigError(f"{type(model).__name__} cannot be run in pieces; use strategy='full' or 'auto'")
+    use_prefix = topo.chain and strategy != "full" and crit.removal
+    options["strategy"] = "prefix" if use_prefix else ("full" if crit.removal else "single-pass")
     dev = resolve_device(device)
+    setup = _Setup(model, topo, cands, dev, amp, use_prefix, debiased)
+    values, samples = _score_on_data(crit, setup, calibration, batch_size, options,
+                                     progress or no_progress, cancel)
+    return Scores(criterion, values, time.perf_counter() - start, samples, options)
+
+
+def _score_on_data(crit: Criterion, setup: _Setup, calibration: Any, batch_size: int, options: dict[str, Any],
+                   progress: ProgressFn, cancel: CancelToken | None) -> tuple[dict[str, float], int]:
+    """Feed the calibration batches to the criterion's accumulator; the scores and the samples seen.
+
+    Under torchrun every rank scores every K-th calibration image and the accumulator merges the ranks' shards
+    (features gathered, sums reduced), so the scores equal a one-process run. Records ``world_size`` and
+    ``samples_expected`` in ``options``.
+    """
     from . import distributed as dist_utils
 
-    # under torchrun every rank scores every K-th calibration image; finish() gathers features / sums the totals
     shard = dist_utils.is_distributed() and not isinstance(calibration, DataLoader)
     if shard:
         whole = _batches(calibration, batch_size)[1]
         calibration = _shard(calibration, dist_utils.rank(), dist_utils.world_size())
         options["world_size"] = dist_utils.world_size()
     batches, total_samples = _batches(calibration, batch_size)
-    use_prefix = topo.chain and strategy != "full" and criterion in ("cka", "loss")
-    if strategy == "prefix" and not topo.chain:
-        raise ConfigError(f"{type(model).__name__} cannot be run in pieces; use strategy='full' or 'auto'")
-    options["strategy"] = "prefix" if use_prefix else ("full" if criterion in ("cka", "loss") else "single-pass")
-
-    was_training = {m: m.training for m in model.modules()}
-    model.eval()
-    model.to(dev)
-    try:
-        runner = _Runner(model, topo, cands, criterion, dev, amp, use_prefix, gather=shard)
+    model, dev = setup.model, setup.device
+    with eval_mode(model):
+        model.to(dev)
+        acc = crit.accumulator(setup)
         n_batches = len(batches) if hasattr(batches, "__len__") else None
         for i, batch in enumerate(batches):
             check_cancel(cancel, "scoring")
-            x, y = batch[0], batch[1]
-            x = x.to(dev, non_blocking=True)
-            y = y.to(dev, non_blocking=True)
-            _split_on_oom(runner.step, x, y)
-            progress(i + 1, n_batches, f"{criterion}: batch {i + 1}/{n_batches or '?'}")
-        if runner.samples == 0:
+            x = batch[0].to(dev, non_blocking=True)
+            y = batch[1].to(dev, non_blocking=True)
+            _split_on_oom(acc.step, x, y)
+            progress(i + 1, n_batches, f"{crit.name}: batch {i + 1}/{n_batches or '?'}")
+        if acc.samples == 0:
             raise ConfigError("the calibration data yielded no images")
-        values = _check_finite(criterion, runner.finish(debiased))
-    finally:
-        for m, mode in was_training.items():
-            m.training = mode
+        if shard:
+            acc.merge_ranks()
+        values = _check_finite(crit.name, acc.finish())
     options["samples_expected"] = whole if shard else total_samples
-    return Scores(criterion, values, time.perf_counter() - start, runner.samples, options)
-
-
-class _Runner:
-    """Accumulates one criterion over calibration batches."""
-
-    def __init__(self, model: nn.Module, topo: Topology, cands: list[str], criterion: str,
-                 device: torch.device, amp: torch.dtype | None, prefix: bool, gather: bool = False):
-        self.model, self.topo, self.cands, self.criterion = model, topo, cands, criterion
-        self.device, self.amp, self.prefix, self.gather = device, amp, prefix, gather
-        self.samples = 0
-        self.full: list[torch.Tensor] = []
-        self.minus: dict[str, list[torch.Tensor]] = {c: [] for c in cands}
-        self.sums = torch.zeros(len(cands), dtype=torch.float64, device=device)
-        self.base_loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.cand_index = {c: i for i, c in enumerate(cands)}
-        self.slot_index = {s: i for i, s in enumerate(topo.slots)}
-
-    # one batch ---------------------------------------------------------------------------------------------------
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add one batch; all or nothing, so that an out-of-memory retry on its halves does not count twice."""
-        saved = (len(self.full), {c: len(v) for c, v in self.minus.items()}, self.sums.clone(),
-                 self.base_loss.clone())
-        try:
-            self._step(x, y)
-        except BaseException:
-            del self.full[saved[0]:]
-            for c, n in saved[1].items():
-                del self.minus[c][n:]
-            self.sums.copy_(saved[2])
-            self.base_loss.copy_(saved[3])
-            raise
-
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.criterion in ("cka", "loss"):
-            with torch.inference_mode(), autocast(self.device, self.amp):
-                if self.prefix:
-                    self._removal_prefix(x, y)
-                else:
-                    self._removal_full(x, y)
-        elif self.criterion in ("block_influence", "angular"):
-            with torch.inference_mode(), autocast(self.device, self.amp):
-                self._similarity(x)
-        elif self.criterion == "taylor":
-            self._taylor(x, y)
-        self.samples += len(x)
-
-    def _record(self, name: str | None, feats: torch.Tensor, y: torch.Tensor) -> None:
-        if self.criterion == "cka":
-            (self.full if name is None else self.minus[name]).append(feats.float())
-        else:  # loss: logits
-            loss = F.cross_entropy(self.topo.classify(self.model, feats).float(), y, reduction="sum")
-            if name is None:
-                self.base_loss += loss
-            else:
-                self.sums[self.cand_index[name]] += loss
-
-    def _removal_prefix(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        topo, model = self.topo, self.model
-        h = topo.stem(model, x)
-        for i, slot in enumerate(topo.slots):
-            if slot in self.cand_index:
-                self._record(slot, topo.head(model, topo.run_blocks(model, h, start=i + 1)), y)
-            h = model.get_submodule(slot)(h)
-        self._record(None, topo.head(model, h), y)
-
-    def _removal_full(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        feats = _Features(self.model, self.topo.classifier)
-        try:
-            logits = self.model(x)
-            self._record_full(None, feats.value, logits, y)
-            for c in self.cands:
-                gate = _Gate(self.model, [c])
-                try:
-                    logits = self.model(x)
-                finally:
-                    gate.remove()
-                self._record_full(c, feats.value, logits, y)
-        finally:
-            feats.remove()
-
-    def _record_full(self, name: str | None, feats: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        if self.criterion == "cka":
-            (self.full if name is None else self.minus[name]).append(feats.float())
-        else:
-            loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            if name is None:
-                self.base_loss += loss
-            else:
-                self.sums[self.cand_index[name]] += loss
-
-    def _similarity(self, x: torch.Tensor) -> None:
-        store: dict[str, torch.Tensor] = {}
-        handles = []
-        for c in self.cands:
-            def hook(module, args, out, c=c):
-                cos = _cosine(args[0], out).double()
-                if self.criterion == "angular":
-                    cos = torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
-                store[c] = cos.sum()
-            handles.append(self.model.get_submodule(c).register_forward_hook(hook))
-        try:
-            self.model(x)
-        finally:
-            for h in handles:
-                h.remove()
-        self.sums += torch.stack([store[c] for c in self.cands])
-
-    def _taylor(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        gates = {c: torch.ones((), device=self.device, requires_grad=True) for c in self.cands}
-        gate = _Gate(self.model, self.cands, gates)
-        try:
-            with torch.enable_grad(), autocast(self.device, self.amp):
-                loss = F.cross_entropy(self.model(x).float(), y, reduction="sum")
-            grads = torch.autograd.grad(loss, [gates[c] for c in self.cands])
-        finally:
-            gate.remove()
-        self.sums += torch.stack(grads).double()
-
-    # result -----------------------------------------------------------------------------------------------------
-    def _merge_ranks(self) -> None:
-        """Combine the shards of all ranks: gather the features (CKA needs all samples), sum the rest."""
-        import torch.distributed as dist
-
-        n = torch.tensor([self.samples], dtype=torch.float64, device=self.device)
-        dist.all_reduce(n)
-        self.samples = int(n)
-        if self.criterion == "cka":
-            self.full = [_all_gather_rows(torch.cat(self.full))]
-            for c in self.cands:
-                self.minus[c] = [_all_gather_rows(torch.cat(self.minus[c]))]
-        else:
-            dist.all_reduce(self.sums)
-            dist.all_reduce(self.base_loss)
-
-    def finish(self, debiased: bool) -> dict[str, float]:
-        if self.gather:
-            self._merge_ranks()
-        n = self.samples
-        if self.criterion == "cka":
-            full = torch.cat(self.full)
-            if not bool(torch.isfinite(full).all()):
-                raise ConfigError(
-                    "the model's penultimate features contain NaN or Inf on the calibration images, so no block "
-                    "can be scored: check the weights (a corrupt or diverged checkpoint), the images (NaN pixels) "
-                    "and, on CUDA, try without amp (float16 overflow)"
-                )
-            out = {}
-            for c in self.cands:
-                minus = torch.cat(self.minus[c])
-                # NaN (reported by _check_finite with the block's name) rather than linear_cka's generic error
-                out[c] = 1.0 - linear_cka(full, minus, debiased=debiased) if bool(torch.isfinite(minus).all()) \
-                    else math.nan
-            return out
-        vals = self.sums.cpu()
-        if self.criterion == "loss":
-            vals = (vals - self.base_loss.cpu()) / n
-        elif self.criterion == "block_influence":
-            vals = 1.0 - vals / n
-        elif self.criterion == "angular":
-            vals = vals / n
-        elif self.criterion == "taylor":
-            vals = vals.abs() / n
-        return dict(zip(self.cands, vals.tolist(), strict=True))
+    return values, acc.samples
 
 
 def _shard(calibration: Any, rank: int, world: int) -> Any:

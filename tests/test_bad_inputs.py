@@ -409,3 +409,24 @@ def test_minibatch_cka_rejects_mismatched_layers_and_recovers() -> None:
         acc.update([torch.randn(8, 3), torch.randn(6, 3)])
     acc.update([torch.randn(8, 3), torch.randn(8, 3)])
     assert acc.compute().shape == (2, 2)
+
+
+def test_one_out_of_memory_detector() -> None:
+    from cka_analysis.device import is_out_of_memory
+
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # not raised by an allocator
+
+
+def test_eval_mode_gives_every_submodule_its_own_flag_back(digits) -> None:
+    from cka_analysis.device import eval_mode
+
+    model = copy.deepcopy(digits).train()
+    model.bn1.eval()  # a deliberate mix: frozen BatchNorm in a training network
+    before = {name: m.training for name, m in model.named_modules()}
+    with pytest.raises(RuntimeError, match="inside"), eval_mode(model) as inner:
+        assert inner is model and not any(m.training for m in model.modules())
+        raise RuntimeError("inside")
+    assert {name: m.training for name, m in model.named_modules()} == before

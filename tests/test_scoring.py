@@ -14,13 +14,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cka_analysis.blocks import declare_blocks, find_blocks, remove_blocks
+from cka_analysis.choices import CRITERION_INFO, DATA_FREE_CRITERIA
 from cka_analysis.cka import linear_cka
 from cka_analysis.data import calibration_subset, load_dataset, make_loader
 from cka_analysis.errors import Cancelled, ConfigError
 from cka_analysis.models import attach_preset, get_preset
 from cka_analysis.models.preset import Preset
 from cka_analysis.progress import CancelToken
-from cka_analysis.scoring import CRITERIA, Scores, score_blocks
+from cka_analysis.scoring import CRITERIA, REGISTRY, Scores, get_criterion, score_blocks
 
 CALIBRATION = 128
 BATCH = 64
@@ -66,6 +67,40 @@ def penultimate(model: nn.Module, x: torch.Tensor, classifier: str = "linear") -
 # ------------------------------------------------------------------------------------------ every criterion
 def test_criteria_list() -> None:
     assert CRITERIA == ("cka", "random", "weight_norm", "block_influence", "angular", "taylor", "loss")
+    assert DATA_FREE_CRITERIA == ("random", "weight_norm")
+
+
+def test_registry_implements_exactly_the_declared_criteria() -> None:
+    assert tuple(REGISTRY) == CRITERIA == tuple(CRITERION_INFO)
+    for name, crit in REGISTRY.items():
+        assert crit.name == name and crit.info is CRITERION_INFO[name]
+        assert get_criterion(name) is crit
+        assert crit.info.description and "\n" not in crit.info.description
+    with pytest.raises(ConfigError, match="criterion='fisher' is not known; choose one of cka, random"):
+        get_criterion("fisher")
+
+
+def test_criterion_metadata_is_importable_without_torch() -> None:
+    # cka-prune --help imports choices.py; torch must stay out of it
+    import subprocess
+    import sys
+
+    code = ("import sys, cka_analysis.choices as c; assert c.CRITERION_INFO['loss'].needs_labels; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("criterion", [c for c in CRITERIA if CRITERION_INFO[c].needs_data])
+def test_needs_labels_says_whether_the_labels_matter(criterion: str, demo, xy) -> None:
+    x, y = xy
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
+    assert not torch.equal(shuffled, y)
+    a = score_blocks(demo, (x, y), criterion).scores
+    b = score_blocks(demo, (x, shuffled), criterion).scores
+    if CRITERION_INFO[criterion].needs_labels:
+        assert a != b
+    else:
+        assert a == b
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -76,7 +111,7 @@ def test_one_finite_score_per_removable_block(criterion: str, scores, removable)
     assert len(removable) == 7
     assert all(isinstance(v, float) and math.isfinite(v) for v in s.scores.values())
     assert s.seconds > 0
-    assert s.samples == (0 if criterion in ("random", "weight_norm") else CALIBRATION)
+    assert s.samples == (CALIBRATION if CRITERION_INFO[criterion].needs_data else 0)
     assert len(set(s.scores.values())) > 1  # the criterion tells blocks apart
     assert sorted(s.ranking(), key=s.scores.__getitem__) == s.ranking()
     d = s.to_dict()
@@ -215,7 +250,7 @@ def test_random_is_seeded(demo, scores) -> None:
 
 
 def test_data_free_criteria_need_no_calibration(demo) -> None:
-    for c in ("random", "weight_norm"):
+    for c in DATA_FREE_CRITERIA:
         s = score_blocks(demo, None, c)
         assert s.samples == 0 and len(s.scores) == 7
     for c in ("cka", "block_influence", "angular", "taylor", "loss"):

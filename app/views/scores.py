@@ -7,18 +7,8 @@ import streamlit as st
 from dashboard import compute, state
 from dashboard.ui import job_result, plotly
 
+from cka_analysis.choices import CRITERIA, CRITERION_INFO
 from cka_analysis.figures import rank_agreement, rank_agreement_heatmap, rank_comparison, score_bars
-from cka_analysis.scoring import CRITERIA
-
-CRITERION_HELP = {
-    "cka": "the paper's criterion: 1 − linear CKA between the final features with and without the block",
-    "random": "seeded random numbers: the floor every criterion must beat",
-    "weight_norm": "mean |w| of the block's weights (data-free)",
-    "block_influence": "1 − cosine similarity of the block's input and output (ShortGPT)",
-    "angular": "angle between the block's input and output (Gromov et al.)",
-    "taylor": "first-order estimate of the loss change when the block goes",
-    "loss": "oracle: increase of the calibration loss when the block is removed",
-}
 
 st.title("Removal scores")
 a = state.require_active()
@@ -34,7 +24,7 @@ st.session_state.setdefault("sc_criterion", "cka")
 st.session_state.setdefault("sc_debiased", False)
 c1, c2 = st.columns([2, 1])
 criterion = c1.selectbox("Criterion", list(CRITERIA), key="sc_criterion",
-                         format_func=lambda c: f"{c} — {CRITERION_HELP[c]}")
+                         format_func=lambda c: f"{c} — {CRITERION_INFO[c].description}")
 debiased = c2.toggle("Debiased CKA", key="sc_debiased", disabled=criterion != "cka",
                      help="Use the debiased CKA estimator for the cka criterion")
 deb = bool(debiased) and criterion == "cka"
