@@ -14,7 +14,9 @@ and between batch 1 and a large batch. This module measures instead:
 
   Both warm up, synchronise the device around every timed call, and *interleave* the candidates in a shuffled
   order each round, so that machine noise (other jobs, frequency changes) hits all candidates alike; the median
-  over the rounds is kept.
+  over the rounds is kept (``quantile=0.5``). On a machine shared with other jobs, a call is preempted with a
+  probability that grows with its duration, which inflates the median of long calls more than that of short ones;
+  a low quantile (e.g. 0.2) then estimates the undisturbed latency better — the records say which was used.
 * :func:`predict_latency` — the latency of the model with some blocks removed: base minus their costs. The
   planner's latency target (:class:`~cka_analysis.pruning.Target` ``("latency", fraction)``) uses it.
 * :func:`compare_latency` / :func:`check_prediction` — several models timed interleaved on the same input; the
@@ -34,7 +36,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -92,8 +93,9 @@ class BlockCosts:
         device: where it was measured, in words (CPU model or GPU name).
         batch_size, dtype, threads: the batch size, parameter dtype and torch intra-op threads of the timing.
         method: ``"blocks"`` or ``"ablation"`` (see the module docstring).
-        base_ms, base_p10_ms, base_p90_ms: median and 10th/90th percentile latency of the whole model.
-        block_ms: per removable block, the milliseconds its removal is expected to save (median).
+        quantile: the quantile of the timed rounds kept (0.5 = median).
+        base_ms, base_p10_ms, base_p90_ms: that quantile and the 10th/90th percentile latency of the whole model.
+        block_ms: per removable block, the milliseconds its removal is expected to save.
         warmup, repeats: untimed and timed rounds.
         seconds: wall time of the measurement.
         created: when it was measured (UTC, ISO 8601).
@@ -108,6 +110,7 @@ class BlockCosts:
     dtype: str
     threads: int
     method: str
+    quantile: float
     base_ms: float
     base_p10_ms: float
     base_p90_ms: float
@@ -136,7 +139,7 @@ class BlockCosts:
             return cls(
                 arch=str(d["arch"]), fingerprint=str(d["fingerprint"]), removed=[str(n) for n in d["removed"]],
                 device=str(d["device"]), batch_size=int(d["batch_size"]), dtype=str(d["dtype"]),
-                threads=int(d["threads"]), method=str(d["method"]), base_ms=float(d["base_ms"]),
+                threads=int(d["threads"]), method=str(d["method"]), quantile=float(d["quantile"]), base_ms=float(d["base_ms"]),
                 base_p10_ms=float(d["base_p10_ms"]), base_p90_ms=float(d["base_p90_ms"]),
                 block_ms={str(k): float(v) for k, v in d["block_ms"].items()}, warmup=int(d["warmup"]),
                 repeats=int(d["repeats"]), seconds=float(d["seconds"]), created=str(d["created"]),
@@ -187,6 +190,7 @@ class LatencyCheck:
     measured_reduction: float
     error: float
     relative_error: float
+    quantile: float
     batch_size: int
     dtype: str
     threads: int
@@ -207,7 +211,8 @@ class LatencyCheck:
 
 @dataclass(frozen=True)
 class RuntimeTiming:
-    """Latency of one model in one runtime at one batch size (see :func:`time_runtimes`)."""
+    """Latency of one model in one runtime at one batch size (see :func:`time_runtimes`): median, 10th/90th
+    percentile and the requested ``quantile`` of the timed rounds (``quantile_ms``)."""
 
     model: str
     runtime: str
@@ -215,6 +220,8 @@ class RuntimeTiming:
     median_ms: float
     p10_ms: float
     p90_ms: float
+    quantile: float
+    quantile_ms: float
     repeats: int
     threads: int
     device: str
@@ -304,9 +311,10 @@ def latency_cache_dir(path: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cka-prune" / "latency"
 
 
-def _cache_key(fingerprint: str, device: str, batch_size: int, dtype: str, threads: int, method: str) -> dict:
+def _cache_key(fingerprint: str, device: str, batch_size: int, dtype: str, threads: int, method: str,
+               quantile: float) -> dict:
     return {"format": _FORMAT, "fingerprint": fingerprint, "device": device, "batch_size": batch_size,
-            "dtype": dtype, "threads": threads, "method": method}
+            "dtype": dtype, "threads": threads, "method": method, "quantile": quantile}
 
 
 def _cache_file(root: Path, arch: str, key: dict) -> Path:
@@ -335,11 +343,20 @@ def _write_cache(path: Path, key: dict, costs: BlockCosts) -> None:
     tmp.replace(path)
 
 
-def _percentiles(times: Sequence[float]) -> tuple[float, float, float]:
-    """(p10, median, p90) of a list of timings."""
-    t = torch.tensor(list(times), dtype=torch.float64)
-    p10, p50, p90 = torch.quantile(t, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
-    return p10, p50, p90
+def _quantile(times: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (linear interpolation) of a list of timings."""
+    return float(torch.quantile(torch.tensor(list(times), dtype=torch.float64), q))
+
+
+def _percentiles(times: Sequence[float], q: float = 0.5) -> tuple[float, float, float]:
+    """(p10, the ``q`` quantile, p90) of a list of timings."""
+    return _quantile(times, 0.1), _quantile(times, q), _quantile(times, 0.9)
+
+
+def _check_quantile(q: object) -> float:
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 1:
+        raise ConfigError(f"quantile must be a number between 0 and 1 (0.5 = median, 0 = fastest), got {q!r}")
+    return float(q)
 
 
 def _interleaved_times(
@@ -434,25 +451,26 @@ def _capture_block_inputs(model: nn.Module, names: Sequence[str], x: torch.Tenso
     return inputs
 
 
-def _time_blocks(model: nn.Module, names: Sequence[str], x: torch.Tensor, dev: torch.device, **kw: Any):
+def _time_blocks(model: nn.Module, names: Sequence[str], x: torch.Tensor, dev: torch.device, q: float,
+                 **kw: Any):
     """Method "blocks": each block timed on its captured input, the whole model in the same rounds."""
     inputs = _capture_block_inputs(model, names, x)
     fns: dict[str, Callable[[], object]] = {"": functools.partial(model, x)}
     for n in names:
         fns[n] = functools.partial(model.get_submodule(n), inputs[n])
     times = _interleaved_times(fns, device=dev, **kw)
-    block_ms = {n: statistics.median(times[n]) for n in names}
-    return times[""], block_ms
+    return times[""], {n: _quantile(times[n], q) for n in names}
 
 
-def _time_ablation(model: nn.Module, names: Sequence[str], x: torch.Tensor, dev: torch.device, **kw: Any):
+def _time_ablation(model: nn.Module, names: Sequence[str], x: torch.Tensor, dev: torch.device, q: float,
+                   **kw: Any):
     """Method "ablation": the model timed whole and with each block removed; cost = base − without the block."""
     fns: dict[str, Callable[[], object]] = {"": functools.partial(model, x)}
     for n in names:
         fns[n] = functools.partial(remove_blocks(model, [n]), x)
     times = _interleaved_times(fns, device=dev, **kw)
-    base = statistics.median(times[""])
-    return times[""], {n: base - statistics.median(times[n]) for n in names}
+    base = _quantile(times[""], q)
+    return times[""], {n: base - _quantile(times[n], q) for n in names}
 
 
 def measure_block_costs(
@@ -465,6 +483,7 @@ def measure_block_costs(
     method: str = "blocks",
     warmup: int = 5,
     repeats: int = 20,
+    quantile: float = 0.5,
     input_size: Sequence[int] | None = None,
     cache: bool = True,
     cache_dir: str | Path | None = None,
@@ -481,9 +500,11 @@ def measure_block_costs(
             setting). Costs differ between batch 1 and a large batch, so plan with the batch you serve.
         method: ``"blocks"`` (each block timed on its own input; cheap) or ``"ablation"`` (model timed without
             each block; one forward pass per block per round).
-        warmup, repeats: untimed and timed interleaved rounds; the median over the rounds is kept.
+        warmup, repeats: untimed and timed interleaved rounds.
+        quantile: which quantile of the rounds is kept (0.5 = the median; lower on a machine shared with other
+            jobs, see the module docstring).
         cache, cache_dir, refresh: read and write the on-disk cache (:func:`latency_cache_dir`), keyed by
-            (:func:`model_fingerprint`, device hardware, batch size, dtype, threads, method); ``refresh``
+            (:func:`model_fingerprint`, device hardware, batch size, dtype, threads, method, quantile); ``refresh``
             measures again and overwrites.
         progress, cancel: reported per round / honoured between rounds (raises Cancelled).
     """
@@ -492,6 +513,7 @@ def measure_block_costs(
     _positive_int("repeats", repeats)
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not a way to measure block costs; choose one of {METHODS}")
+    q = _check_quantile(quantile)
     dev = resolve_device(device)
     dtype_name = _dtype_name(dtype)
     n_threads = _threads(threads)
@@ -500,7 +522,7 @@ def measure_block_costs(
     arch = preset.arch if preset is not None else type(model).__name__
     fingerprint = model_fingerprint(model, size)
     hardware = device_name(dev)
-    key = _cache_key(fingerprint, hardware, batch_size, dtype_name, n_threads, method)
+    key = _cache_key(fingerprint, hardware, batch_size, dtype_name, n_threads, method, q)
     path = _cache_file(latency_cache_dir(cache_dir), arch, key)
     if cache and not refresh:
         cached = _read_cache(path, key)
@@ -512,12 +534,12 @@ def measure_block_costs(
         m = _prepared(model, dev, _DTYPES[dtype_name])
         x = _example_input(size, batch_size, dev, _DTYPES[dtype_name], seed)
         timer = _time_blocks if method == "blocks" else _time_ablation
-        base_times, block_ms = timer(m, names, x, dev, warmup=warmup, repeats=repeats, seed=seed,
+        base_times, block_ms = timer(m, names, x, dev, q, warmup=warmup, repeats=repeats, seed=seed,
                                      progress=progress, cancel=cancel, what="measuring block latency")
-    p10, p50, p90 = _percentiles(base_times)
+    p10, pq, p90 = _percentiles(base_times, q)
     costs = BlockCosts(
         arch=arch, fingerprint=fingerprint, removed=removed_blocks(model), device=hardware,
-        batch_size=batch_size, dtype=dtype_name, threads=n_threads, method=method, base_ms=p50,
+        batch_size=batch_size, dtype=dtype_name, threads=n_threads, method=method, quantile=q, base_ms=pq,
         base_p10_ms=p10, base_p90_ms=p90, block_ms=block_ms, warmup=warmup, repeats=repeats,
         seconds=time.perf_counter() - start, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
@@ -549,6 +571,22 @@ def compare_latency(
 
     The models are not modified (copies are moved to the device). Returns ``{label: Latency}``.
     """
+    times, desc = _model_times(models, batch_size=batch_size, device=device, dtype=dtype, threads=threads,
+                               warmup=warmup, repeats=repeats, input_size=input_size, seed=seed,
+                               progress=progress, cancel=cancel)
+    out = {}
+    for k, t in times.items():
+        p10, p50, p90 = _percentiles(t)
+        out[k] = Latency(median_ms=p50, p10_ms=p10, p90_ms=p90, batch_size=batch_size, device=desc,
+                         repeats=repeats)
+    return out
+
+
+def _model_times(models: Mapping[str, nn.Module], *, batch_size: int, device: str | torch.device,
+                 dtype: str | torch.dtype, threads: int | None, warmup: int, repeats: int,
+                 input_size: Sequence[int] | None, seed: int, progress: ProgressFn | None,
+                 cancel: CancelToken | None) -> tuple[dict[str, list[float]], str]:
+    """Every timed call (ms) of each model, interleaved; and the device description."""
     if not models:
         raise ConfigError("models must name at least one model to time")
     _positive_int("batch_size", batch_size)
@@ -564,13 +602,7 @@ def compare_latency(
         fns = {k: functools.partial(m, x) for k, m in prepared.items()}
         times = _interleaved_times(fns, device=dev, warmup=warmup, repeats=repeats, seed=seed,
                                    progress=progress, cancel=cancel, what="timing models")
-        desc = describe_device(dev)
-    out = {}
-    for k, t in times.items():
-        p10, p50, p90 = _percentiles(t)
-        out[k] = Latency(median_ms=p50, p10_ms=p10, p90_ms=p90, batch_size=batch_size, device=desc,
-                         repeats=repeats)
-    return out
+        return times, describe_device(dev)
 
 
 def check_prediction(
@@ -585,20 +617,21 @@ def check_prediction(
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> LatencyCheck:
-    """Time ``base`` and ``pruned`` interleaved in the setting ``costs`` were measured in (batch, dtype, threads)
-    and compare the measured reduction with the one :func:`predict_latency` gave for the blocks removed."""
+    """Time ``base`` and ``pruned`` interleaved in the setting ``costs`` were measured in (batch, dtype, threads,
+    quantile of the rounds) and compare the measured reduction with the one :func:`predict_latency` gave for the
+    blocks removed."""
     gone = [n for n in removed_blocks(pruned) if n not in set(removed_blocks(base))]
     predicted = predict_latency(costs, gone)
-    t = compare_latency({"base": base, "pruned": pruned}, batch_size=costs.batch_size, device=device,
-                        dtype=costs.dtype, threads=costs.threads, warmup=warmup, repeats=repeats, seed=seed,
-                        progress=progress, cancel=cancel)
-    b, p = t["base"].median_ms, t["pruned"].median_ms
+    times, desc = _model_times({"base": base, "pruned": pruned}, batch_size=costs.batch_size, device=device,
+                               dtype=costs.dtype, threads=costs.threads, warmup=warmup, repeats=repeats,
+                               input_size=None, seed=seed, progress=progress, cancel=cancel)
+    b, p = _quantile(times["base"], costs.quantile), _quantile(times["pruned"], costs.quantile)
     pred_red = 1 - predicted / costs.base_ms if costs.base_ms > 0 else 0.0
     meas_red = 1 - p / b if b > 0 else 0.0
     return LatencyCheck(
         base_ms=b, pruned_ms=p, predicted_ms=predicted, predicted_reduction=pred_red, measured_reduction=meas_red,
-        error=meas_red - pred_red, relative_error=(predicted / p - 1) if p > 0 else 0.0,
-        batch_size=costs.batch_size, dtype=costs.dtype, threads=costs.threads, device=t["base"].device,
+        error=meas_red - pred_red, relative_error=(predicted / p - 1) if p > 0 else 0.0, quantile=costs.quantile,
+        batch_size=costs.batch_size, dtype=costs.dtype, threads=costs.threads, device=desc,
         repeats=repeats, costs_method=costs.method,
     )
 
@@ -673,6 +706,7 @@ def time_runtimes(
     threads: int | None = None,
     warmup: int = 3,
     repeats: int = 10,
+    quantile: float = 0.5,
     workdir: str | Path | None = None,
     seed: int = 0,
     progress: ProgressFn | None = None,
@@ -682,12 +716,14 @@ def time_runtimes(
     (``torch.export``) and the exported ONNX model under onnxruntime.
 
     For each batch size, every (model, runtime) pair is timed on the same seeded input with the same thread
-    count, interleaved in a shuffled order each round. Exports go to ``workdir`` (default: a temporary folder).
+    count, interleaved in a shuffled order each round; each row holds the median, the 10th/90th percentiles and
+    the ``quantile`` asked for. Exports go to ``workdir`` (default: a temporary folder).
     float32 only (the exported programs are float32). Returns one :class:`RuntimeTiming` per model × runtime ×
     batch size.
     """
     if not models:
         raise ConfigError("models must name at least one model to time")
+    q = _check_quantile(quantile)
     sizes = [_positive_int("batch_sizes", b) for b in batch_sizes]
     if not sizes:
         raise ConfigError("batch_sizes must hold at least one batch size, e.g. (1, 64)")
@@ -727,5 +763,6 @@ def time_runtimes(
             for (label, rt), t in times.items():
                 p10, p50, p90 = _percentiles(t)
                 rows.append(RuntimeTiming(model=label, runtime=rt, batch_size=bs, median_ms=p50, p10_ms=p10,
-                                          p90_ms=p90, repeats=repeats, threads=n_threads, device=desc))
+                                          p90_ms=p90, quantile=q, quantile_ms=_quantile(t, q), repeats=repeats,
+                                          threads=n_threads, device=desc))
     return rows

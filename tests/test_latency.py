@@ -31,7 +31,7 @@ QUICK = {"device": "cpu", "warmup": 0, "repeats": 2}
 def _costs(block_ms: dict[str, float], base_ms: float = 10.0, **kw) -> BlockCosts:
     """Hand-made costs (what a measurement would return) for planner tests that must not depend on timing."""
     fields = {"arch": "digits_resnet", "fingerprint": "f", "removed": [], "device": "cpu: test", "batch_size": 1,
-              "dtype": "float32", "threads": 1, "method": "blocks", "base_ms": base_ms, "base_p10_ms": base_ms,
+              "dtype": "float32", "threads": 1, "method": "blocks", "quantile": 0.5, "base_ms": base_ms, "base_p10_ms": base_ms,
               "base_p90_ms": base_ms, "block_ms": block_ms, "warmup": 0, "repeats": 1, "seconds": 0.0,
               "created": "2026-01-01T00:00:00+00:00"}
     return BlockCosts(**{**fields, **kw})
@@ -60,10 +60,10 @@ def test_costs_cover_removable_blocks_and_are_measured_once(demo, tmp_path):
 
 def test_cache_key_separates_batch_threads_method_and_structure(demo, tmp_path):
     base = measure_block_costs(demo, cache_dir=tmp_path, **QUICK)
-    for kw in ({"batch_size": 4}, {"threads": 2}, {"method": "ablation"}):
+    for kw in ({"batch_size": 4}, {"threads": 2}, {"method": "ablation"}, {"quantile": 0.0}):
         other = measure_block_costs(demo, cache_dir=tmp_path, **{**QUICK, **kw})
         assert not other.from_cache, kw
-    assert len(list(tmp_path.glob("*.json"))) == 4
+    assert len(list(tmp_path.glob("*.json"))) == 5
     assert measure_block_costs(demo, cache_dir=tmp_path, batch_size=4, **QUICK).batch_size == 4
 
     pruned = remove_blocks(demo, ["layer1.0"])
@@ -118,6 +118,7 @@ def test_block_costs_round_trip_and_bad_records(demo, tmp_path):
     ({"method": "profile"}, "method"),
     ({"dtype": "int8"}, "dtype"),
     ({"threads": 0}, "threads"),
+    ({"quantile": 1.5}, "quantile"),
 ])
 def test_bad_arguments_name_themselves(demo, tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -214,7 +215,7 @@ def test_check_prediction_records_predicted_measured_and_error(demo, tmp_path):
     assert check.predicted_reduction == pytest.approx(1 - check.predicted_ms / costs.base_ms)
     assert check.measured_reduction == pytest.approx(1 - check.pruned_ms / check.base_ms)
     assert check.error == pytest.approx(check.measured_reduction - check.predicted_reduction)
-    assert (check.batch_size, check.threads, check.dtype, check.repeats) == (1, 1, "float32", 3)
+    assert (check.batch_size, check.threads, check.dtype, check.repeats, check.quantile) == (1, 1, "float32", 3, 0.5)
     d = json.loads(json.dumps(check.to_dict()))
     assert LatencyCheck.from_dict(d) == check
     with pytest.raises(ConfigError, match="error"):
@@ -241,6 +242,7 @@ def test_runtime_timings_cover_every_model_runtime_and_batch(demo, tmp_path):
     assert got == {(m, rt, b) for m in ("base", "pruned") for rt in ("torch", "pt2", "onnxruntime-cpu")
                    for b in (1, 8)}
     assert all(r.median_ms > 0 and r.threads == 1 and r.repeats == 2 for r in rows)
+    assert all(r.p10_ms <= r.median_ms <= r.p90_ms and r.quantile == 0.5 for r in rows)
     assert {p.name for p in tmp_path.iterdir()} == {"base.pt2", "base.onnx", "pruned.pt2", "pruned.onnx"}
     with pytest.raises(ConfigError, match="runtimes"):
         time_runtimes({"base": demo}, runtimes=["tensorrt"], device="cpu")
