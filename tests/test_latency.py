@@ -246,3 +246,29 @@ def test_runtime_timings_cover_every_model_runtime_and_batch(demo, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"base.pt2", "base.onnx", "pruned.pt2", "pruned.onnx"}
     with pytest.raises(ConfigError, match="runtimes"):
         time_runtimes({"base": demo}, runtimes=["tensorrt"], device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report of a pruning run with a latency target
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_prune_run_with_latency_target_records_predicted_and_measured(demo, tmp_path, monkeypatch):
+    from cka_analysis.workflow import PruneRecord, PruneRequest, run_prune
+
+    monkeypatch.setenv("CKA_PRUNE_LATENCY_CACHE", str(tmp_path))
+    request = PruneRequest(demo, data="digits", target="latency:30%", criterion="weight_norm", recovery="none",
+                           eval_samples=64, device="cpu")
+    outcome = run_prune(request)
+    lat = outcome.record.latency_ms
+    costs = measure_block_costs(demo, device="cpu")  # what the run measured, from the cache
+    assert costs.from_cache
+    assert lat["predicted"] == pytest.approx(predict_latency(costs, outcome.record.removed))
+    assert lat["predicted_reduction"] >= 0.3 - 1e-9
+    assert lat["error"] == pytest.approx(lat["measured_reduction"] - lat["predicted_reduction"])
+    assert lat["measured_reduction"] == pytest.approx(1 - lat["pruned"] / lat["base"])
+    assert (lat["batch_size"], lat["quantile"]) == (1, 0.5)
+    report = json.loads(json.dumps(outcome.record.to_dict()))
+    assert report["target"] == {"kind": "latency", "value": 0.3}
+    assert PruneRecord.from_dict(report).latency_ms == lat
+    assert "predicted" in outcome.record.summary()
