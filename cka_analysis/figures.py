@@ -185,6 +185,21 @@ def _mapping(obj: Any, name: str) -> Mapping:
 # --------------------------------------------------------------------------------------------------------------
 
 
+HEATMAP_SIZE = 720  # default side of the matrix in pixels (fills most of a wide page at 1,400 px)
+_MIN_TICK_PX = 13  # a tick label needs about this many pixels of axis to stay readable
+
+
+def _tick_step(n: int, side_px: float) -> int:
+    """Label every k-th cell so that labels are at least :data:`_MIN_TICK_PX` apart on a ``side_px`` axis."""
+    return max(1, math.ceil(_MIN_TICK_PX * n / max(side_px, 1.0)))
+
+
+def _ticks(names: list[str], side_px: float) -> tuple[list[int], list[str]]:
+    step = _tick_step(len(names), side_px)
+    idx = list(range(0, len(names), step))
+    return idx, [names[i] for i in idx]
+
+
 def cka_heatmap(
     matrix: Any,
     names_x: Sequence[str],
@@ -193,13 +208,20 @@ def cka_heatmap(
     title: str = "CKA",
     zmin: float = 0.0,
     zmax: float = 1.0,
+    size: int = HEATMAP_SIZE,
 ) -> go.Figure:
-    """Heatmap of a layer-by-layer CKA matrix.
+    """Heatmap of a layer-by-layer CKA matrix with square cells and the colour bar right beside it.
 
     ``matrix[i, j]`` is the CKA between layer ``names_y[i]`` (row, y axis) and layer ``names_x[j]`` (column,
     x axis); ``names_y`` defaults to ``names_x``. The matrix may be non-square (model A's layers against model
     B's). The colour scale is fixed to ``[zmin, zmax]`` (0–1) so that figures are comparable; the first
     layers sit at the bottom-left corner; NaN cells are blank and their hover reads "n/a".
+
+    ``size`` is the longer side of the matrix in pixels: the figure's width and height are set so that the
+    plot area is exactly the matrix (cells square) and the colour bar sits just right of it. Show it at its own
+    width (Streamlit: ``width="content"``); stretching it to a wider container would move the colour bar away.
+    With many layers (ResNet-110) only every k-th tick is labelled so labels stay readable; the hover text of
+    every cell names both layers exactly.
     """
     nx = _names(names_x, "names_x")
     ny = nx if names_y is None else _names(names_y, "names_y")
@@ -212,6 +234,8 @@ def cka_heatmap(
     zmin, zmax = _number(zmin, "zmin"), _number(zmax, "zmax")
     if not zmin < zmax:
         raise ConfigError(f"zmin must be below zmax, got zmin={zmin}, zmax={zmax}")
+    if isinstance(size, bool) or not isinstance(size, int) or not 120 <= size <= 4000:
+        raise ConfigError(f"size={size!r} must be the matrix side in pixels, an integer in [120, 4000]")
 
     hover = [
         [
@@ -222,9 +246,13 @@ def cka_heatmap(
         ]
         for i in range(len(ny))
     ]
+    # Square cells: the plot area is cell × columns wide and cell × rows high.
+    cell = size / max(len(nx), len(ny))
+    plot_w, plot_h = cell * len(nx), cell * len(ny)
     # Integer positions with tick labels keep the cells in order even if a name repeats across a model pair.
     xs, ys = list(range(len(nx))), list(range(len(ny)))
     z_plot = np.where(np.isfinite(z), z, np.nan)
+    colorbar_px = 90  # the bar (15 px), its tick labels and title, in the right margin
     fig = go.Figure(
         go.Heatmap(
             z=z_plot.tolist(),
@@ -234,7 +262,8 @@ def cka_heatmap(
             zmax=zmax,
             zauto=False,
             colorscale=CKA_COLOURSCALE,
-            colorbar={"title": {"text": "CKA"}, "thickness": 15},
+            colorbar={"title": {"text": "CKA"}, "thickness": 15, "x": 1.0, "xref": "paper", "xanchor": "left",
+                      "xpad": 12, "len": 0.92, "lenmode": "fraction", "y": 0.46, "yanchor": "middle"},
             text=hover,
             hovertemplate="%{text}<extra></extra>",
             hoverongaps=True,
@@ -242,12 +271,14 @@ def cka_heatmap(
             ygap=0,
         )
     )
-    tick_font = {"size": 11 if max(len(nx), len(ny)) <= 30 else 9}
+    tick_font = {"size": 11 if cell >= 16 else 9}
+    tx, tx_text = _ticks(nx, plot_w)
+    ty, ty_text = _ticks(ny, plot_h)
     fig.update_xaxes(
         title={"text": "layer (column j)"},
         tickmode="array",
-        tickvals=xs,
-        ticktext=nx,
+        tickvals=tx,
+        ticktext=tx_text,
         tickangle=-45,
         tickfont=tick_font,
         showgrid=False,
@@ -258,8 +289,8 @@ def cka_heatmap(
     fig.update_yaxes(
         title={"text": "layer (row i)"},
         tickmode="array",
-        tickvals=ys,
-        ticktext=ny,
+        tickvals=ty,
+        ticktext=ty_text,
         tickfont=tick_font,
         showgrid=False,
         zeroline=False,
@@ -269,8 +300,16 @@ def cka_heatmap(
         scaleratio=1,
         constrain="domain",
     )
-    side = int(min(900, max(420, 220 + 18 * max(len(nx), len(ny)))))
-    return _apply_style(fig, title, legend=False, height=side)
+    _apply_style(fig, title, legend=False)
+    label_px = 7 * max(len(t) for t in [*tx_text, *ty_text]) if (tx_text or ty_text) else 40
+    margin = {"l": 40 + label_px, "r": colorbar_px, "t": 70, "b": 50 + int(label_px * 0.75)}
+    fig.update_layout(
+        margin=margin,
+        width=round(plot_w + margin["l"] + margin["r"]),
+        height=round(plot_h + margin["t"] + margin["b"]),
+        autosize=False,
+    )
+    return fig
 
 
 def adjacent_similarity(

@@ -98,6 +98,47 @@ def test_cka_heatmap_non_square_and_torch_input():
     assert "row: b2" in hm.text[1][2] and "column: a3" in hm.text[1][2] and "0.600" in hm.text[1][2]
 
 
+def _plot_area(fig) -> tuple[float, float]:
+    m = fig.layout.margin
+    return fig.layout.width - m.l - m.r, fig.layout.height - m.t - m.b
+
+
+@pytest.mark.parametrize(("rows", "cols", "size"), [(11, 11, 720), (56, 56, 720), (3, 40, 600), (56, 56, 480)])
+def test_cka_heatmap_cells_are_square_and_the_colour_bar_is_beside_it(rows, cols, size):
+    fig = F.cka_heatmap(np.full((rows, cols), 0.5), [f"c{j}" for j in range(cols)], [f"r{i}" for i in range(rows)],
+                        size=size)
+    w, h = _plot_area(fig)
+    assert fig.layout.autosize is False
+    assert max(w, h) == pytest.approx(size, abs=1)  # the matrix is as large as asked
+    assert w / cols == pytest.approx(h / rows, abs=0.02)  # square cells: no empty band beside the matrix
+    bar = fig.data[0].colorbar
+    # right of the plot area (paper x = 1), inside the right margin, not at the far edge of a wide page
+    assert bar.x == 1.0 and bar.xanchor == "left" and bar.xref == "paper"
+    assert fig.layout.margin.r >= bar.thickness + bar.xpad + 30
+
+
+def test_cka_heatmap_thins_tick_labels_of_deep_networks_but_hover_stays_exact():
+    from cka_analysis.capture import default_layers
+    from cka_analysis.models import build_model
+
+    names = list(default_layers(build_model("cifar_resnet110", weights="random")))
+    assert len(names) > 50
+    z = np.random.default_rng(0).uniform(size=(len(names), len(names)))
+    fig = F.cka_heatmap(z, names, size=720)
+    w, _ = _plot_area(fig)
+    ticks = list(fig.layout.xaxis.tickvals)
+    assert 10 < len(ticks) < len(names)
+    assert min(np.diff(ticks)) * w / len(names) >= 13  # labels at least 13 px apart
+    assert list(fig.layout.xaxis.ticktext) == [names[i] for i in ticks]
+    assert list(fig.layout.yaxis.ticktext) == [names[i] for i in fig.layout.yaxis.tickvals]
+    hm = fig.data[0]
+    for i, j in [(0, 0), (7, 41), (len(names) - 1, 3), (len(names) - 2, len(names) - 1)]:
+        assert hm.text[i][j] == f"row: {names[i]}<br>column: {names[j]}<br>CKA: {z[i, j]:.3f}"
+    # a small matrix keeps every label
+    small = F.cka_heatmap(np.eye(9), names[:9], size=720)
+    assert list(small.layout.xaxis.ticktext) == names[:9]
+
+
 def test_cka_heatmap_validation():
     with pytest.raises(ConfigError, match="matrix"):
         F.cka_heatmap(np.zeros((2, 3)), ["a", "b"])
@@ -107,6 +148,8 @@ def test_cka_heatmap_validation():
         F.cka_heatmap(np.zeros((1, 1)), "a")
     with pytest.raises(ConfigError, match="zmin"):
         F.cka_heatmap(np.zeros((1, 1)), ["a"], zmin=1.0, zmax=0.0)
+    with pytest.raises(ConfigError, match="size"):
+        F.cka_heatmap(np.zeros((1, 1)), ["a"], size=50)
 
 
 # ---------------------------------------------------------------------------------------------------- adjacent
