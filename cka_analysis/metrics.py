@@ -5,6 +5,8 @@
   module (so each residual block knows what removing it saves).
 * :func:`count_params` — number of distinct parameters.
 * :func:`measure_latency` — median wall-clock time of a forward pass, with honest device synchronisation.
+* :func:`estimate_seconds` — how long work of N images × P forward passes will take, from a short measured probe
+  (what the dashboard shows before it starts anything that may take more than a few seconds).
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ from .errors import ConfigError, DataError
 from .progress import CancelToken, ProgressFn, check_cancel, no_progress
 
 __all__ = [
+    "TRAIN_STEP_PASSES",
     "Accuracy",
+    "Estimate",
     "Latency",
     "count_macs",
     "count_params",
+    "estimate_seconds",
     "evaluate",
     "measure_latency",
     "module_macs",
@@ -214,19 +219,20 @@ def _flop_pass(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[int,
     x = torch.zeros((1, *size), device=device, dtype=dtype)
     was_training = model.training
     model.eval()
-    # nn.MultiheadAttention's inference fast path runs one fused kernel that FlopCounterMode does not see (a
-    # ViT-B/16 would count 11.3 G instead of 17.6 G MACs): count the ordinary path, which does the same math.
-    mha = getattr(torch.backends, "mha", None)
-    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    # nn.MultiheadAttention's (and TransformerEncoderLayer's) inference fast path runs one fused kernel that
+    # FlopCounterMode does not see (a ViT-B/16 would count 11.3 G instead of 17.6 G MACs). The ordinary path does
+    # the same math; it is taken for THIS call only by running with autograd on and an input that requires
+    # grad (the fast path refuses tensors that need gradients). No process-wide switch is flipped
+    # (torch.backends.mha.set_fastpath_enabled would change other threads' — other dashboard sessions' —
+    # forward passes while the count runs). Only forward FLOPs are counted: nothing calls backward.
+    # inference_mode(False): also when the caller runs under inference_mode, where enable_grad alone is not enough
     try:
-        if mha is not None:
-            mha.set_fastpath_enabled(False)
-        with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
-            model(x)
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.clone().requires_grad_(True)
+            with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
+                model(x)
     finally:
         model.train(was_training)
-        if mha is not None:
-            mha.set_fastpath_enabled(fastpath)
     per_key = {key: sum(ops.values()) for key, ops in counter.get_flop_counts().items()}
     return int(counter.get_total_flops()), per_key
 
@@ -368,3 +374,100 @@ def measure_latency(
         device=describe_device(dev),
         repeats=repeats,
     )
+
+
+# A training step (forward + backward) or an attack step (forward + input gradient) costs about three forward
+# passes: the backward pass is roughly twice the forward one (Kaplan et al. 2020; also the usual 1:2 rule).
+TRAIN_STEP_PASSES = 3.0
+
+
+@dataclass
+class Estimate:
+    """How long some work will take, from a measured probe.
+
+    Attributes:
+        seconds: the estimate for the whole work.
+        per_image_s: measured seconds of one forward pass per image (at the probe's batch size).
+        images, passes: the work: ``images`` images, ``passes`` forward-pass equivalents each.
+        device: where it was measured, e.g. ``"cpu (2 threads)"``.
+        probe_s: wall-clock time the probe itself took.
+    """
+
+    seconds: float
+    per_image_s: float
+    images: int
+    passes: float
+    device: str
+    probe_s: float
+
+    def __str__(self) -> str:
+        return f"about {format_duration(self.seconds)} on {self.device}"
+
+
+def format_duration(seconds: float) -> str:
+    """``"8 s"``, ``"1 min 40 s"``, ``"2 h 05 min"``: a duration for people (rounded up to whole seconds)."""
+    if seconds != seconds or seconds < 0:  # NaN or negative
+        raise ConfigError(f"seconds={seconds!r} must be a non-negative number")
+    total = int(-(-seconds // 1))  # ceil
+    if total < 60:
+        return f"{max(total, 1)} s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def estimate_seconds(
+    model: nn.Module,
+    images: int,
+    passes: float = 1.0,
+    device: str | torch.device = "auto",
+    *,
+    batch_size: int = 32,
+    input_size: tuple[int, int, int] | None = None,
+    repeats: int = 2,
+) -> Estimate:
+    """Estimate the wall-clock time of ``images`` images × ``passes`` forward-pass equivalents on ``device``.
+
+    A short probe measures it rather than guessing from MACs: one untimed warm-up and ``repeats`` timed forward
+    passes of a batch of ``min(batch_size, images)`` images (seeded noise of the model's input size) under
+    inference_mode, synchronised like :func:`measure_latency`; the fastest repeat gives the seconds per image.
+    Pass ``passes`` as the forward-pass equivalents per image the work needs (a heatmap ≈ 1 plus its CKA
+    arithmetic, a fine-tuning step ≈ :data:`TRAIN_STEP_PASSES`, a 10-step PGD attack ≈ 10 × that).
+
+    The model is probed where the work will run and put back on the device (and in the mode) it was in, so
+    calling this never changes a model that is shared with other work. The probe costs ``repeats + 1`` batches.
+    """
+    _check_positive_int("images", images)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("repeats", repeats)
+    if not isinstance(passes, (int, float)) or isinstance(passes, bool) or not passes > 0:
+        raise ConfigError(f"passes={passes!r} must be a positive number of forward-pass equivalents per image")
+    if input_size is None:
+        from .models.preset import get_preset
+
+        input_size = get_preset(model).input_size
+    size = _check_input_size(input_size)
+    dev = resolve_device(device)
+    home, param_dtype = _model_device_dtype(model)
+    batch = min(int(batch_size), int(images))
+    x = torch.randn((batch, *size), generator=torch.Generator().manual_seed(0)).to(dev, param_dtype)
+    was_training = model.training
+    start = time.perf_counter()
+    times: list[float] = []
+    try:
+        model.to(dev).eval()
+        with torch.inference_mode():
+            model(x)
+            for _ in range(repeats):
+                synchronize(dev)
+                t0 = time.perf_counter()
+                model(x)
+                synchronize(dev)
+                times.append(time.perf_counter() - t0)
+    finally:
+        model.to(home).train(was_training)
+    per_image = min(times) / batch
+    return Estimate(seconds=per_image * images * float(passes), per_image_s=per_image, images=int(images),
+                    passes=float(passes), device=describe_device(dev), probe_s=time.perf_counter() - start)

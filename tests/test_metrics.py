@@ -300,3 +300,99 @@ def test_measure_latency_validates_arguments() -> None:
         measure_latency(model, (3, 4, 4), device="cpu", warmup=-1)
     with pytest.raises(ConfigError, match="input_size"):
         measure_latency(model, (3, 4), device="cpu")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------ attention MACs
+def _vit_tiny_macs_by_hand() -> int:
+    """vit_tiny: 32×32×3 input, patch 8, width 64, 4 heads, MLP 128, 4 blocks, 10 classes (see the registry)."""
+    patches, width, mlp, blocks, classes = (32 // 8) ** 2, 64, 128, 4, 10
+    tokens = patches + 1  # + the class token
+    patch_embedding = width * patches * (3 * 8 * 8)  # a stride-8 8×8 conv: one dot product per output value
+    qkv = tokens * width * 3 * width
+    scores = tokens * tokens * width  # Q·Kᵀ over all heads: heads × tokens² × (width / heads)
+    weighted = tokens * tokens * width  # softmax(QKᵀ)·V
+    out_proj = tokens * width * width
+    mlp_macs = 2 * tokens * width * mlp
+    head = width * classes  # the class token only
+    return patch_embedding + blocks * (qkv + scores + weighted + out_proj + mlp_macs) + head
+
+
+def test_attention_macs_match_a_hand_computed_reference() -> None:
+    """The fused inference fast path hides attention from FlopCounterMode; the count must not lose it."""
+    from cka_analysis.models import build_model
+
+    model = build_model("vit_tiny", weights="random").eval()
+    assert count_macs(model, (3, 32, 32)) == _vit_tiny_macs_by_hand() == 2_573_440
+    # the same under no_grad/inference mode, which is where the fast path would be taken
+    with torch.inference_mode():
+        assert count_macs(model, (3, 32, 32)) == 2_573_440
+
+
+def test_counting_macs_never_switches_the_attention_fast_path_off_for_other_threads() -> None:
+    """Another session's forward passes keep the fast path while MACs are counted in a worker thread."""
+    import threading
+
+    from cka_analysis.models import build_model
+
+    mha = torch.backends.mha
+    assert mha.get_fastpath_enabled()
+    model = build_model("vit_tiny", weights="random").eval()
+    seen_off = threading.Event()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if not mha.get_fastpath_enabled():
+                seen_off.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    counter = threading.Thread(target=lambda: [count_macs(model, (3, 32, 32)) for _ in range(15)])
+    counter.start()
+    counter.join(120)
+    stop.set()
+    watcher.join(10)
+    assert not seen_off.is_set(), "count_macs switched torch.backends.mha's fast path off process-wide"
+    assert mha.get_fastpath_enabled()
+
+
+# ------------------------------------------------------------------------------------------------ estimates
+def test_estimate_seconds_scales_with_the_work_and_leaves_the_model_alone() -> None:
+    from cka_analysis.metrics import TRAIN_STEP_PASSES, estimate_seconds
+    from cka_analysis.models import build_model
+
+    model = build_model("digits_resnet", weights="demo").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one = estimate_seconds(model, 100, 1.0, "cpu", batch_size=16)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert one.per_image_s > 0 and one.seconds == pytest.approx(one.per_image_s * 100)
+    assert one.device.startswith("cpu") and one.probe_s > 0
+    train = estimate_seconds(model, 100, TRAIN_STEP_PASSES, "cpu", batch_size=16)
+    assert train.seconds == pytest.approx(train.per_image_s * 100 * TRAIN_STEP_PASSES)
+    assert "on cpu" in str(one)
+
+
+def test_estimate_seconds_tracks_the_real_cost_of_a_bigger_model() -> None:
+    """ResNet-56 has ~50× the MACs of the digits demo: the probe must see that it is slower per image."""
+    from cka_analysis.metrics import estimate_seconds
+    from cka_analysis.models import build_model
+
+    small = estimate_seconds(build_model("digits_resnet", weights="random"), 64, 1.0, "cpu", batch_size=16)
+    big = estimate_seconds(build_model("cifar_resnet56", weights="random"), 64, 1.0, "cpu", batch_size=16)
+    assert big.per_image_s > 5 * small.per_image_s, (small.per_image_s, big.per_image_s)
+
+
+def test_estimate_seconds_validates_its_arguments() -> None:
+    from cka_analysis.metrics import estimate_seconds, format_duration
+    from cka_analysis.models import build_model
+
+    model = build_model("digits_resnet", weights="random")
+    with pytest.raises(ConfigError, match="images"):
+        estimate_seconds(model, 0)
+    with pytest.raises(ConfigError, match="passes"):
+        estimate_seconds(model, 10, passes=0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        estimate_seconds(model, 10, batch_size=0)
+    assert [format_duration(s) for s in (0.2, 8.1, 100, 7260)] == ["1 s", "9 s", "1 min 40 s", "2 h 01 min"]
+    with pytest.raises(ConfigError, match="seconds"):
+        format_duration(-1)
