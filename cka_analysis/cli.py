@@ -205,10 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write {criterion, samples, seconds, scores} ('-' for stdout)")
     _common(p)
 
-    p = sub.add_parser("prune", help="remove blocks (by hand or to a target), fine-tune, save",
+    p = sub.add_parser("prune", help="remove blocks (by hand or to a target), recover the accuracy, save",
                        description="Remove residual blocks chosen by hand or by a criterion until a target is "
-                                   "met (one-shot or iterative as in the paper), optionally fine-tune, and write "
-                                   "the pruned model (loadable with load_pruned) and report.json to --out.")
+                                   "met (one-shot or iterative as in the paper), recover the accuracy within a "
+                                   "budget of training images (--recovery), and write the pruned model (loadable "
+                                   "with load_pruned) and report.json to --out. Bad input (an unknown block, a "
+                                   "target out of reach) is refused before anything is scored or written.")
     _model_args(p)
     _data_args(p, samples_help="calibration images from the training split (default 500)", samples_default=500)
     how = p.add_mutually_exclusive_group(required=True)
@@ -220,17 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--remove", type=_positive_int, metavar="N", help="remove N blocks")
     _criterion_args(p, CRITERIA)
     p.add_argument("--iterative", action="store_true",
-                   help="rescore after each removal (with --step-finetune-steps of fine-tuning in between)")
-    p.add_argument("--step-finetune-steps", type=int, default=0, metavar="S",
-                   help="fine-tuning steps after each iterative removal (default 0)")
-    p.add_argument("--finetune-epochs", type=_non_negative_float, default=1.0, metavar="E",
-                   help="final fine-tuning epochs (default 1; 0 skips fine-tuning)")
-    p.add_argument("--finetune-steps", type=int, default=None, metavar="S", help="final budget in steps instead")
-    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate (default 0.01)")
-    p.add_argument("--distill", action="store_true", help="distil from the unpruned model while fine-tuning")
+                   help="rescore after each removal, as in the paper; the recovery budget is shared between a "
+                        "short recovery after each removal and the final one")
+    p.add_argument("--recovery", default="quick", metavar="R",
+                   help="recovery after pruning, as a budget of training images: quick (25,000), standard "
+                        "(250,000), none, or a number (default quick); the expected time is said before it starts")
     p.add_argument("--eval-samples", type=_positive_int, default=None, metavar="N",
                    help="evaluate on N class-balanced test images (default: the whole test split)")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration, shuffling and random scores")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for calibration, the test subset, recovery's data order and random scores")
     p.add_argument("--out", default="pruned", metavar="DIR", help="output directory (default ./pruned)")
     p.add_argument("--resume", action="store_true", help="go on from what an interrupted run left in --out")
     _common(p)
@@ -536,57 +536,68 @@ def _world_loaders(args: argparse.Namespace, model, dev, *, train_needed: bool):
     return train, test
 
 
+def _prune_request(args: argparse.Namespace, model, device):
+    """The :class:`~cka_analysis.workflow.PruneRequest` of ``cka-prune prune``'s arguments (validated)."""
+    from .pruning import Target
+    from .workflow import PruneRequest
+
+    target = None
+    if args.remove is not None:
+        target = Target("blocks", args.remove)
+    elif args.target_macs_reduction is not None:
+        target = Target("macs", args.target_macs_reduction)
+    elif args.target_params_reduction is not None:
+        target = Target("params", args.target_params_reduction)
+    elif getattr(args, "target_latency_reduction", None) is not None:
+        target = Target("latency", args.target_latency_reduction)
+    blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip()) if args.blocks else None
+    return PruneRequest(
+        model=model, data=args.data, download=args.download, calibration_samples=args.samples,
+        criterion=args.criterion, debiased=args.debiased, target=target, blocks=blocks, iterative=args.iterative,
+        recovery=args.recovery, eval_samples=args.eval_samples, device=str(device), amp=args.amp,
+        batch_size=args.batch_size, seed=args.seed, latency_batch_size=getattr(args, "latency_batch_size", 1),
+        num_workers=args.num_workers,
+    )
+
+
+def _announce_recovery(request, model, bar: StderrProgress) -> None:
+    """Say before starting what the recovery will cost here (and what it is expected to leave)."""
+    from .recovery import estimate_recovery
+
+    cfg = request.recovery
+    if cfg.images <= 0:
+        bar.info("recovery: none (the pruned model is saved as it is after removal)")
+        return
+    est = estimate_recovery(cfg, model, model, device=request.device)
+    drop = est.get("reference_drop_pp")
+    bar.info(f"recovery {cfg.describe()}: {cfg.images:,} training images, about {est['seconds']:.0f} s on "
+             "this device" + (f" (on {est['reference']}: {drop:.1f} points below the unpruned model)"
+                              if drop is not None else ""))
+
+
 def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
     from . import distributed as dist_utils
+    from .errors import ConfigError
     from .export import save_pruned
-    from .metrics import measure_latency
-    from .pruning import Target, prune
+    from .workflow import run_prune
 
     dev = dist_utils.init_from_env(args.device)
     out = Path(args.out)
     if (out / "manifest.json").exists() and not args.resume:
-        from .errors import ConfigError
-
         raise ConfigError(f"--out {out} already holds a saved model; choose another --out or pass --resume")
     model = _open(args.model, args.weights, args.num_classes)
-    if args.blocks:
-        target, chosen = None, [b.strip() for b in args.blocks.split(",") if b.strip()]
-    else:
-        chosen = None
-        if args.remove is not None:
-            target = Target("blocks", args.remove)
-        elif args.target_macs_reduction is not None:
-            target = Target("macs", args.target_macs_reduction)
-        else:
-            target = Target("params", args.target_params_reduction)
-    needs_calib = chosen is None and CRITERION_INFO[args.criterion].needs_data
-    calib = _calibration(args, model, bar) if needs_calib else None
-    ft_budget = args.finetune_steps if args.finetune_steps is not None else args.finetune_epochs
-    train_needed = bool(ft_budget) or (args.iterative and args.step_finetune_steps > 0)
-    train, test = _world_loaders(args, model, dev, train_needed=train_needed)
-    ft_cfg = _finetune_config(args, args.finetune_epochs, args.finetune_steps, args.distill) if ft_budget else None
-    step_cfg = (_finetune_config(args, 0, args.step_finetune_steps, args.distill)
-                if args.iterative and args.step_finetune_steps > 0 else None)
-    result = prune(model, calib, target=target, blocks_to_remove=chosen, criterion=args.criterion,
-                   iterative=args.iterative, debiased=args.debiased, train_loader=train, finetune_config=ft_cfg,
-                   step_finetune_config=step_cfg, distill=args.distill, eval_loader=test,
-                   batch_size=args.batch_size, device=dev,
-                   amp=_amp(args), seed=args.seed,
-                   progress=bar, checkpoint_dir=out / ".resume", resume=args.resume)
-    bar.newline()
-    report = result.to_dict()
-    report["command"] = dict(vars(args))
+    request = _prune_request(args, model, dev)
     if dist_utils.is_main_process():
-        size = model.cka_preset.input_size
-        lat_base = measure_latency(model, size, batch_size=1, device=dev, warmup=3, repeats=20)
-        lat_pruned = measure_latency(result.model, size, batch_size=1, device=dev, warmup=3, repeats=20)
-        report["latency_ms"] = {"base": lat_base.median_ms, "pruned": lat_pruned.median_ms,
-                                "batch_size": 1, "device": lat_base.device}
-        save_pruned(result.model, out, report=report)
+        _announce_recovery(request, model, bar)
+    outcome = run_prune(request, progress=bar, checkpoint_dir=out / ".resume", resume=args.resume)
+    bar.newline()
+    if dist_utils.is_main_process():
+        report = outcome.record.to_dict()
+        save_pruned(outcome.model, out, report=report)
         _write_json(str(out / "report.json"), report)
-        _print_prune_summary(result, report)
+        print(outcome.record.summary())
         print(f"wrote {out}/ (model.safetensors, manifest.json, report.json)")
-        if not result.cancelled:
+        if not outcome.record.cancelled:
             _clear_resume(out / ".resume")
     dist_utils.barrier()
     return 0
@@ -597,23 +608,6 @@ def _clear_resume(path: Path) -> None:
 
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _print_prune_summary(result, report: dict[str, Any]) -> None:
-    base, final = result.base, result.final
-
-    def acc(v: float | None) -> str:
-        return "-" if v is None else f"{v:.2f} %"
-
-    print(f"removed {len(result.removed)} block(s): {', '.join(result.removed) or '-'}")
-    print(f"{'':<10}{'accuracy':>12}{'MACs':>12}{'params':>12}{'latency':>12}")
-    lat = report.get("latency_ms", {})
-    print(f"{'original':<10}{acc(base.get('accuracy')):>12}{_fmt_int(base['macs']):>12}"
-          f"{_fmt_int(base['params']):>12}{lat.get('base', 0):>9.2f} ms")
-    print(f"{'pruned':<10}{acc(final.get('accuracy')):>12}{_fmt_int(final['macs']):>12}"
-          f"{_fmt_int(final['params']):>12}{lat.get('pruned', 0):>9.2f} ms")
-    print(f"MACs −{100 * final['macs_reduction']:.1f} %, parameters −{100 * final['params_reduction']:.1f} %"
-          + (" (cancelled: the best weights so far were kept)" if result.cancelled else ""))
 
 
 def cmd_finetune(args: argparse.Namespace, bar: StderrProgress) -> int:

@@ -36,7 +36,9 @@ __all__ = [
     "WEIGHTS",
     "export_onnx",
     "export_pt2",
+    "jsonable",
     "load_pruned",
+    "markdown_table",
     "open_model",
     "read_manifest",
     "save_pruned",
@@ -69,6 +71,20 @@ def jsonable(obj: Any) -> Any:
     return str(obj)  # paths, devices, dtypes, enums: their readable form
 
 
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table (None → "–", floats to 4 significant digits, ``|`` escaped): the reports' one table
+    format."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def save_pruned(model: nn.Module, path: str | Path, *, report: dict[str, Any] | None = None) -> Path:

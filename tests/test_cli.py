@@ -19,6 +19,7 @@ from cka_analysis.blocks import find_blocks
 from cka_analysis.cli import main
 from cka_analysis.export import load_pruned, open_model
 from cka_analysis.scoring import CRITERIA
+from cka_analysis.workflow import PruneRecord
 
 DEMO = ["--model", "digits_resnet", "--weights", "demo", "--data", "digits", "--device", "cpu"]
 
@@ -39,7 +40,7 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def pruned_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "pruned"
-    code = main(["prune", *DEMO, "--samples", "128", "--target-macs-reduction", "30%", "--finetune-steps", "6",
+    code = main(["prune", *DEMO, "--samples", "128", "--target-macs-reduction", "30%", "--recovery", "2500",
                  "--eval-samples", "200", "--out", str(out), "--quiet"])
     assert code == 0
     return out
@@ -114,22 +115,28 @@ def test_prune_writes_a_loadable_model_and_report(pruned_dir):
     assert report["final"]["macs"] == report["base"]["macs"] - sum(blocks[n].macs for n in report["removed"])
     assert report["final"]["params"] == report["base"]["params"] - sum(blocks[n].params for n in report["removed"])
     assert model.cka_manifest["removed"] == report["removed"]
-    assert report["finetune"]["steps"] == 6
+    assert report["format"] == "cka-prune-record/1" and PruneRecord.from_dict(report).removed == report["removed"]
+    assert report["recovery"]["config"]["images"] == 2500 and 0 < report["images_seen"] <= 2500
+    assert report["request"]["eval_samples"] == 200 and report["request"]["recovery"]["images"] == 2500
+    assert report["latency_ms"]["base"] > 0 and report["latency_ms"]["pruned"] > 0
     assert not (pruned_dir / ".resume").exists()
 
 
 def test_prune_by_hand_and_iterative(capsys, tmp_path):
-    code, out, _ = run(capsys, "prune", *DEMO, "--blocks", "layer3.2,layer1.2", "--finetune-epochs", "0",
+    code, out, _ = run(capsys, "prune", *DEMO, "--blocks", "layer3.2,layer1.2", "--recovery", "none",
                        "--eval-samples", "100", "--out", tmp_path / "hand")
     assert code == 0, out
     assert load_pruned(tmp_path / "hand").cka_manifest["removed"] == ["layer3.2", "layer1.2"]
     code, out, _ = run(capsys, "prune", *DEMO, "--samples", "64", "--remove", "2", "--iterative",
-                       "--step-finetune-steps", "2", "--finetune-epochs", "0", "--eval-samples", "100",
+                       "--recovery", "1000", "--eval-samples", "100",
                        "--out", tmp_path / "iter")
     assert code == 0, out
     report = json.loads((tmp_path / "iter" / "report.json").read_text())
     assert len(report["removed"]) == 2 and [len(s["removed"]) for s in report["steps"]] == [0, 1, 1]
-    assert report["steps"][1]["scores"] and report["steps"][2]["finetune"]["steps"] == 2
+    assert report["steps"][1]["scores"] and report["steps"][2]["recovery"]["images_seen"] > 0
+    # the per-step recoveries and the final one share the one budget
+    per_step = sum(s["recovery"]["images_seen"] for s in report["steps"][1:])
+    assert report["images_seen"] == per_step + report["recovery"]["images_seen"] <= 1000
 
 
 def test_finetune_evaluate_export(capsys, tmp_path, pruned_dir):
@@ -148,10 +155,11 @@ def test_finetune_evaluate_export(capsys, tmp_path, pruned_dir):
     data = json.loads(path.read_text())
     rob = data["robustness"]
     assert data["samples"] == 64 and 0 <= data["top1"] <= 100 and data["macs"] > 0
-    assert set(rob["fgsm"]) == {"0.0", str(2 / 255), "0.05"}
-    assert rob["fgsm"]["0.0"] == pytest.approx(rob["clean_accuracy"])
-    assert set(rob["corruptions"]) >= {"gaussian_noise", "jpeg_compression", "pixelate"}
-    assert set(rob["corruption_mean_per_severity"]) == {"1", "2", "3", "4", "5"}
+    assert rob["fgsm"]["eps"] == [0.0, 2 / 255, 0.05]
+    assert rob["fgsm"]["accuracy"][0] == pytest.approx(rob["clean_accuracy"])
+    assert set(rob["corruptions"]["accuracy"]) >= {"gaussian_noise", "jpeg_compression", "pixelate"}
+    assert rob["corruptions"]["severities"] == [1, 2, 3, 4, 5]
+    assert len(rob["corruptions"]["mean_per_severity"]) == 5
 
     for fmt, name in (("onnx", "model.onnx"), ("pt2", "model.pt2")):
         code, text, _ = run(capsys, "export", out, "--format", fmt)
@@ -176,8 +184,10 @@ def test_finetune_evaluate_export(capsys, tmp_path, pruned_dir):
          else ["unknown model"]),
         (["prune", *DEMO, "--blocks", "layer2.0"], ["layer2.0", "cannot be removed"]),
         (["prune", *DEMO, "--blocks", "layer9.9"], ["layer9.9"]),
-        (["prune", *DEMO, "--samples", "32", "--target-macs-reduction", "0.95", "--finetune-epochs", "0"],
+        (["prune", *DEMO, "--samples", "32", "--target-macs-reduction", "0.95", "--recovery", "none"],
          ["cannot be met"]),
+        (["prune", *DEMO, "--remove", "2", "--recovery", "lots"], ["recovery='lots'", "quick"]),
+        (["prune", *DEMO, "--remove", "2", "--samples", "2"], ["calibration_samples=2", "at least 4"]),
         (["score", *DEMO, "--samples", "2"], ["at least 4"]),
         (["score", *DEMO, "--samples", "99999"], ["only", "items"]),
         (["score", "--model", "digits_resnet", "--weights", "/no/such/file.pt", "--data", "digits"],
@@ -193,11 +203,13 @@ def test_bad_input_gives_one_line_and_exit_2(capsys, argv, words, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     code, _, err = run(capsys, *argv, "--quiet")
     assert code == 2
-    lines = [line for line in err.strip().splitlines() if line.strip()]
+    # one error line (a "note:" about default weights may come before it)
+    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("note:")]
     assert len(lines) == 1, err
     assert "Traceback" not in err and "error:" in lines[0]
     for w in words:
         assert w.lower() in lines[0].lower(), lines[0]
+    assert list(tmp_path.iterdir()) == []  # issue 13: bad input leaves no ./pruned/.resume debris
 
 
 def test_argparse_rejects_bad_values(capsys):
@@ -215,29 +227,31 @@ def test_debug_shows_the_traceback(capsys):
 
 
 def test_killed_prune_resumes_from_its_last_checkpoint(tmp_path):
-    """SIGKILL a prune run during fine-tuning, rerun with --resume: it goes on from the saved step."""
+    """SIGKILL a prune run during recovery, rerun with --resume: it goes on from the saved step."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "cka_analysis", "prune", *DEMO, "--samples", "64", "--remove", "2",
-           "--finetune-steps", "200", "--eval-samples", "64", "--batch-size", "16", "--out", str(out)]
+           "--recovery", "40000", "--eval-samples", "64", "--out", str(out)]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ckpt = out / ".resume" / "finetune.pt"
+    ckpt = out / ".resume" / "recovery.pt"
     deadline = time.monotonic() + 240
     try:
         while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert ckpt.exists(), "no fine-tuning checkpoint appeared"
+        assert ckpt.exists(), "no recovery checkpoint appeared"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not (out / "manifest.json").exists()
     assert (out / ".resume" / "scores.json").exists()
-    saved_step = torch.load(ckpt, weights_only=True)["step"]
-    assert 0 < saved_step < 200
+    saved = torch.load(ckpt, weights_only=True)
+    saved_step = saved["step"]
+    assert saved_step > 0
     r = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "reusing the cka scores" in r.stderr and f"resumed at step {saved_step}/200" in r.stderr
+    assert "reusing the cka scores" in r.stderr and f"resumed at step {saved_step}/" in r.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["finetune"]["steps"] == 200 and len(report["removed"]) == 2
+    assert report["recovery"]["steps"] > saved_step and len(report["removed"]) == 2
+    assert report["images_seen"] <= 40000
     load_pruned(out)
 
 

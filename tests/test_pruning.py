@@ -1,5 +1,6 @@
 """Tests for cka_analysis.pruning: targets, the one-shot planner (lowest scores first, stopping as soon as the target
-is met), one-shot and iterative pruning of the digits demo with their records, exact MACs/parameter bookkeeping,
+is met), the reachability check before scoring, one-shot and iterative pruning of the digits demo with their records
+and exact MACs/parameter bookkeeping, the resume store (one-shot and iterative resume against an uninterrupted run),
 and — with the shared data — the adapted ResNet-56 pruned to half its MACs, saved and reloaded."""
 
 from __future__ import annotations
@@ -14,14 +15,22 @@ from torch.utils.data import DataLoader
 
 from cka_analysis.blocks import Block, find_blocks, removed_blocks
 from cka_analysis.data import calibration_subset, load_dataset, make_loader
-from cka_analysis.errors import ConfigError, TargetError
+from cka_analysis.errors import CheckpointError, ConfigError, TargetError
 from cka_analysis.export import load_pruned, save_pruned
-from cka_analysis.metrics import count_macs, count_params
+from cka_analysis.metrics import count_macs, count_params, evaluate
 from cka_analysis.models import build_model, get_preset
 from cka_analysis.progress import CancelToken
-from cka_analysis.pruning import PruneResult, Target, plan, prune
+from cka_analysis.pruning import (
+    PruneHooks,
+    PruneResult,
+    ResumeStore,
+    ScoringOptions,
+    Target,
+    check_reachable,
+    plan,
+    prune,
+)
 from cka_analysis.scoring import Scores, score_blocks
-from cka_analysis.training import FinetuneConfig
 
 
 # -------------------------------------------------------------------------------------------------- Target
@@ -136,6 +145,14 @@ def test_plan_unmeetable_target() -> None:
         plan(BLOCKS, SCORES, Target("blocks", 5), **BASE)
 
 
+def test_check_reachable_uses_the_costs_only() -> None:
+    check_reachable(BLOCKS, Target("macs", 0.5), **BASE)  # all four removable blocks: exactly 50 %
+    with pytest.raises(TargetError, match="cannot be met"):
+        check_reachable(BLOCKS, Target("macs", 0.51), **BASE)
+    with pytest.raises(TargetError, match="remove 5 block"):
+        check_reachable(BLOCKS, Target("blocks", 5), **BASE)
+
+
 def test_plan_chosen_blocks() -> None:
     p = plan(BLOCKS, None, chosen=["c", "a", "c"], **BASE)
     assert p.blocks == ["c", "a"]
@@ -157,11 +174,9 @@ def test_plan_chosen_blocks() -> None:
 def loaders(demo: nn.Module) -> dict[str, DataLoader]:
     preset = get_preset(demo)
     train = load_dataset("digits", "train", preset)
-    aug = load_dataset("digits", "train", preset, augment=True)
     test = load_dataset("digits", "test", preset)
     return {
         "calib": make_loader(calibration_subset(train, 128, seed=0), batch_size=128, num_workers=0),
-        "train": make_loader(calibration_subset(aug, 256, seed=1), batch_size=64, shuffle=True, num_workers=0),
         "test": make_loader(test, batch_size=360, num_workers=0),
     }
 
@@ -169,6 +184,10 @@ def loaders(demo: nn.Module) -> dict[str, DataLoader]:
 @pytest.fixture(scope="module")
 def base_costs(demo: nn.Module) -> tuple[int, int, dict[str, Block]]:
     return count_macs(demo, (1, 8, 8)), count_params(demo), {b.name: b for b in find_blocks(demo)}
+
+
+def _accuracy_hook(loader: DataLoader) -> PruneHooks:
+    return PruneHooks(evaluate=lambda m: evaluate(m, loader, device="cpu").top1)
 
 
 def _check_costs(result: PruneResult, base_costs) -> None:
@@ -183,13 +202,13 @@ def _check_costs(result: PruneResult, base_costs) -> None:
     assert result.final["macs_reduction"] == pytest.approx(1 - expected_macs / base_macs)
     assert result.final["params_reduction"] == pytest.approx(1 - expected_params / base_params)
     assert result.steps[-1].macs == expected_macs and result.steps[-1].params == expected_params
-    assert result.base == {**result.base, "macs": base_macs, "params": base_params}
+    assert (result.base["macs"], result.base["params"]) == (base_macs, base_params)
 
 
 def test_one_shot_prune_with_a_block_target(demo, loaders, base_costs) -> None:
     before = {k: v.clone() for k, v in demo.state_dict().items()}
-    result = prune(demo, loaders["calib"], target="3 blocks", criterion="cka", eval_loader=loaders["test"],
-                   device="cpu")
+    result = prune(demo, loaders["calib"], target="3 blocks", criterion="cka", hooks=_accuracy_hook(loaders["test"]),
+                   scoring=ScoringOptions(device="cpu"))
     scores = score_blocks(demo, loaders["calib"], "cka", device="cpu")
     assert result.removed == scores.ranking()[:3]
     assert result.criterion == "cka" and not result.iterative and not result.cancelled
@@ -211,9 +230,24 @@ def test_one_shot_prune_with_a_block_target(demo, loaders, base_costs) -> None:
     assert record["steps"][1]["scores"].keys() == scores.scores.keys()
 
 
+def test_prune_never_runs_or_moves_the_callers_model(demo, loaders) -> None:
+    """Scoring and evaluation move models to the device and memory format they run best in: prune works on a copy,
+    so the caller's model is never the one that runs (a forward hook records which module object ran)."""
+    ran: list[int] = []
+    handle = demo.register_forward_hook(lambda module, inp, out: ran.append(id(module)))
+    try:
+        result = prune(demo, loaders["calib"], target="2", criterion="cka", hooks=_accuracy_hook(loaders["test"]),
+                       scoring=ScoringOptions(device="cpu"))
+    finally:
+        handle.remove()
+    assert ran, "the copy's forward passes should have been seen"
+    assert id(demo) not in ran
+    assert result.model is not demo and removed_blocks(demo) == []
+
+
 def test_one_shot_prune_with_a_macs_target(demo, loaders, base_costs) -> None:
     base_macs, _, blocks = base_costs
-    result = prune(demo, None, target=Target("macs", 0.2), criterion="weight_norm", device="cpu")
+    result = prune(demo, None, target=Target("macs", 0.2), criterion="weight_norm")
     scores = score_blocks(demo, None, "weight_norm")
     ranked = scores.ranking()
     # the shortest prefix of the ranking that saves ≥ 20 % of the MACs
@@ -221,11 +255,11 @@ def test_one_shot_prune_with_a_macs_target(demo, loaders, base_costs) -> None:
     assert result.removed == ranked[:k]
     assert result.final["macs_reduction"] >= 0.2
     _check_costs(result, base_costs)
-    assert result.final["accuracy"] is None  # no eval loader, no accuracy
+    assert result.final["accuracy"] is None  # no evaluate hook, no accuracy
 
 
 def test_prune_chosen_blocks_by_hand(demo, base_costs) -> None:
-    result = prune(demo, blocks_to_remove=["layer3.2", "layer1.1"], device="cpu")
+    result = prune(demo, blocks_to_remove=["layer3.2", "layer1.1"])
     assert result.removed == ["layer3.2", "layer1.1"]
     assert result.criterion is None and result.steps[1].scores is None
     _check_costs(result, base_costs)
@@ -233,22 +267,40 @@ def test_prune_chosen_blocks_by_hand(demo, base_costs) -> None:
 
 def test_prune_argument_errors(demo) -> None:
     with pytest.raises(ConfigError, match="exactly one of target"):
-        prune(demo, None, device="cpu")
+        prune(demo, None)
     with pytest.raises(ConfigError, match="exactly one of target"):
-        prune(demo, None, target="2", blocks_to_remove=["layer1.1"], device="cpu")
+        prune(demo, None, target="2", blocks_to_remove=["layer1.1"])
     with pytest.raises(ConfigError, match="not understood"):
-        prune(demo, None, target="lots", device="cpu")
+        prune(demo, None, target="lots")
     with pytest.raises(ConfigError, match="cannot be removed"):
-        prune(demo, blocks_to_remove=["layer2.0"], device="cpu")
+        prune(demo, blocks_to_remove=["layer2.0"])
+    with pytest.raises(ConfigError, match=r"'layer9\.9' is not a block of this model; blocks are: "):
+        prune(demo, blocks_to_remove=["layer9.9"])
     with pytest.raises(TargetError, match="cannot be met"):
-        prune(demo, None, target="macs:90%", criterion="random", device="cpu")
+        prune(demo, None, target="macs:90%", criterion="random")
+
+
+def test_unreachable_target_is_refused_before_any_scoring(demo) -> None:
+    """Known from the blocks' costs: no score is computed (cka without calibration data would fail otherwise)
+    and nothing is written to the resume directory."""
+    messages: list[str] = []
+    for iterative in (False, True):
+        with pytest.raises(TargetError, match="removing all 7 removable blocks"):
+            prune(demo, None, target="macs:90%", criterion="cka", iterative=iterative,
+                  progress=lambda d, t, m: messages.append(m))
+    assert not any("scoring" in m for m in messages)
 
 
 def test_iterative_prune_rescores_after_each_removal(demo, loaders, base_costs) -> None:
-    step_ft = FinetuneConfig(steps=2, lr=0.01, seed=0)
-    result = prune(demo, loaders["calib"], target="2 blocks", criterion="cka", iterative=True,
-                   train_loader=loaders["train"], step_finetune_config=step_ft, eval_loader=loaders["test"],
-                   device="cpu")
+    calls: list[tuple[int, list[str]]] = []
+
+    def recover(model: nn.Module, step: int) -> dict:
+        calls.append((step, removed_blocks(model)))
+        return {"images_seen": 10 * step}
+
+    hooks = PruneHooks(evaluate=_accuracy_hook(loaders["test"]).evaluate, after_removal=recover)
+    result = prune(demo, loaders["calib"], target="2 blocks", criterion="cka", iterative=True, hooks=hooks,
+                   scoring=ScoringOptions(device="cpu"))
     assert result.iterative
     assert [s.step for s in result.steps] == [0, 1, 2]
     first, second = result.steps[1], result.steps[2]
@@ -257,51 +309,109 @@ def test_iterative_prune_rescores_after_each_removal(demo, loaders, base_costs) 
     assert second.removed == [min(second.scores, key=second.scores.get)]
     assert first.removed[0] not in second.scores
     assert result.removed == first.removed + second.removed
-    # the first step's scores are those of the unpruned model
+    # the first step's scores are those of the unpruned model; the second step's those of the pruned one
     direct = score_blocks(demo, loaders["calib"], "cka", device="cpu")
     assert first.scores == pytest.approx(direct.scores, abs=1e-9)
-    assert first.finetune is not None and first.finetune["steps"] == 2
+    from cka_analysis.blocks import remove_blocks
+
+    again = score_blocks(remove_blocks(demo, first.removed), loaders["calib"], "cka", device="cpu")
+    assert second.scores == pytest.approx(again.scores, abs=1e-9)
+    # the recovery hook ran after each removal, on the model with that step's blocks gone, and is recorded
+    assert calls == [(1, first.removed), (2, result.removed)]
+    assert first.recovery == {"images_seen": 10} and second.recovery == {"images_seen": 20}
     assert all(s.accuracy is not None for s in result.steps)
     assert first.macs > second.macs and first.params > second.params
     assert result.steps[0].macs - first.macs == base_costs[2][first.removed[0]].macs
     _check_costs(result, base_costs)
 
 
-def test_iterative_prune_to_a_params_target_without_finetuning(demo, base_costs) -> None:
+def test_iterative_prune_to_a_params_target(demo, base_costs) -> None:
     _, base_params, blocks = base_costs
-    result = prune(demo, None, target="params:30%", criterion="weight_norm", iterative=True, device="cpu")
+    result = prune(demo, None, target="params:30%", criterion="weight_norm", iterative=True)
     assert result.final["params_reduction"] >= 0.3
     # it stopped as soon as the target was met: one block fewer would not do
     assert sum(blocks[n].params for n in result.removed[:-1]) < 0.3 * base_params
     assert len(result.steps) == len(result.removed) + 1
     _check_costs(result, base_costs)
-    with pytest.raises(TargetError, match="no removable block is left"):
-        prune(demo, None, target="macs:90%", criterion="random", iterative=True, device="cpu")
 
 
-def test_prune_with_final_finetune_and_cancel(demo, loaders, base_costs) -> None:
-    ft = FinetuneConfig(steps=4, lr=0.01, seed=0)
-    result = prune(demo, None, blocks_to_remove=["layer1.0"], train_loader=loaders["train"], finetune_config=ft,
-                   eval_loader=loaders["test"], device="cpu")
-    assert result.finetune is not None and result.finetune["steps"] == 4
-    assert result.finetune["config"]["steps"] == 4
-    # fine-tuning keeps the best weights it saw, the pruned-only starting point included
-    assert result.final["accuracy"] >= result.steps[1].accuracy
-    _check_costs(result, base_costs)
-    # a cancel during scoring keeps what was finished (nothing removed) and says so
+def test_cancel_keeps_what_finished(demo, loaders) -> None:
     token = CancelToken()
     token.cancel()
-    cancelled = prune(demo, loaders["calib"], target="2", criterion="cka", device="cpu", cancel=token)
+    cancelled = prune(demo, loaders["calib"], target="2", criterion="cka", cancel=token)
     assert cancelled.cancelled
     assert cancelled.removed == [] and removed_blocks(cancelled.model) == []
+    # iterative: a cancel during step 2's recovery keeps step 2's removal
+    token = CancelToken()
+
+    def recover(model: nn.Module, step: int) -> dict:
+        if step == 2:
+            token.cancel()
+        return {"cancelled": step == 2}
+
+    result = prune(demo, None, target="3", criterion="weight_norm", iterative=True,
+                   hooks=PruneHooks(after_removal=recover), cancel=token)
+    assert result.cancelled and len(result.removed) == 2 and removed_blocks(result.model) == result.removed
 
 
 def test_progress_is_reported(demo, loaders) -> None:
     messages: list[str] = []
-    prune(demo, loaders["calib"], target="1", criterion="angular", device="cpu",
-          progress=lambda d, t, m: messages.append(m))
+    prune(demo, loaders["calib"], target="1", criterion="angular", progress=lambda d, t, m: messages.append(m))
     assert any("scoring blocks (angular)" in m for m in messages)
     assert any(m.startswith("angular: batch") for m in messages)
+
+
+# ----------------------------------------------------------------------------------------- resume store
+def test_resume_store_writes_nothing_until_a_part_is_saved(tmp_path: Path) -> None:
+    store = ResumeStore(tmp_path / "run" / ".resume", {"a": 1})
+    assert store.load_scores() is None  # not resuming: nothing read
+    assert not (tmp_path / "run").exists()
+    store.save_scores(Scores("random", {"x": 0.5}, 0.1, 0, {"seed": 0}))
+    again = ResumeStore(tmp_path / "run" / ".resume", {"a": 1}, resume=True).load_scores()
+    assert again == Scores("random", {"x": 0.5}, 0.1, 0, {"seed": 0})
+    with pytest.raises(CheckpointError, match="other settings"):
+        ResumeStore(tmp_path / "run" / ".resume", {"a": 2}, resume=True).load_scores()
+    (tmp_path / "run" / ".resume" / "scores.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        ResumeStore(tmp_path / "run" / ".resume", {"a": 1}, resume=True).load_scores()
+    store.clear()
+    assert not (tmp_path / "run" / ".resume").exists()
+
+
+def test_one_shot_resume_reuses_the_saved_scores(demo, loaders, tmp_path: Path) -> None:
+    store = ResumeStore(tmp_path / "r", {"run": 1})
+    first = prune(demo, loaders["calib"], target="2", criterion="cka", hooks=PruneHooks(store=store))
+    assert (tmp_path / "r" / "scores.json").is_file()
+    messages: list[str] = []
+    resumed = prune(demo, None, target="2", criterion="cka",  # no calibration: the scores must come from disk
+                    hooks=PruneHooks(store=ResumeStore(tmp_path / "r", {"run": 1}, resume=True)),
+                    progress=lambda d, t, m: messages.append(m))
+    assert resumed.removed == first.removed and resumed.steps[1].scores == first.steps[1].scores
+    assert any("reusing the cka scores" in m for m in messages)
+
+
+def test_iterative_resume_goes_on_like_the_uninterrupted_run(demo, loaders, tmp_path: Path) -> None:
+    whole = prune(demo, loaders["calib"], target="3", criterion="cka", iterative=True)
+    token = CancelToken()
+
+    def stop_after_first(model: nn.Module, step: int) -> None:
+        token.cancel()  # the step is saved, then the run stops before scoring step 2
+
+    store = ResumeStore(tmp_path / "it", {"run": 1})
+    part = prune(demo, loaders["calib"], target="3", criterion="cka", iterative=True, cancel=token,
+                 hooks=PruneHooks(after_removal=stop_after_first, store=store))
+    assert part.cancelled and part.removed == whole.removed[:1]
+    messages: list[str] = []
+    rest = prune(demo, loaders["calib"], target="3", criterion="cka", iterative=True,
+                 hooks=PruneHooks(store=ResumeStore(tmp_path / "it", {"run": 1}, resume=True)),
+                 progress=lambda d, t, m: messages.append(m))
+    assert any(m.startswith("resumed after step 1") for m in messages)
+    assert rest.removed == whole.removed and not rest.cancelled
+    for a, b in zip(rest.steps[2:], whole.steps[2:], strict=True):
+        assert a.scores == pytest.approx(b.scores, abs=1e-9)  # rescored on the restored model
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(rest.model.eval()(x), whole.model.eval()(x))
 
 
 # ------------------------------------------------------------------------------- adapted ResNet-56 (data)
@@ -315,7 +425,7 @@ def test_resnet56_half_the_macs_matches_removed_blocks_and_reloads(shared_data: 
     blocks = {b.name: b for b in find_blocks(r56)}
     base_macs, base_params = count_macs(r56, preset.input_size), count_params(r56)
 
-    result = prune(r56, calib, target="macs:50%", criterion="cka", device="cpu")
+    result = prune(r56, calib, target="macs:50%", criterion="cka", scoring=ScoringOptions(device="cpu"))
     assert result.final["macs_reduction"] >= 0.5
     assert all(blocks[n].removable for n in result.removed)
     pruned_macs = count_macs(result.model, preset.input_size)

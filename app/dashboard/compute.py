@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import streamlit as st
-import torch
 from torch import nn
 
 from cka_analysis.cka import cka_matrix
 from cka_analysis.errors import CKAPruneError
 from cka_analysis.export import export_onnx, export_pt2, save_pruned
 from cka_analysis.metrics import evaluate, measure_latency
-from cka_analysis.robustness import evaluate_robustness
+from cka_analysis.robustness import RobustnessResult, evaluate_robustness
 from cka_analysis.scoring import score_blocks
 
 
@@ -98,8 +97,8 @@ def many_scores(model_key: str, data_key: str, criteria: list[str], debiased: bo
 @st.cache_data(show_spinner=False, max_entries=64)
 def robustness(model_key: str, data_key: str, kinds: tuple[str, ...], eps: tuple[float, ...],
                max_samples: int, device: str, *, _model: nn.Module, _loader: Any, _mean: tuple, _std: tuple,
-               _progress=None, _cancel=None) -> dict:
-    """Clean, FGSM/PGD and corruption accuracy (``evaluate_robustness``)."""
+               _progress=None, _cancel=None) -> RobustnessResult:
+    """Clean, FGSM/PGD and corruption accuracy (``evaluate_robustness``), as the typed record."""
     return evaluate_robustness(private_copy(_model), _loader, mean=_mean, std=_std, kinds=kinds, eps=eps,
                                max_samples=max_samples, device=device, progress=_progress, cancel=_cancel)
 
@@ -190,6 +189,16 @@ def build_exports(model: nn.Module, name: str, report: dict, formats: tuple[str,
     return out
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def recovery_estimate(model_key: str, config_key: str, device: str, *, _config: Any, _model: nn.Module) -> dict:
+    """What a recovery run is expected to cost on this device (``estimate_recovery``), once per model, budget and
+    device (``config_key`` names the :class:`~cka_analysis.recovery.RecoveryConfig` ``_config``)."""
+    from cka_analysis.recovery import estimate_recovery
+
+    model = private_copy(_model)
+    return dict(estimate_recovery(_config, model, model, device=device))
+
+
 def cached_job(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Adapt a cached wrapper (``_progress``/``_cancel``) to the job runner's ``progress``/``cancel`` call."""
 
@@ -198,7 +207,3 @@ def cached_job(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
     return run
 
-
-def empty_cuda_cache() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

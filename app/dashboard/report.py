@@ -1,4 +1,9 @@
-"""The session's evidence as a report: JSON (everything) and Markdown (the numbers behind every figure)."""
+"""The session's evidence as a report: JSON (everything) and Markdown (the numbers behind every figure).
+
+The pruning part is the library's record (:class:`cka_analysis.workflow.PruneRecord`: ``to_dict`` for the JSON,
+``markdown`` for the text), the same as ``cka-prune prune``'s ``report.json``; this module only adds what the
+session computed around it (scores, heatmaps, comparisons).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ from typing import Any
 import torch
 
 from cka_analysis._version import __version__
-from cka_analysis.export import jsonable
+from cka_analysis.export import jsonable, markdown_table
 from cka_analysis.figures import format_count
+from cka_analysis.workflow import PruneRecord
 
 from . import state
 
@@ -48,7 +54,7 @@ def build(a: state.Active, choice: dict) -> dict[str, Any]:
     rep["scores"] = {k["criterion"] + (" (debiased)" if k.get("debiased") else ""): v
                      for k, v in _results_of("scores", a.model_key)}
     if run is not None:
-        rep["pruning"] = {"label": run["label"], "settings": run["settings"], **run["record"]}
+        rep["pruning"] = {"label": run["label"], **run["record"]}
         rep["cross_heatmaps"] = [{"kernel": k["kernel"], "debiased": k["debiased"], **v}
                                  for k, v in _results_of("cross_heatmap", a.model_key) if k.get("run") == run["id"]]
     comparisons = state.results().get("compare", {})
@@ -60,19 +66,6 @@ def build(a: state.Active, choice: dict) -> dict[str, Any]:
             for key, res in comparisons.items()
         ]
     return jsonable(rep)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:
-        if v is None:
-            return "–"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def markdown(rep: dict[str, Any]) -> str:
@@ -95,35 +88,23 @@ def markdown(rep: dict[str, Any]) -> str:
     for b in m["blocks"]:
         rows.append([b["name"], b["stage"], "yes" if b["removable"] else f"no ({b['reason']})", b["macs"],
                      b["params"], *[rep["scores"][c]["scores"].get(b["name"]) for c in crits]])
-    out += [_table(header, rows), "", "Scores: lower = safer to remove."]
+    out += [markdown_table(header, rows), "", "Scores: lower = safer to remove."]
     for h in rep.get("heatmaps", []):
         names = h["names_a"]
         mat = h["matrix"]
         out += ["", f"## CKA heatmap ({h['kernel']}{', debiased' if h['debiased'] else ''})", "",
                 "Consecutive-layer CKA:", "",
-                _table(["from", "to", "CKA"], [[names[i], names[i + 1], mat[i][i + 1]] for i in range(len(names) - 1)]),
+                markdown_table(["from", "to", "CKA"], [[names[i], names[i + 1], mat[i][i + 1]] for i in range(len(names) - 1)]),
                 "", "Full matrix (rows and columns in forward order):", "",
-                _table(["layer", *names], [[names[i], *mat[i]] for i in range(len(names))])]
+                markdown_table(["layer", *names], [[names[i], *mat[i]] for i in range(len(names))])]
     p = rep.get("pruning")
     if p:
-        base, final = p["base"], p["final"]
-        out += ["", f"## Pruning: {p['label']}", "",
-                f"- Removed (in order): {', '.join(p['removed']) or 'nothing'}",
-                f"- Target: {p['settings'].get('target') or 'blocks chosen by hand'}; "
-                f"{'iterative' if p['iterative'] else 'one-shot'}; criterion {p['criterion'] or '–'}",
-                f"- Fine-tuning: {p['settings'].get('finetune') or 'none'}", "",
-                _table(["", "accuracy %", "MACs", "params"],
-                       [["original", base.get("accuracy"), base["macs"], base["params"]],
-                        ["pruned", final.get("accuracy"), final["macs"], final["params"]]]),
-                "", f"MACs reduction {100 * final['macs_reduction']:.1f} %, parameter reduction "
-                f"{100 * final['params_reduction']:.1f} %.", "", "### Trajectory", "",
-                _table(["step", "removed", "MACs", "params", "accuracy %"],
-                       [[s["step"], ", ".join(s["removed"]), s["macs"], s["params"], s.get("accuracy")]
-                        for s in p["steps"]])]
+        record = PruneRecord.from_dict({k: v for k, v in p.items() if k != "label"})
+        out += ["", f"## Pruning: {p['label']}", "", record.markdown()]
         for h in rep.get("cross_heatmaps", []):
             out += ["", f"### Original (rows) vs pruned (columns) CKA ({h['kernel']}"
                     f"{', debiased' if h['debiased'] else ''})", "",
-                    _table(["layer", *h["names_b"]], [[h["names_a"][i], *row] for i, row in enumerate(h["matrix"])])]
+                    markdown_table(["layer", *h["names_b"]], [[h["names_a"][i], *row] for i, row in enumerate(h["matrix"])])]
     for c in rep.get("comparisons", []):
         out += ["", "## Comparison", "", f"Settings: {c['settings']}", ""]
         rows = []
@@ -131,10 +112,10 @@ def markdown(rep: dict[str, Any]) -> str:
             lat = v.get("latency") or {}
             rob = v.get("robustness") or {}
             rows.append([label, lat.get("median_ms"), rob.get("clean_accuracy"),
-                         json.dumps(rob.get("fgsm")) if rob.get("fgsm") else None,
-                         json.dumps(rob.get("pgd")) if rob.get("pgd") else None,
-                         json.dumps(rob.get("corruption_mean_per_severity"))
-                         if rob.get("corruption_mean_per_severity") else None])
-        out.append(_table(["model", "latency ms", "clean acc %", "FGSM acc % by ε", "PGD acc % by ε",
+                         *(", ".join(f"{e * 255:g}/255: {acc:.2f}" for e, acc in zip(rob[k]["eps"], rob[k]["accuracy"],
+                                                                                   strict=True))
+                           if rob.get(k) else None for k in ("fgsm", "pgd")),
+                         json.dumps(rob["corruptions"]["mean_per_severity"]) if rob.get("corruptions") else None])
+        out.append(markdown_table(["model", "latency ms", "clean acc %", "FGSM acc % by ε", "PGD acc % by ε",
                            "corruption acc % by severity"], rows))
     return "\n".join(out) + "\n"

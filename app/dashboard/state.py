@@ -13,13 +13,12 @@ import contextlib
 import json
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import streamlit as st
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
 from cka_analysis.blocks import Block, find_blocks
 from cka_analysis.data import calibration_subset, check_num_classes, load_dataset, make_loader
@@ -29,6 +28,7 @@ from cka_analysis.export import open_model
 from cka_analysis.metrics import count_macs, count_params
 from cka_analysis.models import model_entry
 from cka_analysis.models.preset import Preset
+from cka_analysis.workflow import eval_subset
 
 from . import jobs, uploads
 
@@ -37,7 +37,6 @@ DEMO_MODEL = {"kind": "registry", "name": "digits_resnet", "weights": "demo", "n
 DEMO_DATA = {"kind": "digits", "root": "", "download": False, "n_calib": 256, "seed": 0}
 CALIB_BATCH = 128
 EVAL_BATCH = 256
-TRAIN_BATCH = 64
 RANDOM_WEIGHTS = "(random initialisation)"
 # Work below this many MACs × images starts by itself when a page opens (the digits demo is ~1e9).
 AUTO_RUN_BUDGET = 2e10
@@ -60,7 +59,6 @@ class Active:
     train: Any
     test: Any
     calib: Any
-    extra: dict = field(default_factory=dict)
 
     @property
     def preset(self) -> Preset:
@@ -95,7 +93,7 @@ def _archive_model(content: str, *, _name: str, _data: bytes) -> nn.Module:
 def preset_key(preset: Preset) -> str:
     """What the data pipeline depends on in a preset (not where the weights came from)."""
     d = preset.to_dict()
-    for k in ("weights", "notes", "extra", "arch", "num_classes"):
+    for k in ("weights", "notes", "arch", "num_classes"):
         d.pop(k, None)
     return json.dumps(d, sort_keys=True)
 
@@ -209,18 +207,17 @@ def calib_loader(a: Active) -> Any:
     return make_loader(a.calib, batch_size=CALIB_BATCH, shuffle=False, seed=int(a.data_spec.get("seed", 0)))
 
 
-def test_loader(a: Active) -> Any:
-    """The test split in a fixed shuffled order: image folders list files class by class, so "the first N test
-    images" (accuracy or robustness on a sample) must not all be of one class."""
-    order = torch.randperm(len(a.test), generator=torch.Generator().manual_seed(0)).tolist()
-    return make_loader(Subset(a.test, order), batch_size=EVAL_BATCH, shuffle=False)
+def test_loader(a: Active, samples: int | None = None) -> Any:
+    """The test split, or its "N test images" (``samples``): the class-balanced seeded subset the CLI and the
+    workflow use (:func:`cka_analysis.workflow.eval_subset`), so the same N gives the same accuracy everywhere."""
+    subset = eval_subset(a.test, samples, int(a.data_spec.get("seed", 0)))
+    return make_loader(subset, batch_size=EVAL_BATCH, shuffle=False)
 
 
-def train_loader(a: Active) -> Any:
+def train_augmented(a: Active) -> Any:
+    """The training split with the training augmentation (what recovery trains on; it builds its own loader)."""
     spec = data_spec_string(a.data_spec)
-    ds = _dataset(spec, "train", preset_key(a.preset), True, bool(a.data_spec.get("download")), _preset=a.preset)
-    return make_loader(ds, batch_size=TRAIN_BATCH, shuffle=True, seed=int(a.data_spec.get("seed", 0)),
-                       drop_last=len(ds) > TRAIN_BATCH)
+    return _dataset(spec, "train", preset_key(a.preset), True, bool(a.data_spec.get("download")), _preset=a.preset)
 
 
 def small_work(a: Active, images: int) -> bool:

@@ -1,7 +1,12 @@
-"""Step 4 — Prune: choose blocks or a target, preview the result live, prune, fine-tune; runs stay in the session."""
+"""Step 4 — Prune: choose blocks or a target, preview the result live, prune and recover; runs stay in the session.
+
+The page builds a :class:`~cka_analysis.workflow.PruneRequest` from its widgets and runs it with
+:func:`~cka_analysis.workflow.run_prune`, the same call as ``cka-prune prune``: the same settings give the same record.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pandas as pd
@@ -9,21 +14,22 @@ import streamlit as st
 from dashboard import compute, jobs, state
 from dashboard.ui import MACS_NOTE, count, job_result, pct, plotly
 
+from cka_analysis.choices import CRITERIA, CRITERION_INFO
 from cka_analysis.figures import pruning_trajectory, score_bars
-from cka_analysis.pruning import Target, plan, prune
-from cka_analysis.scoring import CRITERIA
-from cka_analysis.training import FinetuneConfig
+from cka_analysis.pruning import Target, plan
+from cka_analysis.recovery import RECOVERY_PRESETS
+from cka_analysis.workflow import PruneData, PruneRecord, PruneRequest, run_prune
 
 st.title("Prune")
 a = state.require_active()
 dev = state.device()
-st.caption("Remove whole residual blocks, then fine-tune briefly to recover accuracy. " + MACS_NOTE)
+seed = int(a.data_spec.get("seed", 0))
+st.caption("Remove whole residual blocks, then recover the accuracy with a short training run. " + MACS_NOTE)
 
 defaults = {
     "pr_mode": "target", "pr_target_kind": "macs", "pr_macs": 30, "pr_params": 30,
     "pr_blocks": min(2, max(1, len(a.removable))), "pr_chosen": [], "pr_criterion": "cka", "pr_iterative": False,
-    "pr_ft_unit": "steps", "pr_ft_steps": 100, "pr_ft_epochs": 1.0, "pr_lr": 0.01, "pr_distill": True,
-    "pr_step_steps": 0, "pr_eval_samples": min(len(a.test), 10_000),
+    "pr_recovery": "quick", "pr_recovery_images": 5_000, "pr_eval_samples": len(a.test),
 }
 for k, v in defaults.items():
     st.session_state.setdefault(k, v)
@@ -53,25 +59,48 @@ with left:
             value = st.number_input("Blocks to remove", 1, max(1, len(a.removable)), key="pr_blocks")
             target = Target("blocks", int(value))
         criterion = st.selectbox("Criterion", list(CRITERIA), key="pr_criterion",
-                                 help="Blocks go in increasing score order; cka is the paper's criterion")
-        iterative = st.toggle("Iterative (rescore after each removal, as in the paper)", key="pr_iterative")
-        if iterative:
-            st.number_input("Fine-tuning steps after each removal (0 = none)", 0, 100_000, step=10,
-                            key="pr_step_steps")
+                                 help=CRITERION_INFO[criterion].description
+                                 + ". Blocks go in increasing score order; cka is the paper's criterion.")
+        iterative = st.toggle("Iterative (rescore after each removal, as in the paper)", key="pr_iterative",
+                              help="A share of the recovery budget is spent after each removal")
     else:
         chosen = st.multiselect("Blocks to remove", a.removable, key="pr_chosen",
                                 help="Only blocks with an identity shortcut can be removed")
 with right:
-    units = {"none": "no fine-tuning", "steps": "steps", "epochs": "epochs"}
-    unit = st.radio("Fine-tuning budget", list(units), format_func=units.get, key="pr_ft_unit", horizontal=True)
-    if unit == "steps":
-        st.number_input("Optimiser steps", 1, 1_000_000, step=50, key="pr_ft_steps")
-    elif unit == "epochs":
-        st.number_input("Epochs", 0.1, 1000.0, step=0.5, key="pr_ft_epochs")
-    st.number_input("Learning rate", 1e-5, 1.0, format="%.4f", step=0.005, key="pr_lr")
-    st.toggle("Distil from the original network", key="pr_distill",
-              help="Knowledge distillation (Hinton et al.): the unpruned network teaches the pruned one")
-    st.number_input("Test images for the accuracy numbers", 1, len(a.test), key="pr_eval_samples")
+    presets = {name: f"{name} ({images:,} images)" if images else name for name, images in RECOVERY_PRESETS.items()}
+    presets["custom"] = "custom"
+    choice = st.segmented_control("Recovery (budget in training images)", list(presets), format_func=presets.get,
+                                  key="pr_recovery", required=True) or "quick"
+    if choice == "custom":
+        st.number_input("Training images to draw", 1, 100_000_000, step=1_000, key="pr_recovery_images")
+    st.number_input("Test images for the accuracy numbers", 1, len(a.test), key="pr_eval_samples",
+                    help="A fixed class-balanced sample (the same as `cka-prune prune --eval-samples N`)")
+
+
+def _request() -> PruneRequest:
+    """The request the widgets describe (ConfigError when they describe an impossible one)."""
+    ss = st.session_state
+    recovery = str(int(ss["pr_recovery_images"])) if ss["pr_recovery"] == "custom" else ss["pr_recovery"]
+    n_eval = int(ss["pr_eval_samples"])
+    return PruneRequest(
+        model=a.model, data=state.data_spec_string(a.data_spec), calibration_samples=len(a.calib),
+        criterion=criterion, target=target if mode == "target" else None,
+        blocks=tuple(chosen) if mode == "manual" and chosen else None, iterative=iterative and mode == "target",
+        recovery=recovery, eval_samples=None if n_eval >= len(a.test) else n_eval, device=dev, seed=seed,
+    )
+
+
+request: PruneRequest | None = None
+if mode == "target" or chosen:
+    with state.guard("checking the settings") as g:
+        request = _request()
+if request is not None and request.recovery.images > 0:
+    est = compute.recovery_estimate(a.model_key, json.dumps(request.recovery.to_dict(), sort_keys=True), dev,
+                                    _config=request.recovery, _model=a.model)
+    drop = est.get("reference_drop_pp")
+    right.caption(f"Recovery {request.recovery.describe()}: about {est['seconds']:.0f} s on this device"
+                  + (f"; on {est['reference']} it ended {drop:.1f} points below the unpruned model"
+                     if drop is not None else "") + ".")
 
 # ---------------------------------------------------------------------------------------------- live preview
 st.subheader("Preview")
@@ -115,62 +144,32 @@ if preview is not None:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def _finetune_config(steps: int | None, epochs: float) -> FinetuneConfig:
-    return FinetuneConfig(steps=steps, epochs=epochs, lr=float(st.session_state["pr_lr"]),
-                          distill=bool(st.session_state["pr_distill"]))
-
-
-def _make_job():
-    ss = st.session_state
-    unit = ss["pr_ft_unit"]
-    ft = None
-    if unit == "steps":
-        ft = _finetune_config(int(ss["pr_ft_steps"]), 0.0)
-    elif unit == "epochs":
-        ft = _finetune_config(None, float(ss["pr_ft_epochs"]))
-    step_ft = _finetune_config(int(ss["pr_step_steps"]), 0.0) if iterative and ss["pr_step_steps"] else None
-    needs_train = ft is not None or step_ft is not None
-    kwargs = dict(
-        target=target if mode == "target" else None,
-        blocks_to_remove=list(chosen) if mode == "manual" else None,
-        criterion=criterion, iterative=iterative and mode == "target",
-        train_loader=state.train_loader(a) if needs_train else None,
-        finetune_config=ft, step_finetune_config=step_ft, distill=bool(ss["pr_distill"]) and needs_train,
-        eval_loader=state.test_loader(a), eval_samples=int(ss["pr_eval_samples"]),
-        batch_size=state.CALIB_BATCH, device=dev,
-    )
-    calib = state.calib_loader(a)
-    settings = {"mode": mode, "criterion": criterion if mode == "target" else None,
-                "iterative": kwargs["iterative"], "target": None if target is None else target.describe(),
-                "finetune": None if ft is None else ft.to_dict(), "eval_samples": kwargs["eval_samples"],
-                "device": dev}
+def _make_job(req: PruneRequest):
+    data = PruneData(train=a.train, test=a.test,
+                     train_augmented=state.train_augmented(a) if req.recovery.images > 0 else None)
 
     def run(progress=None, cancel=None):
-        result = prune(compute.private_copy(a.model), calib, progress=progress, cancel=cancel, **kwargs)
-        return result, settings
+        return run_prune(req, data=data, progress=progress, cancel=cancel)
 
     return run
 
 
-can_run = preview is not None or (mode == "target" and iterative and target is not None)
+can_run = request is not None and (preview is not None or (mode == "target" and iterative))
 pkey = {"model": a.model_key, "data": a.data_key}
 job = jobs.take("prune", pkey)
-if job is not None and job.result is not None and not job.result[0].removed:
+if job is not None and job.result is not None and not job.result.record.removed:
     st.warning("Cancelled before any block was removed: nothing to keep.")
     jobs.clear()
 elif job is not None and job.result is not None:
-    result, settings = job.result
-    n = len(state.runs()) + 1
-    what = settings["target"] or f"{len(result.removed)} chosen block(s)"
-    how = (f"{settings['criterion']} {'iterative' if settings['iterative'] else 'one-shot'}"
-           if settings["criterion"] else "by hand")
-    label = f"run {n}: {how}, {what}" + (" (cancelled)" if result.cancelled else "")
+    outcome = job.result
+    record = outcome.record
+    label = f"run {len(state.runs()) + 1}: {record.describe()}" + (" (cancelled)" if record.cancelled else "")
     run_id = state.new_run_id()
-    state.runs().append({"id": run_id, "label": label, "model": result.model, "record": result.to_dict(),
-                         "settings": settings, "created": time.strftime("%H:%M:%S")})
+    state.runs().append({"id": run_id, "label": label, "model": outcome.model, "record": record.to_dict(),
+                         "created": time.strftime("%H:%M:%S")})
     st.session_state["pr_show_run"] = run_id
-    if result.cancelled:
-        st.warning("Cancelled: the blocks removed and the best fine-tuned weights so far are kept as "
+    if record.cancelled:
+        st.warning("Cancelled: the blocks removed and the recovered weights so far are kept as "
                    f"“{label}”.")
     jobs.clear()
 elif job is not None:
@@ -181,8 +180,8 @@ if not jobs.show_running("prune"):
     if busy:
         jobs.show_busy_note("prune")
     if st.button("Prune", type="primary", key="pr_run", disabled=busy or not can_run):
-        jobs.start("prune", pkey, "pruning" + (" and fine-tuning" if st.session_state["pr_ft_unit"] != "none"
-                                                else ""), _make_job())
+        jobs.start("prune", pkey, "pruning" + (" and recovering" if request.recovery.images > 0 else ""),
+                   _make_job(request))
         jobs.show_running("prune")
 
 # ---------------------------------------------------------------------------------------------- results
@@ -194,27 +193,27 @@ if runs:
     if st.session_state.get("pr_show_run") not in labels:
         st.session_state["pr_show_run"] = runs[-1]["id"]
     run_id = st.selectbox("Run", list(labels), format_func=labels.get, key="pr_show_run")
-    run = next(r for r in runs if r["id"] == run_id)
-    rec = run["record"]
-    base, final = rec["base"], rec["final"]
+    rec = PruneRecord.from_dict(next(r for r in runs if r["id"] == run_id)["record"])
+    base, final = rec.base, rec.final
+    n_eval = rec.request.get("eval_samples") or len(a.test)
     c1, c2, c3, c4 = st.columns(4)
-    acc_delta = (None if base.get("accuracy") is None or final.get("accuracy") is None
-                 else f"{final['accuracy'] - base['accuracy']:+.2f} pts")
-    c1.metric("Test accuracy", pct(final.get("accuracy"), 2), acc_delta,
-              help=f"before: {pct(base.get('accuracy'), 2)} on {run['settings']['eval_samples']} test images")
-    c2.metric("MACs", count(final["macs"]), f"-{100 * final['macs_reduction']:.1f} %", delta_color="inverse")
-    c3.metric("Parameters", count(final["params"]), f"-{100 * final['params_reduction']:.1f} %",
-              delta_color="inverse")
-    c4.metric("Time", f"{rec['seconds']:.1f} s")
-    st.markdown("Removed, in order: " + ", ".join(f"`{b}`" for b in rec["removed"]))
-    if len(rec["steps"]) > 1:
-        tuned = rec["final"].get("accuracy") if rec.get("finetune") else None
-        plotly(pruning_trajectory(rec["steps"], finetuned_accuracy=tuned), key="pr_trajectory")
-    ft = rec.get("finetune")
-    if ft and ft.get("history"):
-        hist = pd.DataFrame(ft["history"])
-        st.markdown(f"**Fine-tuning**: {ft.get('steps', '?')} steps, best accuracy "
-                    f"{pct(ft.get('best_accuracy'), 2)} at step {ft.get('best_step')}")
-        if "eval_top1" in hist:
+    acc_delta = (None if base.accuracy is None or final.accuracy is None
+                 else f"{final.accuracy - base.accuracy:+.2f} pts")
+    c1.metric("Test accuracy", pct(final.accuracy, 2), acc_delta,
+              help=f"before: {pct(base.accuracy, 2)}, right after removal: {pct(rec.after_removal.accuracy, 2)}; "
+                   f"on {n_eval:,} test images")
+    c2.metric("MACs", count(final.macs), f"-{100 * rec.macs_reduction:.1f} %", delta_color="inverse")
+    c3.metric("Parameters", count(final.params), f"-{100 * rec.params_reduction:.1f} %", delta_color="inverse")
+    c4.metric("Time", f"{rec.seconds:.1f} s")
+    st.markdown("Removed, in order: " + ", ".join(f"`{b}`" for b in rec.removed))
+    if len(rec.steps) > 1:
+        tuned = final.accuracy if rec.recovery else None
+        plotly(pruning_trajectory([s.to_dict() for s in rec.steps], finetuned_accuracy=tuned), key="pr_trajectory")
+    if rec.recovery:
+        r = rec.recovery
+        st.markdown(f"**Recovery** ({r.get('method', r['config'].get('name'))}): {rec.images_seen:,} training "
+                    f"images in {r.get('seconds', 0):.1f} s")
+        hist = pd.DataFrame(r.get("history") or [])
+        if {"step", "eval_top1"} <= set(hist.columns):
             st.line_chart(hist.dropna(subset=["eval_top1"]).set_index("step")["eval_top1"], height=220)
     st.caption("Compare runs on the **Compare** page; download the pruned model on the **Export** page.")

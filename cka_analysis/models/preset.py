@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -43,7 +43,6 @@ class Preset:
     crop_padding: int = 4
     weights: str = "random"
     notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.input_size) != 3:
@@ -78,6 +77,7 @@ class Preset:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preset:
         known = {f for f in cls.__dataclass_fields__}
+        d = {k: v for k, v in d.items() if k != "extra"}  # a field (always empty) that manifests of 0.1.0 carry
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"preset has unknown fields {sorted(unknown)}")

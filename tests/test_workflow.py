@@ -1,0 +1,160 @@
+"""The workflow layer on the digits demo: request validation (errors name the argument), the record's round trip,
+one-shot and iterative runs with recovery inside one image budget, the same "N test images" as the CLI, and bad
+input refused before anything is scored or written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cka_analysis.blocks import removed_blocks
+from cka_analysis.data import calibration_subset, dataset_targets, load_dataset
+from cka_analysis.errors import CKAPruneError, ConfigError, TargetError
+from cka_analysis.metrics import count_macs, evaluate
+from cka_analysis.pruning import Target
+from cka_analysis.recovery import RecoveryConfig
+from cka_analysis.workflow import (
+    PruneData,
+    PruneRecord,
+    PruneRequest,
+    eval_subset,
+    records_equal,
+    run_prune,
+)
+
+DEMO = {"model": "digits_resnet", "weights": "demo", "data": "digits", "device": "cpu", "latency": False}
+
+
+@pytest.fixture(scope="module")
+def data(demo) -> PruneData:
+    preset = demo.cka_preset
+    return PruneData(train=load_dataset("digits", "train", preset), test=load_dataset("digits", "test", preset),
+                     train_augmented=load_dataset("digits", "train", preset, augment=True))
+
+
+# -------------------------------------------------------------------------------------------------- requests
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({}, ["exactly one of target", "blocks"]),
+        ({"target": "2", "blocks": ("layer1.1",)}, ["exactly one of target"]),
+        ({"target": "lots"}, ["'lots' is not understood"]),
+        ({"target": "2", "criterion": "magic"}, ["criterion='magic'", "cka"]),
+        ({"target": "2", "calibration_samples": 2}, ["calibration_samples=2", "at least 4"]),
+        ({"target": "2", "eval_samples": 0}, ["eval_samples=0", "None"]),
+        ({"target": "2", "batch_size": 0}, ["batch_size=0"]),
+        ({"target": "2", "amp": "fp32"}, ["amp='fp32'", "bf16"]),
+        ({"target": "2", "data": "mnist"}, ["not understood", "imagefolder"]),
+        ({"blocks": ("layer1.1",), "iterative": True}, ["iterative=True needs a target"]),
+        ({"blocks": ()}, ["at least one block"]),
+        ({"target": "2", "model": ""}, ["model=''"]),
+        ({"target": "2", "model": torch.nn.Linear(2, 2)}, ["carries its preset"]),
+        ({"target": "2", "seed": -1}, ["seed=-1"]),
+    ],
+)
+def test_bad_requests_name_the_argument(kwargs, words) -> None:
+    with pytest.raises(ConfigError) as exc:
+        PruneRequest(**{**DEMO, **kwargs})
+    for w in words:
+        assert w in str(exc.value), str(exc.value)
+
+
+def test_request_normalises_and_round_trips() -> None:
+    r = PruneRequest(**DEMO, target="macs:30%", recovery="quick", seed=3)
+    assert r.target == Target("macs", 0.3)
+    assert isinstance(r.recovery, RecoveryConfig) and r.recovery.images == 25_000
+    assert r.calibration_seed == 3 and r.eval_seed == 3  # follow the seed unless given
+    d = json.loads(json.dumps(r.to_dict()))
+    assert PruneRequest.from_dict(d) == r
+    hand = PruneRequest(**DEMO, blocks="layer1.1, layer3.2", recovery="none")
+    assert hand.blocks == ("layer1.1", "layer3.2") and hand.recovery.images == 0
+    assert PruneRequest.from_dict(hand.to_dict()) == hand
+    assert not hand.needs_calibration and not PruneRequest(**DEMO, target="2", criterion="random").needs_calibration
+
+
+def test_eval_subset_is_the_cli_subset(data) -> None:
+    test = data.test
+    assert eval_subset(test, None) is test and eval_subset(test, len(test)) is test
+    sub = eval_subset(test, 100, seed=2)
+    assert sub.indices == calibration_subset(test, 100, seed=2).indices
+    counts = torch.bincount(torch.tensor(dataset_targets(sub)), minlength=10)
+    assert counts.min() == counts.max() == 10  # class-balanced
+    assert len(eval_subset(test, 3)) == 3
+
+
+# -------------------------------------------------------------------------------------------------- runs
+def test_one_shot_run_records_costs_accuracies_and_round_trips(demo, data) -> None:
+    before = {k: v.clone() for k, v in demo.state_dict().items()}
+    request = PruneRequest(**{**DEMO, "model": demo}, target="3", calibration_samples=64, eval_samples=200,
+                           recovery="none")
+    outcome = run_prune(request, data=data)
+    rec = outcome.record
+    assert len(rec.removed) == 3 and removed_blocks(outcome.model) == rec.removed
+    assert rec.final.macs == count_macs(outcome.model, (1, 8, 8)) < rec.base.macs
+    assert rec.base.macs == count_macs(demo, (1, 8, 8))
+    # accuracies on the same 200 test images an independent evaluation sees
+    loader = torch.utils.data.DataLoader(eval_subset(data.test, 200), batch_size=256)
+    assert rec.base.accuracy == pytest.approx(evaluate(demo, loader, device="cpu").top1)
+    assert rec.after_removal.accuracy == rec.final.accuracy == pytest.approx(
+        evaluate(outcome.model, loader, device="cpu").top1)
+    assert rec.recovery is None and rec.images_seen == 0 and not rec.cancelled
+    assert rec.request["model"] == "digits_resnet" and rec.request["weights"] == demo.cka_preset.weights
+    # the caller's model is untouched
+    assert removed_blocks(demo) == []
+    assert all(torch.equal(v, before[k]) for k, v in demo.state_dict().items())
+    d = json.loads(json.dumps(rec.to_dict()))
+    again = PruneRecord.from_dict(d)
+    assert again == rec and again.to_dict() == rec.to_dict()
+    assert d["final"]["macs_reduction"] == pytest.approx(rec.macs_reduction)
+    assert "original" in rec.summary() and "| after removal |" in rec.markdown()
+
+
+def test_recovery_spends_at_most_the_budget(demo, data) -> None:
+    request = PruneRequest(**DEMO, target="2", calibration_samples=64, eval_samples=100, recovery="512")
+    rec = run_prune(request, data=data).record
+    assert rec.recovery is not None and 0 < rec.images_seen <= 512
+    assert rec.recovery["config"] == request.recovery.to_dict()
+    assert rec.final.accuracy is not None and rec.after_removal.accuracy is not None
+
+
+def test_iterative_run_shares_one_budget_between_steps_and_the_end(demo, data) -> None:
+    request = PruneRequest(**DEMO, target="3", iterative=True, calibration_samples=64, eval_samples=100,
+                           recovery="768")
+    messages: list[str] = []
+    rec = run_prune(request, data=data, progress=lambda d, t, m: messages.append(m)).record
+    assert [len(s.removed) for s in rec.steps] == [0, 1, 1, 1]
+    per_step = [s.recovery["images_seen"] for s in rec.steps[1:] if s.recovery]
+    assert len(per_step) == 3
+    assert rec.images_seen == sum(per_step) + (rec.recovery or {}).get("images_seen", 0) <= 768
+    assert any("step 2: scoring" in m for m in messages)
+
+
+def test_bad_input_is_refused_before_anything_is_scored_or_written(demo, tmp_path: Path) -> None:
+    """Issue 13: a run that fails on bad input leaves the file system as it was (no resume directory, no
+    scores.json), and an unreachable target is known from the block costs, before any scoring."""
+    out = tmp_path / "pruned" / ".resume"
+    messages: list[str] = []
+    for kwargs, error in (({"blocks": ("no.such.block",)}, ConfigError),
+                          ({"blocks": ("layer2.0",)}, ConfigError),
+                          ({"target": "macs:99%"}, TargetError),
+                          ({"target": "macs:99%", "iterative": True}, TargetError)):
+        with pytest.raises(error):
+            run_prune(PruneRequest(**DEMO, **kwargs), checkpoint_dir=out,
+                      progress=lambda d, t, m: messages.append(m))
+    assert not (tmp_path / "pruned").exists()
+    assert messages == []  # nothing was loaded, scored or recovered
+
+
+def test_a_finished_run_writes_its_resume_parts_only_when_asked(demo, data, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    request = PruneRequest(**DEMO, target="2", calibration_samples=64, eval_samples=50, recovery="none")
+    first = run_prune(request, data=data, checkpoint_dir=out)
+    assert (out / "scores.json").is_file()
+    again = run_prune(request, data=data, checkpoint_dir=out, resume=True)
+    assert records_equal(first.record, again.record)
+    other = PruneRequest(**DEMO, target="3", calibration_samples=64, eval_samples=50, recovery="none")
+    with pytest.raises(CKAPruneError, match="other settings"):
+        run_prune(other, data=data, checkpoint_dir=out, resume=True)
