@@ -1,20 +1,25 @@
-"""Brief fine-tuning of a pruned model, with optional distillation from the unpruned one.
+"""Training a pruned model: one small :class:`Trainer` that both fine-tuning and recovery use.
 
-SGD with (Nesterov) momentum and a cosine or one-cycle schedule, label smoothing, knowledge distillation
-(Hinton et al. 2015), AMP and channels_last on CUDA, an epoch or step budget, a progress callback and cooperative
-cancellation. The best weights seen at an evaluation point (the starting weights included) are what is returned,
-also after a cancel: nothing finished is lost.
+The trainer owns the optimisation loop and nothing else: SGD with (Nesterov) momentum, a warm-up followed by a
+cosine, one-cycle or constant schedule (``torch.optim.lr_scheduler``), AMP and channels_last on CUDA,
+DistributedDataParallel under ``torchrun``, a budget in optimiser steps, the best weights seen at an evaluation
+point, cooperative cancellation and a resumable checkpoint. *What* is minimised is an :data:`Objective` given to it
+(cross-entropy, distillation from the unpruned model, feature mimicking: see :mod:`cka_analysis.recovery`).
 
-Under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in DistributedDataParallel, the loss and
-accuracy are reduced across ranks, and only rank 0 reports progress; see :mod:`cka_analysis.distributed`.
+Randomness is local: the data order comes from the loader's sampler or generator and batch augmentation from a
+``torch.Generator`` seeded by the spec, so two trainings running in one process at once never touch each other's
+(or the process's) random state.
+
+:func:`finetune` is the classic entry point kept for ``cka-prune finetune``: an epoch or step budget with
+cross-entropy and optional logit distillation.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,25 +33,420 @@ from .device import amp_dtype, autocast, resolve_device, use_channels_last
 from .errors import Cancelled, CheckpointError, ConfigError
 from .progress import CancelToken, ProgressFn, no_progress
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune"]
+__all__ = [
+    "BatchAugment",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "Objective",
+    "TrainSpec",
+    "Trainer",
+    "distillation_loss",
+    "finetune",
+    "learning_rates",
+]
+
+#: ``objective(net, x, y) -> scalar loss``: runs the (possibly DDP-wrapped) student ``net`` on a batch.
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+SCHEDULES = ("cosine", "onecycle", "constant")
+CHECKPOINT_FORMAT = "cka-prune-finetune/1"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How to optimise: budget in steps, the optimiser, the schedule, precision and evaluation points.
+
+    ``warmup_steps`` = None picks 5 % of the steps (at most 200) for cosine; ``eval_every`` = None evaluates
+    only at the start and the end. ``seed_global`` seeds torch's process-wide generator with ``seed`` for the
+    run (and restores it afterwards): only for datasets whose own transforms draw random augmentations in this
+    process; :class:`BatchAugment` and seeded loaders need no global state. ``keep_best`` ends with the best
+    weights seen at an evaluation (when the evaluation data is a validation split); False keeps the last ones and
+    evaluates only to report.
+    """
+
+    total_steps: int
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_steps: int | None = None
+    amp: str = "auto"
+    eval_every: int | None = None
+    seed: int = 0
+    seed_global: bool = False
+    keep_best: bool = True
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 0:
+            raise ConfigError(f"total_steps={self.total_steps} must be ≥ 0")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} must be positive")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ConfigError(f"eval_every={self.eval_every} must be ≥ 1 (or None: start and end only)")
+
+    @property
+    def warmup(self) -> int:
+        if self.warmup_steps is not None:
+            return max(1, min(self.warmup_steps, max(1, self.total_steps)))
+        return max(1, min(self.total_steps // 20, 200))
 
 
 @dataclass
+class TrainResult:
+    """What a training run did: history (losses, learning rates, evaluations), the best evaluation, the steps
+    and images it took, whether it was cancelled, and its wall time."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_accuracy: float | None = None
+    best_step: int = 0
+    steps: int = 0
+    images: int = 0
+    cancelled: bool = False
+    seconds: float = 0.0
+
+
+class BatchAugment:
+    """The standard small-image training augmentation (zero-padded random crop, horizontal flip) applied to a
+    normalised batch with a local generator: seeded, thread-safe, and cheaper than per-image transforms.
+
+    ``fill`` is the normalised value of a black pixel (−mean/std per channel), which is what padding the raw
+    image with zeros before normalising gives.
+    """
+
+    def __init__(self, padding: int, hflip: bool, fill: torch.Tensor, seed: int = 0) -> None:
+        self.padding, self.hflip, self.fill = int(padding), bool(hflip), fill.float().view(1, -1, 1, 1)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    @classmethod
+    def for_preset(cls, preset: Any, seed: int = 0) -> BatchAugment:
+        mean, std = torch.tensor(preset.mean), torch.tensor(preset.std)
+        return cls(preset.crop_padding, preset.hflip, -mean / std, seed)
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        p = self.padding
+        if p > 0:
+            padded = self.fill.to(x.device, x.dtype).expand(n, c, h + 2 * p, w + 2 * p).clone()
+            padded[:, :, p:p + h, p:p + w] = x
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=self.generator).tolist()
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=self.generator).tolist()
+            x = torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx, strict=True))])
+        if self.hflip:
+            flip = (torch.rand(n, generator=self.generator) < 0.5).to(x.device).view(n, 1, 1, 1)
+            x = torch.where(flip, x.flip(-1), x)
+        return x
+
+
+def _scheduler(opt: torch.optim.Optimizer, spec: TrainSpec) -> torch.optim.lr_scheduler.LRScheduler:
+    from torch.optim import lr_scheduler as S
+
+    total = max(spec.total_steps, 1)
+    if spec.schedule == "constant":
+        return S.ConstantLR(opt, factor=1.0, total_iters=0)
+    if spec.schedule == "onecycle":
+        return S.OneCycleLR(opt, max_lr=spec.lr, total_steps=total + 1, pct_start=0.3, anneal_strategy="cos",
+                            cycle_momentum=False, div_factor=25.0, final_div_factor=1e4)
+    warm = spec.warmup
+    warmup = S.LinearLR(opt, start_factor=1.0 / warm, end_factor=1.0, total_iters=warm - 1 if warm > 1 else 0)
+    cosine = S.CosineAnnealingLR(opt, T_max=max(1, total - warm + 1), eta_min=0.0)
+    return S.SequentialLR(opt, [warmup, cosine], milestones=[warm - 1 if warm > 1 else 0])
+
+
+def learning_rates(spec: TrainSpec) -> list[float]:
+    """The learning rate of every step of ``spec`` (``total_steps + 1`` values: before each step, and after the
+    last), as the trainer's scheduler produces them."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=spec.lr)
+    sched = _scheduler(opt, spec)
+    rates = [opt.param_groups[0]["lr"]]
+    for _ in range(spec.total_steps):
+        opt.step()
+        sched.step()
+        rates.append(opt.param_groups[0]["lr"])
+    return rates
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _amp_for(spec_amp: str, dev: torch.device) -> torch.dtype | None:
+    if spec_amp != "auto":
+        return amp_dtype(spec_amp)
+    if dev.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class Trainer:
+    """Minimise ``objective`` over ``loader`` for ``spec.total_steps`` steps; see the module docstring.
+
+    The model is trained in place and ends with the best weights seen at an evaluation point (the starting
+    weights included) when ``eval_loader`` is given, else with the last ones — also after a cancel.
+    ``images_per_step`` is counted from the batches drawn (times the number of processes under torchrun).
+    """
+
+    def __init__(self, model: nn.Module, loader: DataLoader, objective: Objective, spec: TrainSpec, *,
+                 device: str | torch.device = "auto", eval_loader: DataLoader | None = None,
+                 eval_samples: int | None = None, augment: BatchAugment | None = None,
+                 progress: ProgressFn | None = None, cancel: CancelToken | None = None,
+                 checkpoint_path: str | Path | None = None, checkpoint_every: int = 50) -> None:
+        from . import distributed as dist_utils
+
+        self.model, self.loader, self.objective, self.spec = model, loader, objective, spec
+        self.dev = resolve_device(device)
+        self.eval_loader, self.eval_samples, self.augment = eval_loader, eval_samples, augment
+        self.is_main = dist_utils.is_main_process()
+        self.world = dist_utils.world_size()
+        self.report = (progress or no_progress) if self.is_main else no_progress
+        self.cancel = cancel
+        self.ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.checkpoint_every = checkpoint_every
+        model.to(self.dev)
+        if use_channels_last(self.dev):
+            model.to(memory_format=torch.channels_last)
+        self.dtype = _amp_for(spec.amp, self.dev)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16 and self.dev.type == "cuda")
+        self.net = dist_utils.wrap_ddp(model, self.dev)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(
+            [{"params": [p for p in params if p.dim() > 1], "weight_decay": spec.weight_decay},
+             {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],
+            lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov and spec.momentum > 0,
+        )
+        self.sched = _scheduler(self.opt, spec)
+        self.result = TrainResult()
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.last_eval = -1
+        self.step = self.epoch = self.skip = 0
+        self.epoch_state: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _payload(self, in_epoch: int) -> dict[str, Any]:
+        r = self.result
+        return {
+            "format": CHECKPOINT_FORMAT, "step": self.step, "epoch": self.epoch, "batch": in_epoch,
+            "total": self.spec.total_steps, "model": _state_copy(self.model), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+            "best_state": self.best_state, "best_accuracy": r.best_accuracy, "best_step": r.best_step,
+            "last_eval": self.last_eval, "history": r.history, "images": r.images,
+            "augment": None if self.augment is None else self.augment.state(), **self.epoch_state,
+        }
+
+    def save(self, in_epoch: int) -> None:
+        """Write the whole training state atomically (rank 0 only)."""
+        if self.ckpt is None or not self.is_main:
+            return
+        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.ckpt.with_name(self.ckpt.name + ".tmp")
+        torch.save(self._payload(in_epoch), tmp)
+        os.replace(tmp, self.ckpt)
+
+    def restore(self) -> bool:
+        """Continue from the checkpoint when one exists; False when there is none."""
+        if self.ckpt is None or not self.ckpt.is_file():
+            return False
+        try:
+            saved = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot resume from {self.ckpt}: {exc}") from exc
+        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{self.ckpt} is not a cka-prune training checkpoint")
+        if saved["total"] != self.spec.total_steps:
+            raise CheckpointError(
+                f"{self.ckpt} was written for a {saved['total']}-step run but this run has "
+                f"{self.spec.total_steps} steps; resume with the same budget and data, or delete it to start over"
+            )
+        try:
+            self.model.load_state_dict(saved["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.ckpt} does not fit this model (other blocks removed?): {exc}") from exc
+        self.opt.load_state_dict(saved["optimizer"])
+        self.sched.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.best_state = saved["best_state"]
+        r = self.result
+        r.best_accuracy, r.best_step, r.history = saved["best_accuracy"], saved["best_step"], list(saved["history"])
+        r.images = int(saved.get("images", 0))
+        self.last_eval = saved["last_eval"]
+        self.step, self.epoch, self.skip = saved["step"], saved["epoch"], saved["batch"]
+        self._set_epoch_state(saved)
+        if self.augment is not None and saved.get("augment") is not None:
+            self.augment.set_state(saved["augment"])
+        self.report(self.step, None, f"training: resumed at step {self.step}/{self.spec.total_steps}")
+        return True
+
+    def _epoch_state(self) -> dict[str, Any]:
+        gen = getattr(self.loader, "generator", None)
+        return {"loader_generator": gen.get_state() if gen is not None else None,
+                "torch_rng": torch.get_rng_state() if self.spec.seed_global else None}
+
+    def _set_epoch_state(self, saved: dict[str, Any]) -> None:
+        gen = getattr(self.loader, "generator", None)
+        if gen is not None and saved.get("loader_generator") is not None:
+            gen.set_state(saved["loader_generator"])
+        if self.spec.seed_global and saved.get("torch_rng") is not None:
+            torch.set_rng_state(saved["torch_rng"])
+        self.epoch_state = {"loader_generator": saved.get("loader_generator"), "torch_rng": saved.get("torch_rng")}
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> None:
+        """Evaluate the current weights and keep them when they are the best so far."""
+        if self.eval_loader is None:
+            return
+        from . import distributed as dist_utils
+        from .metrics import evaluate
+
+        acc = dist_utils.reduce_accuracy(
+            evaluate(self.model, self.eval_loader, device=self.dev, amp=self.dtype, max_samples=self.eval_samples),
+            self.dev,
+        )
+        r = self.result
+        self.last_eval = self.step
+        r.history.append({"step": self.step, "images": r.images, "eval_top1": acc.top1, "eval_loss": acc.loss})
+        if r.best_accuracy is None or acc.top1 > r.best_accuracy:
+            r.best_accuracy, r.best_step = acc.top1, self.step
+            if self.spec.keep_best:
+                self.best_state = _state_copy(self.model)
+
+    # ---------------------------------------------------------------------------------------------- the loop
+    def _train_step(self, batch: Any) -> torch.Tensor:
+        x = batch[0].to(self.dev, non_blocking=True)
+        y = batch[1].to(self.dev, non_blocking=True)
+        if self.augment is not None:
+            x = self.augment(x)
+        if use_channels_last(self.dev) and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.dev, self.dtype):
+            loss = self.objective(self.net, x, y)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.result.images += x.shape[0] * self.world
+        return loss.detach()
+
+    def _epoch(self, running: torch.Tensor) -> None:
+        total, eval_every = self.spec.total_steps, self.spec.eval_every
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        if not self.skip:  # the data order of this epoch, so that a resumed run sees the same batches
+            self.epoch_state = self._epoch_state()
+        self.net.train()
+        in_epoch = 0
+        for batch in self.loader:
+            if self.step >= total:
+                break
+            if in_epoch < self.skip:
+                in_epoch += 1
+                continue
+            if self.cancel is not None and self.cancel.cancelled:
+                raise Cancelled("training was cancelled")
+            running += self._train_step(batch)
+            self.step += 1
+            in_epoch += 1
+            self._log(running)
+            if eval_every and self.step % eval_every == 0 and self.step < total:
+                self.evaluate()
+                self.net.train()
+            if self.ckpt is not None and self.step % self.checkpoint_every == 0 and self.step < total:
+                self.save(in_epoch)
+        self.skip = 0
+        self.epoch += 1
+
+    def _log(self, running: torch.Tensor) -> None:
+        step, total = self.step, self.spec.total_steps
+        if step % 10 == 0 or step == total:
+            mean_loss = float(running) / (10 if step % 10 == 0 else step % 10)
+            running.zero_()
+            self.report(step, total, f"training: step {step}/{total}, loss {mean_loss:.3f}")
+            self.result.history.append({"step": step, "images": self.result.images, "train_loss": mean_loss,
+                                        "lr": self.sched.get_last_lr()[0]})
+
+    def run(self, *, resume: bool = False) -> TrainResult:
+        """Train to the budget (or a cancel) and return the record; the model holds the kept weights."""
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[], enabled=self.spec.seed_global):
+            if self.spec.seed_global:
+                torch.manual_seed(self.spec.seed)
+            return self._run(resume, start)
+
+    def _run(self, resume: bool, start: float) -> TrainResult:
+        resumed = self.restore() if resume else False
+        if not resumed:
+            self.evaluate()
+        running = torch.zeros((), device=self.dev)
+        try:
+            while self.step < self.spec.total_steps:
+                self._epoch(running)
+            if self.spec.total_steps > 0 and self.step > self.last_eval:
+                self.evaluate()
+        except Cancelled:
+            self.result.cancelled = True
+            if self.step > self.last_eval:
+                self.evaluate()  # the weights reached before the cancel compete with the best so far
+        finally:
+            self.result.steps = self.step
+            self.model.eval()
+            if self.best_state is not None:
+                self.model.load_state_dict(self.best_state)
+            if use_channels_last(self.dev):
+                self.model.to(memory_format=torch.contiguous_format)
+            self.result.seconds = time.perf_counter() - start
+        return self.result
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s KL(teacher ‖ student) on temperature-softened outputs, scaled by T² (batch mean)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+def classification_objective(teacher: nn.Module | None, *, kd_alpha: float = 0.5, kd_temperature: float = 4.0,
+                             label_smoothing: float = 0.0) -> Objective:
+    """Cross-entropy, mixed with logit distillation from ``teacher`` (weight ``kd_alpha``) when one is given."""
+
+    def objective(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = net(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        if teacher is None:
+            return loss
+        with torch.no_grad():
+            t_logits = teacher(x)
+        return (1 - kd_alpha) * loss + kd_alpha * distillation_loss(logits, t_logits, kd_temperature)
+
+    return objective
+
+
+# ------------------------------------------------------------------------------------------------ finetune()
+@dataclass
 class FinetuneConfig:
-    """The fine-tuning budget and recipe.
+    """The fine-tuning budget and recipe of :func:`finetune` (``cka-prune finetune``).
 
     Attributes:
         epochs: passes over the training loader (fractions allowed); ignored when ``steps`` is set.
         steps: optimiser steps (takes precedence over ``epochs``).
         lr: peak learning rate. momentum, nesterov, weight_decay: SGD settings.
-        schedule: ``"cosine"`` (decay to 0 with a short warm-up) or ``"onecycle"``.
+        schedule: ``"cosine"`` (decay to 0 after a short warm-up), ``"onecycle"`` or ``"constant"``.
         label_smoothing: cross-entropy label smoothing.
         distill: distil from a teacher (the unpruned model) when one is given to :func:`finetune`.
         kd_temperature, kd_alpha: distillation temperature and the weight of the distillation term.
         amp: ``"auto"`` (bfloat16/float16 autocast on CUDA, off elsewhere), ``"none"``, ``"fp16"`` or ``"bf16"``.
         eval_every: evaluate (and keep the best weights) every this many steps; default once per epoch and at
             the end.
-        seed: for reproducible shuffling and dropout.
+        seed: for the reproducible data order.
     """
 
     epochs: float = 1.0
@@ -71,7 +471,7 @@ class FinetuneConfig:
             raise ConfigError(f"steps={self.steps} must be ≥ 0")
         if not self.lr > 0:
             raise ConfigError(f"lr={self.lr} must be positive")
-        if self.schedule not in ("cosine", "onecycle", "constant"):
+        if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r} must be 'cosine', 'onecycle' or 'constant'")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
@@ -91,17 +491,14 @@ class FinetuneResult:
     best_accuracy: float | None = None
     best_step: int = 0
     steps: int = 0
+    images: int = 0
     cancelled: bool = False
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "history": self.history,
-            "best_accuracy": self.best_accuracy,
-            "best_step": self.best_step,
-            "steps": self.steps,
-            "cancelled": self.cancelled,
-            "seconds": self.seconds,
+            "history": self.history, "best_accuracy": self.best_accuracy, "best_step": self.best_step,
+            "steps": self.steps, "images": self.images, "cancelled": self.cancelled, "seconds": self.seconds,
         }
 
 
@@ -113,27 +510,6 @@ def _total_steps(config: FinetuneConfig, loader: DataLoader) -> int:
     except TypeError as exc:
         raise ConfigError("the training loader has no length: give the budget in steps") from exc
     return math.ceil(config.epochs * per_epoch)
-
-
-def _lr_lambda(config: FinetuneConfig, total: int):
-    warm = max(1, min(total // 20, 200))
-
-    def cosine(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-    def onecycle(step: int) -> float:
-        peak = max(1, int(0.3 * total))
-        if step < peak:
-            return 0.04 + 0.96 * step / peak
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - peak) / max(1, total - peak))))
-
-    return {"cosine": cosine, "onecycle": onecycle, "constant": lambda step: 1.0}[config.schedule]
-
-
-def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def finetune(
@@ -155,8 +531,8 @@ def finetune(
 
     Args:
         model: the (pruned) network; trained in place, then given the best weights.
-        train_loader: augmented training batches; under torchrun it should use a DistributedSampler
-            (:func:`cka_analysis.distributed.make_train_loader`).
+        train_loader: augmented training batches; under torchrun it should shard the data
+            (:func:`cka_analysis.distributed.make_loader_for_world`).
         config: budget and recipe (default :class:`FinetuneConfig`).
         teacher: the unpruned model for distillation (used when ``config.distill``).
         eval_loader: held-out batches; the best weights by top-1 are kept. Without it, the last weights are.
@@ -164,191 +540,29 @@ def finetune(
         progress, cancel: see :mod:`cka_analysis.progress`. A cancel stops at the next step and keeps the best
             (or, without an eval loader, the current) weights; ``result.cancelled`` says so.
         checkpoint_path: write the whole training state (weights, optimiser, schedule, best weights, data order)
-            here every ``checkpoint_every`` steps and at every evaluation, so a killed run can go on.
+            here every ``checkpoint_every`` steps, so a killed run can go on.
         resume: continue from ``checkpoint_path`` when it exists (same model, loader and config): the run picks
             up at the saved step with the same data order and ends as the uninterrupted run would.
     """
-    from . import distributed as dist_utils
-    from .metrics import evaluate
-
     config = config or FinetuneConfig()
-    progress = progress or no_progress
-    dev = resolve_device(device)
-    total = _total_steps(config, train_loader)
-    start = time.perf_counter()
-    torch.manual_seed(config.seed)
-    is_main = dist_utils.is_main_process()
-    report = progress if is_main else no_progress
-
-    model.to(dev)
-    if use_channels_last(dev):
-        model.to(memory_format=torch.channels_last)
     if config.distill and teacher is None:
         raise ConfigError("config.distill is set but no teacher model was given")
-    if teacher is not None and config.distill:
-        teacher.to(dev).eval()
-    dtype = amp_dtype(config.amp) if config.amp != "auto" else (
-        (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and dev.type == "cuda")
-    net = dist_utils.wrap_ddp(model, dev)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, max(total, 1)))
-
-    result = FinetuneResult(model=model)
-    best_state: dict[str, torch.Tensor] | None = None
-    last_eval = -1
-    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-    loader_gen = getattr(train_loader, "generator", None)
-    epoch_state: dict[str, Any] = {}
-
-    def save_state(step: int, epoch: int, batch: int) -> None:
-        if ckpt is None or not is_main:
-            return
-        payload = {
-            "format": "cka-prune-finetune/1",
-            "step": step, "epoch": epoch, "batch": batch, "total": total,
-            "model": _state_copy(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "best_state": best_state, "best_accuracy": result.best_accuracy,
-            "best_step": result.best_step, "last_eval": last_eval, "history": result.history,
-            "config": config.to_dict(), **epoch_state,
-        }
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_name(ckpt.name + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, ckpt)
-
-    start_step, start_epoch, skip_batches = 0, 0, 0
-    resumed = False
-    if resume and ckpt is not None and ckpt.is_file():
-        try:
-            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"cannot resume from {ckpt}: {exc}") from exc
-        if not isinstance(saved, dict) or saved.get("format") != "cka-prune-finetune/1":
-            raise CheckpointError(f"{ckpt} is not a cka-prune fine-tuning checkpoint")
-        if saved["total"] != total:
-            raise CheckpointError(
-                f"{ckpt} was written for a {saved['total']}-step run but this run has {total} steps; "
-                "resume with the same budget and data, or delete the checkpoint to start over"
-            )
-        try:
-            model.load_state_dict(saved["model"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"{ckpt} does not fit this model (different blocks removed?): {exc}") from exc
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        best_state = saved["best_state"]
-        result.best_accuracy, result.best_step = saved["best_accuracy"], saved["best_step"]
-        result.history = list(saved["history"])
-        last_eval = saved["last_eval"]
-        start_step, start_epoch, skip_batches = saved["step"], saved["epoch"], saved["batch"]
-        if loader_gen is not None and saved.get("loader_generator") is not None:
-            loader_gen.set_state(saved["loader_generator"])
-        if saved.get("torch_rng") is not None:
-            torch.set_rng_state(saved["torch_rng"])
-        epoch_state = {"loader_generator": saved.get("loader_generator"), "torch_rng": saved.get("torch_rng")}
-        resumed = True
-        report(start_step, None, f"fine-tuning: resumed at step {start_step}/{total}")
-
-    def checkpoint(step: int) -> None:
-        nonlocal best_state
-        if eval_loader is None:
-            return
-        nonlocal last_eval
-        acc = dist_utils.reduce_accuracy(
-            evaluate(model, eval_loader, device=dev, amp=dtype, max_samples=eval_samples), dev
-        )
-        top1, last_eval = acc.top1, step
-        result.history.append({"step": step, "eval_top1": top1, "eval_loss": acc.loss})
-        if result.best_accuracy is None or top1 > result.best_accuracy:
-            result.best_accuracy, result.best_step = top1, step
-            best_state = _state_copy(model)
-
-    if not resumed:
-        checkpoint(0)
+    dev = resolve_device(device)
+    use_teacher = teacher if config.distill else None
+    if use_teacher is not None:
+        use_teacher.to(dev).eval()
+    total = _total_steps(config, train_loader)
     per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
-    eval_every = config.eval_every or per_epoch or total
-    step, epoch = start_step, start_epoch
-    running = torch.zeros((), device=dev)
-    try:
-        while step < total:
-            sampler = getattr(train_loader, "sampler", None)
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            if not (resumed and epoch == start_epoch):
-                # the data order of this epoch, so that a resumed run sees the same batches
-                epoch_state = {
-                    "loader_generator": loader_gen.get_state() if loader_gen is not None else None,
-                    "torch_rng": torch.get_rng_state(),
-                }
-            net.train()
-            in_epoch = 0
-            for batch in train_loader:
-                if step >= total:
-                    break
-                if skip_batches:
-                    skip_batches -= 1
-                    in_epoch += 1
-                    continue
-                if cancel is not None and cancel.cancelled:
-                    raise Cancelled("fine-tuning was cancelled")
-                x, y = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
-                if use_channels_last(dev) and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(dev, dtype):
-                    logits = net(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-                    if teacher is not None and config.distill:
-                        with torch.no_grad():
-                            t_logits = teacher(x).float()
-                        t = config.kd_temperature
-                        kd = F.kl_div(F.log_softmax(logits.float() / t, -1), F.log_softmax(t_logits / t, -1),
-                                      reduction="batchmean", log_target=True) * t * t
-                        loss = (1 - config.kd_alpha) * loss + config.kd_alpha * kd
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                running += loss.detach()
-                step += 1
-                in_epoch += 1
-                if step % 10 == 0 or step == total:
-                    mean_loss = float(running) / (10 if step % 10 == 0 else step % 10)
-                    running.zero_()
-                    report(step, total, f"fine-tuning: step {step}/{total}, loss {mean_loss:.3f}")
-                    result.history.append({"step": step, "train_loss": mean_loss, "lr": sched.get_last_lr()[0]})
-                if step % eval_every == 0 and step < total:
-                    checkpoint(step)
-                    net.train()
-                if ckpt is not None and (step % checkpoint_every == 0 or step % eval_every == 0) and step < total:
-                    save_state(step, epoch, in_epoch)
-            epoch += 1
-        if total > 0:
-            checkpoint(step)
-    except Cancelled:
-        result.cancelled = True
-        if step > last_eval:
-            checkpoint(step)  # the weights reached before the cancel compete with the best so far
-    finally:
-        result.steps = step
-        model.eval()
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        if use_channels_last(dev):
-            model.to(memory_format=torch.contiguous_format)
-        result.seconds = time.perf_counter() - start
-    return result
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    """A deep copy (weights, preset and removal record included)."""
-    return copy.deepcopy(model)
+    spec = TrainSpec(total_steps=total, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                     weight_decay=config.weight_decay, schedule=config.schedule, amp=config.amp,
+                     eval_every=config.eval_every or per_epoch or None, seed=config.seed,
+                     seed_global=getattr(train_loader, "num_workers", 0) == 0)
+    objective = classification_objective(use_teacher, kd_alpha=config.kd_alpha,
+                                         kd_temperature=config.kd_temperature,
+                                         label_smoothing=config.label_smoothing)
+    trainer = Trainer(model, train_loader, objective, spec, device=dev, eval_loader=eval_loader,
+                      eval_samples=eval_samples, progress=progress, cancel=cancel,
+                      checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
+    r = trainer.run(resume=resume)
+    return FinetuneResult(model=model, history=r.history, best_accuracy=r.best_accuracy, best_step=r.best_step,
+                          steps=r.steps, images=r.images, cancelled=r.cancelled, seconds=r.seconds)

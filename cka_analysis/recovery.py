@@ -1,0 +1,629 @@
+"""Recovery: give a pruned network back its accuracy for the least compute.
+
+Removing blocks shifts every later layer's input statistics and representation. Recovery repairs that in stages,
+each one cheap before the next one costs anything:
+
+1. **Batch-norm re-estimation** (EagleEye's adaptive BN): the running statistics are recomputed on training images
+   with the pruned network. Seconds; it alone lifts ResNet-56 at −52 % MACs from ~20 % to ~60 % top-1.
+2. **Fitted adaptors** (method ``"adaptor"``, after PRACTISE): every run of consecutive removed blocks is replaced
+   by a 1×1 convolution + ReLU fitted by ridge least squares so that the pruned network's features there
+   reproduce the unpruned network's. Not foldable into neighbouring weights (a ReLU and the next block's shortcut
+   sit between), so they stay, and are counted in MACs and parameters.
+3. **Training** with a :class:`~cka_analysis.training.Trainer`: cross-entropy (``"ce"``, the control), logit
+   distillation from the unpruned network (``"kd"``), or logit distillation plus feature mimicking of each stage's
+   output and of the penultimate features — the representations CKA compares — (``"feature"``, after MiR).
+
+The budget is counted in **training images drawn** (an image used twice counts twice; the images that
+re-estimate batch norm count too), so ``quick`` and ``standard`` mean the same on any machine; wall time is
+recorded beside it. Presets: :data:`RECOVERY_PRESETS`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from .errors import ConfigError
+from .progress import CancelToken, ProgressFn, check_cancel, no_progress
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "RECOVERY_METHODS",
+    "RECOVERY_PRESETS",
+    "BlockAdaptor",
+    "RecoveryConfig",
+    "RecoveryResult",
+    "estimate_recovery",
+    "fit_adaptors",
+    "recalibrate_batchnorm",
+    "recover",
+]
+
+#: Named budgets in training images drawn (``none``: no recovery at all, not even batch-norm re-estimation).
+RECOVERY_PRESETS: dict[str, int] = {"none": 0, "quick": 25_000, "standard": 250_000}
+
+#: Recovery methods, cheapest first; every one starts with batch-norm re-estimation.
+RECOVERY_METHODS: dict[str, str] = {
+    "bn": "batch-norm re-estimation only (no training)",
+    "ce": "cross-entropy fine-tuning (the control)",
+    "kd": "logit distillation from the unpruned network",
+    "feature": "logit distillation + mimicking each stage's output and the penultimate features",
+    "adaptor": "fitted 1×1 adaptors in place of removed blocks, then 'feature' training",
+}
+
+DEFAULT_METHOD = "feature"
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """What recovery may spend and how: ``images`` is the budget in training images drawn.
+
+    Attributes:
+        images: budget (training images drawn, repeats counted; batch-norm re-estimation images included).
+        method: one of :data:`RECOVERY_METHODS`.
+        batch_size, lr, momentum, weight_decay, warmup: SGD recipe (linear warm-up over ``warmup`` of the
+            steps, then cosine to zero).
+        kd_alpha, kd_temperature: weight and temperature of logit distillation (``kd``, ``feature``, ``adaptor``).
+        feature_weight: weight of the feature-mimicking term (``feature``, ``adaptor``).
+        bn_images: images that re-estimate the batch-norm statistics (capped by the budget).
+        adaptor_images: images that fit the adaptors (``adaptor`` only; forward passes, counted in the budget).
+        amp: ``"auto"``, ``"none"``, ``"fp16"`` or ``"bf16"``.
+        seed: data order and augmentation.
+        name: the preset this came from (``quick``, ``standard``) or None for an explicit number.
+    """
+
+    images: int = RECOVERY_PRESETS["quick"]
+    method: str = DEFAULT_METHOD
+    batch_size: int = 64
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup: float = 0.05
+    kd_alpha: float = 0.9
+    kd_temperature: float = 4.0
+    feature_weight: float = 1.0
+    bn_images: int = 2048
+    adaptor_images: int = 1024
+    amp: str = "auto"
+    seed: int = 0
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.images, bool) or not isinstance(self.images, int) or self.images < 0:
+            raise ConfigError(f"images={self.images!r}: the recovery budget must be a whole number of images ≥ 0")
+        if self.method not in RECOVERY_METHODS:
+            raise ConfigError(f"method={self.method!r} must be one of {', '.join(RECOVERY_METHODS)}")
+        for name in ("batch_size", "bn_images", "adaptor_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive whole number")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} must be positive")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup={self.warmup} is a fraction of the steps in [0, 1)")
+        if not 0 <= self.kd_alpha <= 1:
+            raise ConfigError(f"kd_alpha={self.kd_alpha} must be in [0, 1]")
+        if self.feature_weight < 0 or self.kd_temperature <= 0:
+            raise ConfigError("feature_weight must be ≥ 0 and kd_temperature > 0")
+
+    @classmethod
+    def parse(cls, spec: str | int | RecoveryConfig, **overrides: Any) -> RecoveryConfig:
+        """``"quick"``, ``"standard"``, ``"none"`` or a number of images (``"12000"``, ``"12k"``), with keyword
+        overrides of the recipe (``method="kd"``, ``seed=1``)."""
+        if isinstance(spec, RecoveryConfig):
+            return replace(spec, **overrides)
+        if isinstance(spec, bool):
+            raise ConfigError(f"recovery={spec!r}: use 'quick', 'standard', 'none' or a number of images")
+        if isinstance(spec, int):
+            return cls(images=spec, **overrides)
+        text = str(spec).strip().lower().replace("_", "").replace(",", "")
+        if text in RECOVERY_PRESETS:
+            return cls(images=RECOVERY_PRESETS[text], name=text, **overrides)
+        scale = 1000 if text.endswith("k") else 1
+        digits = text[:-1] if scale > 1 else text
+        if digits.isdigit():
+            return cls(images=int(digits) * scale, **overrides)
+        raise ConfigError(
+            f"recovery={spec!r} is not understood; use 'quick' (≤ {RECOVERY_PRESETS['quick']:,} images), "
+            f"'standard' (≤ {RECOVERY_PRESETS['standard']:,}), 'none', or a number of training images"
+        )
+
+    def with_images(self, images: int) -> RecoveryConfig:
+        """The same recipe with another budget (the preset name is dropped unless the budget is the same)."""
+        return replace(self, images=int(images), name=self.name if images == self.images else None)
+
+    def split_iterative(self, steps: int, share: float = 0.3) -> tuple[int, int]:
+        """(images per pruning step, images for the final recovery) for iterative pruning with ``steps``
+        removals: ``share`` of the budget goes to the per-step recoveries, the rest (at least the remainder)
+        to the final one, so that everything together never exceeds :attr:`images`."""
+        if steps < 1:
+            return 0, self.images
+        per_step = int(self.images * share) // steps
+        return per_step, self.images - per_step * steps
+
+    @property
+    def train_steps(self) -> int:
+        """Optimiser steps the budget pays for after batch-norm re-estimation (and adaptor fitting)."""
+        if self.method == "bn":
+            return 0
+        spent = min(self.bn_images, self.images) + (self.adaptor_images if self.method == "adaptor" else 0)
+        return max(0, self.images - spent) // self.batch_size
+
+    def describe(self) -> str:
+        what = self.name or f"{self.images:,} images"
+        return f"{what} ({self.method}: {RECOVERY_METHODS[self.method]})" if self.images else "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecoveryConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class RecoveryResult:
+    """What recovery did: the method, images drawn (≤ budget), steps, wall time, the accuracy curve (when
+    evaluation data was given), the adaptors it inserted and their cost."""
+
+    model: nn.Module
+    config: RecoveryConfig
+    images_seen: int = 0
+    bn_images: int = 0
+    adaptor_images: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    accuracy: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    adaptors: list[str] = field(default_factory=list)
+    cancelled: bool = False
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(), "method": self.method, "images_seen": self.images_seen,
+            "bn_images": self.bn_images, "adaptor_images": self.adaptor_images, "steps": self.steps,
+            "seconds": self.seconds, "accuracy": self.accuracy, "history": self.history,
+            "adaptors": self.adaptors, "cancelled": self.cancelled,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ data helpers
+def _base_and_indices(data: Dataset) -> tuple[Dataset, list[int] | None]:
+    indices: list[int] | None = None
+    while isinstance(data, Subset):
+        idx = list(data.indices)
+        indices = idx if indices is None else [idx[i] for i in indices]
+        data = data.dataset
+    return data, indices
+
+
+def plain_and_augment(data: Dataset, preset: Any, seed: int) -> tuple[Dataset, Any]:
+    """(the data without per-image random transforms, a seeded batch augmentation) for small-image
+    :class:`~cka_analysis.data.ImageDataset` data — augmentation then needs no process-wide random state;
+    ``(data, None)`` for anything else (its own transforms augment)."""
+    from .data import SMALL_IMAGE_MAX, ImageDataset, build_transform
+    from .training import BatchAugment
+
+    base, indices = _base_and_indices(data)
+    if not isinstance(base, ImageDataset) or max(preset.input_size[1:]) > SMALL_IMAGE_MAX:
+        return data, None
+    plain = copy.copy(base)
+    plain.transform = build_transform(preset, augment=False)
+    out: Dataset = plain if indices is None else Subset(plain, indices)
+    return out, BatchAugment.for_preset(preset, seed)
+
+
+def _first_images(data: Dataset, n: int, seed: int) -> Subset:
+    """``n`` images of ``data`` in a seeded order (for batch-norm statistics and adaptor fits)."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + 7919))[:n]  # type: ignore[arg-type]
+    return Subset(data, order.tolist())
+
+
+def _images_loader(data: Dataset, batch_size: int) -> Any:
+    from .data import make_loader
+
+    return make_loader(data, batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+# -------------------------------------------------------------------------------------------------- batch norm
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, data: Dataset, *, images: int = 2048, batch_size: int = 256,
+                          device: str | torch.device = "auto", seed: int = 0,
+                          cancel: CancelToken | None = None) -> int:
+    """Recompute every batch-norm layer's running statistics on ``images`` training images passed through
+    ``model`` (no weight changes): the running mean is the exact mean over the images, the running variance
+    the size-weighted average of the per-batch variances. Returns the images used (0 without batch norm)."""
+    from .device import resolve_device
+
+    layers = [m for m in model.modules() if isinstance(m, _BN)]
+    if not layers:
+        return 0
+    dev = resolve_device(device)
+    n = min(int(images), len(data))  # type: ignore[arg-type]
+    saved = [(m, m.momentum) for m in layers]
+    was_training = model.training
+    model.to(dev)
+    for m in layers:
+        m.reset_running_stats()
+    model.train()
+    seen = 0
+    try:
+        for x, *_ in _images_loader(_first_images(data, n, seed), batch_size):
+            check_cancel(cancel, "batch-norm re-estimation")
+            for m in layers:  # running = (seen·running + b·batch) / (seen + b)
+                m.momentum = x.shape[0] / (seen + x.shape[0])
+            model(x.to(dev))
+            seen += x.shape[0]
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------- adaptors
+class BlockAdaptor(nn.Identity):
+    """A fitted stand-in for a run of removed blocks: ``relu(W x + b)`` with a 1×1 convolution.
+
+    It subclasses ``nn.Identity`` so that the block surgery keeps treating its slot as removed (it is not a
+    block that could be scored or removed again); its weights live in the state dict under the slot's name.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=True)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return F.relu(self.conv(x))
+
+
+ADAPTORS_ATTR = "cka_adaptors"
+
+
+def adaptor_slots(model: nn.Module) -> dict[str, int]:
+    """{slot name: channels} of the adaptors in ``model`` (what a saved model's manifest records)."""
+    return dict(getattr(model, ADAPTORS_ATTR, {}))
+
+
+def insert_adaptors(model: nn.Module, slots: dict[str, int]) -> nn.Module:
+    """Put identity-initialised adaptors at ``slots`` of a pruned ``model`` (in place), e.g. to rebuild a saved
+    model before loading its weights."""
+    for name, channels in slots.items():
+        if not isinstance(model.get_submodule(name), nn.Identity):
+            raise ConfigError(f"slot {name!r} is not a removed block; an adaptor can only replace one")
+        model.set_submodule(name, BlockAdaptor(int(channels)))
+    object.__setattr__(model, ADAPTORS_ATTR, {**adaptor_slots(model), **{k: int(v) for k, v in slots.items()}})
+    return model
+
+
+def _removed_runs(model: nn.Module) -> list[list[str]]:
+    """Maximal runs of consecutive removed slots within one stage, in forward order."""
+    from .blocks import topology
+
+    topo = topology(model)
+    runs: list[list[str]] = []
+    for i, name in enumerate(topo.slots):
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Identity) or isinstance(module, BlockAdaptor):
+            continue
+        stage = name.rsplit(".", 1)[0]
+        prev = topo.slots[i - 1] if i else None
+        if runs and prev == runs[-1][-1] and prev.rsplit(".", 1)[0] == stage:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    return runs
+
+
+def _capture(module: nn.Module, pre: bool, store: dict[str, torch.Tensor]) -> Any:
+    if pre:
+        return module.register_forward_pre_hook(lambda m, args: store.__setitem__("x", args[0].detach()))
+    return module.register_forward_hook(lambda m, args, out: store.__setitem__("x", out.detach()))
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """W, b minimising ‖xWᵀ + b − y‖² + ridge·n·‖W − I‖² (float64): pulls an ill-posed fit towards identity."""
+    n, c = x.shape
+    xa = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    reg = ridge * n * torch.eye(c + 1, dtype=x.dtype)
+    reg[-1, -1] = 0.0
+    prior = torch.cat([torch.eye(c, dtype=x.dtype), torch.zeros(1, c, dtype=x.dtype)])
+    sol = torch.linalg.solve(xa.T @ xa + reg, xa.T @ y + reg @ prior)
+    return sol[:c].T, sol[c]
+
+
+@torch.no_grad()
+def fit_adaptors(student: nn.Module, teacher: nn.Module, data: Dataset, *, images: int = 1024,
+                 batch_size: int = 256, ridge: float = 1e-3, device: str | torch.device = "auto",
+                 seed: int = 0) -> list[str]:
+    """Replace each run of consecutive removed blocks of ``student`` (a pruned copy of ``teacher``) by a
+    :class:`BlockAdaptor` fitted so that, on ``images`` training images, the student's activation after the run
+    matches the teacher's. Runs are fitted in forward order on the student's own (already adapted) inputs, so
+    each fit also corrects the errors upstream. Only 4-D (convolutional) slots are fitted. Returns the slots."""
+    from .device import resolve_device
+
+    dev = resolve_device(device)
+    student.to(dev).eval()
+    teacher.to(dev).eval()
+    batch = torch.cat([x for x, *_ in _images_loader(_first_images(data, images, seed), batch_size)])
+    fitted: dict[str, int] = {}
+    for run in _removed_runs(student):
+        s_in: dict[str, torch.Tensor] = {}
+        t_out: dict[str, torch.Tensor] = {}
+        hooks = [_capture(student.get_submodule(run[0]), True, s_in),
+                 _capture(teacher.get_submodule(run[-1]), False, t_out)]
+        xs, ys = [], []
+        try:
+            for chunk in batch.split(batch_size):
+                student(chunk.to(dev))
+                teacher(chunk.to(dev))
+                xs.append(s_in["x"].double().cpu())
+                ys.append(t_out["x"].double().cpu())
+        finally:
+            for h in hooks:
+                h.remove()
+        x, y = torch.cat(xs), torch.cat(ys)
+        if x.dim() != 4 or x.shape != y.shape:
+            continue
+        c = x.shape[1]
+        w, b = _ridge(x.permute(0, 2, 3, 1).reshape(-1, c), y.permute(0, 2, 3, 1).reshape(-1, c), ridge)
+        insert_adaptors(student, {run[0]: c})
+        conv = student.get_submodule(run[0]).conv
+        conv.weight.copy_(w.view(c, c, 1, 1).to(conv.weight))
+        conv.bias.copy_(b.to(conv.bias))
+        fitted[run[0]] = c
+    student.to(dev)
+    return list(fitted)
+
+
+# ----------------------------------------------------------------------------------------------- the objective
+def feature_points(model: nn.Module) -> list[str]:
+    """Where ``feature`` recovery compares student and teacher: the output of every module that holds blocks
+    (each stage) and the classifier's input (the penultimate features)."""
+    from .blocks import topology
+
+    topo = topology(model)
+    parents = list(dict.fromkeys(s.rsplit(".", 1)[0] for s in topo.slots if "." in s))
+    return parents + ([f"{topo.classifier}:in"] if topo.classifier else [])
+
+
+class _Taps:
+    """Forward hooks that keep the latest activation at each feature point."""
+
+    def __init__(self, model: nn.Module, points: list[str]) -> None:
+        self.values: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for p in points:
+            name, _, side = p.partition(":")
+            module = model.get_submodule(name)
+            if side == "in":
+                self.handles.append(module.register_forward_pre_hook(
+                    lambda m, args, p=p: self.values.__setitem__(p, args[0])))
+            else:
+                self.handles.append(module.register_forward_hook(
+                    lambda m, args, out, p=p: self.values.__setitem__(p, out)))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class RecoveryObjective:
+    """The loss of one recovery method: ``(1 − α)·CE + α·KD`` (``kd``), plus ``β·Σ MSE(s, t)/mean(t²)`` over the
+    feature points (``feature``, ``adaptor``), or CE alone (``ce``). Call :meth:`close` to remove its hooks."""
+
+    def __init__(self, config: RecoveryConfig, student: nn.Module, teacher: nn.Module | None) -> None:
+        self.config, self.teacher = config, teacher
+        uses_teacher = config.method != "ce"
+        if uses_teacher and teacher is None:
+            raise ConfigError(f"recovery method {config.method!r} distils from the unpruned model: give teacher=")
+        feats = config.method in ("feature", "adaptor") and config.feature_weight > 0
+        points = feature_points(student) if feats else []
+        self.s_taps = _Taps(student, points) if feats else None
+        self.t_taps = _Taps(teacher, points) if feats and teacher is not None else None
+
+    def __call__(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from .training import distillation_loss
+
+        c = self.config
+        logits = net(x)
+        loss = F.cross_entropy(logits.float(), y)
+        if c.method == "ce" or self.teacher is None:
+            return loss
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+        loss = (1 - c.kd_alpha) * loss + c.kd_alpha * distillation_loss(logits, t_logits, c.kd_temperature)
+        if self.s_taps is not None and self.t_taps is not None:
+            feat = sum(F.mse_loss(self.s_taps.values[k].float(), t.float()) / (t.float().pow(2).mean() + 1e-8)
+                       for k, t in self.t_taps.values.items())
+            loss = loss + c.feature_weight * feat
+        return loss
+
+    def close(self) -> None:
+        for taps in (self.s_taps, self.t_taps):
+            if taps is not None:
+                taps.close()
+
+
+# ------------------------------------------------------------------------------------------------- recover()
+def recover(
+    model: nn.Module,
+    train_data: Dataset,
+    config: RecoveryConfig | str | int = "quick",
+    *,
+    teacher: nn.Module | None = None,
+    eval_data: Dataset | None = None,
+    eval_samples: int | None = None,
+    eval_points: int = 0,
+    device: str | torch.device = "auto",
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+    checkpoint_path: str | Path | None = None,
+    resume: bool = False,
+) -> RecoveryResult:
+    """Recover the pruned ``model`` in place within ``config.images`` training images; see the module docstring.
+
+    Args:
+        model: the pruned network (a copy of ``teacher`` with blocks removed).
+        train_data: the training split (augmented or not: small-image data is augmented per batch here).
+        config: a :class:`RecoveryConfig` or what :meth:`RecoveryConfig.parse` reads (``"quick"``).
+        teacher: the unpruned network (every method but ``ce`` and ``bn`` distils from it).
+        eval_data, eval_samples: measure top-1 at the end (and at ``eval_points`` evenly spaced points for an
+            accuracy-vs-images curve). They only report: the last weights are kept, never the best on this data.
+        progress, cancel: reported and honoured; a cancel keeps the weights reached so far.
+        checkpoint_path, resume: a resumable training state (see :class:`~cka_analysis.training.Trainer`).
+    """
+    from .data import default_num_workers
+    from .device import resolve_device
+    from .distributed import make_loader_for_world
+    from .training import Trainer, TrainSpec
+
+    cfg = RecoveryConfig.parse(config)
+    if teacher is None and cfg.method not in ("bn", "ce") and cfg.images:
+        raise ConfigError(f"recovery method {cfg.method!r} distils from the unpruned model: give teacher=")
+    report = progress or no_progress
+    dev = resolve_device(device)
+    start = time.perf_counter()
+    result = RecoveryResult(model=model, config=cfg)
+    if cfg.images == 0:
+        return result
+    if teacher is not None:
+        teacher.to(dev).eval()
+    preset = model.cka_preset
+    plain, augment = plain_and_augment(train_data, preset, cfg.seed)
+    report(0, None, "recovery: re-estimating batch-norm statistics")
+    result.bn_images = recalibrate_batchnorm(model, plain, images=min(cfg.bn_images, cfg.images), device=dev,
+                                             seed=cfg.seed, cancel=cancel)
+    if cfg.method == "adaptor" and teacher is not None and cfg.images > result.bn_images + cfg.adaptor_images:
+        report(0, None, "recovery: fitting adaptors for the removed blocks")
+        result.adaptors = fit_adaptors(model, teacher, plain, images=cfg.adaptor_images, device=dev, seed=cfg.seed)
+        result.adaptor_images = cfg.adaptor_images if result.adaptors else 0
+        recalibrate_batchnorm(model, plain, images=result.bn_images, device=dev, seed=cfg.seed, cancel=cancel)
+    steps = max(0, cfg.images - result.bn_images - result.adaptor_images) // cfg.batch_size
+    if cfg.method == "bn":
+        steps = 0
+    eval_loader = None
+    if eval_data is not None:
+        from .data import make_loader
+
+        eval_loader = make_loader(eval_data, batch_size=256, num_workers=0)
+    if steps:
+        loader = make_loader_for_world(plain, global_batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                       drop_last=True, num_workers=0 if augment is not None else default_num_workers(plain),
+                                       device=dev)
+        spec = TrainSpec(total_steps=steps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                         warmup_steps=max(1, int(cfg.warmup * steps)), amp=cfg.amp, seed=cfg.seed,
+                         eval_every=max(1, steps // eval_points) if eval_points else None,
+                         seed_global=augment is None, keep_best=False)
+        # the teacher gets hooks for feature mimicking: a private copy keeps them away from other users of it
+        tap_teacher = copy.deepcopy(teacher) if teacher is not None and cfg.method in ("feature", "adaptor") \
+            else teacher
+        objective = RecoveryObjective(cfg, model, tap_teacher)
+        try:
+            trainer = Trainer(model, loader, objective, spec, device=dev, eval_loader=eval_loader,
+                              eval_samples=eval_samples, augment=augment, progress=progress, cancel=cancel,
+                              checkpoint_path=checkpoint_path)
+            tr = trainer.run(resume=resume)
+        finally:
+            objective.close()
+        result.steps, result.cancelled = tr.steps, tr.cancelled
+        result.history = [{**h, "images": h.get("images", 0) + result.bn_images + result.adaptor_images}
+                          for h in tr.history]
+        result.accuracy = next((h["eval_top1"] for h in reversed(tr.history) if "eval_top1" in h), None)
+        trained = tr.images
+    else:
+        trained = 0
+        if eval_loader is not None:
+            from .metrics import evaluate
+
+            result.accuracy = evaluate(model, eval_loader, device=dev, max_samples=eval_samples).top1
+    result.images_seen = result.bn_images + result.adaptor_images + trained
+    model.eval()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- estimate
+def estimate_recovery(config: RecoveryConfig | str | int, model: nn.Module, teacher: nn.Module | None = None,
+                      *, device: str | torch.device = "auto", probe_steps: int = 3) -> dict[str, Any]:
+    """Expected wall time of ``recover`` on this machine, from timing ``probe_steps`` training steps of the
+    method on random input (the model is not changed), and the accuracy drop measured for the same budget on
+    the reference benchmark (ResNet-56, CIFAR-10, −50 % MACs), when there is one.
+
+    Returns ``{"seconds", "seconds_per_image", "images", "reference_drop_pp", "reference"}``.
+    """
+    from .device import resolve_device, synchronize
+
+    cfg = RecoveryConfig.parse(config)
+    dev = resolve_device(device)
+    steps = cfg.train_steps if cfg.images else 0
+    forward_images = min(cfg.bn_images, cfg.images) + (cfg.adaptor_images if cfg.method == "adaptor" else 0)
+    n = min(cfg.batch_size, 32)
+    x = torch.randn(n, *model.cka_preset.input_size, device=dev)
+    y = torch.zeros(n, dtype=torch.long, device=dev)
+    student = copy.deepcopy(model).to(dev)
+
+    def timed(fn: Any) -> float:
+        times = []
+        for _ in range(probe_steps + 1):
+            t0 = time.perf_counter()
+            fn()
+            synchronize(dev)
+            times.append(time.perf_counter() - t0)
+        return sorted(times[1:])[len(times[1:]) // 2] / n
+
+    per_forward = per_train = 0.0
+    if cfg.images:
+        with torch.no_grad():
+            per_forward = timed(lambda: student(x))
+    if steps:
+        probe_teacher = copy.deepcopy(teacher) if teacher is not None else None
+        objective = RecoveryObjective(cfg, student.train(), probe_teacher)
+        opt = torch.optim.SGD(student.parameters(), lr=1e-9)
+
+        def train_step() -> None:
+            opt.zero_grad()
+            objective(student, x, y).backward()
+            opt.step()
+
+        try:
+            per_train = timed(train_step)
+        finally:
+            objective.close()
+    seconds = per_train * steps * cfg.batch_size + per_forward * forward_images
+    ref = _reference_drop(cfg)
+    return {"seconds": seconds, "seconds_per_image": per_train, "images": cfg.images,
+            "reference_drop_pp": ref, "reference": REFERENCE_NOTE if ref is not None else None}
+
+
+#: Measured with ``benchmarks/recovery.py`` (ResNet-56 ``cifar10jpeg``, CKA one-shot −52.6 % MACs, all 10,000
+#: test images): top-1 points below the unpruned model after recovery with the default method, by budget.
+REFERENCE_DROP_PP: dict[int, float] = {}
+REFERENCE_NOTE = "ResNet-56 on CIFAR-10 (JPEG copy), CKA one-shot at −52.6 % MACs, default method"
+
+
+def _reference_drop(cfg: RecoveryConfig) -> float | None:
+    if cfg.method != DEFAULT_METHOD or not REFERENCE_DROP_PP:
+        return None
+    budgets = sorted(REFERENCE_DROP_PP)
+    below = [b for b in budgets if b <= cfg.images]
+    return REFERENCE_DROP_PP[below[-1]] if below else None

@@ -1,0 +1,209 @@
+"""Recovery on the digits demo: every method, the budget accounting, batch-norm re-estimation, adaptors,
+determinism (also with two recoveries running at once), cancel and the estimate."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from cka_analysis.blocks import find_blocks, remove_blocks, removed_blocks
+from cka_analysis.data import load_dataset, make_loader
+from cka_analysis.errors import ConfigError
+from cka_analysis.metrics import count_macs, count_params, evaluate
+from cka_analysis.progress import CancelToken
+from cka_analysis.recovery import (
+    RECOVERY_METHODS,
+    RECOVERY_PRESETS,
+    BlockAdaptor,
+    RecoveryConfig,
+    adaptor_slots,
+    estimate_recovery,
+    fit_adaptors,
+    recalibrate_batchnorm,
+    recover,
+)
+
+REMOVED = ["layer1.0", "layer1.1", "layer2.1"]
+
+
+@pytest.fixture(scope="module")
+def data(demo: nn.Module):
+    preset = demo.cka_preset
+    return {"train": load_dataset("digits", "train", preset, augment=True),
+            "plain": load_dataset("digits", "train", preset),
+            "test": load_dataset("digits", "test", preset)}
+
+
+def top1(model: nn.Module, dataset) -> float:
+    return evaluate(model, make_loader(dataset, batch_size=360), device="cpu").top1
+
+
+@pytest.fixture(scope="module")
+def pruned(demo: nn.Module, data) -> tuple[nn.Module, float]:
+    model = remove_blocks(demo, REMOVED).eval()
+    return model, top1(model, data["test"])
+
+
+# ------------------------------------------------------------------------------------------------- the config
+def test_parse_presets_and_numbers() -> None:
+    assert RecoveryConfig.parse("quick").images == RECOVERY_PRESETS["quick"] == 25_000
+    assert RecoveryConfig.parse("Standard").name == "standard"
+    assert RecoveryConfig.parse("none").images == 0
+    assert RecoveryConfig.parse("12000").images == 12_000
+    assert RecoveryConfig.parse("12k").images == 12_000
+    assert RecoveryConfig.parse(500, method="kd").method == "kd"
+    cfg = RecoveryConfig.parse("quick", seed=3)
+    assert RecoveryConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.with_images(100).images == 100 and cfg.with_images(100).name is None
+
+
+@pytest.mark.parametrize("bad", ["fast", "-5", "1.5k", "", True])
+def test_parse_refuses_what_it_cannot_read(bad) -> None:
+    with pytest.raises(ConfigError, match="recovery="):
+        RecoveryConfig.parse(bad)
+
+
+@pytest.mark.parametrize("kwargs, word", [({"method": "magic"}, "method"), ({"batch_size": 0}, "batch_size"),
+                                          ({"lr": 0.0}, "lr"), ({"kd_alpha": 2.0}, "kd_alpha"),
+                                          ({"images": -1}, "images")])
+def test_config_names_the_bad_argument(kwargs, word) -> None:
+    with pytest.raises(ConfigError, match=word):
+        RecoveryConfig(**kwargs)
+
+
+@pytest.mark.parametrize("images", [0, 1, 999, 25_000, 250_000])
+@pytest.mark.parametrize("steps", [1, 3, 14, 40])
+def test_iterative_split_never_exceeds_the_budget(images: int, steps: int) -> None:
+    per_step, final = RecoveryConfig(images=images).split_iterative(steps)
+    assert per_step >= 0 and final >= 0
+    assert per_step * steps + final == images
+
+
+# ---------------------------------------------------------------------------------------------- every method
+@pytest.mark.parametrize("method", list(RECOVERY_METHODS))
+def test_each_method_recovers_within_budget(method: str, demo, data, pruned) -> None:
+    model, removed_acc = pruned
+    student = copy.deepcopy(model)
+    cfg = RecoveryConfig(images=2_500, method=method, bn_images=256, adaptor_images=256, batch_size=64)
+    result = recover(student, data["train"], cfg, teacher=demo, eval_data=data["test"], device="cpu")
+    assert result.images_seen <= cfg.images
+    assert result.accuracy == pytest.approx(top1(student, data["test"]))
+    assert result.accuracy > removed_acc + 10, f"{method}: {removed_acc:.1f} → {result.accuracy:.1f}"
+    if method == "bn":
+        assert result.steps == 0 and result.images_seen == result.bn_images == 256
+    else:
+        assert result.steps == cfg.train_steps > 0
+        assert result.images_seen == result.bn_images + result.adaptor_images + result.steps * cfg.batch_size
+    assert (len(result.adaptors) > 0) == (method == "adaptor")
+    assert removed_blocks(student) == REMOVED
+    assert result.to_dict()["images_seen"] == result.images_seen
+
+
+@pytest.mark.parametrize("images", [10, 255, 300, 1_000])
+def test_images_seen_never_exceed_small_budgets(images: int, demo, data, pruned) -> None:
+    cfg = RecoveryConfig(images=images, method="adaptor", bn_images=256, adaptor_images=256, batch_size=64)
+    result = recover(copy.deepcopy(pruned[0]), data["train"], cfg, teacher=demo, device="cpu")
+    assert 0 < result.images_seen <= images
+
+
+def test_none_leaves_the_model_untouched(demo, data, pruned) -> None:
+    student = copy.deepcopy(pruned[0])
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    result = recover(student, data["train"], "none", teacher=demo, device="cpu")
+    assert result.images_seen == 0
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_distilling_methods_need_the_teacher(data, pruned) -> None:
+    with pytest.raises(ConfigError, match="teacher"):
+        recover(copy.deepcopy(pruned[0]), data["train"], RecoveryConfig(images=500, method="kd"), device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------- batch norm
+def test_batchnorm_statistics_are_the_exact_average(demo, data) -> None:
+    model = copy.deepcopy(demo)
+    images = 300
+    used = recalibrate_batchnorm(model, data["plain"], images=images, batch_size=64, device="cpu", seed=0)
+    assert used == images
+    # the first batch norm sees conv1's output, which pruning never changes: compare with a direct computation
+    from cka_analysis.recovery import _first_images
+
+    x = torch.stack([img for img, _ in _first_images(data["plain"], images, 0)])
+    with torch.no_grad():
+        h = model.conv1(x)
+    assert torch.allclose(model.bn1.running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(model.bn1.running_var, h.var((0, 2, 3), unbiased=True), rtol=0.05)
+    assert model.bn1.momentum == demo.bn1.momentum and not model.training
+
+
+# --------------------------------------------------------------------------------------------------- adaptors
+def test_adaptors_fit_the_teacher_and_are_counted(demo, data, pruned) -> None:
+    model, _ = pruned
+    student = copy.deepcopy(model)
+    slots = fit_adaptors(student, demo, data["plain"], images=256, device="cpu")
+    # layer1.0 and layer1.1 are one run (one adaptor); layer2.1 is a run of its own
+    assert slots == ["layer1.0", "layer2.1"]
+    assert adaptor_slots(student) == {"layer1.0": 16, "layer2.1": 32} or set(adaptor_slots(student)) == set(slots)
+    assert all(isinstance(student.get_submodule(s), BlockAdaptor) for s in slots)
+    assert [b.name for b in find_blocks(student, count_macs=False)] == \
+        [b.name for b in find_blocks(model, count_macs=False)], "an adaptor slot is still a removed block"
+    size = demo.cka_preset.input_size
+    assert count_macs(student, size) > count_macs(model, size)
+    assert count_params(student) > count_params(model)
+    # the fit brings the student's features at the end of layer1 closer to the teacher's
+    x = torch.stack([img for img, _ in list(data["plain"])[:200]])
+    with torch.no_grad():
+        t, s0, s1 = (m.layer1(m.relu(m.bn1(m.conv1(x)))) for m in (demo, model, student))
+    assert (s1 - t).pow(2).mean() < 0.7 * (s0 - t).pow(2).mean()
+
+
+# ------------------------------------------------------------------------------------- determinism and cancel
+def _run(demo, data, pruned, seed: int = 0) -> dict[str, torch.Tensor]:
+    student = copy.deepcopy(pruned[0])
+    recover(student, data["train"], RecoveryConfig(images=1_500, method="feature", bn_images=128, seed=seed),
+            teacher=demo, device="cpu")
+    return student.state_dict()
+
+
+def test_same_seed_same_weights_even_concurrently(demo, data, pruned) -> None:
+    alone = _run(demo, data, pruned)
+    other = _run(demo, data, pruned, seed=1)
+    assert any(not torch.equal(alone[k], other[k]) for k in alone), "the seed changes the data order"
+    results: dict[int, dict[str, torch.Tensor]] = {}
+
+    def job(i: int) -> None:
+        results[i] = _run(demo, data, pruned, seed=0 if i == 0 else 1)
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(alone[k], results[0][k]) for k in alone)
+    assert all(torch.equal(other[k], results[1][k]) for k in other)
+
+
+def test_cancel_keeps_the_weights_reached(demo, data, pruned) -> None:
+    token = CancelToken()
+
+    def progress(done, total, message):
+        if total and done >= 10:
+            token.cancel()
+
+    student = copy.deepcopy(pruned[0])
+    result = recover(student, data["train"], RecoveryConfig(images=5_000, bn_images=128), teacher=demo,
+                     device="cpu", progress=progress, cancel=token)
+    assert result.cancelled and 10 <= result.steps < RecoveryConfig(images=5_000, bn_images=128).train_steps
+    assert result.images_seen <= 5_000
+
+
+def test_estimate_is_positive_and_scales_with_the_budget(demo, pruned) -> None:
+    small = estimate_recovery(RecoveryConfig(images=2_000), pruned[0], demo, device="cpu")
+    large = estimate_recovery(RecoveryConfig(images=20_000), pruned[0], demo, device="cpu")
+    assert small["seconds"] > 0 and small["images"] == 2_000
+    assert large["seconds"] > 5 * small["seconds"]
+    assert estimate_recovery("none", pruned[0], demo, device="cpu")["seconds"] == 0
