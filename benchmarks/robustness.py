@@ -3,7 +3,8 @@
 For the models of the criteria table (``benchmarks/results/criteria.json``): the unpruned base and the CKA-pruned
 model (one-shot and iterative) at the largest MACs target, after the table's fine-tune. Measured with
 :func:`cka_analysis.robustness.evaluate_robustness`: FGSM and PGD (L∞, random start, step 2.5·ε/steps) at
-ε ∈ {1, 2, 4, 8}/255 in pixel units, and the mean accuracy over eight CIFAR-10-C-style corruptions per severity 1–5.
+ε ∈ {1, 2, 4, 8}/255 in pixel units, and the mean accuracy over eight CIFAR-10-C-style corruptions per severity 1–5
+(accuracies in percent; each model's entry in ``robustness.json`` is a ``RobustnessResult.to_dict()``).
 Full mode: ResNet-56 and ResNet-20, 1,000 test images, PGD-10. ``--quick``: ResNet-56 only, base and one-shot CKA,
 the first 100 images of the table's fixed class-balanced test subset, PGD-5 (accuracies then move in steps of 1 %,
 and the sampling error is about ±4–5 points: a coarse comparison). Run: ``python -m benchmarks.robustness [--quick] [--device cpu]`` (after
@@ -83,11 +84,12 @@ def run(quick: bool = False, device: str = "auto", criteria: dict[str, Any] | No
             preset = load_model(arch).cka_preset
             res = evaluate_robustness(model, tensor_loader(x, y, 100), mean=preset.mean, std=preset.std,
                                       max_samples=samples, device=dev, pgd_steps=pgd_steps, seed=0)
-            res["blocks_removed"] = row["blocks_removed"]
-            res["macs_reduction"] = row["macs_reduction"]
-            res["acc_ft_table"] = row.get("acc_ft")
-            out["models"][name] = res
-            log(f"  clean {res['clean_accuracy']:.1f} %, FGSM {res['fgsm']}, PGD {res['pgd']}")
+            # the record's JSON form (RobustnessResult.from_dict reads it back) plus where the model came from
+            out["models"][name] = {**res.to_dict(), "blocks_removed": row["blocks_removed"],
+                                   "macs_reduction": row["macs_reduction"], "acc_ft_table": row.get("acc_ft")}
+            curves = "; ".join(f"{c.attack.upper()} " + ", ".join(f"{e * 255:g}/255: {a:.1f} %" for e, a in c.points())
+                               for c in (res.fgsm, res.pgd) if c is not None)
+            log(f"  clean {res.clean_accuracy:.1f} %; {curves}")
             write_json("robustness.json", out)
     return out
 

@@ -11,11 +11,12 @@ ResNet-20), ``robustness`` (base vs CKA-pruned under attacks and corruptions), t
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+from cka_analysis.robustness import RobustnessResult
 
 from .common import CACHE_DIR, env_info, log, read_json, results_dir, write_json
 
@@ -169,13 +170,11 @@ def robustness_table(rob: dict[str, Any]) -> str:
                 f"corr. s{s}" for s in range(1, 6)) + " |")
     lines = [head, "|---|" + "---:|" * (1 + 2 * len(eps) + 5)]
     for name, r in rob["models"].items():
-        def get(d: dict, k: float | int) -> float:
-            return d.get(k, d.get(str(k), d.get(repr(k), math.nan)))
-
-        cells = [f"{r['clean_accuracy']:.1f}"]
-        cells += [f"{get(r['fgsm'], e):.1f}" for e in eps]
-        cells += [f"{get(r['pgd'], e):.1f}" for e in eps]
-        cells += [f"{get(r['corruption_mean_per_severity'], s):.1f}" for s in range(1, 6)]
+        rec = RobustnessResult.from_dict(r)  # also reads results written before the typed records
+        cells = [f"{rec.clean_accuracy:.1f}"]
+        cells += [f"{rec.attack('fgsm').accuracy_at(e):.1f}" for e in eps]
+        cells += [f"{rec.attack('pgd').accuracy_at(e):.1f}" for e in eps]
+        cells += [f"{rec.corruptions.mean_at(s):.1f}" for s in range(1, 6)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -261,15 +260,15 @@ def plot_robustness(rob: dict[str, Any]) -> list[Path]:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for i, (name, r) in enumerate(rob["models"].items()):
+        rec = RobustnessResult.from_dict(r)
         for ax, kind in zip(axes[:2], ("fgsm", "pgd"), strict=True):
-            d = {float(k): v for k, v in r[kind].items()}
-            xs = sorted(d)
-            ax.plot([0] + [e * 255 for e in xs], [r["clean_accuracy"]] + [d[e] for e in xs], "o-", color=f"C{i}",
-                    label=name)
+            pts = sorted(rec.attack(kind).points())
+            ax.plot([0] + [e * 255 for e, _ in pts], [rec.clean_accuracy] + [a for _, a in pts], "o-",
+                    color=f"C{i}", label=name)
             ax.set_title(f"{kind.upper()} ({rob['samples']} test images)")
             ax.set_xlabel("ε (/255)")
-        d = {int(float(k)): v for k, v in r["corruption_mean_per_severity"].items()}
-        axes[2].plot([0, *sorted(d)], [r["clean_accuracy"]] + [d[s] for s in sorted(d)], "o-", color=f"C{i}",
+        corr = rec.corruptions
+        axes[2].plot([0, *corr.severities], [rec.clean_accuracy, *corr.mean_per_severity()], "o-", color=f"C{i}",
                      label=name)
     axes[2].set_title("mean over 8 corruptions")
     axes[2].set_xlabel("severity (0 = clean)")
@@ -285,8 +284,8 @@ def plot_robustness(rob: dict[str, Any]) -> list[Path]:
     try:
         from cka_analysis.figures import adversarial_curves, corruption_curves
 
-        adv = adversarial_curves({n: {"fgsm": r["fgsm"], "pgd": r["pgd"]} for n, r in rob["models"].items()})
-        cor = corruption_curves({n: r["corruption_mean_per_severity"] for n, r in rob["models"].items()})
+        adv = adversarial_curves(rob["models"])
+        cor = corruption_curves(rob["models"])
         p = results_dir() / "robustness.html"
         p.write_text("<html><body>" + adv.to_html(full_html=False, include_plotlyjs="cdn")
                      + cor.to_html(full_html=False, include_plotlyjs=False) + "</body></html>\n")

@@ -676,14 +676,15 @@ def cmd_evaluate(args: argparse.Namespace, bar: StderrProgress) -> int:
                                   device=dev, pgd_steps=args.pgd_steps,
                                   seed=args.seed, progress=bar)
         bar.newline()
-        result["robustness"] = rob
-        for kind in ("fgsm", "pgd"):
-            if kind in rob:
-                vals = ", ".join(f"ε={e * 255:g}/255: {a:.2f} %" for e, a in rob[kind].items())
-                print(f"{kind.upper()}: {vals}")
-        if "corruption_mean_per_severity" in rob:
-            vals = ", ".join(f"s{s}: {a:.2f} %" for s, a in rob["corruption_mean_per_severity"].items())
-            print(f"corruptions (mean over {len(rob['corruptions'])}): {vals}")
+        result["robustness"] = rob.to_dict()
+        for curve in (rob.fgsm, rob.pgd):
+            if curve is not None:
+                vals = ", ".join(f"ε={e * 255:g}/255: {a:.2f} %" for e, a in curve.points())
+                print(f"{curve.attack.upper()}: {vals}")
+        if rob.corruptions is not None:
+            corr = rob.corruptions
+            vals = ", ".join(f"s{s}: {a:.2f} %" for s, a in zip(corr.severities, corr.mean_per_severity(), strict=True))
+            print(f"corruptions (mean over {len(corr.corruptions)}): {vals}")
     if args.json:
         _write_json(args.json, result)
     return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from .errors import ConfigError
+from .robustness.results import CorruptionResult, RobustnessResult, as_results
 
 __all__ = [
     "FONT",
@@ -514,23 +514,19 @@ def _criterion_scores(scores_by_criterion: Any) -> dict[str, dict[str, float]]:
 def kendall_tau_b(x: Any, y: Any) -> float:
     """Kendall's tau-b between two equally long score vectors, ties handled; NaN when undefined.
 
-    tau-b = (concordant − discordant) / sqrt(pairs not tied in x · pairs not tied in y). It is undefined
-    (NaN) with fewer than two values or when one vector is constant. O(n²) in memory, fine for block counts.
+    ``scipy.stats.kendalltau`` (variant b): (concordant − discordant) / sqrt(pairs not tied in x · pairs not tied
+    in y). It is undefined (NaN) with fewer than two values or when one vector is constant.
     """
+    from scipy.stats import kendalltau
+
     a, b = _float_array(x, "x", 1), _float_array(y, "y", 1)
     if a.shape != b.shape:
         raise ConfigError(f"x and y must have the same length, got {len(a)} and {len(b)}")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ConfigError("x and y must be finite; drop missing values first")
-    if len(a) < 2:
-        return math.nan
-    iu = np.triu_indices(len(a), k=1)
-    sa = np.sign(a[:, None] - a[None, :])[iu]
-    sb = np.sign(b[:, None] - b[None, :])[iu]
-    denom = math.sqrt(float(np.count_nonzero(sa)) * float(np.count_nonzero(sb)))
-    if denom == 0.0:
-        return math.nan
-    return float(np.sum(sa * sb) / denom)
+    if len(a) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+        return math.nan  # undefined; checked here because scipy warns about constant input
+    return float(kendalltau(a, b, variant="b").statistic)
 
 
 def rank_agreement(scores_by_criterion: Mapping[str, Mapping[str, float]]) -> dict[tuple[str, str], float]:
@@ -676,27 +672,6 @@ def rank_agreement_heatmap(
 # robustness curves
 # --------------------------------------------------------------------------------------------------------------
 
-_FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
-
-
-def _eps_value(key: Any, name: str) -> float:
-    """An ε key as a float: a number, a numeric string ("0.0078") or a fraction string ("2/255")."""
-    if isinstance(key, str):
-        m = _FRACTION.match(key)
-        if m:
-            num, den = _number(m.group(1), name), _number(m.group(2), name)
-            if den == 0:
-                raise ConfigError(f"{name}: ε {key!r} divides by zero")
-            v = num / den
-        else:
-            v = _number(key, name)
-    else:
-        v = _number(key, name)
-    if v < 0:
-        raise ConfigError(f"{name}: ε must be non-negative, got {key!r}")
-    return v
-
-
 def _eps_label(eps: float) -> str:
     """ε in /255 units: ``0``, ``2/255``, ``0.5/255``."""
     k = eps * 255.0
@@ -707,74 +682,58 @@ def _eps_label(eps: float) -> str:
     return f"{text}/255"
 
 
+def _robustness_records(results: Any) -> dict[str, RobustnessResult]:
+    """``{label: RobustnessResult}`` from records or their ``to_dict()`` form; ConfigError when empty."""
+    if not isinstance(results, Mapping) or not results:
+        raise ConfigError("results is empty; give at least one model's robustness result (label → RobustnessResult)")
+    return as_results(results)
+
+
 def adversarial_curves(
-    results: Mapping[str, Mapping[str, Mapping[float | str, float]]],
+    results: Mapping[str, RobustnessResult | Mapping[str, Any]],
     *,
     attack_names: Sequence[str] = ("fgsm", "pgd"),
     title: str = "Adversarial robustness",
 ) -> go.Figure:
     """Accuracy (%) against attack strength ε for several models, one panel per attack.
 
-    ``results[model][attack][eps] = accuracy`` with ε in input units (e.g. 2/255 ≈ 0.0078); ε keys may be
-    floats or strings (after a JSON round trip) and "2/255" style strings. The x axis is in /255 units with
-    tick labels like "2/255". A model keeps its colour across panels.
+    ``results[label]`` is a :class:`~cka_analysis.robustness.RobustnessResult` (or its ``to_dict()`` form, e.g.
+    read back from JSON); models without a requested attack are left out of its panel. ε is in pixel units of
+    [0, 1]; the x axis is in /255 units with tick labels like "2/255". A model keeps its colour across panels.
     """
-    res = _mapping(results, "results")
-    if not res:
-        raise ConfigError("results is empty; give at least one model's attack results")
+    records = _robustness_records(results)
     if isinstance(attack_names, (str, bytes)):
         attack_names = (attack_names,)
     attacks = [str(a) for a in attack_names]
     if not attacks:
         raise ConfigError("attack_names must name at least one attack")
-    known = {str(a) for per_model in res.values() for a in _mapping(per_model, "results[model]")}
+    known = {k for rec in records.values() for k in rec.kinds}
     if not known & set(attacks):
-        raise ConfigError(f"no model has results for attack_names {attacks}; attacks found: {sorted(known)}")
+        raise ConfigError(f"no model has results for attack_names {attacks}; measured: {sorted(known)}")
 
-    fig = make_subplots(
-        rows=1,
-        cols=len(attacks),
-        subplot_titles=[a.upper() for a in attacks],
-        shared_yaxes=True,
-        horizontal_spacing=0.06,
-    )
+    fig = make_subplots(rows=1, cols=len(attacks), subplot_titles=[a.upper() for a in attacks],
+                        shared_yaxes=True, horizontal_spacing=0.06)
     all_eps: list[set[float]] = [set() for _ in attacks]
-    for m_idx, (model, per_model) in enumerate(res.items()):
-        per_attack = {str(a): v for a, v in _mapping(per_model, f"results[{model!r}]").items()}
+    for m_idx, (model, rec) in enumerate(records.items()):
         shown = False
         for a_idx, attack in enumerate(attacks):
-            if attack not in per_attack:
+            curve = getattr(rec, attack, None) if attack in ("fgsm", "pgd") else None
+            if curve is None:
                 continue
-            curve = _mapping(per_attack[attack], f"results[{model!r}][{attack!r}]")
-            pts = sorted(
-                (
-                    _eps_value(e, f"results[{model!r}][{attack!r}]"),
-                    _number(acc, f"results[{model!r}][{attack!r}][{e!r}]", allow_none=True),
-                )
-                for e, acc in curve.items()
-            )
-            if not pts:
-                continue
-            eps = [p[0] for p in pts]
-            if len({round(e * 255.0, 6) for e in eps}) != len(eps):
-                raise ConfigError(
-                    f"results[{model!r}][{attack!r}] gives the same ε twice (e.g. as a number and as a string)"
-                )
-            all_eps[a_idx].update(round(e * 255.0, 6) for e in eps)
+            pts = sorted(curve.points())
+            all_eps[a_idx].update(round(e * 255.0, 6) for e, _ in pts)
             fig.add_trace(
                 go.Scatter(
-                    x=[e * 255.0 for e in eps],
-                    y=[None if not math.isfinite(p[1]) else p[1] for p in pts],
+                    x=[e * 255.0 for e, _ in pts],
+                    y=[acc for _, acc in pts],
                     mode="lines+markers",
-                    name=str(model),
-                    legendgroup=str(model),
+                    name=model,
+                    legendgroup=model,
                     showlegend=not shown,
                     line={"color": _colour(m_idx), "width": 2},
                     marker={"size": 7},
-                    text=[
-                        f"<b>{model}</b><br>{attack.upper()} ε = {_eps_label(e)} ({e:.4f})<br>accuracy: {_fmt(p[1], 2)} %"
-                        for e, p in zip(eps, pts, strict=True)
-                    ],
+                    text=[f"<b>{model}</b><br>{attack.upper()} ε = {_eps_label(e)} ({e:.4f})<br>accuracy: "
+                          f"{_fmt(acc, 2)} %" for e, acc in pts],
                     hovertemplate="%{text}<extra></extra>",
                 ),
                 row=1,
@@ -783,53 +742,52 @@ def adversarial_curves(
             shown = True
     for a_idx, eps_set in enumerate(all_eps):
         ticks = sorted(eps_set)
-        fig.update_xaxes(
-            title={"text": "ε (in /255 units)"},
-            tickmode="array",
-            tickvals=ticks,
-            ticktext=[_eps_label(t / 255.0) for t in ticks],
-            row=1,
-            col=a_idx + 1,
-        )
+        fig.update_xaxes(title={"text": "ε (in /255 units)"}, tickmode="array", tickvals=ticks,
+                         ticktext=[_eps_label(t / 255.0) for t in ticks], row=1, col=a_idx + 1)
     fig.update_yaxes(range=[0, 100], autorange=False)
     fig.update_yaxes(title={"text": "top-1 accuracy (%)"}, row=1, col=1)
     return _apply_style(fig, title, subtitle="accuracy under attack; ε is the L∞ perturbation budget")
 
 
-def corruption_curves(
-    results: Mapping[str, Mapping[int | str, float]], *, title: str = "Robustness to corruptions"
-) -> go.Figure:
-    """Mean accuracy (%) over corruption types against severity 1–5, one line per model.
+def _corruption_record(value: Any, model: str) -> CorruptionResult:
+    """The corruption part of a robustness record, a CorruptionResult, or either one's dict form."""
+    if isinstance(value, CorruptionResult):
+        return value
+    if isinstance(value, Mapping) and "clean_accuracy" not in value:
+        return CorruptionResult.from_dict(value)
+    corr = RobustnessResult.from_dict(value).corruptions
+    if corr is None:
+        raise ConfigError(f"results[{model!r}] has no corruption accuracy; evaluate it with kinds including "
+                          "'corruptions'")
+    return corr
 
-    ``results[model][severity] = mean accuracy``; severity keys may be ints or strings ("3").
+
+def corruption_curves(
+    results: Mapping[str, RobustnessResult | CorruptionResult | Mapping[str, Any]],
+    *,
+    title: str = "Robustness to corruptions",
+) -> go.Figure:
+    """Mean accuracy (%) over the corruption types against severity 1–5, one line per model.
+
+    ``results[label]`` is a :class:`~cka_analysis.robustness.RobustnessResult` with corruptions, a
+    :class:`~cka_analysis.robustness.CorruptionResult`, or the ``to_dict()`` form of either.
     """
-    res = _mapping(results, "results")
-    if not res:
+    if not isinstance(results, Mapping) or not results:
         raise ConfigError("results is empty; give at least one model's corruption results")
     fig = go.Figure()
-    for m_idx, (model, per_sev) in enumerate(res.items()):
-        curve = _mapping(per_sev, f"results[{model!r}]")
-        pts: list[tuple[int, float]] = []
-        for key, acc in curve.items():
-            try:
-                sev_f = float(key)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"results[{model!r}]: severity {key!r} is not a number 1–5") from exc
-            if sev_f != int(sev_f) or not 1 <= sev_f <= 5:
-                raise ConfigError(f"results[{model!r}]: severity must be an integer 1–5, got {key!r}")
-            pts.append((int(sev_f), _number(acc, f"results[{model!r}][{key!r}]", allow_none=True)))
-        pts.sort()
-        if len({p[0] for p in pts}) != len(pts):
-            raise ConfigError(f"results[{model!r}] gives the same severity twice (e.g. 3 and '3')")
+    for m_idx, (model, value) in enumerate(results.items()):
+        corr = _corruption_record(value, str(model))
+        pts = sorted(zip(corr.severities, corr.mean_per_severity(), strict=True))
         fig.add_trace(
             go.Scatter(
                 x=[p[0] for p in pts],
-                y=[None if not math.isfinite(p[1]) else p[1] for p in pts],
+                y=[p[1] for p in pts],
                 mode="lines+markers",
                 name=str(model),
                 line={"color": _colour(m_idx), "width": 2},
                 marker={"size": 7},
-                text=[f"<b>{model}</b><br>severity {p[0]}<br>mean accuracy: {_fmt(p[1], 2)} %" for p in pts],
+                text=[f"<b>{model}</b><br>severity {p[0]}<br>mean accuracy over {len(corr.corruptions)} "
+                      f"corruptions: {_fmt(p[1], 2)} %" for p in pts],
                 hovertemplate="%{text}<extra></extra>",
             )
         )

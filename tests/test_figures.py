@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from cka_analysis import figures as F
 from cka_analysis.errors import ConfigError
+from cka_analysis.robustness import AttackCurve, CorruptionResult, RobustnessResult
 
 
 def _serialises(fig: go.Figure) -> None:
@@ -344,13 +345,23 @@ def test_rank_agreement_heatmap_scale_and_values():
 # ---------------------------------------------------------------------------------------------------- robustness
 
 
-def test_adversarial_curves_eps_keys_and_ticks():
+def _record(clean: float, fgsm=None, pgd=None, corruption_means=None) -> RobustnessResult:
+    """A robustness record as evaluate_robustness returns it (each corruption at the given means)."""
+    corr = None
+    if corruption_means is not None:
+        sevs = tuple(sorted(corruption_means))
+        corr = CorruptionResult(sevs, {"contrast": tuple(corruption_means[s] for s in sevs),
+                                       "brightness": tuple(corruption_means[s] for s in sevs)}, "cifar10-c")
+    curve = lambda name, d: None if d is None else AttackCurve(name, tuple(d), tuple(d.values()))  # noqa: E731
+    return RobustnessResult(100, clean, curve("fgsm", fgsm), curve("pgd", pgd), corr)
+
+
+def test_adversarial_curves_take_records_and_their_json_form():
     results = {
-        "original": {
-            "fgsm": {0.0: 90.0, 2 / 255: 60.0, 8 / 255: 20.0},
-            "pgd": {"0.0": 90.0, str(2 / 255): 40.0, "8/255": 5.0},  # JSON round-trip and fraction keys
-        },
-        "pruned-1": json.loads(json.dumps({"fgsm": {0.0: 88.0, 8 / 255: 25.0, 2 / 255: 55.0}})),
+        "original": _record(90.0, fgsm={0.0: 90.0, 2 / 255: 60.0, 8 / 255: 20.0},
+                            pgd={0.0: 90.0, 2 / 255: 40.0, 8 / 255: 5.0}),
+        # read back from JSON, measured in another order
+        "pruned-1": json.loads(json.dumps(_record(88.0, fgsm={0.0: 88.0, 8 / 255: 25.0, 2 / 255: 55.0}).to_dict())),
     }
     fig = F.adversarial_curves(results)
     _serialises(fig)
@@ -362,7 +373,7 @@ def test_adversarial_curves_eps_keys_and_ticks():
     np.testing.assert_allclose(fgsm.x, [0.0, 2.0, 8.0])
     assert list(fgsm.y) == [90.0, 60.0, 20.0]
     pruned = by[("pruned-1", "x")]
-    np.testing.assert_allclose(pruned.x, [0.0, 2.0, 8.0])  # sorted by ε whatever the key order
+    np.testing.assert_allclose(pruned.x, [0.0, 2.0, 8.0])  # sorted by ε whatever the measuring order
     assert list(pruned.y) == [88.0, 55.0, 25.0]
     pgd = by[("original", "x2")]
     np.testing.assert_allclose(pgd.x, [0.0, 2.0, 8.0])
@@ -380,34 +391,52 @@ def test_adversarial_curves_eps_keys_and_ticks():
 
 
 def test_adversarial_curves_validation():
-    with pytest.raises(ConfigError, match="results"):
+    with pytest.raises(ConfigError, match="results is empty"):
         F.adversarial_curves({})
     with pytest.raises(ConfigError, match="attack_names"):
-        F.adversarial_curves({"m": {"fgsm": {0.0: 1.0}}}, attack_names=("pgd",))
-    with pytest.raises(ConfigError, match="same ε twice"):
-        F.adversarial_curves({"m": {"fgsm": {0.0: 1.0, "0": 2.0}}})
-    with pytest.raises(ConfigError, match="non-negative"):
-        F.adversarial_curves({"m": {"fgsm": {"-2/255": 1.0}}})
-    with pytest.raises(ConfigError, match="fgsm"):
-        F.adversarial_curves({"m": {"fgsm": {"big": 1.0}}})
+        F.adversarial_curves({"m": _record(50.0, fgsm={0.0: 50.0})}, attack_names=("pgd",))
+    with pytest.raises(ConfigError, match="given twice"):
+        F.adversarial_curves({"m": {"samples": 10, "clean_accuracy": 50.0,
+                                    "fgsm": {"eps": [0.0, 0.0], "accuracy": [50.0, 40.0]}}})
+    with pytest.raises(ConfigError, match=r"ε must lie in \[0, 1\]"):
+        F.adversarial_curves({"m": {"samples": 10, "clean_accuracy": 50.0,
+                                    "fgsm": {"eps": [-2 / 255], "accuracy": [50.0]}}})
+    with pytest.raises(ConfigError, match=r"percentage in \[0, 100\]"):
+        F.adversarial_curves({"m": {"samples": 10, "clean_accuracy": 50.0,
+                                    "fgsm": {"eps": [0.0], "accuracy": [150.0]}}})
 
 
 def test_corruption_curves():
-    fig = F.corruption_curves({"original": {"1": 85.0, "3": 70.0, "2": 80.0}, "pruned": {5: 40.0, 1: 83.0}})
+    fig = F.corruption_curves({
+        "original": _record(90.0, corruption_means={1: 85.0, 3: 70.0, 2: 80.0}),
+        "pruned": _record(88.0, corruption_means={5: 40.0, 1: 83.0}).corruptions,
+        "from json": json.loads(json.dumps(_record(87.0, corruption_means={1: 60.0}).to_dict())),
+    })
     _serialises(fig)
-    a, b = fig.data
+    a, b, c = fig.data
     assert list(a.x) == [1, 2, 3] and list(a.y) == [85.0, 80.0, 70.0]
     assert list(b.x) == [1, 5] and list(b.y) == [83.0, 40.0]
+    assert list(c.x) == [1] and list(c.y) == [60.0]
     assert a.line.color != b.line.color
+    assert "over 2 corruptions" in a.text[0]
     assert list(fig.layout.xaxis.tickvals) == [1, 2, 3, 4, 5]
     assert list(fig.layout.yaxis.range) == [0, 100]
     assert "(%)" in fig.layout.yaxis.title.text
-    with pytest.raises(ConfigError, match="severity"):
-        F.corruption_curves({"m": {6: 1.0}})
-    with pytest.raises(ConfigError, match="severity"):
-        F.corruption_curves({"m": {"mild": 1.0}})
-    with pytest.raises(ConfigError, match="same severity twice"):
-        F.corruption_curves({"m": {3: 1.0, "3": 2.0}})
+    with pytest.raises(ConfigError, match="has no corruption accuracy"):
+        F.corruption_curves({"m": _record(50.0, fgsm={0.0: 50.0})})
+    with pytest.raises(ConfigError, match="integers from 1 to 5"):
+        F.corruption_curves({"m": CorruptionResult.from_dict({"contrast": {6: 1.0}})})
+    with pytest.raises(ConfigError, match="corruption result"):
+        F.corruption_curves({"m": {"contrast": {"mild": 1.0}}})
+
+
+def test_figures_and_robustness_records_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, cka_analysis.figures, cka_analysis.robustness; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ---------------------------------------------------------------------------------------------------- pareto

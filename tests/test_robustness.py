@@ -29,6 +29,9 @@ from cka_analysis.robustness import (
     CORRUPTION_TABLES,
     CORRUPTIONS,
     DEFAULT_EPS,
+    AttackCurve,
+    CorruptionResult,
+    RobustnessResult,
     adversarial_accuracy,
     corrupt,
     corruption_accuracy,
@@ -127,7 +130,8 @@ def test_eps_zero_is_exactly_clean_accuracy(digits: Digits) -> None:
         result = adversarial_accuracy(
             digits.model, digits.loader(), attack=attack, eps=[0.0], **_stats(digits)
         )
-        assert result == {0.0: clean}
+        assert result == AttackCurve(attack, (0.0,), (clean,))
+        assert result.accuracy_at(0.0) == clean
     # The attack path itself at ε = 0 (no short cut): the images come back unchanged and classify as before.
     pixels, labels = digits.pixels[:200], digits.labels[:200]
     for adv in (
@@ -147,33 +151,38 @@ def test_accuracy_does_not_rise_with_eps_and_pgd_is_stronger(digits: Digits) -> 
     pgd = adversarial_accuracy(
         digits.model, loader, attack="pgd", eps=eps, pgd_steps=5, seed=0, **_stats(digits)
     )
-    assert list(fgsm) == eps and list(pgd) == eps
-    assert fgsm[0.0] == pgd[0.0] == digits.clean_accuracy(n=160)
+    assert fgsm.eps == tuple(eps) == pgd.eps
+    assert fgsm.accuracy_at(0.0) == pgd.accuracy_at(0.0) == digits.clean_accuracy(n=160)
     for curve in (fgsm, pgd):
-        values = [curve[e] for e in eps]
+        values = list(curve.accuracy)
         assert all(a >= b for a, b in itertools.pairwise(values)), values
         assert values[-1] < values[0] - 50, "a large budget must break the model"
     for e in eps:
-        assert pgd[e] <= fgsm[e], (e, pgd[e], fgsm[e])
-    assert pgd[0.1] < fgsm[0.1] - 5, "5-step PGD should be clearly stronger than FGSM at a mid budget"
+        assert pgd.accuracy_at(e) <= fgsm.accuracy_at(e), (e, pgd, fgsm)
+    assert pgd.accuracy_at(0.1) < fgsm.accuracy_at(0.1) - 5, "5-step PGD should be clearly stronger than FGSM"
 
 
-def test_pgd_is_repeatable_under_a_seed_and_leaves_global_rng_alone(digits: Digits) -> None:
-    loader = digits.loader(n=120, batch_size=40)
+def test_pgd_is_repeatable_under_a_seed_and_draws_nothing_from_the_global_rng(digits: Digits) -> None:
+    # a loader with its own generator: iterating it does not draw its base seed from the global RNG either
+    dataset = TensorDataset(digits.normalise(digits.pixels[:120]), digits.labels[:120])
+    loader = DataLoader(dataset, batch_size=40, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
     state = torch.get_rng_state()
     first = adversarial_accuracy(
         digits.model, loader, attack="pgd", eps=[0.1, 0.15], pgd_steps=3, seed=3, **_stats(digits)
     )
     assert torch.equal(state, torch.get_rng_state())
+    torch.manual_seed(2)  # another global stream: the same numbers, as the start comes from a local generator
     second = adversarial_accuracy(
         digits.model, loader, attack="pgd", eps=[0.1, 0.15], pgd_steps=3, seed=3, **_stats(digits)
     )
     assert first == second
+    state = torch.get_rng_state()
     corruption_accuracy(digits.model, loader, corruptions=NOISE, severities=(5,), **_stats(digits))
     evaluate_robustness(
         digits.model, loader, kinds="fgsm,pgd", eps=[0.1], pgd_steps=2, max_samples=40, **_stats(digits)
     )
-    assert torch.equal(state, torch.get_rng_state()), "evaluation must not move the global RNG"
+    assert torch.equal(state, torch.get_rng_state()), "evaluation must not draw from the global RNG"
 
     pixels, labels = digits.pixels[:64], digits.labels[:64]
     a = pgd_perturb(digits.model, pixels, labels, 0.1, mean=digits.mean, std=digits.std, steps=3, seed=1)
@@ -184,18 +193,43 @@ def test_pgd_is_repeatable_under_a_seed_and_leaves_global_rng_alone(digits: Digi
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_shuffled_loader_sees_the_same_order_on_every_call(digits: Digits) -> None:
-    # A loader without its own generator shuffles with the global RNG; as evaluation forks the RNG, two calls in
-    # a row evaluate the same first samples (max_samples) in the same batches, so the numbers repeat.
-    dataset = TensorDataset(digits.normalise(digits.pixels), digits.labels)
-    loader = DataLoader(dataset, batch_size=32, shuffle=True)
-    first = adversarial_accuracy(
-        digits.model, loader, attack="pgd", eps=[0.15], pgd_steps=2, max_samples=64, **_stats(digits)
-    )
-    second = adversarial_accuracy(
-        digits.model, loader, attack="pgd", eps=[0.15], pgd_steps=2, max_samples=64, **_stats(digits)
-    )
-    assert first == second
+def test_concurrent_evaluations_neither_disturb_each_other_nor_rewind_the_global_rng(digits: Digits) -> None:
+    """Two dashboard sessions evaluate at once while a third thread draws from the global RNG: each evaluation
+    gives the numbers it gives alone, and the third thread sees its seeded stream unbroken (no seeding, no
+    restore of process-wide state from a worker thread)."""
+    import threading
+
+    x, y = digits.normalise(digits.pixels[:80]), digits.labels[:80]
+    batches = [(x[i:i + 40], y[i:i + 40]) for i in range(0, 80, 40)]  # a plain list: no DataLoader seed draw
+
+    def pgd() -> object:
+        return adversarial_accuracy(digits.model, batches, attack="pgd", eps=[0.1, 0.2], pgd_steps=3, seed=7,
+                                    **_stats(digits))
+
+    def noise() -> object:
+        return corruption_accuracy(digits.model, batches, corruptions=NOISE, seed=7, **_stats(digits))
+
+    alone = {"pgd": pgd(), "noise": noise()}
+    got: dict[str, object] = {}
+    jobs = [threading.Thread(target=lambda k=k, f=f: got.__setitem__(k, f())) for k, f in (("pgd", pgd),
+                                                                                           ("noise", noise))]
+    drawn: list[float] = []
+    torch.manual_seed(1234)
+
+    def draw() -> None:
+        while any(j.is_alive() for j in jobs) or len(drawn) < 50:
+            drawn.append(float(torch.rand(1)))
+
+    drawer = threading.Thread(target=draw)
+    for j in jobs:
+        j.start()
+    drawer.start()
+    for t in (*jobs, drawer):
+        t.join(timeout=120)
+    assert got == alone
+    torch.manual_seed(1234)
+    expected = [float(torch.rand(1)) for _ in drawn]
+    assert drawn == expected, "the global RNG stream was reseeded or rewound by an evaluation"
 
 
 def test_mean_and_std_default_to_the_model_preset(digits: Digits) -> None:
@@ -260,7 +294,7 @@ def test_train_mode_is_restored_and_batchnorm_is_untouched(digits: Digits) -> No
         evaluate_robustness(model, loader, kinds=("fgsm",), eps=[0.01], **_stats(digits))
         assert model.training and bn.training and not model.layer2.training
         assert torch.equal(bn.running_mean, running_mean), "evaluation must run BatchNorm in eval mode"
-        assert result[0.0] == reference
+        assert result.accuracy_at(0.0) == reference
     finally:
         model.eval()
 
@@ -284,7 +318,7 @@ def test_max_samples_takes_the_first_samples(digits: Digits) -> None:
         **_stats(digits),
     )
     assert capped == exact
-    assert capped[0] == digits.clean_accuracy(n=50)
+    assert capped.accuracy_at(0) == digits.clean_accuracy(n=50)
 
 
 def test_progress_and_cancel(digits: Digits) -> None:
@@ -344,12 +378,12 @@ def test_explicit_pgd_step_size_is_used(digits: Digits) -> None:
     default = adversarial_accuracy(
         digits.model, loader, attack="pgd", eps=[0.2], pgd_steps=2, **_stats(digits)
     )
-    assert tiny[0.2] > default[0.2], "a negligible step size should barely move from the random start"
+    assert tiny.accuracy_at(0.2) > default.accuracy_at(0.2), "a negligible step should barely leave the start"
     report = evaluate_robustness(
         digits.model, loader, kinds="pgd", eps=[0.2], pgd_steps=2, pgd_step_size=1e-4, **_stats(digits)
     )
-    assert report["pgd"] == tiny
-    assert report["settings"]["pgd_step_size"] == 1e-4
+    assert report.pgd == tiny
+    assert report.settings["pgd_step_size"] == 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -521,46 +555,55 @@ def test_jpeg_is_a_real_round_trip() -> None:
 def test_corruption_accuracy_severity_five_hurts_more(digits: Digits) -> None:
     loader = digits.loader(n=200, batch_size=100)
     result = corruption_accuracy(digits.model, loader, seed=0, **_stats(digits))
-    assert set(result) == {"per_corruption", "mean_per_severity"}
-    assert set(result["per_corruption"]) == set(CORRUPTIONS)
-    for per_severity in result["per_corruption"].values():
-        assert list(per_severity) == [1, 2, 3, 4, 5]
-        assert all(0.0 <= acc <= 100.0 for acc in per_severity.values())
-    means = result["mean_per_severity"]
-    assert means[5] < means[1] - 10, means
-    assert means[1] == pytest.approx(sum(v[1] for v in result["per_corruption"].values()) / len(CORRUPTIONS))
+    assert isinstance(result, CorruptionResult)
+    assert result.corruptions == CORRUPTIONS and result.severities == (1, 2, 3, 4, 5)
+    assert result.table == "cifar10-c"
+    for row in result.accuracy.values():
+        assert all(0.0 <= acc <= 100.0 for acc in row)
+    means = result.mean_per_severity()
+    assert result.mean_at(5) == means[4] < means[0] - 10, means
+    assert means[0] == pytest.approx(sum(result.accuracy_at(n, 1) for n in CORRUPTIONS) / len(CORRUPTIONS))
+    assert result.mean() == pytest.approx(sum(means) / 5)
     # Seeded: the same corrupted images on every run, also when only some corruptions/severities are asked for.
     again = corruption_accuracy(
         digits.model, loader, corruptions=NOISE, severities=(5, 1), seed=0, **_stats(digits)
     )
-    assert again["per_corruption"] == {
-        name: {5: result["per_corruption"][name][5], 1: result["per_corruption"][name][1]} for name in NOISE
-    }
+    assert again.severities == (5, 1)
+    for name in NOISE:
+        assert again.accuracy[name] == (result.accuracy_at(name, 5), result.accuracy_at(name, 1))
+    with pytest.raises(ConfigError, match=r"severity 3 was not measured; measured: \[5, 1\]"):
+        again.accuracy_at("shot_noise", 3)
+    with pytest.raises(ConfigError, match="corruption 'contrast' was not measured"):
+        again.accuracy_at("contrast", 1)
 
 
-def test_evaluate_robustness_report_is_json_ready(digits: Digits) -> None:
+def test_evaluate_robustness_returns_a_typed_record_that_round_trips_through_json(digits: Digits) -> None:
     loader = digits.loader(batch_size=64)
     report = evaluate_robustness(
         digits.model, loader, eps=(0.0, 2 / 255, 0.1), max_samples=100, pgd_steps=3, **_stats(digits)
     )
-    assert set(report) == {
-        "clean_accuracy",
-        "fgsm",
-        "pgd",
-        "corruptions",
-        "corruption_mean_per_severity",
-        "samples",
-        "settings",
-    }
-    assert report["samples"] == 100
-    assert report["clean_accuracy"] == digits.clean_accuracy(n=100)
-    assert report["fgsm"][0.0] == report["pgd"][0.0] == report["clean_accuracy"]
-    assert list(report["fgsm"]) == [0.0, 2 / 255, 0.1]
-    assert report["pgd"][0.1] <= report["fgsm"][0.1]
-    assert report["settings"]["corruption_table"] == "cifar10-c"
-    assert report["settings"]["pgd_steps"] == 3
-    decoded = json.loads(json.dumps(report))
-    assert decoded["fgsm"][str(0.1)] == report["fgsm"][0.1]
+    assert isinstance(report, RobustnessResult) and report.kinds == ("fgsm", "pgd", "corruptions")
+    assert report.samples == 100
+    assert report.clean_accuracy == digits.clean_accuracy(n=100)
+    assert report.fgsm.accuracy_at(0.0) == report.pgd.accuracy_at(0.0) == report.clean_accuracy
+    assert report.fgsm.eps == (0.0, 2 / 255, 0.1)
+    assert report.pgd.accuracy_at(0.1) <= report.fgsm.accuracy_at(0.1)
+    assert report.attack("pgd") is report.pgd
+    assert report.settings["corruption_table"] == "cifar10-c" == report.corruptions.table
+    assert report.settings["pgd_steps"] == 3
+    assert report.settings["accuracy_units"] == "percent"
+    # one naming scheme in the JSON form; ε and severities as lists, never as dict keys
+    decoded = json.loads(json.dumps(report.to_dict()))
+    assert set(decoded) == {"samples", "clean_accuracy", "accuracy_units", "fgsm", "pgd", "corruptions",
+                            "settings"}
+    assert decoded["fgsm"] == {"attack": "fgsm", "eps": [0.0, 2 / 255, 0.1], "accuracy": list(report.fgsm.accuracy)}
+    assert set(decoded["corruptions"]) == {"table", "severities", "accuracy", "mean_per_severity"}
+    assert decoded["corruptions"]["mean_per_severity"] == list(report.corruptions.mean_per_severity())
+    assert RobustnessResult.from_dict(decoded) == report
+    # ε computed another way (and after JSON) still finds its accuracy; an unmeasured one is a clear error
+    assert report.fgsm.accuracy_at(2.0 / 255.0) == report.fgsm.accuracy[1] == report.fgsm.accuracy_at(0.00784313725490196)
+    with pytest.raises(ConfigError, match=r"fgsm was not measured at ε = 8/255; measured: 0/255, 2/255, 25.5/255"):
+        report.fgsm.accuracy_at(8 / 255)
     separate = adversarial_accuracy(
         digits.model,
         loader,
@@ -570,23 +613,46 @@ def test_evaluate_robustness_report_is_json_ready(digits: Digits) -> None:
         max_samples=100,
         **_stats(digits),
     )
-    assert separate == report["pgd"], "one pass or separate calls give the same numbers"
+    assert separate == report.pgd, "one pass or separate calls give the same numbers"
 
     only = evaluate_robustness(digits.model, loader, kinds="corruptions", max_samples=64, **_stats(digits))
-    assert set(only) == {
-        "clean_accuracy",
-        "corruptions",
-        "corruption_mean_per_severity",
-        "samples",
-        "settings",
-    }
-    assert list(only["corruption_mean_per_severity"]) == [1, 2, 3, 4, 5]
-    assert set(only["corruptions"]) == set(CORRUPTIONS)
-    json.dumps(only)
+    assert only.kinds == ("corruptions",) and only.fgsm is None and only.pgd is None
+    assert only.corruptions.severities == (1, 2, 3, 4, 5)
+    assert set(only.corruptions.corruptions) == set(CORRUPTIONS)
+    assert set(only.to_dict()) == {"samples", "clean_accuracy", "accuracy_units", "corruptions", "settings"}
+    with pytest.raises(ConfigError, match="fgsm was not measured; measured: corruptions"):
+        only.attack("fgsm")
 
     defaults = evaluate_robustness(digits.model, loader, kinds="fgsm", max_samples=32, device="cpu")
-    assert list(defaults["fgsm"]) == list(DEFAULT_EPS) == [1 / 255, 2 / 255, 4 / 255, 8 / 255]
-    assert defaults["settings"]["eps"] == list(DEFAULT_EPS)
-    assert defaults["settings"]["mean"] == list(digits.mean) and defaults["settings"]["device"] == "cpu"
+    assert defaults.fgsm.eps == DEFAULT_EPS == (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+    assert defaults.settings["eps"] == list(DEFAULT_EPS)
+    assert defaults.settings["mean"] == list(digits.mean) and defaults.settings["device"] == "cpu"
     with pytest.raises(ConfigError, match="kind"):
         evaluate_robustness(digits.model, loader, kinds=("fgsm", "autoattack"), **_stats(digits))
+
+
+def test_results_read_the_layout_written_before_the_records() -> None:
+    # reports and benchmarks/results/robustness.json written by earlier versions stay readable
+    old = {
+        "clean_accuracy": 90.0, "samples": 100, "settings": {"seed": 0},
+        "fgsm": {"0.00392156862745098": 80.0, "0.03137254901960784": 20.0},
+        "pgd": {str(1 / 255): 70.0, str(8 / 255): 5.0},
+        "corruptions": {"contrast": {"1": 88.0, "2": 70.0}, "brightness": {"1": 89.0, "2": 86.0}},
+        "corruption_mean_per_severity": {"1": 88.5, "2": 78.0},
+    }
+    rec = RobustnessResult.from_dict(old)
+    assert rec.fgsm.points() == [(1 / 255, 80.0), (8 / 255, 20.0)]
+    assert rec.pgd.accuracy_at(8 / 255) == 5.0
+    assert rec.corruptions.severities == (1, 2)
+    assert rec.corruptions.mean_per_severity() == (88.5, 78.0)
+
+
+def test_records_reject_fractions_and_mismatched_lengths() -> None:
+    with pytest.raises(ConfigError, match=r"percentage in \[0, 100\]"):
+        RobustnessResult(samples=10, clean_accuracy=150.0)
+    with pytest.raises(ConfigError, match="2 budgets but 1 accuracies"):
+        AttackCurve("fgsm", (0.0, 0.1), (50.0,))
+    with pytest.raises(ConfigError, match="is given twice"):
+        AttackCurve("fgsm", (2 / 255, 2.0 / 255.0), (50.0, 40.0))
+    with pytest.raises(ConfigError, match="1 accuracies for 2 severities"):
+        CorruptionResult((1, 2), {"contrast": (50.0,)})

@@ -8,7 +8,7 @@ from dashboard import compute, state
 from dashboard.ui import MACS_NOTE, job_result, plotly
 
 from cka_analysis.figures import adversarial_curves, corruption_curves, pareto
-from cka_analysis.robustness import DEFAULT_EPS, ROBUSTNESS_KINDS
+from cka_analysis.robustness import DEFAULT_EPS, ROBUSTNESS_KINDS, RobustnessResult
 
 st.title("Compare")
 a = state.require_active()
@@ -74,16 +74,14 @@ for k in selected or list(by_key):
     r = dict(rows[k])
     m = (measured or {}).get(k) or {}
     lat = m.get("latency")
-    rob = m.get("robustness") or {}
+    rob = RobustnessResult.from_dict(m["robustness"]) if m.get("robustness") else None
     r["latency ms"] = None if lat is None else lat["median_ms"]
     r["images/s"] = None if lat is None else lat["throughput"]
-    if "fgsm" in rob:
-        r["FGSM acc @8/255"] = rob["fgsm"].get(8 / 255)
-    if "pgd" in rob:
-        r["PGD acc @8/255"] = rob["pgd"].get(8 / 255)
-    if "corruption_mean_per_severity" in rob:
-        sev = rob["corruption_mean_per_severity"]
-        r["corruption acc (mean)"] = sum(sev.values()) / len(sev)
+    for curve in (rob.fgsm, rob.pgd) if rob is not None else ():
+        if curve is not None and curve.has(8 / 255):
+            r[f"{curve.attack.upper()} acc @8/255"] = curve.accuracy_at(8 / 255)
+    if rob is not None and rob.corruptions is not None:
+        r["corruption acc (mean)"] = rob.corruptions.mean()
     table.append(r)
 df = pd.DataFrame(table)
 st.dataframe(df, hide_index=True, key="cmp_table", column_config={
@@ -105,16 +103,10 @@ else:
     st.info("The Pareto plot needs accuracies: evaluate the original on the **Model & data** page or prune once.")
 
 if measured:
-    adv = {}
-    cor = {}
-    for k in selected:
-        rob = (measured.get(k) or {}).get("robustness") or {}
-        label = by_key[k]["label"]
-        attacks = {name: rob[name] for name in ("fgsm", "pgd") if name in rob}
-        if attacks:
-            adv[label] = attacks
-        if "corruption_mean_per_severity" in rob:
-            cor[label] = rob["corruption_mean_per_severity"]
+    records = {by_key[k]["label"]: RobustnessResult.from_dict(measured[k]["robustness"]) for k in selected
+               if (measured.get(k) or {}).get("robustness")}
+    adv = {label: rec for label, rec in records.items() if rec.fgsm is not None or rec.pgd is not None}
+    cor = {label: rec for label, rec in records.items() if rec.corruptions is not None}
     if adv:
         plotly(adversarial_curves(adv, attack_names=[n for n in ("fgsm", "pgd") if n in kinds_t]),
                key="cmp_adv")
@@ -123,4 +115,3 @@ if measured:
     if adv or cor:
         st.caption(f"Robustness on the first {int(samples)} test images; ε in pixel units (8/255 = eight grey "
                    f"levels). Corruptions: mean over 8 types (CIFAR-10-C / ImageNet-C parameters).")
-    st.session_state["cmp_last"] = {"selected": selected, "measured": measured}
