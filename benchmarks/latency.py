@@ -20,6 +20,7 @@ training split, no fine-tuning — accuracy is not the question here):
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -81,6 +82,11 @@ def _distinct(variants: dict[str, dict]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _repeats(args: argparse.Namespace, batch: int) -> int:
+    """Timed rounds at a batch size: batch-1 calls take milliseconds, so they get more rounds."""
+    return args.repeats_batch1 if batch == 1 else args.repeats
+
+
 def _has(results: dict, kind: str, arch: str) -> bool:
     return any(r["kind"] == kind and r["arch"] == arch for r in results["rows"])
 
@@ -111,9 +117,9 @@ def _costs(results: dict, arch: str, model: nn.Module, args: argparse.Namespace)
         if row is not None:
             out[b] = BlockCosts.from_dict(row["costs"])
             continue
-        log(f"{arch}: per-block latency at batch {b} ({args.repeats} interleaved rounds)")
+        log(f"{arch}: per-block latency at batch {b} ({_repeats(args, b)} interleaved rounds)")
         c = measure_block_costs(model, batch_size=b, device="cpu", threads=args.threads, warmup=2,
-                                repeats=args.repeats, quantile=args.quantile, cache_dir=CACHE_DIR / "latency")
+                                repeats=_repeats(args, b), quantile=args.quantile, cache=False)
         blocks = {x.name: x for x in find_blocks(model)}
         results["rows"].append({"kind": "costs", "arch": arch, "batch_size": b, "costs": c.to_dict(),
                                 "block_macs": {n: blocks[n].macs for n in c.block_ms}})
@@ -128,13 +134,15 @@ def _timings(results: dict, arch: str, model: nn.Module, variants: dict[str, dic
         return
     same = _distinct(variants)
     models = {n: remove_blocks(model, v["removed"]) for n, v in variants.items() if same[n] == n}
-    log(f"{arch}: timing {len(models)} distinct models × {len(args.runtimes)} runtimes × batch {list(BATCHES)}, "
-        f"{args.repeats} interleaved rounds")
-    t0 = time.perf_counter()
-    timings = time_runtimes(models, batch_sizes=BATCHES, runtimes=args.runtimes, device="cpu",
-                            threads=args.threads, warmup=2, repeats=args.repeats, quantile=args.quantile,
-                            workdir=CACHE_DIR / "latency-exports" / arch)
-    log(f"{arch}: timed in {time.perf_counter() - t0:.0f} s")
+    timings = []
+    for b in BATCHES:
+        log(f"{arch}: timing {len(models)} distinct models × {len(args.runtimes)} runtimes at batch {b}, "
+            f"{_repeats(args, b)} interleaved rounds")
+        t0 = time.perf_counter()
+        timings += time_runtimes(models, batch_sizes=(b,), runtimes=args.runtimes, device="cpu",
+                                 threads=args.threads, warmup=2, repeats=_repeats(args, b), quantile=args.quantile,
+                                 workdir=CACHE_DIR / "latency-exports" / arch)
+        log(f"{arch}: batch {b} exported and timed in {time.perf_counter() - t0:.0f} s")
     by = {(t.model, t.runtime, t.batch_size): t for t in timings}
     for name, v in variants.items():
         for (_, rt, b), t in sorted((k, t) for k, t in by.items() if k[0] == same[name]):
@@ -182,6 +190,24 @@ def table(results: dict) -> str:
             cells += [_pct(rs[c]["measured_reduction"]) if c in rs else "–" for c in cols]
             cells += [_pct(pred[b]) for b in BATCHES]
             lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_table(results: dict) -> str:
+    """Markdown table of the latency targets: predicted (eager costs at the plan's batch) vs measured, per runtime."""
+    rows = [r for r in results["rows"] if r["kind"] == "timing" and r["target"] and r["target"]["kind"] == "latency"
+            and r["batch_size"] == r["plan_batch"]]
+    runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
+    head = ["model", "target", "batch", "blocks", "MACs −%", "predicted −%", "measured eager −%",
+            "error (points)"] + [f"measured {rt} −%" for rt in runtimes if rt != "torch"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for r in (r for r in rows if r["runtime"] == "torch"):
+        others = {x["runtime"]: x for x in rows if x["arch"] == r["arch"] and x["variant"] == r["variant"]}
+        cells = [r["arch"], f"−{100 * r['target']['value']:.0f} %", str(r["batch_size"]), str(r["blocks_removed"]),
+                 _pct(r["macs_reduction"]), _pct(r["predicted_reduction"]), _pct(r["measured_reduction"]),
+                 f"{100 * r['prediction_error']:+.1f}"]
+        cells += [_pct(others[rt]["measured_reduction"]) if rt in others else "–" for rt in runtimes if rt != "torch"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -305,9 +331,11 @@ def write_report(results: dict) -> Path:
         "# Latency benchmark (`python -m benchmarks.latency`)",
         f"Machine: {env['cpu']}, {env['logical_cpus']} logical CPUs, torch {env['torch']} with "
         f"{results['settings']['threads']} thread(s), onnxruntime {results['settings'].get('onnxruntime')}; "
-        f"load average at start {env['loadavg_at_start']} (a shared machine: other jobs ran throughout), "
+        f"load average at start {env['loadavg_at_start']}, at the end {results.get('loadavg_at_end')} "
+        "(a shared machine: other jobs ran throughout), "
         f"{env['date']}. Blocks ranked by `{results['settings']['criterion']}`; "
-        f"{results['settings']['repeats']} interleaved timed rounds after 2 warm-up rounds; every latency is the "
+        f"{results['settings']['repeats_batch1']} (batch 1) / {results['settings']['repeats']} (batch 64) "
+        "interleaved timed rounds after 2 warm-up rounds; every latency is the "
         f"{100 * results['settings']['quantile']:g}th percentile of the rounds (calls preempted by the other jobs "
         "land in the upper part; medians are in latency.json). "
         f"Wall time {results.get('seconds', 0) / 60:.1f} min.",
@@ -315,6 +343,8 @@ def write_report(results: dict) -> Path:
         table(results),
         "`predicted` = the eager-torch latency reduction predicted from the measured per-block costs at that batch "
         "(the planner's latency target uses it; `latency-X@bB` rows were planned with the batch-B costs).",
+        "## Latency targets: predicted vs measured (at the batch the costs were measured at)",
+        target_table(results),
         "## Base latency",
         base_table(results),
         "## Where the cost of a block is: MACs share vs measured latency share (eager torch)",
@@ -336,7 +366,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--calibration", type=int, default=500, help="calibration images for cka (default 500)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch / onnxruntime threads (default 1: on 2 shared cores, 2 threads stall on each other)")
-    p.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds (default 7)")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds at batch 64 (default 7)")
+    p.add_argument("--repeats-batch1", type=int, default=40, help="interleaved timed rounds at batch 1 (default 40)")
     p.add_argument("--quantile", type=float, default=0.2,
                    help="quantile of the timed rounds used (default 0.2: robust to preemption on a shared machine)")
     p.add_argument("--runtimes", default="torch,pt2,onnxruntime", help="comma-separated runtimes to time")
@@ -351,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = {"criterion": args.criterion, "calibration": args.calibration, "threads": args.threads,
-                "repeats": args.repeats, "quantile": args.quantile, "runtimes": args.runtimes, "batches": list(BATCHES)}
+                "repeats": args.repeats, "repeats_batch1": args.repeats_batch1, "quantile": args.quantile, "runtimes": args.runtimes, "batches": list(BATCHES)}
     try:
         import onnxruntime
 
@@ -376,7 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _timings(results, arch, model, variants, costs, args)
         results["seconds"] = time.perf_counter() - start
         _save(results)
+    results["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    _save(results)
     print(table(results))
+    print()
+    print(target_table(results))
     print()
     print(cost_summary(results))
     paths = [write_report(results), *plot(results)]

@@ -7,8 +7,10 @@ and between batch 1 and a large batch. This module measures instead:
   removable block contributes (:class:`BlockCosts`), measured once and cached on disk
   (``$CKA_PRUNE_LATENCY_CACHE``, default ``~/.cache/cka-prune/latency``). Two methods:
 
-  - ``"blocks"`` (default, one forward pass per repeat): each block is timed on its own real input, captured in
-    one forward pass of the model; the whole model is timed in the same rounds.
+  - ``"blocks"`` (default, about three forward passes per round): each block is timed on its own real input,
+    captured in one forward pass of the model; the whole model and the model without every removable block (the
+    floor) are timed in the same rounds, and the block times are scaled to add up to base − floor (a block timed
+    alone misses the warm cache its input has inside the model, and pays a call's overhead).
   - ``"ablation"`` (one forward pass per block per repeat): the model is timed with each block removed; a
     block's cost is the base latency minus that. Slower, but it sees everything removal changes.
 
@@ -74,7 +76,7 @@ METHODS = ("blocks", "ablation")
 RUNTIMES = ("torch", "pt2", "onnxruntime")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-_FORMAT = "cka-prune-latency/1"
+_FORMAT = "cka-prune-latency/2"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,7 +97,10 @@ class BlockCosts:
         method: ``"blocks"`` or ``"ablation"`` (see the module docstring).
         quantile: the quantile of the timed rounds kept (0.5 = median).
         base_ms, base_p10_ms, base_p90_ms: that quantile and the 10th/90th percentile latency of the whole model.
+        floor_ms: latency of the model without every removable block (stem, fixed blocks, head), same rounds.
         block_ms: per removable block, the milliseconds its removal is expected to save.
+        scale: the factor the ``"blocks"`` method's raw block times were multiplied by so that they add up to
+            ``base_ms − floor_ms`` (1.0 for ``"ablation"``); far from 1 says the blocks behave differently alone.
         warmup, repeats: untimed and timed rounds.
         seconds: wall time of the measurement.
         created: when it was measured (UTC, ISO 8601).
@@ -114,7 +119,9 @@ class BlockCosts:
     base_ms: float
     base_p10_ms: float
     base_p90_ms: float
+    floor_ms: float
     block_ms: dict[str, float]
+    scale: float
     warmup: int
     repeats: int
     seconds: float
@@ -141,7 +148,8 @@ class BlockCosts:
                 device=str(d["device"]), batch_size=int(d["batch_size"]), dtype=str(d["dtype"]),
                 threads=int(d["threads"]), method=str(d["method"]), quantile=float(d["quantile"]), base_ms=float(d["base_ms"]),
                 base_p10_ms=float(d["base_p10_ms"]), base_p90_ms=float(d["base_p90_ms"]),
-                block_ms={str(k): float(v) for k, v in d["block_ms"].items()}, warmup=int(d["warmup"]),
+                floor_ms=float(d["floor_ms"]), block_ms={str(k): float(v) for k, v in d["block_ms"].items()},
+                scale=float(d["scale"]), warmup=int(d["warmup"]),
                 repeats=int(d["repeats"]), seconds=float(d["seconds"]), created=str(d["created"]),
             )
         except (TypeError, ValueError, AttributeError) as exc:
@@ -451,26 +459,41 @@ def _capture_block_inputs(model: nn.Module, names: Sequence[str], x: torch.Tenso
     return inputs
 
 
+_BASE, _FLOOR = "\0base", "\0floor"  # candidates beside the blocks (names no module can have)
+
+
 def _time_blocks(model: nn.Module, names: Sequence[str], x: torch.Tensor, dev: torch.device, q: float,
-                 **kw: Any):
-    """Method "blocks": each block timed on its captured input, the whole model in the same rounds."""
+                 **kw: Any) -> tuple[list[float], float, float, dict[str, float]]:
+    """Method "blocks": each block timed on its captured input; the whole model and the model without every
+    removable block (the floor) in the same rounds.
+
+    The block times are scaled so that they add up to base − floor: timed alone, a block misses the warm cache
+    its input has inside the model (large batches) and pays a call's overhead (small ones), so the raw times are
+    right relative to each other but not in total. Returns (base times, floor, scale, scaled costs)."""
     inputs = _capture_block_inputs(model, names, x)
-    fns: dict[str, Callable[[], object]] = {"": functools.partial(model, x)}
+    fns: dict[str, Callable[[], object]] = {_BASE: functools.partial(model, x),
+                                            _FLOOR: functools.partial(remove_blocks(model, names), x)}
     for n in names:
         fns[n] = functools.partial(model.get_submodule(n), inputs[n])
     times = _interleaved_times(fns, device=dev, **kw)
-    return times[""], {n: _quantile(times[n], q) for n in names}
+    base, floor = _quantile(times[_BASE], q), _quantile(times[_FLOOR], q)
+    raw = {n: _quantile(times[n], q) for n in names}
+    total = sum(raw.values())
+    scale = (base - floor) / total if total > 0 and base > floor else 1.0
+    return times[_BASE], floor, scale, {n: v * scale for n, v in raw.items()}
 
 
 def _time_ablation(model: nn.Module, names: Sequence[str], x: torch.Tensor, dev: torch.device, q: float,
-                   **kw: Any):
-    """Method "ablation": the model timed whole and with each block removed; cost = base − without the block."""
-    fns: dict[str, Callable[[], object]] = {"": functools.partial(model, x)}
+                   **kw: Any) -> tuple[list[float], float, float, dict[str, float]]:
+    """Method "ablation": the model timed whole, without each block, and without all of them (the floor);
+    cost = base − without the block (unscaled). Returns (base times, floor, 1.0, costs)."""
+    fns: dict[str, Callable[[], object]] = {_BASE: functools.partial(model, x),
+                                            _FLOOR: functools.partial(remove_blocks(model, names), x)}
     for n in names:
         fns[n] = functools.partial(remove_blocks(model, [n]), x)
     times = _interleaved_times(fns, device=dev, **kw)
-    base = _quantile(times[""], q)
-    return times[""], {n: base - _quantile(times[n], q) for n in names}
+    base = _quantile(times[_BASE], q)
+    return times[_BASE], _quantile(times[_FLOOR], q), 1.0, {n: base - _quantile(times[n], q) for n in names}
 
 
 def measure_block_costs(
@@ -534,13 +557,14 @@ def measure_block_costs(
         m = _prepared(model, dev, _DTYPES[dtype_name])
         x = _example_input(size, batch_size, dev, _DTYPES[dtype_name], seed)
         timer = _time_blocks if method == "blocks" else _time_ablation
-        base_times, block_ms = timer(m, names, x, dev, q, warmup=warmup, repeats=repeats, seed=seed,
+        base_times, floor, scale, block_ms = timer(m, names, x, dev, q, warmup=warmup, repeats=repeats, seed=seed,
                                      progress=progress, cancel=cancel, what="measuring block latency")
     p10, pq, p90 = _percentiles(base_times, q)
     costs = BlockCosts(
         arch=arch, fingerprint=fingerprint, removed=removed_blocks(model), device=hardware,
         batch_size=batch_size, dtype=dtype_name, threads=n_threads, method=method, quantile=q, base_ms=pq,
-        base_p10_ms=p10, base_p90_ms=p90, block_ms=block_ms, warmup=warmup, repeats=repeats,
+        base_p10_ms=p10, base_p90_ms=p90, floor_ms=floor, block_ms=block_ms, scale=scale, warmup=warmup,
+        repeats=repeats,
         seconds=time.perf_counter() - start, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     if cache:

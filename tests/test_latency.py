@@ -32,7 +32,7 @@ def _costs(block_ms: dict[str, float], base_ms: float = 10.0, **kw) -> BlockCost
     """Hand-made costs (what a measurement would return) for planner tests that must not depend on timing."""
     fields = {"arch": "digits_resnet", "fingerprint": "f", "removed": [], "device": "cpu: test", "batch_size": 1,
               "dtype": "float32", "threads": 1, "method": "blocks", "quantile": 0.5, "base_ms": base_ms, "base_p10_ms": base_ms,
-              "base_p90_ms": base_ms, "block_ms": block_ms, "warmup": 0, "repeats": 1, "seconds": 0.0,
+              "base_p90_ms": base_ms, "floor_ms": 1.0, "block_ms": block_ms, "scale": 1.0, "warmup": 0, "repeats": 1, "seconds": 0.0,
               "created": "2026-01-01T00:00:00+00:00"}
     return BlockCosts(**{**fields, **kw})
 
@@ -56,6 +56,16 @@ def test_costs_cover_removable_blocks_and_are_measured_once(demo, tmp_path):
     assert again.from_cache
     assert again == first  # the very numbers measured the first time
     assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_block_costs_add_up_to_the_saving_of_removing_them_all(demo):
+    costs = measure_block_costs(demo, cache=False, **QUICK)
+    assert costs.floor_ms > 0 and costs.scale > 0
+    if costs.base_ms > costs.floor_ms:  # the scaling applies (always, unless the machine stalled the base)
+        assert sum(costs.block_ms.values()) == pytest.approx(costs.base_ms - costs.floor_ms)
+        assert predict_latency(costs, list(costs.block_ms)) == pytest.approx(costs.floor_ms)
+    ablation = measure_block_costs(demo, cache=False, method="ablation", **QUICK)
+    assert ablation.scale == 1.0
 
 
 def test_cache_key_separates_batch_threads_method_and_structure(demo, tmp_path):
