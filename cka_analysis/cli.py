@@ -435,6 +435,11 @@ def cmd_heatmap(args: argparse.Namespace, bar: StderrProgress) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".json", ".html", ".png"):
         raise ConfigError(f"--out {out} must end in .json, .html or .png")
+    if out.suffix.lower() in (".html", ".png"):
+        import importlib.util
+
+        if importlib.util.find_spec("plotly") is None:
+            raise ConfigError(f"--out {out.name} needs plotly: pip install 'cka-prune[app]' (or write .json)")
     if out.suffix.lower() == ".png":
         try:
             import kaleido  # noqa: F401

@@ -534,10 +534,13 @@ class _Runner:
         self.per_step = None
         self.costs = None
 
-    def evaluate(self, model: nn.Module) -> float:
+    def evaluate(self, model: nn.Module, *, cancellable: bool = True) -> float:
+        """Top-1 on the request's test images; once the run is cancelled (or for the final number, which a
+        cancelled run still reports) it is measured without the cancel token."""
         from .metrics import evaluate
 
-        return evaluate(model, self.test_loader, device=self.device, amp=self.amp, cancel=self.cancel).top1
+        token = self.cancel if cancellable and not (self.cancel and self.cancel.cancelled) else None
+        return evaluate(model, self.test_loader, device=self.device, amp=self.amp, cancel=token).top1
 
     def recover(self, model: nn.Module, config: RecoveryConfig, *, final: bool) -> dict[str, Any]:
         """Recover ``model`` in place with ``config``; the record of what it did."""
@@ -648,7 +651,7 @@ def run_prune(
     result = _prune_step(runner)
     after = result.steps[-1]
     recovery, cancelled = _final_recovery(runner, result)
-    final_acc = after.accuracy if recovery is None else runner.evaluate(result.model)
+    final_acc = after.accuracy if recovery is None else runner.evaluate(result.model, cancellable=False)
     record = PruneRecord(
         request=request.to_dict(), arch=result.arch, criterion=result.criterion, iterative=result.iterative,
         target=None if result.target is None else result.target.to_dict(), removed=list(result.removed),

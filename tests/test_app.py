@@ -1,4 +1,5 @@
-"""The dashboard driven by Streamlit's AppTest on the digits demo: every page, the exports, and bad inputs.
+"""The dashboard driven by Streamlit's AppTest on the digits demo: every page, the exports, bad inputs, and the same
+record as the CLI for the same pruning request.
 
 Long work runs in background jobs (app/dashboard/jobs.py); :func:`settle` reruns the script until the session's
 job has finished, as the page's polling fragment would in a browser.
@@ -7,6 +8,7 @@ job has finished, as the page's polling fragment would in a browser.
 from __future__ import annotations
 
 import io
+import json
 import time
 import zipfile
 from pathlib import Path
@@ -14,8 +16,10 @@ from pathlib import Path
 import torch
 from streamlit.testing.v1 import AppTest
 
+from cka_analysis.cli import main
 from cka_analysis.config import asset_path
 from cka_analysis.export import load_pruned
+from cka_analysis.workflow import records_equal
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
 TIMEOUT = 240
@@ -105,13 +109,17 @@ def test_walk_every_page_on_the_digits_demo(tmp_path: Path) -> None:
     assert_clean(at, "compare criteria")
     assert at.dataframe[-1].value.shape[0] == 1
 
-    # 4. Prune to ≥ 20 % fewer MACs with 3 fine-tuning steps and distillation, on 64 test images.
+    # 4. Prune to ≥ 20 % fewer MACs with a recovery budget of 2,500 training images, on 64 test images.
     page(at, "prune")
     assert_clean(at, "prune")
+    assert at.segmented_control(key="pr_recovery").value == "quick"  # the default, as in the CLI
     at.slider(key="pr_macs").set_value(20)
-    at.number_input(key="pr_ft_steps").set_value(3)
+    at.segmented_control(key="pr_recovery").set_value("custom")
+    at.run()
+    at.number_input(key="pr_recovery_images").set_value(2500)
     at.number_input(key="pr_eval_samples").set_value(64)
     settle(at)
+    assert any("Recovery 2,500 images" in c.value and "s on this device" in c.value for c in at.caption)
     preview = {m.label: m.value for m in at.metric}
     assert preview["Blocks removed"].startswith(("1 of", "2 of", "3 of"))
     at.button(key="pr_run").click()
@@ -121,7 +129,7 @@ def test_walk_every_page_on_the_digits_demo(tmp_path: Path) -> None:
     assert len(runs) == 1
     rec = runs[0]["record"]
     assert rec["final"]["macs_reduction"] >= 0.2 and rec["removed"]
-    assert rec["finetune"]["steps"] == 3
+    assert rec["recovery"]["config"]["images"] == 2500 and 0 < rec["images_seen"] <= 2500
     assert any(m.label == "Test accuracy" for m in at.metric)
 
     # the original-vs-pruned heatmap now appears on the heatmap page
@@ -238,16 +246,16 @@ def test_prune_can_be_cancelled_and_keeps_what_finished() -> None:
     at.segmented_control(key="pr_mode").set_value("manual")
     at.run()
     at.multiselect(key="pr_chosen").set_value(["layer3.2"])
-    at.radio(key="pr_ft_unit").set_value("epochs")
+    at.segmented_control(key="pr_recovery").set_value("custom")
     at.run()
-    at.number_input(key="pr_ft_epochs").set_value(200.0)
+    at.number_input(key="pr_recovery_images").set_value(50_000_000)
     at.number_input(key="pr_eval_samples").set_value(32)
     at.button(key="pr_run").click()
     at.run(timeout=TIMEOUT)
     job = at.session_state["_job"]
     deadline = time.perf_counter() + TIMEOUT
-    while "fine-tuning" not in job.message and job.running and time.perf_counter() < deadline:
-        time.sleep(0.1)  # cancel once the block is gone and fine-tuning has started
+    while "training" not in job.message and job.running and time.perf_counter() < deadline:
+        time.sleep(0.1)  # cancel once the block is gone and the recovery is training
     assert job.running, job.status
     at.run(timeout=TIMEOUT)
     at.button(key="cancel_prune").click()
@@ -259,3 +267,34 @@ def test_prune_can_be_cancelled_and_keeps_what_finished() -> None:
     assert len(runs) == 1 and runs[0]["label"].endswith("(cancelled)")
     assert runs[0]["record"]["removed"] == ["layer3.2"]
     assert any("Cancelled" in w.value for w in at.warning)
+
+
+def test_cli_and_dashboard_give_the_same_record(tmp_path: Path) -> None:
+    """Issue 12: the same request (digits demo, 64 calibration images, ≥ 20 % fewer MACs, a 1,500-image
+    recovery, 100 test images, seed 0) gives the same record from the Prune page and from `cka-prune prune`:
+    same blocks, scores, accuracies, recovery record and images seen (wall-clock fields aside)."""
+    at = start_app()
+    at.session_state["device_choice"] = "cpu"
+    at.number_input(key="md_n_calib").set_value(64)
+    load(at)
+    page(at, "prune")
+    at.slider(key="pr_macs").set_value(20)
+    at.segmented_control(key="pr_recovery").set_value("custom")
+    at.run()
+    at.number_input(key="pr_recovery_images").set_value(1500)
+    at.number_input(key="pr_eval_samples").set_value(100)
+    settle(at)
+    at.button(key="pr_run").click()
+    settle(at)
+    assert_clean(at, "prune run")
+    dashboard = at.session_state["runs"][0]["record"]
+
+    out = tmp_path / "cli"
+    code = main(["prune", "--model", "digits_resnet", "--weights", "demo", "--data", "digits", "--device", "cpu",
+                 "--samples", "64", "--target-macs-reduction", "20%", "--recovery", "1500", "--eval-samples", "100",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    cli = json.loads((out / "report.json").read_text())
+    assert cli["request"] == dashboard["request"]
+    assert cli["images_seen"] > 0 and cli["recovery"]["history"] is not None
+    assert records_equal(cli, dashboard), (cli, dashboard)

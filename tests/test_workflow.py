@@ -158,3 +158,25 @@ def test_a_finished_run_writes_its_resume_parts_only_when_asked(demo, data, tmp_
     other = PruneRequest(**DEMO, target="3", calibration_samples=64, eval_samples=50, recovery="none")
     with pytest.raises(CKAPruneError, match="other settings"):
         run_prune(other, data=data, checkpoint_dir=out, resume=True)
+
+
+# -------------------------------------------------------------------------------------------------- packaging
+def test_the_library_and_cli_run_without_the_dashboard_stack() -> None:
+    """`pip install cka-prune` has no streamlit/plotly: no module of the library imports streamlit, and plotly is
+    imported only by cka_analysis.figures (loaded on demand)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "cka_analysis"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "import streamlit" not in text and "from streamlit" not in text, path
+        if path.name != "figures.py":
+            assert "import plotly" not in text and "from plotly" not in text, path
+    code = ("import sys, cka_analysis.workflow, cka_analysis.cli, cka_analysis.pruning, cka_analysis.export, "
+            "cka_analysis.recovery, cka_analysis.scoring, cka_analysis.metrics\n"
+            "bad = [m for m in ('streamlit', 'plotly') if m in sys.modules]\n"
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=root.parent)
+    assert r.returncode == 0, r.stderr
