@@ -27,6 +27,7 @@ from torch import nn
 
 from ._version import __version__
 from .blocks import find_blocks, remove_blocks, removed_blocks
+from .recovery import adaptor_slots, insert_adaptors
 from .errors import BlockError, CheckpointError, ConfigError
 from .models import available_models, build_model
 from .models.preset import Preset, attach_preset, get_preset
@@ -110,6 +111,7 @@ def save_pruned(model: nn.Module, path: str | Path, *, report: dict[str, Any] | 
         "num_classes": preset.num_classes,
         "preset": preset.to_dict(),
         "removed": removed_blocks(model),
+        "adaptors": adaptor_slots(model),
         "weights_file": WEIGHTS,
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "report": jsonable(report or {}),
@@ -151,6 +153,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{mpath}: num_classes must be a positive integer, got {manifest['num_classes']!r}")
     if not all(isinstance(n, str) for n in manifest["removed"]):
         raise CheckpointError(f"{mpath}: 'removed' must be a list of block names")
+    adaptors = manifest.get("adaptors", {})
+    if not isinstance(adaptors, dict) or not all(
+        k in manifest["removed"] and isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16
+        for k, v in adaptors.items()
+    ):
+        raise CheckpointError(f"{mpath}: 'adaptors' must map removed blocks to their channel counts")
     wf = manifest["weights_file"]
     if "/" in wf or "\\" in wf or wf.startswith("."):
         raise CheckpointError(f"{mpath}: weights_file {wf!r} must be a plain file name inside the directory")
@@ -179,6 +187,8 @@ def load_pruned(path: str | Path, *, device: str | torch.device = "cpu") -> nn.M
             model = remove_blocks(model, removed)
         except BlockError as exc:  # e.g. a downsampling block, or a name listed twice
             raise CheckpointError(f"{root}: the manifest's removed blocks cannot be removed: {exc}") from exc
+    if manifest.get("adaptors"):
+        insert_adaptors(model, manifest["adaptors"])
     weights = root / manifest["weights_file"]
     if not weights.is_file():
         raise CheckpointError(f"{root}: weights file {manifest['weights_file']} is missing")

@@ -207,3 +207,16 @@ def test_estimate_is_positive_and_scales_with_the_budget(demo, pruned) -> None:
     assert small["seconds"] > 0 and small["images"] == 2_000
     assert large["seconds"] > 5 * small["seconds"]
     assert estimate_recovery("none", pruned[0], demo, device="cpu")["seconds"] == 0
+
+
+def test_a_model_with_adaptors_saves_and_reloads(demo, data, pruned, tmp_path) -> None:
+    from cka_analysis.export import load_pruned, save_pruned
+
+    student = copy.deepcopy(pruned[0])
+    fit_adaptors(student, demo, data["plain"], images=128, device="cpu")
+    save_pruned(student, tmp_path / "m")
+    back = load_pruned(tmp_path / "m")
+    assert adaptor_slots(back) == adaptor_slots(student) and removed_blocks(back) == REMOVED
+    x = torch.stack([img for img, _ in list(data["test"])[:32]])
+    with torch.no_grad():
+        assert torch.allclose(back(x), student.eval()(x), atol=1e-5)
