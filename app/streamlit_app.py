@@ -23,7 +23,7 @@ from dashboard.ui import count  # noqa: E402
 PERSISTENT = (
     "device_choice", "md_source", "md_registry", "md_weights", "md_classes", "md_ckpt_arch", "md_ckpt_classes",
     "md_data_kind", "md_data_root", "md_download", "md_weights_download", "md_n_calib", "md_seed",
-    "hm_kernel", "hm_debiased", "hm_cross_run",
+    "hm_kernel", "hm_debiased", "hm_cross_run", "hm_size", "md_test_samples",
     "sc_criterion", "sc_debiased", "sc_compare",
     "pr_mode", "pr_target_kind", "pr_macs", "pr_params", "pr_blocks", "pr_chosen", "pr_criterion", "pr_iterative",
     "pr_ft_unit", "pr_ft_steps", "pr_ft_epochs", "pr_lr", "pr_distill", "pr_step_steps", "pr_eval_samples",
@@ -57,7 +57,9 @@ def _sidebar() -> None:
         st.markdown(f"**Device** · {state.device_description()}")
         job = jobs.current()
         if job is not None and job.running:
-            st.caption(f":material/hourglass_top: {job.label} ({job.seconds:.0f} s)")
+            position = jobs.QUEUE.position(job)
+            where = f"queued, position {position}" if position is not None else jobs.progress_text(job)
+            st.caption(f":material/hourglass_top: {job.label} ({where})")
 
 
 st.set_page_config(page_title="CKA Prune", page_icon="✂️", layout="wide")

@@ -8,11 +8,17 @@ bar and a Cancel button, inside an ``st.fragment(run_every=...)`` that polls the
 job has finished. One job runs at a time per session; its outcome (result, user error, unexpected exception) is
 kept on the job until the page collects it.
 
+Sessions share one machine, so jobs also wait in one **process-wide queue** (:data:`QUEUE`): at most
+``CKA_PRUNE_DASHBOARD_JOBS`` jobs (default 1: a CPU has no room for two, and one job at a time keeps timings and
+estimates honest) run at once, the others wait in order and see their position. A job waiting in the queue is
+``queued`` (it counts as running for its session, and Cancel takes it out of the queue).
+
 Nothing here runs in the thread except the library call itself: the thread never touches ``st.*``.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -25,10 +31,12 @@ import torch
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
 from cka_analysis.errors import Cancelled, CKAPruneError
+from cka_analysis.metrics import format_duration
 from cka_analysis.progress import CancelToken
 
 JOB_KEY = "_job"
 POLL_SECONDS = 0.5
+SLOTS_ENV = "CKA_PRUNE_DASHBOARD_JOBS"
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -48,8 +56,10 @@ OOM_HINT = (
 class Job:
     """One piece of long work and what became of it.
 
-    ``status`` is ``running`` → ``done`` | ``cancelled`` | ``error`` (a CKAPruneError or out of memory: ``error``
-    holds the message for the user) | ``crashed`` (an unexpected exception: ``exception`` holds it).
+    ``status`` is ``queued`` (waiting for a slot of the process-wide queue) → ``running`` → ``done`` |
+    ``cancelled`` | ``error`` (a CKAPruneError or out of memory: ``error`` holds the message for the user) |
+    ``crashed`` (an unexpected exception: ``exception`` holds it). ``estimate`` is the seconds the work was
+    expected to take when it started (None when unknown); the progress bar counts down from it.
     """
 
     name: str
@@ -59,7 +69,8 @@ class Job:
     done: int = 0
     total: int | None = None
     message: str = ""
-    status: str = "running"
+    status: str = "queued"
+    estimate: float | None = None
     result: Any = None
     error: str | None = None
     exception: BaseException | None = None
@@ -71,11 +82,25 @@ class Job:
 
     @property
     def running(self) -> bool:
-        return self.status == "running"
+        """True until the job has an outcome (also while it waits in the queue)."""
+        return self.status in ("queued", "running")
 
     @property
     def seconds(self) -> float:
+        """Seconds since the job was submitted while it is queued, then since its work started."""
         return (self.finished or time.perf_counter()) - self.started
+
+    def seconds_left(self) -> float | None:
+        """Time left: from the progress so far once there is some, else from the estimate (None: unknown)."""
+        if self.status != "running":
+            return None
+        frac = self.fraction()
+        elapsed = self.seconds
+        if frac and frac >= 0.02 and elapsed >= 1.0:
+            return max(0.0, elapsed * (1.0 - frac) / frac)
+        if self.estimate is not None:
+            return max(0.0, self.estimate - elapsed)
+        return None
 
     def progress(self, done: int, total: int | None, message: str) -> None:
         """The progress callback handed to the library (called from the worker thread)."""
@@ -93,7 +118,70 @@ class Job:
         return not self.running
 
 
-def _run(job: Job, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+class JobQueue:
+    """A process-wide first-come, first-served queue: at most ``slots`` jobs run at once.
+
+    Every session's worker thread calls :meth:`enter` before its work and :meth:`leave` after it; a job that is
+    cancelled while it waits leaves the queue without running.
+    """
+
+    def __init__(self, slots: int = 1) -> None:
+        if not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots={slots!r} must be a positive integer ({SLOTS_ENV})")
+        self.slots = slots
+        self._cond = threading.Condition()
+        self._waiting: list[Job] = []
+        self._running: list[Job] = []
+
+    def enter(self, job: Job) -> bool:
+        """Wait for a slot; True when ``job`` may run now, False when it was cancelled while waiting."""
+        with self._cond:
+            self._waiting.append(job)
+            try:
+                while not (self._waiting[0] is job and len(self._running) < self.slots):
+                    if job.token.cancelled:
+                        return False
+                    self._cond.wait(timeout=POLL_SECONDS)
+                self._running.append(job)
+                return True
+            finally:
+                self._waiting.remove(job)
+                self._cond.notify_all()
+
+    def leave(self, job: Job) -> None:
+        """Free ``job``'s slot (a no-op when it never got one)."""
+        with self._cond:
+            if job in self._running:
+                self._running.remove(job)
+            self._cond.notify_all()
+
+    def position(self, job: Job) -> int | None:
+        """1 for the next job to run, 2 for the one after, ...; None when ``job`` is not waiting."""
+        with self._cond:
+            return self._waiting.index(job) + 1 if job in self._waiting else None
+
+    def running_labels(self) -> list[str]:
+        """What the jobs holding the slots are doing (for the note a waiting session sees)."""
+        with self._cond:
+            return [j.label for j in self._running]
+
+
+def _slots_from_env() -> int:
+    raw = os.environ.get(SLOTS_ENV, "1")
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        raise ValueError(f"{SLOTS_ENV}={raw!r} must be a positive integer (jobs that may run at once)") from None
+
+
+QUEUE = JobQueue(_slots_from_env())
+
+
+def _run(job: Job, fn: Callable[..., Any], args: tuple, kwargs: dict, queue: JobQueue) -> None:
+    if not queue.enter(job):
+        job.status, job.finished = "cancelled", time.perf_counter()
+        return
+    job.status, job.started = "running", time.perf_counter()
     try:
         job.result = fn(*args, progress=job.progress, cancel=job.token, **kwargs)
         job.status = "cancelled" if getattr(job.result, "cancelled", False) else "done"
@@ -110,6 +198,7 @@ def _run(job: Job, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
             job.status, job.exception, job.trace = "crashed", exc, traceback.format_exc()
     finally:
         job.finished = time.perf_counter()
+        queue.leave(job)
 
 
 def current() -> Job | None:
@@ -123,22 +212,36 @@ def busy() -> bool:
     return job is not None and job.running
 
 
-def start(name: str, key: Any, label: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Job:
-    """Run ``fn(*args, progress=..., cancel=..., **kwargs)`` in a background thread as job ``name``.
+def submit(name: str, key: Any, label: str, fn: Callable[..., Any], *args: Any, estimate: float | None = None,
+           queue: JobQueue | None = None, **kwargs: Any) -> Job:
+    """Queue ``fn(*args, progress=..., cancel=..., **kwargs)`` as job ``name`` in a background thread.
 
-    ``key`` identifies the inputs, so that a page shows a finished job's result only for the inputs it was
-    started with. Refuses (RuntimeError) while another job of the session is running: pages disable their
-    buttons then.
+    The thread waits for a slot of ``queue`` (default: the process-wide :data:`QUEUE`), then runs. This does not
+    touch the session state (:func:`start` does): scripts and tests use it directly.
     """
-    if busy():
-        raise RuntimeError("another job is running")
-    job = Job(name=name, key=key, label=label)
-    thread = threading.Thread(target=_run, args=(job, fn, args, kwargs), name=f"cka-prune-{name}", daemon=True)
+    job = Job(name=name, key=key, label=label, estimate=estimate)
+    thread = threading.Thread(target=_run, args=(job, fn, args, kwargs, queue or QUEUE), name=f"cka-prune-{name}",
+                              daemon=True)
     if get_script_run_ctx(suppress_warning=True) is not None:
         add_script_run_ctx(thread)  # lets st.cache_data inside fn use this session's runtime
     job.thread = thread
-    st.session_state[JOB_KEY] = job
     thread.start()
+    return job
+
+
+def start(name: str, key: Any, label: str, fn: Callable[..., Any], *args: Any, estimate: float | None = None,
+          **kwargs: Any) -> Job:
+    """Run ``fn(*args, progress=..., cancel=..., **kwargs)`` in a background thread as this session's job ``name``.
+
+    ``key`` identifies the inputs, so that a page shows a finished job's result only for the inputs it was
+    started with; ``estimate`` (seconds, see ``dashboard.estimate``) lets the progress bar show the time left
+    before the work reports progress. Refuses (RuntimeError) while another job of the session is running or
+    queued: pages disable their buttons then.
+    """
+    if busy():
+        raise RuntimeError("another job is running")
+    job = submit(name, key, label, fn, *args, estimate=estimate, **kwargs)
+    st.session_state[JOB_KEY] = job
     return job
 
 
@@ -195,6 +298,7 @@ def _poller(job: Job) -> None:
     if not job.running:
         st.rerun(scope="app")
     with st.status(f"{job.label[:1].upper()}{job.label[1:]} …", state="running", expanded=True):
+        _queue_note(job)
         _progress_bar(job)
         if job.token.cancelled:
             st.caption("Cancelling: the work stops at the next safe point …")
@@ -203,11 +307,34 @@ def _poller(job: Job) -> None:
             st.caption("Cancelling: the work stops at the next safe point …")
 
 
+def _queue_note(job: Job) -> None:
+    """For a queued job: its place in the process-wide queue and what is running meanwhile."""
+    position = QUEUE.position(job) if job.status == "queued" else None
+    if position is None:
+        return
+    others = QUEUE.running_labels()
+    doing = f" ({'; '.join(others)})" if others else ""
+    st.caption(f"Queued: position {position} — jobs run one at a time on this server; another session's job is "
+               f"running{doing}. It starts by itself when its turn comes; Cancel takes it out of the queue.")
+
+
+def progress_text(job: Job) -> str:
+    """The progress line: message, elapsed time and, when known, the time left."""
+    if job.status == "queued":
+        return "waiting in the queue"
+    left = job.seconds_left()
+    tail = f" · about {format_duration(left)} left" if left is not None and left >= 1 else ""
+    return f"{job.message or 'working'} — {job.seconds:.0f} s{tail}"
+
+
 def _progress_bar(job: Job) -> None:
     frac = job.fraction()
-    text = f"{job.message or 'working'} — {job.seconds:.0f} s"
+    text = progress_text(job)
     if frac is None:
-        st.progress(0.0 if job.done == 0 else 0.5, text=text)
+        if job.estimate and job.status == "running":  # no progress reported yet: the clock against the estimate
+            st.progress(min(0.99, job.seconds / job.estimate), text=text)
+        else:
+            st.progress(0.0 if job.done == 0 else 0.5, text=text)
     else:
         st.progress(frac, text=f"{job.done}/{job.total} · {text}")
 

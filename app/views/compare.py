@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 from dashboard import compute, state
-from dashboard.ui import MACS_NOTE, job_result, plotly
+from dashboard.estimate import compare_work, robustness_passes
+from dashboard.ui import MACS_NOTE, accuracy_key, fit_samples, job_result, plotly, test_samples
 
 from cka_analysis.figures import adversarial_curves, corruption_curves, pareto
 from cka_analysis.robustness import DEFAULT_EPS, ROBUSTNESS_KINDS, RobustnessResult
@@ -21,7 +22,7 @@ if not runs:
             "come back to compare.")
 
 # Accuracy of the original: the full test split from the first page, else the base of the first run.
-acc_key = {"model": a.model_key, "data": a.test_key, "device": dev}
+acc_key = accuracy_key(a, dev, test_samples(a))
 orig_acc = state.result("accuracy", acc_key)
 orig_top1 = orig_acc["top1"] if orig_acc else (runs[0]["record"]["base"].get("accuracy") if runs else None)
 
@@ -38,7 +39,9 @@ def _row(c: dict) -> dict:
 rows = {c["key"]: _row(c) for c in choices}
 
 st.session_state.setdefault("cmp_kinds", list(ROBUSTNESS_KINDS))
-st.session_state.setdefault("cmp_samples", min(256, len(a.test)))
+if "cmp_samples" not in st.session_state:  # as many as fit in about 45 s with the default kinds (≤ 256)
+    st.session_state["cmp_samples"] = fit_samples(a, dev, robustness_passes(ROBUSTNESS_KINDS, len(DEFAULT_EPS)),
+                                                  low=min(16, len(a.test)), high=min(256, len(a.test)), step=16)
 st.session_state.setdefault("cmp_batch", 32)
 st.session_state.setdefault("cmp_repeats", 30)
 if not set(st.session_state.get("cmp_models") or []) <= set(by_key):
@@ -67,6 +70,9 @@ if selected:
             mean=tuple(a.preset.mean), std=tuple(a.preset.std), progress=progress, cancel=cancel),
         button="Measure latency and robustness",
         help="Latency: median of the timed forward passes; robustness on the first test images",
+        work=compare_work([(k, by_key[k]["model"]) for k in selected], kinds=kinds_t, n_eps=len(DEFAULT_EPS),
+                          samples=int(samples), batch=int(batch), repeats=int(repeats)),
+        more="Fewer test images for robustness, fewer kinds or fewer timed passes are faster.",
     )
 
 table = []

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import streamlit as st
 from dashboard import compute, state
+from dashboard.estimate import CROSS_HEATMAP_PASSES, HEATMAP_PASSES, Work
 from dashboard.ui import job_result, plotly
 
-from cka_analysis.figures import adjacent_similarity, cka_heatmap
+from cka_analysis.figures import HEATMAP_SIZE, adjacent_similarity, cka_heatmap
 
 st.title("CKA heatmap")
 a = state.require_active()
@@ -18,11 +19,15 @@ st.caption(
 
 st.session_state.setdefault("hm_kernel", "linear")
 st.session_state.setdefault("hm_debiased", True)
-c1, c2, _ = st.columns([1, 1, 2])
+st.session_state.setdefault("hm_size", HEATMAP_SIZE)
+c1, c2, c3 = st.columns([1, 1, 2])
 kernel = c1.segmented_control("Kernel", ["linear", "rbf"], key="hm_kernel", required=True,
                               help="linear CKA, or an RBF kernel with the median-distance bandwidth")
 debiased = c2.toggle("Debiased (unbiased HSIC)", key="hm_debiased",
                      help="Removes the small-sample bias of CKA (Song et al. 2012); recommended below ~1,000 images")
+size = c3.select_slider("Heatmap size (px)", [480, 600, 720, 840, 960, 1200], key="hm_size",
+                        help="Side of the matrix; cells stay square. Smaller for a narrow window, larger to read "
+                             "a deep network (labels are thinned when cells are small; hover shows every name)")
 kernel = kernel or "linear"
 dev = state.device()
 n = len(a.calib)
@@ -33,11 +38,14 @@ res = job_result(
     lambda: compute.cached_job(compute.heatmap, a.model_key, a.data_key, kernel, debiased, dev,
                                _model=a.model, _loader=state.calib_loader(a)),
     button="Compute the heatmap", auto=state.small_work(a, n),
+    work=Work(a.model, a.model_key, n, HEATMAP_PASSES,
+              f"{n:,} calibration images (one forward pass each, then the CKA of every pair of layers)"),
+    more="Fewer calibration images (the Model & data page) are faster; the heatmap's noise grows as 1/√N.",
 )
 if res is not None:
     names = res["names_a"]
     title = f"{a.preset.arch}: {kernel} CKA{' (debiased)' if debiased else ''}, {n} calibration images"
-    plotly(cka_heatmap(res["matrix"], names, title=title), key="hm_fig")
+    plotly(cka_heatmap(res["matrix"], names, title=title, size=int(size)), key="hm_fig", own_size=True)
     plotly(adjacent_similarity(res["matrix"], names), key="hm_adjacent")
     st.caption("Consecutive-layer CKA: a high value means the block between the two layers changed the "
                "representation little.")
@@ -60,10 +68,12 @@ else:
         lambda: compute.cached_job(compute.cross_heatmap, a.model_key, run_id, a.data_key, kernel, debiased,
                                    dev, _model=a.model, _pruned=run["model"], _loader=state.calib_loader(a)),
         button="Compare original and pruned", auto=state.small_work(a, 2 * n),
+        work=Work(a.model, a.model_key, n, CROSS_HEATMAP_PASSES,
+                  f"{n:,} calibration images through both networks"),
     )
     if cross is not None:
-        plotly(cka_heatmap(cross["matrix"], cross["names_b"], cross["names_a"],
-                           title=f"Original (rows) vs {run['label']} (columns)"), key="hm_cross_fig")
+        plotly(cka_heatmap(cross["matrix"], cross["names_b"], cross["names_a"], size=int(size),
+                           title=f"Original (rows) vs {run['label']} (columns)"), key="hm_cross_fig", own_size=True)
         st.caption("Rows: layers of the original network; columns: layers of the pruned one (the removed blocks "
                    f"{', '.join(run['record']['removed'])} are gone). A bright diagonal means the pruned network "
                    "still computes what the original did.")

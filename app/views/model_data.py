@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 from dashboard import compute, state, uploads
-from dashboard.ui import MACS_NOTE, count, job_result, pct
+from dashboard.estimate import EVALUATE_PASSES, Work
+from dashboard.ui import MACS_NOTE, accuracy_key, count, default_test_samples, job_result, pct
 
 from cka_analysis.data import DATA_KINDS
 from cka_analysis.models import available_models, model_entry, weight_names
@@ -49,6 +50,10 @@ with left:
             src = model_entry(name).weights[w]
             if src.notes:
                 st.caption(src.notes)
+        else:
+            st.warning("Random initialisation: accuracy will be at chance level and CKA scores say nothing about "
+                       "a trained network. Pick named weights or upload a checkpoint to prune a real model.",
+                       icon=":material/casino:")
         st.session_state.setdefault("md_classes", 0)
         classes = st.number_input("Number of classes (0 = the weights' own)", 0, 100_000, key="md_classes")
         st.session_state.setdefault("md_weights_download", False)
@@ -139,12 +144,25 @@ st.dataframe(table, hide_index=True, key="md_blocks", column_config={
 })
 
 st.markdown("**Accuracy on the test split**")
-key = {"model": a.model_key, "data": a.test_key, "device": state.device()}
+dev = state.device()
+if st.session_state.get("md_test_for") != (a.model_key, a.test_key, dev):  # a new model, data or device
+    st.session_state["md_test_for"] = (a.model_key, a.test_key, dev)
+    st.session_state["md_test_samples"] = default_test_samples(a, dev)
+n_test = st.number_input(
+    f"Test images (of {len(a.test):,})", 1, len(a.test), key="md_test_samples",
+    help="A fixed, seeded sample of the test split. The default is all of it when that takes under about 45 s "
+         "on this device, else as many as fit (the sampling error of top-1 is about ±1.5 points at 1,000 "
+         "images); more on demand.",
+)
+n_test = int(n_test)
 acc = job_result(
-    "accuracy", key, "evaluating on the test split",
-    lambda: compute.cached_job(compute.test_accuracy, a.model_key, a.test_key, state.device(), None,
+    "accuracy", accuracy_key(a, dev, n_test), f"evaluating on {n_test:,} test images",
+    lambda: compute.cached_job(compute.test_accuracy, a.model_key, a.test_key, dev,
+                               None if n_test >= len(a.test) else n_test,
                                _model=a.model, _loader=state.test_loader(a)),
-    button="Evaluate on the test split", auto=state.small_work(a, len(a.test)),
+    button="Evaluate on the test split", auto=state.small_work(a, n_test),
+    work=Work(a.model, a.model_key, n_test, EVALUATE_PASSES, f"{n_test:,} test images, one forward pass each"),
+    more="Fewer test images are faster (set above).",
 )
 if acc is not None:
     top5 = f", top-5 {acc['top5']:.2f} %" if acc.get("top5") is not None else ""

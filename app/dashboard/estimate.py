@@ -1,0 +1,132 @@
+"""How long a dashboard action will take, said before it starts.
+
+Every page describes its long actions as :class:`Work` — N images × P forward-pass equivalents of a model — and
+hands it to :func:`~dashboard.ui.job_result` (or calls :func:`estimate` and :func:`show` itself). The seconds per
+image come from a short measured probe (:func:`cka_analysis.metrics.estimate_seconds`) of this model on this
+device, run once per model and device and then kept for the whole server process, so a page rerun costs
+nothing. The job's progress bar then counts down from the estimate (``Job.estimate``) until the work reports
+its own progress.
+
+The pass counts below are forward-pass equivalents per image: a training or attack step (forward + backward) is
+:data:`~cka_analysis.metrics.TRAIN_STEP_PASSES`; a CKA heatmap is one forward pass plus the Gram matrices of
+every layer, about half a pass more on ResNets (measured on ResNet-56: 256 images, 29 layers).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import streamlit as st
+from torch import nn
+
+from cka_analysis.metrics import TRAIN_STEP_PASSES, Estimate, estimate_seconds, format_duration
+
+LONG_SECONDS = 10.0  # actions expected to take longer than this show the estimate before they start
+SLOW_SECONDS = 60.0  # ... and a warning with the sizes to lower above this
+PROBE_BATCH = 16
+
+HEATMAP_PASSES = 1.5
+CROSS_HEATMAP_PASSES = 2 * HEATMAP_PASSES  # two networks over the same images
+EVALUATE_PASSES = 1.0
+CORRUPTION_TYPES = 8
+CORRUPTION_SEVERITIES = 5
+
+
+@dataclass(frozen=True)
+class Work:
+    """What an action does, for its estimate: ``images`` × ``passes`` forward-pass equivalents of ``model``.
+
+    ``what`` says it in words for the user ("500 calibration images, one forward pass each").
+    """
+
+    model: nn.Module
+    model_key: str
+    images: int
+    passes: float
+    what: str
+
+    def __post_init__(self) -> None:
+        if self.images < 1 or self.passes <= 0:
+            raise ValueError(f"Work needs images >= 1 and passes > 0, got images={self.images}, "
+                             f"passes={self.passes}")
+
+
+_rates: dict[tuple[str, str], float] = {}
+_lock = threading.Lock()
+
+
+def seconds_per_image(model: nn.Module, model_key: str, device: str) -> float:
+    """Measured seconds of one forward pass per image of ``model`` on ``device``; probed once per process.
+
+    The probe runs on a private copy, so a model that a job of any session is using is never moved.
+    """
+    key = (model_key, str(device))
+    with _lock:
+        if key in _rates:
+            return _rates[key]
+    from .compute import private_copy
+
+    probe = estimate_seconds(private_copy(model), PROBE_BATCH, 1.0, device, batch_size=PROBE_BATCH)
+    with _lock:
+        _rates[key] = probe.per_image_s
+    return probe.per_image_s
+
+
+def estimate(work: Work, device: str) -> Estimate:
+    """The estimate of ``work`` on ``device`` (a measured probe the first time for this model and device)."""
+    per_image = seconds_per_image(work.model, work.model_key, device)
+    from cka_analysis.device import describe_device, resolve_device
+
+    return Estimate(seconds=per_image * work.images * work.passes, per_image_s=per_image, images=work.images,
+                    passes=work.passes, device=describe_device(resolve_device(device)), probe_s=0.0)
+
+
+def show(est: Estimate, work: Work, *, more: str = "") -> None:
+    """Say before an action starts how long it will take: a caption, or a warning above :data:`SLOW_SECONDS`.
+
+    Silent below :data:`LONG_SECONDS`. ``more`` names the setting that trades time for precision.
+    """
+    if est.seconds < LONG_SECONDS:
+        return
+    text = (f"Estimated time: **{format_duration(est.seconds)}** on {est.device} for {work.what} "
+            f"(measured by a short probe of this model on this device).")
+    if more:
+        text += f" {more}"
+    if est.seconds > SLOW_SECONDS:
+        st.warning(text, icon=":material/schedule:")
+    else:
+        st.caption(text)
+
+
+def robustness_passes(kinds: Sequence[str], n_eps: int, pgd_steps: int = 10) -> float:
+    """Forward-pass equivalents per test image of the robustness evaluation of ``kinds``.
+
+    FGSM: one gradient step and one evaluation per ε; PGD: ``pgd_steps`` gradient steps and one evaluation per
+    ε; corruptions: one evaluation per type and severity; plus the clean evaluation.
+    """
+    passes = EVALUATE_PASSES
+    if "fgsm" in kinds:
+        passes += n_eps * (TRAIN_STEP_PASSES + EVALUATE_PASSES)
+    if "pgd" in kinds:
+        passes += n_eps * (pgd_steps * TRAIN_STEP_PASSES + EVALUATE_PASSES)
+    if "corruptions" in kinds:
+        passes += CORRUPTION_TYPES * CORRUPTION_SEVERITIES * EVALUATE_PASSES
+    return passes
+
+
+def compare_work(models: Sequence[tuple[str, nn.Module]], *, kinds: Sequence[str], n_eps: int, samples: int,
+                 batch: int, repeats: int, pgd_steps: int = 10) -> Work:
+    """The Compare page's measurement: latency (warm-up + timed batches) and robustness of every model.
+
+    Expressed as forward passes of the first model (pruned models are cheaper, so this errs on the safe side).
+    """
+    if not models:
+        raise ValueError("compare_work needs at least one model")
+    key, model = models[0]
+    latency_images = (min(10, repeats) + repeats) * batch
+    per_model = latency_images + (samples * robustness_passes(kinds, n_eps, pgd_steps) if kinds else 0)
+    what = (f"{len(models)} model(s): latency ({repeats} timed batches of {batch})"
+            + (f" and {', '.join(kinds)} on {samples} test images" if kinds else ""))
+    return Work(model=model, model_key=key, images=max(1, int(len(models) * per_model)), passes=1.0, what=what)

@@ -1,0 +1,176 @@
+"""Two people, one dashboard (issue 13, point 3): the process-wide job queue and seeded work that does not leak.
+
+The dashboard's jobs (app/dashboard/jobs.py) run library calls in worker threads. These tests drive the same job
+runner the pages use, without a browser: jobs of two "sessions" are submitted at once, and the records they
+produce must equal those of each job run alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
+
+from dashboard import jobs
+
+from cka_analysis.data import calibration_subset, load_dataset, make_loader
+from cka_analysis.models import build_model
+from cka_analysis.robustness import evaluate_robustness
+from cka_analysis.scoring import score_blocks
+from cka_analysis.training import FinetuneConfig, finetune
+
+WAIT = 300  # seconds: generous on a busy 2-core machine; the tests wait on events, not on these
+
+
+def _hold(release: threading.Event, started: threading.Event):
+    def fn(*, progress=None, cancel=None):
+        started.set()
+        assert release.wait(WAIT), "never released"
+        return "held"
+
+    return fn
+
+
+def test_jobs_wait_in_one_queue_in_order_and_show_their_position():
+    queue = jobs.JobQueue(slots=1)
+    release, started = threading.Event(), threading.Event()
+    first = jobs.submit("a", 1, "session A's work", _hold(release, started), queue=queue)
+    assert started.wait(WAIT)
+    ran = []
+    second = jobs.submit("b", 2, "session B's work", lambda progress=None, cancel=None: ran.append("b") or "b",
+                         queue=queue)
+    third = jobs.submit("c", 3, "session C's work", lambda progress=None, cancel=None: ran.append("c") or "c",
+                        queue=queue)
+    # event-driven: wait until both have entered the queue
+    for job, pos in ((second, 1), (third, 2)):
+        for _ in range(WAIT * 20):
+            if queue.position(job) == pos:
+                break
+            threading.Event().wait(0.05)
+        assert queue.position(job) == pos
+        assert job.status == "queued" and job.running
+    assert queue.running_labels() == ["session A's work"]
+    assert jobs.progress_text(second) == "waiting in the queue"
+    assert not ran  # nothing ran beside the first job
+    release.set()
+    assert first.wait(WAIT) and second.wait(WAIT) and third.wait(WAIT)
+    assert [first.result, second.result, third.result] == ["held", "b", "c"]
+    assert ran == ["b", "c"]  # first come, first served
+    assert queue.position(second) is None and queue.running_labels() == []
+
+
+def test_a_job_cancelled_while_queued_never_runs():
+    queue = jobs.JobQueue(slots=1)
+    release, started = threading.Event(), threading.Event()
+    first = jobs.submit("a", 1, "first", _hold(release, started), queue=queue)
+    assert started.wait(WAIT)
+    ran = threading.Event()
+    waiting = jobs.submit("b", 2, "second", lambda progress=None, cancel=None: ran.set(), queue=queue)
+    waiting.token.cancel()
+    assert waiting.wait(WAIT)
+    assert waiting.status == "cancelled" and not ran.is_set()
+    release.set()
+    assert first.wait(WAIT) and first.status == "done"
+
+
+def test_queue_slots_are_validated():
+    with pytest.raises(ValueError, match="slots"):
+        jobs.JobQueue(slots=0)
+
+
+def test_time_left_comes_from_the_estimate_then_from_the_progress():
+    job = jobs.Job(name="x", key=0, label="x", estimate=100.0)
+    job.status = "running"
+    job.started -= 10.0
+    assert job.seconds_left() == pytest.approx(90.0, abs=1.0)
+    job.progress(50, 100, "half")
+    assert job.seconds_left() == pytest.approx(10.0, abs=1.0)  # 10 s for half: 10 s left
+    assert "left" in jobs.progress_text(job)
+
+
+# ---------------------------------------------------------------------------------------------- seeded records
+@pytest.fixture(scope="module")
+def digits():
+    model = build_model("digits_resnet", weights="demo").eval()
+    preset = model.cka_preset
+    train = load_dataset("digits", "train", preset, augment=True)
+    plain = load_dataset("digits", "train", preset)
+    test = load_dataset("digits", "test", preset)
+    return model, train, plain, test
+
+
+def _finetune_record(model, train, *, progress=None, cancel=None) -> dict:
+    """Session A: a seeded fine-tune (augmented data, shuffled order) of a copy of the demo."""
+    net = copy.deepcopy(model)
+    loader = make_loader(train, batch_size=32, shuffle=True, seed=3)
+    result = finetune(net, loader, FinetuneConfig(steps=6, lr=0.02, seed=3), device="cpu", cancel=cancel)
+    return {"steps": result.steps, "weights": {k: v.clone() for k, v in net.state_dict().items()}}
+
+
+def _robustness_record(model, test, *, progress=None, cancel=None) -> dict:
+    """Session B: seeded robustness (PGD random start, noise corruptions) and seeded random scores."""
+    net = copy.deepcopy(model)
+    loader = make_loader(test, batch_size=64)
+    rob = evaluate_robustness(net, loader, kinds=("pgd", "corruptions"), eps=(4 / 255,), max_samples=64,
+                              pgd_steps=2, device="cpu", seed=5, cancel=cancel)
+    calib = calibration_subset(test, 32, seed=1)
+    scores = score_blocks(net, calib, "random", seed=7, device="cpu")
+    return {"robustness": repr(rob), "scores": dict(scores.scores)}
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if k == "weights":
+            for name in a[k]:
+                torch.testing.assert_close(a[k][name], b[k][name], rtol=0, atol=0, msg=name)
+        else:
+            assert a[k] == b[k], k
+
+
+def _noisy_neighbour(stop: threading.Event) -> threading.Thread:
+    """A third session touching the process-wide RNG all the time, as unseeded code elsewhere would."""
+
+    def run() -> None:
+        while not stop.is_set():
+            torch.manual_seed(int(torch.randint(0, 1000, ())))
+            torch.rand(8)
+
+    return threading.Thread(target=run, daemon=True)
+
+
+@pytest.mark.parametrize("slots", [1, 2], ids=["dashboard-queue", "two-at-once"])
+def test_two_sessions_seeded_jobs_at_once_give_the_records_each_gives_alone(digits, slots):
+    """Slots 1 is the dashboard's queue; slots 2 runs both jobs truly at once (a GPU server's setting), with a
+    neighbour reseeding the global RNG, so the library's seeded work itself must not depend on global state.
+
+    Two at once uses un-augmented training data: torchvision's random crops and flips draw from the process-wide
+    RNG when they run in the main process, which only the queue (one job at a time) keeps apart.
+    """
+    model, augmented, plain, test = digits
+    train = augmented if slots == 1 else plain
+    alone_a = _finetune_record(model, train)
+    alone_b = _robustness_record(model, test)
+    queue = jobs.JobQueue(slots=slots)
+    stop = threading.Event()
+    neighbour = _noisy_neighbour(stop)
+    if slots > 1:
+        neighbour.start()
+    try:
+        job_a = jobs.submit("prune", "A", "session A fine-tuning", _finetune_record, model, train, queue=queue)
+        job_b = jobs.submit("compare", "B", "session B robustness", _robustness_record, model, test, queue=queue)
+        assert job_a.wait(WAIT) and job_b.wait(WAIT)
+    finally:
+        stop.set()
+        if neighbour.is_alive():
+            neighbour.join(10)
+    for job in (job_a, job_b):
+        assert job.status == "done", (job.status, job.error, job.trace)
+    _same(job_a.result, alone_a)
+    _same(job_b.result, alone_b)
