@@ -11,7 +11,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +20,11 @@ import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT = 60
+# Upper bounds for events (nothing here sleeps a fixed time): generous, because a busy 2-core machine can be
+# slow to import torch and streamlit; a healthy run takes a few seconds for each.
+START_TIMEOUT = 240
+PAGE_TIMEOUT = 180_000  # ms
+READY_MARK = "URL:"  # streamlit prints "Local URL: http://localhost:PORT" once it serves
 
 pytestmark = pytest.mark.browser
 
@@ -31,35 +35,55 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{out}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"streamlit did not answer on {url} within {timeout} s")
+class ServerLog:
+    """Reads the server's output in a thread (a full pipe would block the server) and signals its ready line."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.ended = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.append(line.rstrip())
+            if READY_MARK in line:
+                self.ready.set()
+        self.ended.set()
+
+    def text(self) -> str:
+        return "\n".join(self.lines[-60:])
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: ServerLog, timeout: float) -> None:
+    """Wait for the ready line (or the process ending), then check the health endpoint once."""
+    threading.Thread(target=lambda: (proc.wait(), log.ready.set()), daemon=True).start()
+    if not log.ready.wait(timeout):
+        raise TimeoutError(f"streamlit printed no ready line within {timeout} s; its output:\n{log.text()}")
+    if proc.poll() is not None:
+        log.ended.wait(5)
+        raise RuntimeError(f"streamlit exited with {proc.returncode}; its output:\n{log.text()}")
+    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=30) as r:
+        assert r.status == 200, f"health check answered {r.status}; server output:\n{log.text()}"
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
+def server() -> Iterator[tuple[str, ServerLog]]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.port", str(port),
          "--server.headless", "true", "--server.address", "localhost", "--browser.gatherUsageStats", "false",
          "--server.fileWatcherType", "none"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     url = f"http://localhost:{port}"
+    log = ServerLog(proc)
     try:
-        wait_healthy(url, proc, START_TIMEOUT)
-        yield url
+        wait_ready(url, proc, log, START_TIMEOUT)
+        yield url, log
     finally:
         proc.terminate()
         try:
@@ -81,27 +105,42 @@ def browser():
             b.close()
 
 
-def test_heatmap_renders_in_chromium(server: str, browser) -> None:
+def test_heatmap_renders_in_chromium(server: tuple[str, ServerLog], browser) -> None:
+    url, log = server
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(PAGE_TIMEOUT)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(server, wait_until="domcontentloaded")
-    # the first page loads the digits demo and shows its blocks
-    page.get_by_role("heading", name="Model & data").wait_for(timeout=60_000)
-    page.get_by_text("Active: digits_resnet").wait_for(timeout=60_000)
-    sidebar = page.get_by_test_id("stSidebar")
-    assert "digits_resnet" in sidebar.inner_text()
-    # to the heatmap page through the sidebar navigation; the heatmap is computed and drawn by plotly
-    sidebar.get_by_role("link", name="CKA heatmap").click()
-    page.get_by_role("heading", name="CKA heatmap").wait_for(timeout=30_000)
-    plot = page.locator(".js-plotly-plot").first
-    plot.wait_for(state="visible", timeout=60_000)
-    assert plot.locator(".heatmaplayer, .hm").count() > 0 or plot.locator("image").count() > 0
-    assert page.locator("[data-testid='stException']").count() == 0
-    assert not errors, errors
-    shots = os.environ.get("CKA_PRUNE_SCREENSHOTS")
-    if shots:
-        Path(shots).mkdir(parents=True, exist_ok=True)
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(Path(shots) / "heatmap.png"), full_page=False)
-    page.close()
+    try:
+        page.goto(url, wait_until="domcontentloaded")
+        # the first page loads the digits demo and shows its blocks
+        page.get_by_role("heading", name="Model & data").wait_for()
+        page.get_by_text("Active: digits_resnet").wait_for()
+        sidebar = page.get_by_test_id("stSidebar")
+        assert "digits_resnet" in sidebar.inner_text()
+        # to the heatmap page through the sidebar navigation; the heatmap is computed and drawn by plotly
+        sidebar.get_by_role("link", name="CKA heatmap").click()
+        page.get_by_role("heading", name="CKA heatmap").wait_for()
+        plot = page.locator(".js-plotly-plot").first
+        plot.wait_for(state="visible")
+        plot.locator(".colorbar").first.wait_for(state="attached")
+        assert plot.locator(".heatmaplayer, .hm").count() > 0 or plot.locator("image").count() > 0
+        # square cells filling most of the page width, the colour bar right beside the matrix
+        area = plot.locator(".nsewdrag").first.bounding_box()
+        bar = plot.locator(".colorbar").first.bounding_box()
+        main = page.get_by_test_id("stMainBlockContainer").bounding_box()
+        assert area is not None and bar is not None and main is not None
+        assert abs(area["width"] - area["height"]) <= 2, area
+        assert area["width"] >= 0.5 * main["width"], (area, main)
+        gap = bar["x"] - (area["x"] + area["width"])
+        assert 0 <= gap <= 40, (area, bar)
+        assert page.locator("[data-testid='stException']").count() == 0
+        assert not errors, errors
+        shots = os.environ.get("CKA_PRUNE_SCREENSHOTS")
+        if shots:
+            Path(shots).mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(Path(shots) / "heatmap.png"), full_page=False)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n--- streamlit output ---\n{log.text()}") from exc
+    finally:
+        page.close()
