@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cka_analysis.config import shared_data_dir
-from cka_analysis.data import calibration_subset, load_dataset, make_loader
+from cka_analysis.data import calibration_subset, load_dataset
 from cka_analysis.device import describe_device, resolve_device
 from cka_analysis.errors import DataError
 from cka_analysis.metrics import evaluate
@@ -104,9 +104,13 @@ def fast_format(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 @lru_cache(maxsize=4)
-def _dataset(split: str, augment: bool, in_memory: bool):
+def dataset(split: str, augment: bool, in_memory: bool):
+    """One split of the shared CIFAR-10 copy for the CIFAR ResNets' preset, loaded once per process."""
     preset = load_model("resnet20").cka_preset  # both archs share the preset (32×32, ImageNet mean/std)
     return load_dataset(data_spec(), split, preset, augment=augment, in_memory=in_memory)
+
+
+_dataset = dataset  # the name bench_cka uses
 
 
 def stacked(split: str, n: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +123,7 @@ def stacked(split: str, n: int | None, seed: int = 0) -> tuple[torch.Tensor, tor
     if path.exists():
         d = torch.load(path, weights_only=True)
         return d["x"], d["y"]
-    ds = _dataset(split, False, False)
+    ds = dataset(split, False, False)
     sub = range(len(ds)) if n is None or n >= len(ds) else calibration_subset(ds, n, seed=seed).indices
     xs, ys = [], []
     for i in sub:
@@ -129,13 +133,6 @@ def stacked(split: str, n: int | None, seed: int = 0) -> tuple[torch.Tensor, tor
     x, y = torch.stack(xs), torch.tensor(ys, dtype=torch.long)
     torch.save({"x": x, "y": y}, path)
     return x, y
-
-
-def train_loader(batch_size: int, seed: int = 0, device: str | torch.device = "auto") -> DataLoader:
-    """Augmented (crop + flip) training batches from the in-memory training split, seeded shuffling."""
-    ds = _dataset("train", True, True)
-    return make_loader(ds, batch_size=batch_size, shuffle=True, seed=seed, num_workers=0, device=device,
-                       drop_last=True)
 
 
 def tensor_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> DataLoader:

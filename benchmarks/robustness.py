@@ -21,10 +21,11 @@ from torch import nn
 
 from cka_analysis.blocks import remove_blocks
 from cka_analysis.device import resolve_device
+from cka_analysis.recovery import RecoveryConfig, recover
 from cka_analysis.robustness import DEFAULT_EPS, evaluate_robustness
-from cka_analysis.training import FinetuneConfig, finetune
 
 from .common import (
+    dataset,
     env_info,
     fast_format,
     load_model,
@@ -32,19 +33,16 @@ from .common import (
     read_json,
     stacked,
     tensor_loader,
-    train_loader,
     write_json,
 )
 
 
 def _rebuild(row: dict[str, Any], device) -> nn.Module:
-    """The fine-tuned pruned model of a criteria row, recomputed from its blocks and fine-tune record."""
+    """The recovered pruned model of a one-shot criteria row, recomputed from its blocks and recovery config."""
     base = fast_format(load_model(row["model"]), device)
     pruned = remove_blocks(base, row["blocks_removed"])
-    ft = dict(row["finetune"])
-    batch = ft.pop("batch_size")
-    ft.pop("images_seen", None)
-    finetune(pruned, train_loader(batch, seed=0, device=device), FinetuneConfig(**ft), device=device)
+    recover(pruned, dataset("train", True, True), RecoveryConfig.from_dict(row["recovery"]), teacher=base,
+            device=device)
     return pruned.eval()
 
 

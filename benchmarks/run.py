@@ -309,6 +309,15 @@ def _gb(b: float) -> str:
     return f"{b / 2**30:.2f} GiB"
 
 
+def _recovery_images(budget: dict[str, Any]) -> int:
+    """The recovery budget of a criteria run (older results: fine-tuning steps × batch)."""
+    if "recovery" in budget:
+        from cka_analysis.recovery import RecoveryConfig
+
+        return RecoveryConfig.parse(budget["recovery"]).images
+    return int(budget.get("ft_steps", 0)) * int(budget.get("ft_batch", 0))
+
+
 def write_report(run_info: dict[str, Any] | None = None) -> Path:
     run_info = run_info or read_json("run.json") or {}
     crit, rob = read_json("criteria.json"), read_json("robustness.json")
@@ -335,10 +344,11 @@ def write_report(run_info: dict[str, Any] | None = None) -> Path:
                  "`../shared/data/weights/README.md`). Every criterion ranks the removable blocks on the same "
                  f"{b['calibration_images']} class-balanced training images; the planner removes the lowest-scoring "
                  "blocks until the MACs target is met (all blocks of these networks cost the same MACs, so every "
-                 "criterion removes the same number of blocks at a target). *acc. no FT*: right after removal; "
-                 f"*acc. after FT*: after the same fine-tune for every row ({b['ft_steps']} SGD steps of batch "
-                 f"{b['ft_batch']}, lr {b['ft_lr']}, cosine, nesterov momentum 0.9, weight decay 5e-4, seed 0, same data "
-                 "order). Accuracies are top-1 on "
+                 "criterion removes the same number of blocks at a target). Every row is one "
+                 "`cka_analysis.workflow.run_prune` request (the same call as `cka-prune prune`). *acc. no FT*: right "
+                 "after removal; *acc. after FT*: after the same recovery for every row (a budget of "
+                 f"{int(_recovery_images(b)):,} training images, seed 0; iterative CKA spends it on short "
+                 "recoveries after each removal and a final one). Accuracies are top-1 on "
                  + ("all 10,000 test images" if not b["eval_images"] else f"a fixed class-balanced subset of "
                                                                           f"{b['eval_images']:,} test images")
                  + ". Bold: best criterion in the column (the loss oracle excluded, it is the reference). Blocks: "
