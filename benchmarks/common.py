@@ -24,6 +24,7 @@ from cka_analysis.config import shared_data_dir
 from cka_analysis.data import calibration_subset, load_dataset
 from cka_analysis.device import describe_device, resolve_device
 from cka_analysis.errors import DataError
+from cka_analysis.export import jsonable
 from cka_analysis.metrics import evaluate
 from cka_analysis.models import build_model
 
@@ -154,20 +155,10 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
 def write_json(name: str, obj: Any) -> Path:
     results_dir().mkdir(parents=True, exist_ok=True)
     path = results_dir() / name
-    path.write_text(json.dumps(obj, indent=1, default=_jsonable) + "\n")
+    path.write_text(json.dumps(jsonable(obj), indent=1) + "\n")
     return path
 
 
 def read_json(name: str) -> Any:
     path = results_dir() / name
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, (set, frozenset)):
-        return sorted(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

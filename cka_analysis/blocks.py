@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .device import eval_mode
 from .errors import BlockError, ConfigError
 
 __all__ = [
@@ -311,16 +312,13 @@ def _probe_shapes(model: nn.Module, names: Iterable[str], input_size: tuple[int,
 
     for n in names:
         handles.append(model.get_submodule(n).register_forward_hook(hook(n)))
-    was_training = model.training
     try:
-        model.eval()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros((1, *input_size), device=device))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return shapes
 
 

@@ -774,9 +774,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar.newline()
         if args.debug:
             raise
-        import torch
+        from .device import is_out_of_memory
 
-        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        if is_out_of_memory(exc):
             print(f"cka-prune {args.command}: error: out of memory — use a smaller --batch-size or "
                   "--device cpu", file=sys.stderr)
             return EXIT_USAGE

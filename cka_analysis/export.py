@@ -59,6 +59,12 @@ def jsonable(obj: Any) -> Any:
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):  # in a stable order: sorted when the items compare, else by repr
+        items = [jsonable(v) for v in obj]
+        try:
+            return sorted(items)
+        except TypeError:
+            return sorted(items, key=repr)
     if isinstance(obj, torch.Tensor):
         return jsonable(obj.tolist())
     if hasattr(obj, "dtype") and hasattr(obj, "tolist"):  # numpy arrays and scalars

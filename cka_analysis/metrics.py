@@ -24,6 +24,7 @@ from .device import (
     amp_dtype,
     autocast,
     describe_device,
+    eval_mode,
     resolve_device,
     synchronize,
     use_channels_last,
@@ -124,58 +125,53 @@ def evaluate(
     if max_samples is not None:
         total = max_samples if total is None else min(total, max_samples)
 
-    was_training = model.training
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    model.eval()
     acc_dev = accumulation_device(dev)
     correct1 = torch.zeros((), dtype=torch.int64, device=dev)
     correct5 = torch.zeros((), dtype=torch.int64, device=dev)
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc_dev)
     seen = 0
     num_classes: int | None = None
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                check_cancel(cancel, "evaluation")
-                images, labels = batch[0], batch[1]
-                if not isinstance(labels, torch.Tensor):
-                    labels = torch.as_tensor(labels)
-                if max_samples is not None and seen + len(labels) > max_samples:
-                    keep = max_samples - seen
-                    images, labels = images[:keep], labels[:keep]
-                count = len(labels)
-                if count == 0:
-                    continue
-                images = images.to(dev, non_blocking=True)
-                if channels_last and images.dim() == 4:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with autocast(dev, dtype):
-                    logits = model(images)
-                logits = logits.float()
-                if num_classes is None:
-                    num_classes = int(logits.shape[1])
-                if labels.device.type == "cpu":  # check on the host copy: no device sync, no CUDA assert
-                    low, high = int(labels.min()), int(labels.max())
-                    if low < 0 or high >= num_classes:
-                        raise ConfigError(
-                            f"the data has label {high if high >= num_classes else low} but the model has "
-                            f"{num_classes} outputs; build the model with the data's number of classes "
-                            "(num_classes= / --num-classes)"
-                        )
-                labels = labels.to(dev, non_blocking=True)
-                loss_sum += F.cross_entropy(logits, labels, reduction="sum").to(acc_dev, torch.float64)
-                correct1 += (logits.argmax(dim=1) == labels).sum()
-                if num_classes >= TOP5_MIN_CLASSES:
-                    top5 = logits.topk(5, dim=1).indices
-                    correct5 += (top5 == labels[:, None]).any(dim=1).sum()
-                seen += count
-                report(seen, total, "evaluating")
-                if max_samples is not None and seen >= max_samples:
-                    break
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for batch in loader:
+            check_cancel(cancel, "evaluation")
+            images, labels = batch[0], batch[1]
+            if not isinstance(labels, torch.Tensor):
+                labels = torch.as_tensor(labels)
+            if max_samples is not None and seen + len(labels) > max_samples:
+                keep = max_samples - seen
+                images, labels = images[:keep], labels[:keep]
+            count = len(labels)
+            if count == 0:
+                continue
+            images = images.to(dev, non_blocking=True)
+            if channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(dev, dtype):
+                logits = model(images)
+            logits = logits.float()
+            if num_classes is None:
+                num_classes = int(logits.shape[1])
+            if labels.device.type == "cpu":  # check on the host copy: no device sync, no CUDA assert
+                low, high = int(labels.min()), int(labels.max())
+                if low < 0 or high >= num_classes:
+                    raise ConfigError(
+                        f"the data has label {high if high >= num_classes else low} but the model has "
+                        f"{num_classes} outputs; build the model with the data's number of classes "
+                        "(num_classes= / --num-classes)"
+                    )
+            labels = labels.to(dev, non_blocking=True)
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").to(acc_dev, torch.float64)
+            correct1 += (logits.argmax(dim=1) == labels).sum()
+            if num_classes >= TOP5_MIN_CLASSES:
+                top5 = logits.topk(5, dim=1).indices
+                correct5 += (top5 == labels[:, None]).any(dim=1).sum()
+            seen += count
+            report(seen, total, "evaluating")
+            if max_samples is not None and seen >= max_samples:
+                break
     if seen == 0:
         raise DataError("the data loader produced no samples to evaluate; check the dataset and max_samples")
     assert num_classes is not None
@@ -217,8 +213,6 @@ def _flop_pass(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[int,
     size = _check_input_size(input_size)
     device, dtype = _model_device_dtype(model)
     x = torch.zeros((1, *size), device=device, dtype=dtype)
-    was_training = model.training
-    model.eval()
     # nn.MultiheadAttention's (and TransformerEncoderLayer's) inference fast path runs one fused kernel that
     # FlopCounterMode does not see (a ViT-B/16 would count 11.3 G instead of 17.6 G MACs). The ordinary path does
     # the same math; it is taken for THIS call only by running with autograd on and an input that requires
@@ -226,13 +220,10 @@ def _flop_pass(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[int,
     # (torch.backends.mha.set_fastpath_enabled would change other threads' — other dashboard sessions' —
     # forward passes while the count runs). Only forward FLOPs are counted: nothing calls backward.
     # inference_mode(False): also when the caller runs under inference_mode, where enable_grad alone is not enough
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            x = x.clone().requires_grad_(True)
-            with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
-                model(x)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        x = x.clone().requires_grad_(True)
+        with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
+            model(x)
     per_key = {key: sum(ops.values()) for key, ops in counter.get_flop_counts().items()}
     return int(counter.get_total_flops()), per_key
 
@@ -348,21 +339,16 @@ def measure_latency(
     x = torch.randn((batch_size, *size), generator=gen).to(dev, param_dtype)
     if use_cl:
         x = x.contiguous(memory_format=torch.channels_last)
-    was_training = model.training
-    model.eval()
     times: list[float] = []
-    try:
-        with torch.inference_mode(), autocast(dev, dtype):
-            for _ in range(warmup):
-                model(x)
-            for _ in range(repeats):
-                synchronize(dev)
-                start = time.perf_counter()
-                model(x)
-                synchronize(dev)
-                times.append((time.perf_counter() - start) * 1000.0)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode(), autocast(dev, dtype):
+        for _ in range(warmup):
+            model(x)
+        for _ in range(repeats):
+            synchronize(dev)
+            start = time.perf_counter()
+            model(x)
+            synchronize(dev)
+            times.append((time.perf_counter() - start) * 1000.0)
     p10, p50, p90 = torch.quantile(
         torch.tensor(times, dtype=torch.float64), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     ).tolist()
@@ -453,12 +439,11 @@ def estimate_seconds(
     home, param_dtype = _model_device_dtype(model)
     batch = min(int(batch_size), int(images))
     x = torch.randn((batch, *size), generator=torch.Generator().manual_seed(0)).to(dev, param_dtype)
-    was_training = model.training
     start = time.perf_counter()
     times: list[float] = []
     try:
-        model.to(dev).eval()
-        with torch.inference_mode():
+        model.to(dev)
+        with eval_mode(model), torch.inference_mode():
             model(x)
             for _ in range(repeats):
                 synchronize(dev)
@@ -467,7 +452,7 @@ def estimate_seconds(
                 synchronize(dev)
                 times.append(time.perf_counter() - t0)
     finally:
-        model.to(home).train(was_training)
+        model.to(home)
     per_image = min(times) / batch
     return Estimate(seconds=per_image * images * float(passes), per_image_s=per_image, images=int(images),
                     passes=float(passes), device=describe_device(dev), probe_s=time.perf_counter() - start)

@@ -430,3 +430,22 @@ def test_eval_mode_gives_every_submodule_its_own_flag_back(digits) -> None:
         assert inner is model and not any(m.training for m in model.modules())
         raise RuntimeError("inside")
     assert {name: m.training for name, m in model.named_modules()} == before
+
+
+def test_every_evaluation_gives_a_mixed_train_eval_model_its_flags_back(digits, calib) -> None:
+    """Frozen BatchNorm in a training network stays frozen, and the rest keeps training, after anything that runs
+    the model in eval mode (``model.train(was_training)`` would switch the frozen layer back to training)."""
+    from cka_analysis.blocks import find_blocks
+    from cka_analysis.metrics import count_macs, evaluate, measure_latency
+
+    model = copy.deepcopy(digits).train()
+    model.layer1[0].bn1.eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    x, y = calib
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:16], y[:16]), batch_size=8)
+    evaluate(model, loader, device="cpu")
+    count_macs(model, (1, 8, 8))
+    measure_latency(model, (1, 8, 8), batch_size=2, device="cpu", warmup=1, repeats=1)
+    find_blocks(model)
+    score_blocks(model, (x[:8], y[:8]), "block_influence", device="cpu")
+    assert {name: m.training for name, m in model.named_modules()} == before

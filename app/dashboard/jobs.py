@@ -30,6 +30,7 @@ import streamlit as st
 import torch
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
+from cka_analysis.device import is_out_of_memory
 from cka_analysis.errors import Cancelled, CKAPruneError
 from cka_analysis.metrics import format_duration
 from cka_analysis.progress import CancelToken
@@ -39,11 +40,8 @@ POLL_SECONDS = 0.5
 SLOTS_ENV = "CKA_PRUNE_DASHBOARD_JOBS"
 
 
-def is_oom(exc: BaseException) -> bool:
-    """True for CUDA (or any accelerator) out-of-memory errors."""
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
+#: True for CUDA (or any accelerator) out-of-memory errors: the library's one detector, shared with the CLI.
+is_oom = is_out_of_memory
 
 
 OOM_HINT = (

@@ -291,7 +291,9 @@ def _vit_tiny(c: int) -> nn.Module:
 
 
 def _digits_preset() -> Preset:
-    return Preset("digits_resnet", (1, 8, 8), (0.3053,), (0.3760,), 10, hflip=False, crop_padding=1,
+    from ..data import DIGITS_MEAN, DIGITS_STD  # one set of digits statistics (data.py imports no model)
+
+    return Preset("digits_resnet", (1, 8, 8), DIGITS_MEAN, DIGITS_STD, 10, hflip=False, crop_padding=1,
                   notes="scikit-learn's 8×8 handwritten digits")
 
 
