@@ -162,23 +162,17 @@ def _criterion_args(p: argparse.ArgumentParser, criteria: Sequence[str]) -> None
     p.add_argument("--debiased", action="store_true", help="debiased linear CKA for the cka criterion")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cka-prune",
-        description="Make residual networks shallower: remove whole blocks chosen with Centered Kernel "
-                    "Alignment (Pons et al., ICPR 2024). MACs are multiply-accumulates (= FLOPs/2, what the "
-                    "pruning literature calls FLOPs).",
-        epilog="Run `cka-prune COMMAND --help` for each command's options.",
-    )
-    parser.add_argument("--version", action="version", version=f"cka-prune {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_models(sub: Any) -> None:
+    """The ``models`` command's arguments."""
     p = sub.add_parser("models", help="list the model registry with removable blocks and MACs",
                        description="List every registry model with its input size, named weights, removable "
                                    "blocks and MACs (multiply-accumulates for one image).")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON ('-' for stdout)")
     _common(p)
 
+
+def _add_heatmap(sub: Any) -> None:
+    """The ``heatmap`` command's arguments."""
     p = sub.add_parser("heatmap", help="layer × layer CKA heatmap of a model (or model vs model)",
                        description="Layer × layer CKA between the stem, every residual block output and the "
                                    "pooled features, over test images. With --compare, model vs another model "
@@ -194,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".json (matrix and names), .html (interactive plotly) or .png (needs kaleido)")
     _common(p)
 
+
+def _add_score(sub: Any) -> None:
+    """The ``score`` command's arguments."""
     p = sub.add_parser("score", help="removal score of every removable block (lower = safer to remove)",
                        description="Score every removable block on calibration images from the training split. "
                                    "The paper's criterion is cka: 1 − linear CKA between the penultimate "
@@ -205,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write {criterion, samples, seconds, scores} ('-' for stdout)")
     _common(p)
 
+
+def _add_prune(sub: Any) -> None:
+    """The ``prune`` command's arguments."""
     p = sub.add_parser("prune", help="remove blocks (by hand or to a target), recover the accuracy, save",
                        description="Remove residual blocks chosen by hand or by a criterion until a target is "
                                    "met (one-shot or iterative as in the paper), recover the accuracy within a "
@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="go on from what an interrupted run left in --out")
     _common(p)
 
+
+def _add_finetune(sub: Any) -> None:
+    """The ``finetune`` command's arguments."""
     p = sub.add_parser("finetune", help="fine-tune a model (pruned or not) and save it",
                        description="Fine-tune MODEL_OR_DIR with SGD + cosine schedule (optionally distilling "
                                    "from a teacher) and save it to --out (a directory load_pruned reads). Runs "
@@ -260,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="go on from the checkpoint an interrupted run left")
     _common(p)
 
+
+def _add_evaluate(sub: Any) -> None:
+    """The ``evaluate`` command's arguments."""
     p = sub.add_parser("evaluate", help="accuracy, MACs, params, latency (and robustness) of a model",
                        description="Evaluate MODEL_OR_DIR on the test split: top-1 (top-5 above 10 classes), "
                                    "MACs, parameters and latency; with --robustness also FGSM/PGD accuracy "
@@ -276,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
     _common(p)
 
+
+def _add_export(sub: Any) -> None:
+    """The ``export`` command's arguments."""
     p = sub.add_parser("export", help="export a saved model to safetensors, .pt2 or ONNX",
                        description="Export a directory written by prune/finetune for deployment.")
     p.add_argument("model", metavar="DIR", help="a directory written by `cka-prune prune` or `finetune`")
@@ -283,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="safetensors: a copy of the directory; pt2: torch.export; onnx: checked with onnxruntime")
     p.add_argument("--out", metavar="PATH", help="output file or directory (default: inside DIR)")
     _common(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cka-prune",
+        description="Make residual networks shallower: remove whole blocks chosen with Centered Kernel "
+                    "Alignment (Pons et al., ICPR 2024). MACs are multiply-accumulates (= FLOPs/2, what the "
+                    "pruning literature calls FLOPs).",
+        epilog="Run `cka-prune COMMAND --help` for each command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"cka-prune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_models, _add_heatmap, _add_score, _add_prune, _add_finetune, _add_evaluate, _add_export):
+        add(sub)
     return parser
 
 
@@ -774,9 +797,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar.newline()
         if args.debug:
             raise
-        from .device import is_out_of_memory
+        import torch
 
-        if is_out_of_memory(exc):
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
             print(f"cka-prune {args.command}: error: out of memory — use a smaller --batch-size or "
                   "--device cpu", file=sys.stderr)
             return EXIT_USAGE
