@@ -30,6 +30,7 @@ from typing import Any
 from torch import nn
 
 from cka_analysis.blocks import find_blocks
+from cka_analysis.choices import CRITERIA
 from cka_analysis.device import resolve_device
 from cka_analysis.pruning import Target
 from cka_analysis.recovery import RecoveryConfig
@@ -37,7 +38,8 @@ from cka_analysis.workflow import PruneData, PruneRecord, PruneRequest, run_prun
 
 from .common import data_spec, dataset, env_info, fast_format, load_model, log, write_json
 
-ONE_SHOT = ("cka", "weight_norm", "block_influence", "angular", "taylor", "loss")
+#: Every registered criterion ranked once; "random" is run with several seeds instead (Budget.random_seeds).
+ONE_SHOT = tuple(c for c in CRITERIA if c != "random")
 
 
 @dataclass

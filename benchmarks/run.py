@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cka_analysis.choices import CRITERIA
 from cka_analysis.robustness import RobustnessResult
 
 from .common import CACHE_DIR, env_info, log, read_json, results_dir, write_json
 
 STAGES = ("criteria", "robustness", "scoring", "cka", "report")
-CRITERION_ORDER = ("cka", "cka_iterative", "random", "weight_norm", "block_influence", "angular", "taylor", "loss")
+#: The registry's criteria in its order, with the iterative CKA variant right after the paper's one-shot CKA.
+CRITERION_ORDER = (CRITERIA[0], "cka_iterative", *CRITERIA[1:])
 LABELS = {
     "cka": "CKA (one-shot)",
     "cka_iterative": "CKA (iterative)",
