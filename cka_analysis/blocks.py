@@ -270,7 +270,7 @@ def topology(model: nn.Module, blocks: Sequence[str] | str | None = None) -> Top
         return ViTTopology(model)
     raise BlockError(
         f"{type(model).__name__} is not an architecture the library knows (CIFAR ResNet, torchvision ResNet, "
-        "MobileNetV2, ViT); name its residual blocks with blocks=['layer1.*', ...] / --blocks-pattern, or "
+        "MobileNetV2, ViT); name its residual blocks with blocks=['layer1.*', ...] or "
         "declare_blocks(model, patterns)"
     )
 
