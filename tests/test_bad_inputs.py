@@ -38,7 +38,7 @@ from cka_analysis.errors import (
 from cka_analysis.export import open_model
 from cka_analysis.metrics import count_macs, count_params
 from cka_analysis.models import build_model
-from cka_analysis.pruning import Target, plan, prune
+from cka_analysis.pruning import ScoringOptions, Target, plan, prune
 from cka_analysis.scoring import score_blocks
 
 
@@ -212,9 +212,9 @@ def test_target_that_cannot_be_met(digits, calib, reference_cka) -> None:
     with pytest.raises(TargetError, match="remove 8 block"):
         plan(blocks, reference_cka, Target("blocks", 8), base_macs=macs, base_params=params)
     with pytest.raises(TargetError, match="fewer parameters"):
-        prune(digits, calib, target="params:99%", criterion="random", device="cpu")
+        prune(digits, calib, target="params:99%", criterion="random")
     with pytest.raises(TargetError, match="cannot be met"):
-        prune(digits, calib, target="8 blocks", criterion="weight_norm", iterative=True, device="cpu")
+        prune(digits, calib, target="8 blocks", criterion="weight_norm", iterative=True)
     for text, words in (("macs:150%", "between 0 and 1"), ("0 blocks", "whole number ≥ 1"), ("half", "not understood")):
         with pytest.raises(ConfigError, match=words):
             Target.parse(text)
@@ -237,11 +237,11 @@ def test_selecting_a_non_removable_or_unknown_block(digits, reference_cka) -> No
     with pytest.raises(CKAPruneError, match="'conv1' is not a block"):
         plan(blocks, None, base_macs=macs, base_params=params, chosen=["conv1"])
     with pytest.raises(CKAPruneError, match="cannot be removed"):
-        prune(digits, blocks_to_remove=["layer2.0"], device="cpu")
+        prune(digits, blocks_to_remove=["layer2.0"])
     with pytest.raises(ConfigError, match="not removable blocks"):
         score_blocks(digits, None, "random", candidates=["layer2.0"])
     assert [n for n in digits.state_dict() if n.startswith("layer2.0.")]  # the model was not touched
-    assert prune(digits, blocks_to_remove=["layer1.0"], device="cpu").removed == ["layer1.0"]
+    assert prune(digits, blocks_to_remove=["layer1.0"]).removed == ["layer1.0"]
 
 
 # ------------------------------------------------------------------------------------------------ NaN / Inf
@@ -275,7 +275,7 @@ def test_nan_weights_and_nan_pixels(digits, calib) -> None:
     with pytest.raises(ConfigError, match="NaN or Inf"):
         score_blocks(digits, (x, y), "cka", device="cpu")
     with pytest.raises(ConfigError, match="NaN or Inf"):
-        prune(digits, (x, y), target="2 blocks", device="cpu")
+        prune(digits, (x, y), target="2 blocks", scoring=ScoringOptions(device="cpu"))
 
 
 def test_nan_activations_in_the_cka_heatmap(digits, calib) -> None:
@@ -298,7 +298,7 @@ def test_cuda_requested_without_cuda(monkeypatch: pytest.MonkeyPatch, digits, ca
     with pytest.raises(DeviceError, match="CUDA is not available"):
         score_blocks(digits, calib, "cka", device="cuda")
     with pytest.raises(DeviceError, match="CUDA is not available"):
-        prune(digits, calib, target="1 block", device="cuda")
+        prune(digits, calib, target="1 block", scoring=ScoringOptions(device="cuda"))
     with pytest.raises(DeviceError, match="CUDA is not available"):
         cka_matrix(digits, [calib[0]], device="cuda")
     with pytest.raises(DeviceError, match="CUDA is not available"):

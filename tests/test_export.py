@@ -154,15 +154,32 @@ def test_weights_are_safetensors_with_exactly_the_model_state(pruned, saved) -> 
     assert sorted(p.name for p in saved.iterdir()) == [MANIFEST, WEIGHTS]
 
 
-def test_prune_report_is_stored(demo, tmp_path: Path) -> None:
-    from cka_analysis.pruning import prune
+def test_prune_record_is_stored_and_read_back(demo, tmp_path: Path) -> None:
+    from cka_analysis.workflow import PruneRecord, PruneRequest, run_prune
 
-    result = prune(demo, blocks_to_remove=["layer1.2"], device="cpu")
-    out = save_pruned(result.model, tmp_path / "with_report", report=result.to_dict())
+    outcome = run_prune(PruneRequest(demo, blocks=("layer1.2",), recovery="none", eval_samples=32, device="cpu",
+                                     latency=False))
+    out = save_pruned(outcome.model, tmp_path / "with_report", report=outcome.record.to_dict())
     report = read_manifest(out)["report"]
     assert report["removed"] == ["layer1.2"]
-    assert report["final"]["macs"] == result.final["macs"]
+    assert report["final"]["macs"] == outcome.record.final.macs
     assert [s["step"] for s in report["steps"]] == [0, 1]
+    assert PruneRecord.from_dict(load_pruned(out).cka_manifest["report"]) == outcome.record
+
+
+def test_manifests_of_0_1_0_with_the_empty_preset_extra_still_load(demo, tmp_path: Path) -> None:
+    out = save_pruned(demo, tmp_path / "old")
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["preset"]["extra"] = {}  # what 0.1.0 wrote
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    assert load_pruned(out).cka_preset.with_(weights="") == demo.cka_preset.with_(weights="")
+
+
+def test_markdown_table() -> None:
+    from cka_analysis.export import markdown_table
+
+    text = markdown_table(["a", "b|c"], [[1.234567, None], ["x|y", 3]])
+    assert text.splitlines() == ["| a | b|c |", "|---|---|", "| 1.235 | – |", "| x\\|y | 3 |"]
 
 
 # ----------------------------------------------------------------------------------------------- errors

@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 import torch
 
-from cka_analysis.data import calibration_subset, load_dataset, make_loader
+from cka_analysis.data import calibration_subset, load_dataset
 from cka_analysis.export import open_model
-from cka_analysis.pruning import prune
 from cka_analysis.scoring import score_blocks
-from cka_analysis.training import FinetuneConfig
+from cka_analysis.workflow import PruneRequest, run_prune
 
 CRITERIA = ("cka", "random", "taylor")
 
@@ -35,7 +34,7 @@ def _state_digest(model: torch.nn.Module) -> str:
 
 
 def run_once(seed: int = 0) -> dict[str, Any]:
-    """Score with three criteria and prune (one-shot, CKA, 3 fine-tuning steps) from scratch; a JSON digest.
+    """Score with three criteria and prune (one-shot, CKA, a short recovery) from scratch; a JSON digest.
 
     Everything is rebuilt inside (model, datasets, loaders), as a new CLI run would.
     """
@@ -46,25 +45,14 @@ def run_once(seed: int = 0) -> dict[str, Any]:
     scores = {
         c: score_blocks(model, calib, c, device="cpu", batch_size=16, seed=seed).scores for c in CRITERIA
     }
-    augmented = load_dataset("digits", "train", preset, augment=True)
-    test = calibration_subset(load_dataset("digits", "test", preset), 64, seed=seed)
-    result = prune(
-        model,
-        calib,
-        target="2 blocks",
-        criterion="cka",
-        train_loader=make_loader(augmented, batch_size=32, shuffle=True, seed=seed, num_workers=0),
-        finetune_config=FinetuneConfig(steps=3, lr=0.05, seed=seed, amp="none"),
-        eval_loader=make_loader(test, batch_size=64),
-        device="cpu",
-        seed=seed,
-        batch_size=16,
-    )
+    request = PruneRequest(model, data="digits", calibration_samples=48, target="2 blocks", criterion="cka",
+                           recovery="2400", eval_samples=64, batch_size=16, seed=seed, device="cpu", latency=False)
+    result = run_prune(request)
     return {
         "scores": {c: {k: repr(v) for k, v in s.items()} for c, s in scores.items()},
-        "removed": result.removed,
-        "accuracy": repr(result.final["accuracy"]),
-        "history": json.dumps(result.finetune["history"] if result.finetune else None),
+        "removed": result.record.removed,
+        "accuracy": repr(result.record.final.accuracy),
+        "history": json.dumps(result.record.recovery["history"] if result.record.recovery else None),
         "weights": _state_digest(result.model),
         "base_weights": _state_digest(model),
     }
