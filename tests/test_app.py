@@ -60,6 +60,16 @@ def page(at: AppTest, name: str) -> AppTest:
     return at
 
 
+def prune_settings(at: AppTest, *, macs: int, recovery: int, eval_samples: int) -> AppTest:
+    """On the Prune page: a MACs target (%), a custom recovery budget (training images) and the test images."""
+    at.slider(key="pr_macs").set_value(macs)
+    at.segmented_control(key="pr_recovery").set_value("custom")
+    at.run()
+    at.number_input(key="pr_recovery_images").set_value(recovery)
+    at.number_input(key="pr_eval_samples").set_value(eval_samples)
+    return settle(at)
+
+
 def start_app() -> AppTest:
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     settle(at)
@@ -113,12 +123,7 @@ def test_walk_every_page_on_the_digits_demo(tmp_path: Path) -> None:
     page(at, "prune")
     assert_clean(at, "prune")
     assert at.segmented_control(key="pr_recovery").value == "quick"  # the default, as in the CLI
-    at.slider(key="pr_macs").set_value(20)
-    at.segmented_control(key="pr_recovery").set_value("custom")
-    at.run()
-    at.number_input(key="pr_recovery_images").set_value(2500)
-    at.number_input(key="pr_eval_samples").set_value(64)
-    settle(at)
+    prune_settings(at, macs=20, recovery=2500, eval_samples=64)
     assert any("Recovery 2,500 images" in c.value and "s on this device" in c.value for c in at.caption)
     preview = {m.label: m.value for m in at.metric}
     assert preview["Blocks removed"].startswith(("1 of", "2 of", "3 of"))
@@ -278,12 +283,7 @@ def test_cli_and_dashboard_give_the_same_record(tmp_path: Path) -> None:
     at.number_input(key="md_n_calib").set_value(64)
     load(at)
     page(at, "prune")
-    at.slider(key="pr_macs").set_value(20)
-    at.segmented_control(key="pr_recovery").set_value("custom")
-    at.run()
-    at.number_input(key="pr_recovery_images").set_value(1500)
-    at.number_input(key="pr_eval_samples").set_value(100)
-    settle(at)
+    prune_settings(at, macs=20, recovery=1500, eval_samples=100)
     at.button(key="pr_run").click()
     settle(at)
     assert_clean(at, "prune run")

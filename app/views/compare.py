@@ -66,10 +66,11 @@ if selected:
         "compare", mkey, f"measuring latency and robustness of {len(selected)} model(s)",
         lambda: lambda progress=None, cancel=None: compute.compare_runs(
             entries, robustness_kinds=kinds_t, eps=tuple(DEFAULT_EPS), max_samples=int(samples),
-            batch_size=int(batch), repeats=int(repeats), device=dev, data_key=a.data_key, loader=state.test_loader(a),
+            batch_size=int(batch), repeats=int(repeats), device=dev, data_key=a.data_key, loader=state.test_loader(a, int(samples)),
             mean=tuple(a.preset.mean), std=tuple(a.preset.std), progress=progress, cancel=cancel),
         button="Measure latency and robustness",
-        help="Latency: median of the timed forward passes; robustness on the first test images",
+        help="Latency: median of the timed forward passes; robustness on a fixed class-balanced sample of test "
+             "images (the same N images as the Prune page and the CLI)",
         work=compare_work([(k, by_key[k]["model"]) for k in selected], kinds=kinds_t, n_eps=len(DEFAULT_EPS),
                           samples=int(samples), batch=int(batch), repeats=int(repeats)),
         more="Fewer test images for robustness, fewer kinds or fewer timed passes are faster.",
