@@ -32,6 +32,7 @@ from cka_analysis.robustness import (
     AttackCurve,
     CorruptionResult,
     RobustnessResult,
+    RobustnessSpec,
     adversarial_accuracy,
     corrupt,
     corruption_accuracy,
@@ -656,3 +657,27 @@ def test_records_reject_fractions_and_mismatched_lengths() -> None:
         AttackCurve("fgsm", (2 / 255, 2.0 / 255.0), (50.0, 40.0))
     with pytest.raises(ConfigError, match="1 accuracies for 2 severities"):
         CorruptionResult((1, 2), {"contrast": (50.0,)})
+
+
+def test_a_spec_says_once_what_to_measure(digits: Digits) -> None:
+    spec = RobustnessSpec(kinds="pgd,corruptions", eps="0,2/255", pgd_steps=2, corruptions=NOISE, severities=(5,),
+                          max_samples=40, seed=3, mean=digits.mean, std=digits.std)
+    assert spec.kinds == ("pgd", "corruptions") and spec.eps == (0.0, 2 / 255)
+    loader = digits.loader(n=80, batch_size=40)
+    by_spec = evaluate_robustness(digits.model, loader, spec, device="cpu")
+    by_keywords = evaluate_robustness(digits.model, loader, kinds=("pgd", "corruptions"), eps=[0.0, 2 / 255],
+                                      pgd_steps=2, corruptions=NOISE, severities=(5,), max_samples=40, seed=3,
+                                      mean=digits.mean, std=digits.std, device="cpu")
+    assert by_spec == by_keywords
+    assert by_spec.corruptions.corruptions == NOISE and by_spec.corruptions.severities == (5,)
+    assert by_spec.settings["corruptions"] == list(NOISE)
+    # keywords override the spec's fields
+    more = evaluate_robustness(digits.model, loader, spec, kinds="fgsm", device="cpu")
+    assert more.kinds == ("fgsm",) and more.fgsm.eps == (0.0, 2 / 255)
+    with pytest.raises(ConfigError, match=r"unknown robustness setting.*epsilon.*choose from"):
+        evaluate_robustness(digits.model, loader, epsilon=[0.1], device="cpu")
+    with pytest.raises(ConfigError, match="severity=6"):
+        RobustnessSpec(severities=(6,))
+    with pytest.raises(ConfigError, match="unknown corruption 'fog'"):
+        RobustnessSpec(corruptions=("fog",))
+    assert RobustnessSpec(**spec.to_dict()) == spec

@@ -32,7 +32,8 @@ _LAZY = {
     **dict.fromkeys(("ATTACKS", "DEFAULT_EPS", "fgsm_perturb", "parse_eps", "pgd_perturb"), "attacks"),
     **dict.fromkeys(("CORRUPTIONS", "CORRUPTION_TABLES", "SEVERITIES", "SMALL_IMAGE_MAX_SIDE", "corrupt",
                      "corruption_table_for", "disk_kernel", "hsv_to_rgb", "rgb_to_hsv"), "corruptions"),
-    **dict.fromkeys(("adversarial_accuracy", "corruption_accuracy", "evaluate_robustness"), "evaluate"),
+    **dict.fromkeys(("RobustnessSpec", "adversarial_accuracy", "corruption_accuracy", "evaluate_robustness"),
+                    "evaluate"),
 }
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "AttackCurve",
     "CorruptionResult",
     "RobustnessResult",
+    "RobustnessSpec",
     "adversarial_accuracy",
     "as_results",
     "corrupt",

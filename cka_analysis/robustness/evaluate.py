@@ -13,6 +13,7 @@ base seed from the global generator unless it was given its own ``generator=``, 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -46,7 +47,7 @@ from .corruptions import (
 )
 from .results import AttackCurve, CorruptionResult, RobustnessResult
 
-__all__ = ["adversarial_accuracy", "corruption_accuracy", "evaluate_robustness"]
+__all__ = ["RobustnessSpec", "adversarial_accuracy", "corruption_accuracy", "evaluate_robustness"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -72,6 +73,59 @@ def _check_kinds(kinds: Iterable[str] | str) -> tuple[str, ...]:
         if name not in ROBUSTNESS_KINDS:
             raise ConfigError(f"unknown robustness kind {name!r}; choose from {', '.join(ROBUSTNESS_KINDS)}")
     return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class RobustnessSpec:
+    """What a robustness evaluation measures and how, validated once on construction.
+
+    Attributes:
+        kinds: among ``("fgsm", "pgd", "corruptions")`` (a comma-separated string works too).
+        eps: L∞ budgets in pixel units of [0, 1] (a string such as ``"1/255,8/255"`` works too).
+        pgd_steps: PGD iterations (10 is usual); ``pgd_step_size`` None = ``2.5·ε/pgd_steps`` (Madry-style).
+        corruptions, severities: which common corruptions, at which severities (default: all eight, 1–5).
+        max_samples: evaluate the first N samples in loader order (None = all).
+        seed: seeds PGD's random start and the noise corruptions (local generators, see the module docstring).
+        mean, std: the per-channel normalisation the loader applies; None = the model preset's.
+    """
+
+    kinds: tuple[str, ...] = ROBUSTNESS_KINDS
+    eps: tuple[float, ...] = DEFAULT_EPS
+    pgd_steps: int = 10
+    pgd_step_size: float | None = None
+    corruptions: tuple[str, ...] = CORRUPTIONS
+    severities: tuple[int, ...] = SEVERITIES
+    max_samples: int | None = None
+    seed: int = 0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        steps, step_size = check_pgd(self.pgd_steps, self.pgd_step_size)
+        checked = {
+            "kinds": _check_kinds(self.kinds), "eps": tuple(check_eps(self.eps)), "pgd_steps": steps,
+            "pgd_step_size": step_size, "corruptions": check_corruptions(self.corruptions),
+            "severities": check_severities(self.severities), "max_samples": _check_max_samples(self.max_samples),
+            "seed": check_seed(self.seed),
+            "mean": None if self.mean is None else tuple(self.mean),
+            "std": None if self.std is None else tuple(self.std),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def make(cls, spec: RobustnessSpec | None = None, **overrides: Any) -> RobustnessSpec:
+        """``spec`` (default: all defaults) with ``overrides`` applied; ConfigError naming an unknown field."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ConfigError(f"unknown robustness setting(s) {', '.join(unknown)}; choose from "
+                              f"{', '.join(sorted(fields))}")
+        return dataclasses.replace(spec or cls(), **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
 
 
 @dataclass(frozen=True)
@@ -234,24 +288,21 @@ def adversarial_accuracy(
     loader: Iterable[Any],
     *,
     attack: Literal["fgsm", "pgd"],
-    eps: Sequence[float],
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    pgd_steps: int = 10,
-    pgd_step_size: float | None = None,
-    max_samples: int | None = None,
+    spec: RobustnessSpec | None = None,
     device: str | torch.device = "auto",
-    seed: int = 0,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    **settings: Any,
 ) -> AttackCurve:
     """Top-1 accuracy (%) under an L∞ attack at each budget, as an :class:`AttackCurve`.
 
-    ``loader`` yields ``(images, labels)`` with images normalised by ``mean``/``std`` (default: the model
-    preset's, as :func:`cka_analysis.data.load_dataset` applies them). The attack works in pixel space: images are
-    mapped back to [0, 1], perturbed by ``captum.robust.FGSM`` or ``captum.robust.PGD`` against a wrapper that
-    normalises inside, with cross-entropy on the logits, and kept in [0, 1]. ε is in pixel units (``8/255`` =
-    eight grey levels). ε = 0 is the clean accuracy exactly (no attack).
+    ``spec`` (a :class:`RobustnessSpec`) and/or its fields as keywords (``eps=``, ``pgd_steps=``,
+    ``pgd_step_size=``, ``max_samples=``, ``seed=``, ``mean=``, ``std=``) say what to measure. ``loader`` yields
+    ``(images, labels)`` with images normalised by ``mean``/``std`` (default: the model preset's, as
+    :func:`cka_analysis.data.load_dataset` applies them). The attack works in pixel space: images are mapped back to
+    [0, 1], perturbed by ``captum.robust.FGSM`` or ``captum.robust.PGD`` against a wrapper that normalises inside,
+    with cross-entropy on the logits, and kept in [0, 1]. ε is in pixel units (``8/255`` = eight grey levels).
+    ε = 0 is the clean accuracy exactly (no attack).
 
     PGD: ``pgd_steps`` steps of size ``pgd_step_size`` (default ``2.5·ε/pgd_steps``, Madry-style) from a
     uniformly random start in the ε-ball, drawn from a local generator seeded from ``seed``, the batch index and
@@ -262,94 +313,80 @@ def adversarial_accuracy(
     """
     if attack not in ATTACKS:
         raise ConfigError(f"attack={attack!r} is not supported; choose one of {', '.join(ATTACKS)}")
-    eps_list = tuple(check_eps(eps))
-    mean_t, std_t = normalisation_of(model, mean, std)
-    steps, step_size = check_pgd(pgd_steps, pgd_step_size)
-    plan = _Plan(mean_t, std_t, fgsm_eps=eps_list if attack == "fgsm" else (),
-                 pgd_eps=eps_list if attack == "pgd" else (), pgd_steps=steps, pgd_step_size=step_size,
-                 seed=check_seed(seed), max_samples=_check_max_samples(max_samples))
-    counter = _run(model, loader, plan, device, progress, cancel, f"{attack.upper()} accuracy")
-    return _curve(attack, eps_list, counter.fgsm if attack == "fgsm" else counter.pgd, counter.samples)
+    spec = RobustnessSpec.make(spec, **{"kinds": (attack,), **settings})
+    counter = _run(model, loader, _plan(model, spec), device, progress, cancel, f"{attack.upper()} accuracy")
+    return _curve(attack, spec.eps, counter.fgsm if attack == "fgsm" else counter.pgd, counter.samples)
 
 
 def corruption_accuracy(
     model: nn.Module,
     loader: Iterable[Any],
+    spec: RobustnessSpec | None = None,
     *,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    corruptions: Sequence[str] = CORRUPTIONS,
-    severities: Sequence[int] = SEVERITIES,
-    max_samples: int | None = None,
     device: str | torch.device = "auto",
-    seed: int = 0,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    **settings: Any,
 ) -> CorruptionResult:
     """Top-1 accuracy (%) under common corruptions (see :func:`~cka_analysis.robustness.corrupt`), as a
     :class:`CorruptionResult` (per corruption and severity, with the mean per severity).
 
-    Images from the (normalised) loader are mapped to pixel space, corrupted, and normalised again for the model.
-    Noise is drawn from local generators seeded from ``seed``, the corruption, the severity and the batch index.
-    Model handling, ``max_samples``, ``progress`` and ``cancel`` are as in :func:`adversarial_accuracy`.
+    ``spec`` and/or its fields as keywords (``corruptions=``, ``severities=``, ``max_samples=``, ``seed=``,
+    ``mean=``, ``std=``). Images from the (normalised) loader are mapped to pixel space, corrupted, and normalised
+    again for the model. Noise is drawn from local generators seeded from ``seed``, the corruption, the severity
+    and the batch index. Model handling, ``max_samples``, ``progress`` and ``cancel`` are as in
+    :func:`adversarial_accuracy`.
     """
-    names = check_corruptions(corruptions)
-    sevs = check_severities(severities)
-    mean_t, std_t = normalisation_of(model, mean, std)
-    plan = _Plan(mean_t, std_t, corruptions=names, severities=sevs, pgd_steps=1, seed=check_seed(seed),
-                 max_samples=_check_max_samples(max_samples))
-    counter = _run(model, loader, plan, device, progress, cancel, "corruption accuracy")
+    spec = RobustnessSpec.make(spec, **{"kinds": ("corruptions",), **settings})
+    counter = _run(model, loader, _plan(model, spec), device, progress, cancel, "corruption accuracy")
     return _corruption_result(counter)
 
 
 def evaluate_robustness(
     model: nn.Module,
     loader: Iterable[Any],
+    spec: RobustnessSpec | None = None,
     *,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    kinds: Sequence[str] = ROBUSTNESS_KINDS,
-    eps: Sequence[float] = DEFAULT_EPS,
-    max_samples: int | None = None,
     device: str | torch.device = "auto",
-    pgd_steps: int = 10,
-    pgd_step_size: float | None = None,
-    seed: int = 0,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    **settings: Any,
 ) -> RobustnessResult:
     """Clean accuracy plus the requested robustness measures, in one pass over the loader.
 
-    ``kinds`` ⊆ ``("fgsm", "pgd", "corruptions")`` (a comma-separated string works too). Returns a
-    :class:`RobustnessResult`: ``clean_accuracy``, ``fgsm``/``pgd`` (:class:`AttackCurve`, ``accuracy_at(ε)``),
-    ``corruptions`` (:class:`CorruptionResult`, ``mean_per_severity()``), ``samples`` and ``settings`` (everything
-    needed to reproduce the numbers); kinds not requested are None. Accuracies are top-1 in percent. ``to_dict()``
-    is the JSON form. Semantics of each part: :func:`adversarial_accuracy` (defaults: ε ∈ {1,2,4,8}/255,
-    ``pgd_steps=10``, step size ``2.5·ε/pgd_steps``, random start) and :func:`corruption_accuracy` (all eight
-    corruptions, severities 1–5). ``mean``/``std`` default to the model preset's. ``max_samples`` caps the
-    evaluation at the first N samples in loader order.
+    What to measure is a :class:`RobustnessSpec` (``spec``) and/or its fields as keywords: ``kinds`` ⊆
+    ``("fgsm", "pgd", "corruptions")`` (a comma-separated string works too; default all), ``eps`` (default
+    {1,2,4,8}/255), ``pgd_steps`` (10), ``pgd_step_size`` (``2.5·ε/pgd_steps``), ``corruptions``/``severities``
+    (all eight, 1–5), ``max_samples`` (the first N samples in loader order), ``seed``, ``mean``/``std`` (default
+    the model preset's). Returns a :class:`RobustnessResult`: ``clean_accuracy``, ``fgsm``/``pgd``
+    (:class:`AttackCurve`, ``accuracy_at(ε)``), ``corruptions`` (:class:`CorruptionResult`,
+    ``mean_per_severity()``), ``samples`` and ``settings`` (everything needed to reproduce the numbers); kinds not
+    requested are None. Accuracies are top-1 in percent; ``to_dict()`` is the JSON form. Semantics of each part:
+    :func:`adversarial_accuracy` and :func:`corruption_accuracy`.
     """
-    kinds_t = _check_kinds(kinds)
-    mean_t, std_t = normalisation_of(model, mean, std)
-    wants_attack = "fgsm" in kinds_t or "pgd" in kinds_t
-    eps_list = tuple(check_eps(eps)) if wants_attack else ()
-    steps, step_size = check_pgd(pgd_steps, pgd_step_size)
-    wants_corruptions = "corruptions" in kinds_t
-    plan = _Plan(mean_t, std_t, fgsm_eps=eps_list if "fgsm" in kinds_t else (),
-                 pgd_eps=eps_list if "pgd" in kinds_t else (),
-                 corruptions=CORRUPTIONS if wants_corruptions else (), severities=SEVERITIES if wants_corruptions else (),
-                 pgd_steps=steps, pgd_step_size=step_size, seed=check_seed(seed),
-                 max_samples=_check_max_samples(max_samples))
+    spec = RobustnessSpec.make(spec, **settings)
+    plan = _plan(model, spec)
     dev = resolve_device(device)
     counter = _run(model, loader, plan, dev, progress, cancel, "robustness")
     return RobustnessResult(
         samples=counter.samples,
         clean_accuracy=_percent(int(counter.clean.item()), counter.samples),
-        fgsm=_curve("fgsm", eps_list, counter.fgsm, counter.samples) if "fgsm" in kinds_t else None,
-        pgd=_curve("pgd", eps_list, counter.pgd, counter.samples) if "pgd" in kinds_t else None,
-        corruptions=_corruption_result(counter) if wants_corruptions else None,
-        settings=_settings(plan, kinds_t, dev, counter.table),
+        fgsm=_curve("fgsm", spec.eps, counter.fgsm, counter.samples) if "fgsm" in spec.kinds else None,
+        pgd=_curve("pgd", spec.eps, counter.pgd, counter.samples) if "pgd" in spec.kinds else None,
+        corruptions=_corruption_result(counter) if "corruptions" in spec.kinds else None,
+        settings=_settings(plan, spec.kinds, dev, counter.table),
     )
+
+
+def _plan(model: nn.Module, spec: RobustnessSpec) -> _Plan:
+    """The pass a spec asks for, with the normalisation resolved against the model's preset."""
+    mean, std = normalisation_of(model, spec.mean, spec.std)
+    corrupts = "corruptions" in spec.kinds
+    return _Plan(mean, std, fgsm_eps=spec.eps if "fgsm" in spec.kinds else (),
+                 pgd_eps=spec.eps if "pgd" in spec.kinds else (),
+                 corruptions=spec.corruptions if corrupts else (), severities=spec.severities if corrupts else (),
+                 pgd_steps=spec.pgd_steps, pgd_step_size=spec.pgd_step_size, seed=spec.seed,
+                 max_samples=spec.max_samples)
 
 
 def _settings(plan: _Plan, kinds: tuple[str, ...], device: torch.device, table: str | None) -> dict[str, Any]:
