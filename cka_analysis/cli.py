@@ -607,7 +607,7 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
     from . import distributed as dist_utils
     from .errors import ConfigError
     from .export import save_pruned
-    from .workflow import run_prune
+    from .workflow import check_feasible, run_prune
 
     dev = dist_utils.init_from_env(args.device)
     out = Path(args.out)
@@ -615,6 +615,7 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
         raise ConfigError(f"--out {out} already holds a saved model; choose another --out or pass --resume")
     model = _open(args.model, args.weights, args.num_classes)
     request = _prune_request(args, model, dev)
+    check_feasible(request, model)  # bad blocks or an unreachable target: refused before the estimate's probe
     if dist_utils.is_main_process():
         _announce_recovery(request, model, bar)
     outcome = run_prune(request, progress=bar, checkpoint_dir=out / ".resume", resume=args.resume)
