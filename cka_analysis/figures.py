@@ -365,23 +365,9 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def score_bars(
-    names: Sequence[str],
-    scores: Sequence[float | None] | Any,
-    *,
-    removable: Sequence[bool] | None = None,
-    reasons: Sequence[str | None] | None = None,
-    highlight: Iterable[str] | None = None,
-    criterion: str = "cka",
-    title: str | None = None,
-) -> go.Figure:
-    """Bar chart of per-block removal scores in forward order (lower score = safer to remove).
-
-    ``removable[i]`` False greys block ``i`` out; its hover shows ``reasons[i]``. A non-removable block may
-    have no score (None/NaN): it then gets a grey "not removable" marker on the axis instead of a bar.
-    Blocks named in ``highlight`` (e.g. those selected for removal) are drawn in a distinct colour. The hover
-    gives each removable block's rank (1 = safest, ties share a rank).
-    """
+def _score_bar_inputs(names: Any, scores: Any, removable: Any, reasons: Any, highlight: Any
+                      ) -> tuple[list[str], np.ndarray, list[bool], list[str | None], set[str]]:
+    """Validated (labels, scores, removable flags, reasons, highlighted names) of :func:`score_bars`."""
     labels = _names(names, "names")
     n = len(labels)
     if len(set(labels)) != n:
@@ -411,14 +397,73 @@ def score_bars(
     chosen: set[str] = set()
     if highlight is not None:
         if isinstance(highlight, (str, bytes)):
-            highlight = [highlight]  # type: ignore[list-item]
+            highlight = [highlight]
         chosen = {str(h) for h in highlight}
         unknown = sorted(chosen - set(labels))
         if unknown:
             raise ConfigError(f"highlight names blocks that are not in names: {unknown}")
+    return labels, s, rem, why, chosen
 
-    rankable = np.where(np.array(rem, dtype=bool), s, np.nan)
-    ranks = _ranks(rankable)
+
+def _add_score_group(fig: go.Figure, group: str, idx: list[int], labels: list[str], s: np.ndarray,
+                     rem: list[bool], ranks: np.ndarray, hover: Any) -> None:
+    """One legend group of :func:`score_bars`: bars for scored blocks, axis markers for blocks without a score."""
+    colour = {"removable": BAR_COLOUR, "selected": HIGHLIGHT_COLOUR, "not removable": GREY}[group]
+    bar_idx = [i for i in idx if math.isfinite(s[i])]
+    if bar_idx:
+        fig.add_trace(
+            go.Bar(
+                x=[labels[i] for i in bar_idx],
+                y=[float(s[i]) for i in bar_idx],
+                name=group,
+                legendgroup=group,
+                marker={"color": colour, "line": {"width": 0}},
+                text=[hover(i) for i in bar_idx],
+                textposition="none",
+                hovertemplate="%{text}<extra></extra>",
+                customdata=[None if not math.isfinite(ranks[i]) else int(ranks[i]) for i in bar_idx],
+            )
+        )
+    missing = [i for i in idx if not math.isfinite(s[i])]
+    if missing:
+        fig.add_trace(
+            go.Scatter(
+                x=[labels[i] for i in missing],
+                y=[0.0] * len(missing),
+                mode="markers+text",
+                name=f"{group} (no score)",
+                legendgroup=group,
+                marker={"symbol": "x-thin-open", "size": 11, "color": colour, "line": {"width": 2}},
+                text=["not removable" if not rem[i] else "no score" for i in missing],
+                textposition="top center",
+                textfont={"size": 10, "color": "#777"},
+                hovertext=[hover(i) for i in missing],
+                hovertemplate="%{hovertext}<extra></extra>",
+                cliponaxis=False,
+            )
+        )
+
+
+def score_bars(
+    names: Sequence[str],
+    scores: Sequence[float | None] | Any,
+    *,
+    removable: Sequence[bool] | None = None,
+    reasons: Sequence[str | None] | None = None,
+    highlight: Iterable[str] | None = None,
+    criterion: str = "cka",
+    title: str | None = None,
+) -> go.Figure:
+    """Bar chart of per-block removal scores in forward order (lower score = safer to remove).
+
+    ``removable[i]`` False greys block ``i`` out; its hover shows ``reasons[i]``. A non-removable block may
+    have no score (None/NaN): it then gets a grey "not removable" marker on the axis instead of a bar.
+    Blocks named in ``highlight`` (e.g. those selected for removal) are drawn in a distinct colour. The hover
+    gives each removable block's rank (1 = safest, ties share a rank).
+    """
+    labels, s, rem, why, chosen = _score_bar_inputs(names, scores, removable, reasons, highlight)
+    n = len(labels)
+    ranks = _ranks(np.where(np.array(rem, dtype=bool), s, np.nan))
     n_ranked = int(np.isfinite(ranks).sum())
 
     def hover(i: int) -> str:
@@ -439,47 +484,9 @@ def score_bars(
         "selected": [i for i in range(n) if rem[i] and labels[i] in chosen],
         "not removable": [i for i in range(n) if not rem[i]],
     }
-    colours = {"removable": BAR_COLOUR, "selected": HIGHLIGHT_COLOUR, "not removable": GREY}
     fig = go.Figure()
     for group, idx in groups.items():
-        bar_idx = [i for i in idx if math.isfinite(s[i])]
-        if bar_idx:
-            fig.add_trace(
-                go.Bar(
-                    x=[labels[i] for i in bar_idx],
-                    y=[float(s[i]) for i in bar_idx],
-                    name=group,
-                    legendgroup=group,
-                    marker={"color": colours[group], "line": {"width": 0}},
-                    text=[hover(i) for i in bar_idx],
-                    textposition="none",
-                    hovertemplate="%{text}<extra></extra>",
-                    customdata=[None if not math.isfinite(ranks[i]) else int(ranks[i]) for i in bar_idx],
-                )
-            )
-        missing = [i for i in idx if not math.isfinite(s[i])]
-        if missing:
-            fig.add_trace(
-                go.Scatter(
-                    x=[labels[i] for i in missing],
-                    y=[0.0] * len(missing),
-                    mode="markers+text",
-                    name=f"{group} (no score)",
-                    legendgroup=group,
-                    marker={
-                        "symbol": "x-thin-open",
-                        "size": 11,
-                        "color": colours[group],
-                        "line": {"width": 2},
-                    },
-                    text=["not removable" if not rem[i] else "no score" for i in missing],
-                    textposition="top center",
-                    textfont={"size": 10, "color": "#777"},
-                    hovertext=[hover(i) for i in missing],
-                    hovertemplate="%{hovertext}<extra></extra>",
-                    cliponaxis=False,
-                )
-            )
+        _add_score_group(fig, group, idx, labels, s, rem, ranks, hover)
     fig.update_layout(barmode="overlay", bargap=0.25)
     fig.update_xaxes(
         title={"text": "block (forward order)"},
@@ -1052,18 +1059,8 @@ def pruning_trajectory(
     return _apply_style(fig, title)
 
 
-def criteria_accuracy_curves(
-    rows: Sequence[Mapping[str, Any]], *, y: str = "acc_ft", title: str | None = None
-) -> go.Figure:
-    """Accuracy (%) against achieved MACs reduction (%) with one line per criterion, seeds averaged.
-
-    Each row is ``{"criterion", "macs_reduction" (0–1), "acc_no_ft", "acc_ft", "seed", "target"?}``; ``y``
-    picks ``"acc_ft"`` (after fine-tuning) or ``"acc_no_ft"``. Rows of one criterion and one target (the
-    ``target`` key, or the same achieved reduction when there is none) are averaged across seeds; the error
-    bars show the sample standard deviation (none for a single seed). Rows whose ``y`` is None are skipped.
-    """
-    if y not in ("acc_ft", "acc_no_ft"):
-        raise ConfigError(f"y must be 'acc_ft' or 'acc_no_ft', got {y!r}")
+def _criteria_groups(rows: Any, y: str) -> dict[str, dict[Any, list[tuple[float, float, Any]]]]:
+    """Validated rows grouped as ``{criterion: {target key: [(reduction, accuracy, seed), ...]}}``."""
     if isinstance(rows, Mapping) or not isinstance(rows, Sequence):
         raise ConfigError(
             "rows must be a list of dicts with keys criterion, macs_reduction, acc_no_ft, acc_ft, seed"
@@ -1087,30 +1084,54 @@ def criteria_accuracy_curves(
         groups.setdefault(str(r["criterion"]), {}).setdefault(key, []).append((red, acc, r.get("seed")))
     if not groups:
         raise ConfigError(f"no row has a value for {y!r}; nothing to plot")
+    return groups
+
+
+def _criterion_points(crit: str, by_target: Mapping[Any, list[tuple[float, float, Any]]]
+                      ) -> tuple[list[tuple[float, float, float, float, int, Any]], list[str]]:
+    """Per target, sorted by reduction: (mean reduction %, mean accuracy, std, reduction std, seeds, key), and
+    the hover text of each point."""
+    stats = []
+    for key, members in by_target.items():
+        reds = np.array([m[0] for m in members]) * 100.0
+        accs = np.array([m[1] for m in members])
+        n = len(members)
+        std = float(accs.std(ddof=1)) if n > 1 else 0.0
+        red_std = float(reds.std(ddof=1)) if n > 1 else 0.0
+        stats.append((float(reds.mean()), float(accs.mean()), std, red_std, n, key))
+    stats.sort(key=lambda s: s[0])
+    hover = []
+    for mx, my, sd, rsd, n, key in stats:
+        target_txt = (
+            f"target {100 * key[1]:.1f} %<br>"
+            if key[0] == "target" and key[1] <= 1
+            else (f"target {key[1]:g}<br>" if key[0] == "target" else "")
+        )
+        spread = f" ± {sd:.2f}" if n > 1 else ""
+        red_spread = f" ± {rsd:.1f}" if n > 1 else ""
+        hover.append(
+            f"<b>{crit}</b><br>{target_txt}MACs reduction: {mx:.1f}{red_spread} %<br>"
+            f"accuracy: {my:.2f}{spread} %<br>seeds: {n}"
+        )
+    return stats, hover
+
+
+def criteria_accuracy_curves(
+    rows: Sequence[Mapping[str, Any]], *, y: str = "acc_ft", title: str | None = None
+) -> go.Figure:
+    """Accuracy (%) against achieved MACs reduction (%) with one line per criterion, seeds averaged.
+
+    Each row is ``{"criterion", "macs_reduction" (0–1), "acc_no_ft", "acc_ft", "seed", "target"?}``; ``y``
+    picks ``"acc_ft"`` (after fine-tuning) or ``"acc_no_ft"``. Rows of one criterion and one target (the
+    ``target`` key, or the same achieved reduction when there is none) are averaged across seeds; the error
+    bars show the sample standard deviation (none for a single seed). Rows whose ``y`` is None are skipped.
+    """
+    if y not in ("acc_ft", "acc_no_ft"):
+        raise ConfigError(f"y must be 'acc_ft' or 'acc_no_ft', got {y!r}")
+    groups = _criteria_groups(rows, y)
     fig = go.Figure()
     for c_idx, (crit, by_target) in enumerate(groups.items()):
-        stats = []
-        for key, members in by_target.items():
-            reds = np.array([m[0] for m in members]) * 100.0
-            accs = np.array([m[1] for m in members])
-            n = len(members)
-            std = float(accs.std(ddof=1)) if n > 1 else 0.0
-            red_std = float(reds.std(ddof=1)) if n > 1 else 0.0
-            stats.append((float(reds.mean()), float(accs.mean()), std, red_std, n, key))
-        stats.sort(key=lambda s: s[0])
-        hover = []
-        for mx, my, sd, rsd, n, key in stats:
-            target_txt = (
-                f"target {100 * key[1]:.1f} %<br>"
-                if key[0] == "target" and key[1] <= 1
-                else (f"target {key[1]:g}<br>" if key[0] == "target" else "")
-            )
-            spread = f" ± {sd:.2f}" if n > 1 else ""
-            red_spread = f" ± {rsd:.1f}" if n > 1 else ""
-            hover.append(
-                f"<b>{crit}</b><br>{target_txt}MACs reduction: {mx:.1f}{red_spread} %<br>"
-                f"accuracy: {my:.2f}{spread} %<br>seeds: {n}"
-            )
+        stats, hover = _criterion_points(crit, by_target)
         any_spread = any(s[4] > 1 for s in stats)
         fig.add_trace(
             go.Scatter(
