@@ -141,19 +141,20 @@ def _timings(results: dict, arch: str, model: nn.Module, variants: dict[str, dic
         t0 = time.perf_counter()
         timings += time_runtimes(models, batch_sizes=(b,), runtimes=args.runtimes, device="cpu",
                                  threads=args.threads, warmup=2, repeats=_repeats(args, b), quantile=args.quantile,
-                                 workdir=CACHE_DIR / "latency-exports" / arch)
+                                 reference="base", workdir=CACHE_DIR / "latency-exports" / arch)
         log(f"{arch}: batch {b} exported and timed in {time.perf_counter() - t0:.0f} s")
     by = {(t.model, t.runtime, t.batch_size): t for t in timings}
     for name, v in variants.items():
         for (_, rt, b), t in sorted((k, t) for k, t in by.items() if k[0] == same[name]):
             base, base_median = by[("base", rt, b)].quantile_ms, by[("base", rt, b)].median_ms
-            measured = 1 - t.quantile_ms / base
+            measured = 1 - t.relative  # paired per round: what a slow stretch of the machine does cancels
             pred = predicted_reduction(costs[b], v["removed"]) if b in costs else None
             results["rows"].append({
                 "kind": "timing", "arch": arch, "variant": name, **v, "blocks_removed": len(v["removed"]),
                 "timed_as": same[name], "runtime": rt, "batch_size": b, "ms": t.quantile_ms,
                 "median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms, "base_ms": base,
-                "measured_reduction": measured, "measured_reduction_median": 1 - t.median_ms / base_median,
+                "measured_reduction": measured, "measured_reduction_quantile": 1 - t.quantile_ms / base,
+                "measured_reduction_median": 1 - t.median_ms / base_median,
                 "predicted_reduction": pred, "prediction_error": None if pred is None else measured - pred,
                 "repeats": t.repeats, "threads": t.threads,
             })
@@ -335,9 +336,10 @@ def write_report(results: dict) -> Path:
         "(a shared machine: other jobs ran throughout), "
         f"{env['date']}. Blocks ranked by `{results['settings']['criterion']}`; "
         f"{results['settings']['repeats_batch1']} (batch 1) / {results['settings']['repeats']} (batch 64) "
-        "interleaved timed rounds after 2 warm-up rounds; every latency is the "
-        f"{100 * results['settings']['quantile']:g}th percentile of the rounds (calls preempted by the other jobs "
-        "land in the upper part; medians are in latency.json). "
+        "interleaved timed rounds after 2 warm-up rounds. A measured reduction is 1 − the median over rounds of "
+        "pruned / base time within the same round (paired, so a slow stretch of the machine cancels); latencies "
+        f"and block costs are the {100 * results['settings']['quantile']:g}th percentile of the rounds (calls "
+        "preempted by the other jobs land in the upper part; medians are in latency.json). "
         f"Wall time {results.get('seconds', 0) / 60:.1f} min.",
         "## Latency reduction vs MACs reduction (%, vs the base model in the same runtime and batch)",
         table(results),
@@ -366,8 +368,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--calibration", type=int, default=500, help="calibration images for cka (default 500)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch / onnxruntime threads (default 1: on 2 shared cores, 2 threads stall on each other)")
-    p.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds at batch 64 (default 7)")
-    p.add_argument("--repeats-batch1", type=int, default=40, help="interleaved timed rounds at batch 1 (default 40)")
+    p.add_argument("--repeats", type=int, default=15, help="interleaved timed rounds at batch 64 (default 15)")
+    p.add_argument("--repeats-batch1", type=int, default=100,
+                   help="interleaved timed rounds at batch 1 (default 100)")
     p.add_argument("--quantile", type=float, default=0.2,
                    help="quantile of the timed rounds used (default 0.2: robust to preemption on a shared machine)")
     p.add_argument("--runtimes", default="torch,pt2,onnxruntime", help="comma-separated runtimes to time")

@@ -67,6 +67,7 @@ __all__ = [
     "latency_cache_dir",
     "measure_block_costs",
     "model_fingerprint",
+    "paired_ratio",
     "predict_latency",
     "time_runtimes",
 ]
@@ -187,8 +188,11 @@ def predicted_reduction(costs: BlockCosts, removed: Sequence[str]) -> float:
 class LatencyCheck:
     """Predicted vs measured latency of a pruned model (base and pruned timed interleaved in one run).
 
-    ``error`` is measured minus predicted reduction (fractions: +0.02 means the model got 2 points *more*
-    reduction than predicted); ``relative_error`` is predicted / measured pruned latency − 1.
+    ``base_ms``/``pruned_ms`` are the costs' quantile of the rounds. ``measured_reduction`` is 1 − the median over
+    rounds of pruned / base time *within the round* (paired: a slow stretch of the machine hits both calls of a
+    round, and cancels). ``error`` is measured minus predicted reduction (fractions: +0.02 means the model got 2
+    points *more* reduction than predicted); ``relative_error`` is the predicted over the measured pruned/base
+    ratio − 1 (+0.05: the prediction said 5 % slower than it is).
     """
 
     base_ms: float
@@ -220,7 +224,8 @@ class LatencyCheck:
 @dataclass(frozen=True)
 class RuntimeTiming:
     """Latency of one model in one runtime at one batch size (see :func:`time_runtimes`): median, 10th/90th
-    percentile and the requested ``quantile`` of the timed rounds (``quantile_ms``)."""
+    percentile and the requested ``quantile`` of the timed rounds (``quantile_ms``); ``relative`` is the
+    :func:`paired_ratio` to the reference model in the same runtime and batch (None without a reference)."""
 
     model: str
     runtime: str
@@ -230,6 +235,7 @@ class RuntimeTiming:
     p90_ms: float
     quantile: float
     quantile_ms: float
+    relative: float | None
     repeats: int
     threads: int
     device: str
@@ -354,6 +360,15 @@ def _write_cache(path: Path, key: dict, costs: BlockCosts) -> None:
 def _quantile(times: Sequence[float], q: float) -> float:
     """The ``q`` quantile (linear interpolation) of a list of timings."""
     return float(torch.quantile(torch.tensor(list(times), dtype=torch.float64), q))
+
+
+def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over rounds of ``times[r] / reference[r]``: two candidates' timings from the same interleaved round
+    share the machine's state at that moment, so their ratio is steadier than a ratio of two medians."""
+    if len(times) != len(reference) or not times:
+        raise ConfigError(f"paired timings need the same number of rounds (got {len(times)} and {len(reference)})")
+    return float(torch.tensor([t / r for t, r in zip(times, reference, strict=True)], dtype=torch.float64)
+                 .median())
 
 
 def _percentiles(times: Sequence[float], q: float = 0.5) -> tuple[float, float, float]:
@@ -651,10 +666,11 @@ def check_prediction(
                                input_size=None, seed=seed, progress=progress, cancel=cancel)
     b, p = _quantile(times["base"], costs.quantile), _quantile(times["pruned"], costs.quantile)
     pred_red = 1 - predicted / costs.base_ms if costs.base_ms > 0 else 0.0
-    meas_red = 1 - p / b if b > 0 else 0.0
+    ratio = paired_ratio(times["pruned"], times["base"])
     return LatencyCheck(
-        base_ms=b, pruned_ms=p, predicted_ms=predicted, predicted_reduction=pred_red, measured_reduction=meas_red,
-        error=meas_red - pred_red, relative_error=(predicted / p - 1) if p > 0 else 0.0, quantile=costs.quantile,
+        base_ms=b, pruned_ms=p, predicted_ms=predicted, predicted_reduction=pred_red, measured_reduction=1 - ratio,
+        error=(1 - ratio) - pred_red, relative_error=(1 - pred_red) / ratio - 1 if ratio > 0 else 0.0,
+        quantile=costs.quantile,
         batch_size=costs.batch_size, dtype=costs.dtype, threads=costs.threads, device=desc,
         repeats=repeats, costs_method=costs.method,
     )
@@ -731,6 +747,7 @@ def time_runtimes(
     warmup: int = 3,
     repeats: int = 10,
     quantile: float = 0.5,
+    reference: str | None = None,
     workdir: str | Path | None = None,
     seed: int = 0,
     progress: ProgressFn | None = None,
@@ -741,13 +758,17 @@ def time_runtimes(
 
     For each batch size, every (model, runtime) pair is timed on the same seeded input with the same thread
     count, interleaved in a shuffled order each round; each row holds the median, the 10th/90th percentiles and
-    the ``quantile`` asked for. Exports go to ``workdir`` (default: a temporary folder).
+    the ``quantile`` asked for, and with ``reference`` (a key of ``models``, e.g. the unpruned model) the
+    :func:`paired_ratio` of each model to it in the same runtime. Exports go to ``workdir`` (default: a temporary
+    folder).
     float32 only (the exported programs are float32). Returns one :class:`RuntimeTiming` per model × runtime ×
     batch size.
     """
     if not models:
         raise ConfigError("models must name at least one model to time")
     q = _check_quantile(quantile)
+    if reference is not None and reference not in models:
+        raise ConfigError(f"reference={reference!r} is not one of the models ({', '.join(models)})")
     sizes = [_positive_int("batch_sizes", b) for b in batch_sizes]
     if not sizes:
         raise ConfigError("batch_sizes must hold at least one batch size, e.g. (1, 64)")
@@ -786,7 +807,8 @@ def time_runtimes(
                                        progress=progress, cancel=cancel, what=f"timing runtimes at batch {bs}")
             for (label, rt), t in times.items():
                 p10, p50, p90 = _percentiles(t)
+                rel = None if reference is None else paired_ratio(t, times[(reference, rt)])
                 rows.append(RuntimeTiming(model=label, runtime=rt, batch_size=bs, median_ms=p50, p10_ms=p10,
-                                          p90_ms=p90, quantile=q, quantile_ms=_quantile(t, q), repeats=repeats,
-                                          threads=n_threads, device=desc))
+                                          p90_ms=p90, quantile=q, quantile_ms=_quantile(t, q), relative=rel,
+                                          repeats=repeats, threads=n_threads, device=desc))
     return rows

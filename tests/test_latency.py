@@ -18,6 +18,7 @@ from cka_analysis.latency import (
     latency_cache_dir,
     measure_block_costs,
     model_fingerprint,
+    paired_ratio,
     predict_latency,
     time_runtimes,
 )
@@ -223,7 +224,8 @@ def test_check_prediction_records_predicted_measured_and_error(demo, tmp_path):
     check = check_prediction(demo, pruned, costs, device="cpu", warmup=0, repeats=3)
     assert check.predicted_ms == pytest.approx(predict_latency(costs, gone))
     assert check.predicted_reduction == pytest.approx(1 - check.predicted_ms / costs.base_ms)
-    assert check.measured_reduction == pytest.approx(1 - check.pruned_ms / check.base_ms)
+    assert 0 < check.measured_reduction < 1  # paired per round: close to, not equal to, 1 − pruned / base
+    assert check.relative_error == pytest.approx((1 - check.predicted_reduction) / (1 - check.measured_reduction) - 1)
     assert check.error == pytest.approx(check.measured_reduction - check.predicted_reduction)
     assert (check.batch_size, check.threads, check.dtype, check.repeats, check.quantile) == (1, 1, "float32", 3, 0.5)
     d = json.loads(json.dumps(check.to_dict()))
@@ -247,15 +249,28 @@ def test_runtime_timings_cover_every_model_runtime_and_batch(demo, tmp_path):
     pytest.importorskip("onnxruntime")
     pruned = remove_blocks(demo, ["layer1.1", "layer2.1"])
     rows = time_runtimes({"base": demo, "pruned": pruned}, batch_sizes=(1, 8), device="cpu", threads=1,
-                         warmup=1, repeats=2, workdir=tmp_path)
+                         warmup=1, repeats=2, reference="base", workdir=tmp_path)
     got = {(r.model, r.runtime, r.batch_size) for r in rows}
     assert got == {(m, rt, b) for m in ("base", "pruned") for rt in ("torch", "pt2", "onnxruntime-cpu")
                    for b in (1, 8)}
     assert all(r.median_ms > 0 and r.threads == 1 and r.repeats == 2 for r in rows)
     assert all(r.p10_ms <= r.median_ms <= r.p90_ms and r.quantile == 0.5 for r in rows)
+    assert all(r.relative == 1.0 for r in rows if r.model == "base")
+    assert all(r.relative is not None and r.relative > 0 for r in rows)
     assert {p.name for p in tmp_path.iterdir()} == {"base.pt2", "base.onnx", "pruned.pt2", "pruned.onnx"}
     with pytest.raises(ConfigError, match="runtimes"):
         time_runtimes({"base": demo}, runtimes=["tensorrt"], device="cpu")
+    with pytest.raises(ConfigError, match="reference"):
+        time_runtimes({"base": demo}, reference="original", device="cpu")
+
+
+def test_paired_ratio_cancels_what_hits_both_calls_of_a_round():
+    # a slow stretch (rounds 3–4: everything 3× slower) moves medians but not the per-round ratio
+    base = [10.0, 10.0, 30.0, 30.0, 10.0]
+    pruned = [5.0, 5.0, 15.0, 15.0, 5.0]
+    assert paired_ratio(pruned, base) == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="rounds"):
+        paired_ratio([1.0], [1.0, 2.0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,7 +291,7 @@ def test_prune_run_with_latency_target_records_predicted_and_measured(demo, tmp_
     assert lat["predicted"] == pytest.approx(predict_latency(costs, outcome.record.removed))
     assert lat["predicted_reduction"] >= 0.3 - 1e-9
     assert lat["error"] == pytest.approx(lat["measured_reduction"] - lat["predicted_reduction"])
-    assert lat["measured_reduction"] == pytest.approx(1 - lat["pruned"] / lat["base"])
+    assert 0 < lat["measured_reduction"] < 1
     assert (lat["batch_size"], lat["quantile"]) == (1, 0.5)
     report = json.loads(json.dumps(outcome.record.to_dict()))
     assert report["target"] == {"kind": "latency", "value": 0.3}
