@@ -492,6 +492,29 @@ def _images_of(batch: object) -> torch.Tensor:
     )
 
 
+def _dataset_length(loader: Iterable) -> int | None:
+    try:
+        return len(loader.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return None
+
+
+def _capped_images(loader: Iterable, max_samples: int | None, cancel: CancelToken | None) -> Iterable[torch.Tensor]:
+    """The image batches of ``loader``, cut to ``max_samples`` images in all (the last batch trimmed)."""
+    seen = 0
+    for batch in loader:
+        check_cancel(cancel, "the CKA heatmap")
+        x = _images_of(batch)
+        if max_samples is not None and seen + x.shape[0] > max_samples:
+            x = x[: max_samples - seen]
+        if x.shape[0] == 0:
+            return
+        yield x
+        seen += x.shape[0]
+        if max_samples is not None and seen >= max_samples:
+            return
+
+
 def cka_matrix(
     model: nn.Module,
     loader: Iterable,
@@ -532,12 +555,7 @@ def cka_matrix(
     dev = resolve_device(device)
     progress = progress or no_progress
     acc = MinibatchCKA(kernel=kernel, debiased=debiased, threshold=threshold)
-    total = max_samples
-    if total is None:
-        try:
-            total = len(loader.dataset)  # type: ignore[attr-defined]
-        except (AttributeError, TypeError):
-            total = None
+    total = max_samples if max_samples is not None else _dataset_length(loader)
     seen = 0
     names_a: list[str] | None = None
     names_b: list[str] | None = None
@@ -547,13 +565,7 @@ def cka_matrix(
         for m in models:
             m.to(dev)
         with torch.inference_mode():
-            for batch in loader:
-                check_cancel(cancel, "the CKA heatmap")
-                x = _images_of(batch)
-                if max_samples is not None and seen + x.shape[0] > max_samples:
-                    x = x[: max_samples - seen]
-                if x.shape[0] == 0:
-                    break
+            for x in _capped_images(loader, max_samples, cancel):
                 x = x.to(dev, non_blocking=True)
                 with autocast(dev, amp):
                     feats_a = cap_a.run(x)
@@ -564,8 +576,6 @@ def cka_matrix(
                 acc.update(feats_a, feats_b)  # dicts: an error names the layer
                 seen += x.shape[0]
                 progress(seen, total, f"CKA over {seen} images")
-                if max_samples is not None and seen >= max_samples:
-                    break
     if names_a is None:
         raise ConfigError("the data loader yielded no images")
     if reducer is not None:
