@@ -8,6 +8,7 @@ several threads (two dashboard sessions) cannot change each other's seeded resul
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 import torch
 
@@ -38,3 +39,21 @@ def derive_seed(*parts: object) -> int:
     """A stable 63-bit seed from the run seed and what is being randomised (batch, ε, corruption...)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def check_names(value: Iterable[str] | str, known: tuple[str, ...], *, field: str, item: str,
+                lower: bool = False) -> tuple[str, ...]:
+    """Names chosen from ``known``, from a sequence or a comma-separated string, de-duplicated in order.
+
+    ConfigError naming ``field`` when none is given, or the unknown ``item`` and the choices.
+    """
+    if isinstance(value, str):
+        value = value.split(",")
+    names = tuple(n.strip().lower() if lower else n.strip() for n in value)
+    names = tuple(n for n in names if n)
+    if not names:
+        raise ConfigError(f"{field} is empty; choose from {', '.join(known)}")
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"unknown {item} {name!r}; choose from {', '.join(known)}")
+    return tuple(dict.fromkeys(names))

@@ -246,6 +246,14 @@ def _prepare_pixels(pixels: Tensor, labels: Tensor, n_channels: int) -> None:
         raise DataError("labels must be a tensor of shape (N,) matching the images")
 
 
+def _pixel_model(model: nn.Module, pixels: Tensor, labels: Tensor, mean: Sequence[float] | None,
+                 std: Sequence[float] | None) -> PixelSpaceModel:
+    """``model`` behind its normalisation, on the pixels' device, after checking the pixels and labels."""
+    mean_t, std_t = normalisation_of(model, mean, std)
+    _prepare_pixels(pixels, labels, len(mean_t))
+    return PixelSpaceModel(model, mean_t, std_t).to(pixels.device)
+
+
 def fgsm_perturb(
     model: nn.Module,
     pixels: Tensor,
@@ -259,12 +267,11 @@ def fgsm_perturb(
 
     ``pixels`` are un-normalised images in [0, 1] on the model's device; ``mean``/``std`` are the normalisation
     the model expects (default: the model preset's), applied inside the attacked forward pass. The model runs in
-    eval mode (its train/eval state is restored). Returns a detached tensor with ``|adv - pixels| ≤ ε`` and values in [0, 1].
+    eval mode (its train/eval state is restored). Returns a detached tensor with ``|adv - pixels| ≤ ε`` and values
+    in [0, 1].
     """
-    mean_t, std_t = normalisation_of(model, mean, std)
+    wrapper = _pixel_model(model, pixels, labels, mean, std)
     eps = _validate_one_eps(eps, eps)
-    _prepare_pixels(pixels, labels, len(mean_t))
-    wrapper = PixelSpaceModel(model, mean_t, std_t).to(pixels.device)
     with eval_mode(model):
         return run_fgsm(wrapper, pixels.float(), labels, eps)
 
@@ -288,12 +295,10 @@ def pgd_perturb(
     ``2.5·ε/steps``, Madry-style, so the walk can cross the ball), projecting onto the ε-ball and [0, 1] after
     each. Inputs and outputs are as for :func:`fgsm_perturb`.
     """
-    mean_t, std_t = normalisation_of(model, mean, std)
+    wrapper = _pixel_model(model, pixels, labels, mean, std)
     eps = _validate_one_eps(eps, eps)
     steps, step_size = check_pgd(steps, step_size)
     seed = check_seed(seed)
-    _prepare_pixels(pixels, labels, len(mean_t))
-    wrapper = PixelSpaceModel(model, mean_t, std_t).to(pixels.device)
     with eval_mode(model):
         return run_pgd(wrapper, pixels.float(), labels, eps, steps=steps, step_size=step_size, seed=seed)
 

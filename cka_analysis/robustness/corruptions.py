@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
-from ._common import check_seed, device_generator
+from ._common import check_names, check_seed, device_generator
 
 __all__ = [
     "CORRUPTIONS",
@@ -79,15 +79,8 @@ CORRUPTION_TABLES: Mapping[str, Mapping[str, tuple[Any, ...]]] = MappingProxyTyp
 
 
 def check_corruptions(corruptions: Iterable[str] | str) -> tuple[str, ...]:
-    if isinstance(corruptions, str):
-        corruptions = [c.strip() for c in corruptions.split(",") if c.strip()]
-    names = tuple(corruptions)
-    if not names:
-        raise ConfigError(f"corruptions is empty; choose from {', '.join(CORRUPTIONS)}")
-    for name in names:
-        if name not in CORRUPTIONS:
-            raise ConfigError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
-    return tuple(dict.fromkeys(names))
+    """Corruption names (a sequence or a comma-separated string), validated and de-duplicated in order."""
+    return check_names(corruptions, CORRUPTIONS, field="corruptions", item="corruption")
 
 
 def check_severity(severity: int) -> int:

@@ -25,7 +25,7 @@ from ..choices import ROBUSTNESS_KINDS
 from ..device import eval_mode, resolve_device
 from ..errors import ConfigError, DataError
 from ..progress import CancelToken, ProgressFn, check_cancel
-from ._common import check_seed, derive_seed
+from ._common import check_names, check_seed, derive_seed
 from .attacks import (
     ATTACKS,
     DEFAULT_EPS,
@@ -64,15 +64,7 @@ def _check_max_samples(max_samples: int | None) -> int | None:
 
 
 def _check_kinds(kinds: Iterable[str] | str) -> tuple[str, ...]:
-    if isinstance(kinds, str):
-        kinds = [k.strip() for k in kinds.split(",") if k.strip()]
-    names = tuple(k.strip().lower() for k in kinds)
-    if not names:
-        raise ConfigError(f"kinds is empty; choose from {', '.join(ROBUSTNESS_KINDS)}")
-    for name in names:
-        if name not in ROBUSTNESS_KINDS:
-            raise ConfigError(f"unknown robustness kind {name!r}; choose from {', '.join(ROBUSTNESS_KINDS)}")
-    return tuple(dict.fromkeys(names))
+    return check_names(kinds, ROBUSTNESS_KINDS, field="kinds", item="robustness kind", lower=True)
 
 
 @dataclass(frozen=True)
