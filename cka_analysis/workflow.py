@@ -69,10 +69,12 @@ def eval_subset(dataset: Dataset, samples: int | None, seed: int = 0) -> Dataset
     class; the same (split, N, seed) gives the same images in the CLI, the dashboard and the benchmarks."""
     from .data import calibration_subset
 
-    if samples is None or samples >= len(dataset):  # type: ignore[arg-type]
+    if samples is None:
         return dataset
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ConfigError(f"eval_samples={samples!r} must be a positive whole number of test images (or None: all)")
+    if samples >= len(dataset):  # type: ignore[arg-type]
+        return dataset
     sub = calibration_subset(dataset, max(samples, 4), seed=seed)
     return sub if samples >= 4 else Subset(dataset, sub.indices[:samples])
 
