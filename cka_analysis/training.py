@@ -238,8 +238,13 @@ class Trainer:
             "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
             "best_state": self.best_state, "best_accuracy": r.best_accuracy, "best_step": r.best_step,
             "last_eval": self.last_eval, "history": r.history, "images": r.images,
-            "augment": None if self.augment is None else self.augment.state(), **self.epoch_state,
+            "augment": None if self.augment is None else self.augment.state(), "settings": self._settings(),
+            **self.epoch_state,
         }
+
+    def _settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the run that wrote the checkpoint (the recipe and the batch size)."""
+        return {**asdict(self.spec), "batch_size": getattr(self.loader, "batch_size", None)}
 
     def save(self, in_epoch: int) -> None:
         """Write the whole training state atomically (rank 0 only)."""
@@ -264,6 +269,15 @@ class Trainer:
             raise CheckpointError(
                 f"{self.ckpt} was written for a {saved['total']}-step run but this run has "
                 f"{self.spec.total_steps} steps; resume with the same budget and data, or delete it to start over"
+            )
+        settings = saved.get("settings")
+        if settings is not None and settings != self._settings():
+            now = self._settings()
+            diff = ", ".join(f"{k} {settings.get(k)!r} → {now.get(k)!r}" for k in sorted(set(settings) | set(now))
+                             if settings.get(k) != now.get(k))
+            raise CheckpointError(
+                f"{self.ckpt} was written with other settings ({diff}); resume with the same settings, or delete "
+                "it to start over"
             )
         try:
             self.model.load_state_dict(saved["model"])

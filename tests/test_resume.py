@@ -1,0 +1,154 @@
+"""Resumed runs end where uninterrupted ones do (issue 13, point 7).
+
+The README promises that an interrupted fine-tune goes on "with the same data order": the check is the weights
+of a resumed run against those of a run that was never interrupted, not a log message. Interruptions are
+event-driven: a cancel at a known step (library), or a SIGKILL as soon as the checkpoint file exists (CLI).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cka_analysis.cli import main
+from cka_analysis.data import load_dataset, make_loader
+from cka_analysis.export import load_pruned, open_model, save_pruned
+from cka_analysis.progress import CancelToken
+from cka_analysis.training import FinetuneConfig, finetune
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT = 600  # upper bound for events on a busy machine; nothing waits a fixed time
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory) -> Path:
+    """The demo without two blocks: fine-tuning has something to repair, so steps change the weights."""
+    from cka_analysis.blocks import remove_blocks
+
+    out = tmp_path_factory.mktemp("resume") / "init"
+    save_pruned(remove_blocks(open_model("digits_resnet", weights="demo"), ["layer1.1", "layer3.2"]), out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ library
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augmented"])
+def test_finetune_resumed_after_a_cancel_ends_with_the_uninterrupted_weights(tmp_path, damaged, augment):
+    base = load_pruned(damaged)
+    train = load_dataset("digits", "train", base.cka_preset, augment=augment)
+    config = FinetuneConfig(steps=24, lr=0.05, seed=3)
+
+    def loader():
+        return make_loader(train, batch_size=16, shuffle=True, seed=3)
+
+    straight = copy.deepcopy(base)
+    finetune(straight, loader(), config, device="cpu")
+
+    ckpt = tmp_path / "ft.pt"
+    token = CancelToken()
+
+    def stop_after_the_second_checkpoint(done: int, total: int | None, message: str) -> None:
+        if done >= 17:  # checkpoints at 8 and 16; the run stops at the next step, after step 16's checkpoint
+            token.cancel()
+
+    first = copy.deepcopy(base)
+    cut = finetune(first, loader(), config, device="cpu", checkpoint_path=ckpt, checkpoint_every=8,
+                   progress=stop_after_the_second_checkpoint, cancel=token)
+    assert cut.cancelled and cut.steps < 24
+    saved = torch.load(ckpt, weights_only=False)["step"]
+    assert saved == 16
+    resumed = copy.deepcopy(base)  # a fresh process would start from the same saved model
+    result = finetune(resumed, loader(), config, device="cpu", checkpoint_path=ckpt, checkpoint_every=8,
+                      resume=True)
+    assert result.steps == 24 and not result.cancelled
+    _assert_same_weights(resumed.state_dict(), straight.state_dict())
+    # the control: restarting the data order from the beginning would not give these weights
+    restarted = copy.deepcopy(base)
+    finetune(restarted, loader(), FinetuneConfig(steps=8, lr=0.05, seed=3), device="cpu")
+    assert not all(torch.equal(a, b) for a, b in zip(restarted.state_dict().values(),
+                                                     straight.state_dict().values(), strict=True))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _kill_at_first_checkpoint(cmd: list[str], checkpoint: Path) -> tuple[int, str]:
+    """Start ``cmd``, SIGKILL it as soon as ``checkpoint`` exists; return the saved step and the child's stderr.
+
+    Polls the file system every 10 ms (the child keeps training for dozens of steps after writing it, so the
+    kill lands mid-run); fails with the child's stderr when it ends or stalls first.
+    """
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    deadline = time.monotonic() + WAIT
+    try:
+        while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen = checkpoint.exists()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    stderr = "".join(err)
+    assert seen, f"no checkpoint at {checkpoint} (exit {proc.returncode}); child's stderr:\n{stderr}"
+    assert proc.returncode == -signal.SIGKILL, f"the child ended by itself first; stderr:\n{stderr}"
+    for _ in range(100):  # the kill may land while the file is being replaced: take the complete one
+        try:
+            return int(torch.load(checkpoint, weights_only=False)["step"]), stderr
+        except (EOFError, RuntimeError):
+            time.sleep(0.05)
+    raise AssertionError(f"unreadable checkpoint {checkpoint}; child's stderr:\n{stderr}")
+
+
+def test_cli_finetune_resume_matches_the_uninterrupted_run_and_refuses_other_settings(tmp_path, damaged, capsys):
+    steps = 160
+    common = ["finetune", str(damaged), "--data", "digits", "--steps", str(steps), "--batch-size", "16",
+              "--lr", "0.05", "--no-augment", "--device", "cpu", "--eval-samples", "64"]
+    assert main([*common, "--out", str(tmp_path / "straight"), "--quiet"]) == 0
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "cka_analysis", *common, "--out", str(out)]
+    ckpts = list((out / ".resume").glob("*.pt")) if (out / ".resume").exists() else []
+    assert not ckpts
+    saved, _ = _kill_at_first_checkpoint(cmd, out / ".resume" / "finetune.pt")
+    assert 0 < saved < steps
+    assert not (out / "manifest.json").exists()
+    capsys.readouterr()
+    # other settings: refused with one line, and the checkpoint is kept for the right command
+    other = [("0.1" if a == "0.05" else a) for a in common]  # another learning rate
+    code = main([*other, "--out", str(out), "--resume", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "other settings" in err and "lr 0.05 → 0.1" in err, err
+    assert (out / ".resume" / "finetune.pt").exists()
+    # the same settings: goes on from the saved step and ends with the uninterrupted run's weights
+    code = main([*common, "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"{saved}/{steps}" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["recovery"]["steps"] == steps if "recovery" in report else report["finetune"]["steps"] == steps
+    _assert_same_weights(load_pruned(out).state_dict(), load_pruned(tmp_path / "straight").state_dict())
