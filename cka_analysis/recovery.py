@@ -534,9 +534,10 @@ def recover(
                          warmup_steps=max(1, int(cfg.warmup * steps)), amp=cfg.amp, seed=cfg.seed,
                          eval_every=max(1, steps // eval_points) if eval_points else None,
                          seed_global=augment is None, keep_best=False)
-        # the teacher gets hooks for feature mimicking: a private copy keeps them away from other users of it
-        tap_teacher = copy.deepcopy(teacher) if teacher is not None and cfg.method in ("feature", "adaptor") \
-            else teacher
+        # a private copy of the teacher: feature mimicking hooks it, and it runs in the trainer's memory format
+        tap_teacher = None if teacher is None or cfg.method == "ce" else copy.deepcopy(teacher).eval()
+        if tap_teacher is not None and dev.type in ("cpu", "cuda"):
+            tap_teacher.to(memory_format=torch.channels_last)
         objective = RecoveryObjective(cfg, model, tap_teacher)
         try:
             trainer = Trainer(model, loader, objective, spec, device=dev, eval_loader=eval_loader,
