@@ -27,10 +27,10 @@ from torch import nn
 
 from ._version import __version__
 from .blocks import find_blocks, remove_blocks, removed_blocks
-from .recovery import adaptor_slots, insert_adaptors
 from .errors import BlockError, CheckpointError, ConfigError
 from .models import available_models, build_model
 from .models.preset import Preset, attach_preset, get_preset
+from .recovery import adaptor_slots, insert_adaptors
 
 __all__ = [
     "MANIFEST",
