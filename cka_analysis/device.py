@@ -23,6 +23,7 @@ __all__ = [
     "is_out_of_memory",
     "resolve_device",
     "synchronize",
+    "train_mode",
     "use_channels_last",
 ]
 
@@ -140,16 +141,25 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and give every submodule back its own train/eval flag afterwards.
+def train_mode(model: nn.Module, training: bool = True) -> Iterator[nn.Module]:
+    """Put ``model`` in training (or, with ``training=False``, eval) mode for the block, and give every submodule
+    back its own train/eval flag afterwards.
 
     Restoring per submodule (not ``model.train(was_training)``) keeps a caller's deliberate mix, e.g. a network in
     training mode with frozen BatchNorm layers in eval mode, exactly as it was, also when the block raises.
     """
     flags = [(module, module.training) for module in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:
-        for module, training in flags:
-            module.training = training
+        for module, flag in flags:
+            module.training = flag
+
+
+def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    """``model`` in eval mode for the block, each submodule's own flag restored afterwards (see :func:`train_mode`).
+
+    Every evaluation in the project (metrics, scoring, capture, robustness, block probing) runs under it.
+    """
+    return train_mode(model, False)

@@ -449,3 +449,14 @@ def test_every_evaluation_gives_a_mixed_train_eval_model_its_flags_back(digits, 
     find_blocks(model)
     score_blocks(model, (x[:8], y[:8]), "block_influence", device="cpu")
     assert {name: m.training for name, m in model.named_modules()} == before
+
+
+def test_train_mode_trains_inside_and_restores_each_flag(digits) -> None:
+    from cka_analysis.device import train_mode
+
+    model = copy.deepcopy(digits).eval()
+    model.layer2.train()
+    before = {name: m.training for name, m in model.named_modules()}
+    with train_mode(model):
+        assert all(m.training for m in model.modules())
+    assert {name: m.training for name, m in model.named_modules()} == before
