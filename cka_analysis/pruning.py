@@ -398,9 +398,7 @@ class ResumeStore:
         saved = self._read("scores.json")
         if saved is None:
             return None
-        d = saved["scores"]
-        return Scores(d["criterion"], {k: float(v) for k, v in d["scores"].items()}, float(d["seconds"]),
-                      int(d["samples"]), dict(d.get("options", {})))
+        return Scores.from_dict(saved["scores"])
 
     def load_iterative(self, model: nn.Module) -> tuple[nn.Module, list[str], list[PruneStep]] | None:
         """The model after the last saved step (``model`` with those blocks removed and the saved weights)."""

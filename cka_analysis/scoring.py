@@ -88,6 +88,15 @@ class Scores:
             "scores": dict(self.scores),
         }
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Scores:
+        """Read :meth:`to_dict`'s form back (e.g. from ``score --json`` or a resume folder)."""
+        try:
+            return cls(str(d["criterion"]), {str(k): float(v) for k, v in d["scores"].items()}, float(d["seconds"]),
+                       int(d["samples"]), dict(d.get("options") or {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"not a Scores record (criterion, scores, seconds, samples): {exc}") from None
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Calibration data

@@ -5,6 +5,7 @@ candidate restriction and custom models with declared blocks."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -78,6 +79,8 @@ def test_registry_implements_exactly_the_declared_criteria() -> None:
         assert crit.info.description and "\n" not in crit.info.description
     with pytest.raises(ConfigError, match="criterion='fisher' is not known; choose one of cka, random"):
         get_criterion("fisher")
+    with pytest.raises(ConfigError, match="not a Scores record"):
+        Scores.from_dict({"criterion": "cka", "scores": {"a": "high"}, "seconds": 1, "samples": 2})
 
 
 def test_criterion_metadata_is_importable_without_torch() -> None:
@@ -116,6 +119,7 @@ def test_one_finite_score_per_removable_block(criterion: str, scores, removable)
     assert sorted(s.ranking(), key=s.scores.__getitem__) == s.ranking()
     d = s.to_dict()
     assert d["criterion"] == criterion and d["scores"] == s.scores
+    assert Scores.from_dict(json.loads(json.dumps(d))) == s
 
 
 def test_cka_is_one_minus_cka_of_penultimate_features(demo, xy, scores, removable) -> None:
