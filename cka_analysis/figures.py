@@ -1,8 +1,10 @@
 """Plotly figures for CKA matrices, block scores, robustness curves and pruning results.
 
 Every function here is pure: it takes plain data (lists, dicts, numpy arrays or anything ``np.asarray``
-accepts, CPU torch tensors included) and returns a :class:`plotly.graph_objects.Figure`. Nothing imports
-streamlit or torch, so the same figures serve the dashboard, the CLI's HTML export and the tests.
+accepts, CPU torch tensors included) or the project's typed records (the robustness curves take
+:class:`~cka_analysis.robustness.RobustnessResult` records or their ``to_dict()`` form) and returns a
+:class:`plotly.graph_objects.Figure`. Nothing imports streamlit or torch, so the same figures serve the dashboard,
+the CLI's HTML export and the tests.
 
 All figures share one look (:data:`TEMPLATE`, :data:`FONT`): white background, titles, and axis titles that
 state their units. "MACs" are multiply-accumulate operations. Accuracies are percentages (0–100); ratios such
