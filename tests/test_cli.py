@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from cka_analysis.scoring import CRITERIA
 from cka_analysis.workflow import PruneRecord
 
 DEMO = ["--model", "digits_resnet", "--weights", "demo", "--data", "digits", "--device", "cpu"]
+# torchrun as a module of this interpreter: runs wherever torch is installed, whether or not `torchrun` is on PATH
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -231,16 +232,23 @@ def test_killed_prune_resumes_from_its_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "cka_analysis", "prune", *DEMO, "--samples", "64", "--remove", "2",
            "--recovery", "40000", "--eval-samples", "64", "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # event-driven: the child's stderr goes to a file (an unread pipe could fill and stall it) and is shown on
+    # failure; the checkpoint is looked for every 10 ms and the child killed as soon as it exists
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
     ckpt = out / ".resume" / "recovery.pt"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     try:
         while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert ckpt.exists(), "no recovery checkpoint appeared"
+            time.sleep(0.01)
+        seen = ckpt.exists()
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert seen and proc.returncode == -signal.SIGKILL, (
+        f"no recovery checkpoint before the child ended or stalled (exit {proc.returncode}); its stderr:\n"
+        + log.read_text())
     assert not (out / "manifest.json").exists()
     assert (out / ".resume" / "scores.json").exists()
     saved = torch.load(ckpt, weights_only=True)
@@ -255,7 +263,6 @@ def test_killed_prune_resumes_from_its_last_checkpoint(tmp_path):
     load_pruned(out)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_torchrun_two_processes_match_one(tmp_path):
     """2 gloo processes with a global batch of 64 end where 1 process with batch 64 does (per-rank BatchNorm
     statistics are the only difference), and rank 0 saves a loadable model."""
@@ -275,7 +282,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     other = subprocess.run([sys.executable, *common, "--seed", "1", "--out", str(tmp_path / "other")], env=_env(),
                            capture_output=True, text=True, timeout=300)
     assert other.returncode == 0, other.stderr
-    multi = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", *common, "--out",
+    multi = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", *common, "--out",
                             str(tmp_path / "two")], env=_env(), capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr
     assert "on 2 process(es)" in multi.stdout
@@ -300,14 +307,13 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert abs(r1["best_accuracy"] - r2["best_accuracy"]) <= 2.0
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_torchrun_heatmap_merges_the_hsic_sums_of_both_ranks(tmp_path):
     common = ["-m", "cka_analysis", "heatmap", "--model", "digits_resnet", "--weights", "demo", "--data", "digits",
               "--split", "train", "--samples", "1400", "--device", "cpu", "--quiet"]
     one = subprocess.run([sys.executable, *common, "--batch-size", "64", "--out", str(tmp_path / "one.json")],
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", *common, "--batch-size", "32",
+    two = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", *common, "--batch-size", "32",
                           "--out", str(tmp_path / "two.json")], env=_env(), capture_output=True, text=True,
                          timeout=300)
     assert two.returncode == 0, two.stderr
@@ -317,14 +323,13 @@ def test_torchrun_heatmap_merges_the_hsic_sums_of_both_ranks(tmp_path):
     assert (torch.tensor(a["matrix"]) - torch.tensor(b["matrix"])).abs().max() < 0.02
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_torchrun_scoring_shards_the_calibration_images(tmp_path):
     common = ["-m", "cka_analysis", "score", "--model", "digits_resnet", "--weights", "demo", "--data", "digits",
               "--samples", "200", "--device", "cpu", "--quiet"]
     one = subprocess.run([sys.executable, *common, "--json", str(tmp_path / "one.json")], env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", *common, "--json",
+    two = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", *common, "--json",
                           str(tmp_path / "two.json")], env=_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
