@@ -187,7 +187,8 @@ def _mapping(obj: Any, name: str) -> Mapping:
 # --------------------------------------------------------------------------------------------------------------
 
 
-HEATMAP_SIZE = 720  # default side of the matrix in pixels (fills most of a wide page at 1,400 px)
+HEATMAP_SIZE = 600  # default side of the matrix in pixels: with labels and colour bar it fits the page of a
+#                     1,280 px window beside the sidebar and fills most of a 1,400 px one
 _MIN_TICK_PX = 13  # a tick label needs about this many pixels of axis to stay readable
 
 
@@ -301,6 +302,7 @@ def cka_heatmap(
         scaleanchor="x",
         scaleratio=1,
         constrain="domain",
+        constraintoward="top",  # if a narrow page squeezes the figure, the matrix stays under its title
     )
     _apply_style(fig, title, legend=False)
     label_px = 7 * max(len(t) for t in [*tx_text, *ty_text]) if (tx_text or ty_text) else 40

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PAGES = ("model_data", "heatmap", "scores", "prune", "compare", "export")
 CHROMIUM = "/usr/bin/chromium"
 LONG = 600_000  # ms: pruning and robustness on a busy CPU
 
@@ -93,7 +94,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "assets" / "screenshots")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=860)
+    parser.add_argument("--only", default=",".join(PAGES), metavar="PAGES",
+                        help=f"comma-separated pages to shoot (default all: {','.join(PAGES)}); the pages before "
+                             "one still run, without screenshots, when it needs their results (compare/export "
+                             "need a pruning run)")
     args = parser.parse_args()
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    unknown = only - set(PAGES)
+    if unknown:
+        raise SystemExit(f"--only: unknown page(s) {', '.join(sorted(unknown))}; choose from {', '.join(PAGES)}")
+    last = max(PAGES.index(x) for x in only)
+    needs_prune = last >= PAGES.index("compare")
     if not Path(CHROMIUM).is_file():
         raise SystemExit(f"{CHROMIUM} is missing: apt-get install chromium")
     from playwright.sync_api import sync_playwright
@@ -109,11 +120,15 @@ def main() -> None:
             page.get_by_text("Active: digits_resnet").wait_for(timeout=120_000)
             page.get_by_text("Test accuracy (top-1)").wait_for(timeout=LONG)
             _settle(page)
-            _shot(page, args.out, "model_data", height=1640)
+            if "model_data" in only:
+                _shot(page, args.out, "model_data", height=1640)
 
-            _go(page, "CKA heatmap")
-            page.locator(".js-plotly-plot").first.wait_for(state="visible", timeout=LONG)
-            _shot(page, args.out, "heatmap", page.get_by_role("heading", name="CKA heatmap"))
+            if "heatmap" in only:
+                _go(page, "CKA heatmap")
+                page.locator(".js-plotly-plot").first.wait_for(state="visible", timeout=LONG)
+                _shot(page, args.out, "heatmap", page.get_by_role("heading", name="CKA heatmap"))
+            if last < PAGES.index("scores"):
+                return
 
             _go(page, "Removal scores")
             page.locator(".js-plotly-plot").first.wait_for(state="visible", timeout=LONG)
@@ -122,9 +137,12 @@ def main() -> None:
             _settle(page)
             page.get_by_text("Kendall τ-b").first.wait_for(timeout=LONG)
             _shot(page, args.out, "criteria", page.get_by_role("heading", name="Compare criteria"))
+            if last < PAGES.index("prune") and not needs_prune:
+                return
 
             _go(page, "Prune")
-            _number(page, "Optimiser steps", "30")
+            if page.get_by_label("Optimiser steps").count():
+                _number(page, "Optimiser steps", "30")
             _settle(page)
             page.get_by_role("button", name="Prune", exact=True).click()
             page.get_by_role("heading", name="Result").wait_for(timeout=LONG)

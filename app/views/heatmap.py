@@ -25,7 +25,7 @@ kernel = c1.segmented_control("Kernel", ["linear", "rbf"], key="hm_kernel", requ
                               help="linear CKA, or an RBF kernel with the median-distance bandwidth")
 debiased = c2.toggle("Debiased (unbiased HSIC)", key="hm_debiased",
                      help="Removes the small-sample bias of CKA (Song et al. 2012); recommended below ~1,000 images")
-size = c3.select_slider("Heatmap size (px)", [480, 600, 720, 840, 960, 1200], key="hm_size",
+size = c3.select_slider("Heatmap size (px)", [400, 500, 600, 720, 840, 960, 1200], key="hm_size",
                         help="Side of the matrix; cells stay square. Smaller for a narrow window, larger to read "
                              "a deep network (labels are thinned when cells are small; hover shows every name)")
 kernel = kernel or "linear"
