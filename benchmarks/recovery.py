@@ -1,0 +1,236 @@
+"""Recovery benchmark: which recovery buys the most accuracy per image, and does CKA's choice still matter after it?
+
+Two parts, both resumable (rows are appended to ``results/recovery.json`` as they finish; a rerun skips the rows
+already there, so a killed run goes on where it stopped):
+
+* ``methods`` — the recovery methods side by side on ONE pruned model (ResNet-56 ``cifar10jpeg``, CKA one-shot,
+  −52.6 % MACs) with the same budget. Methods and recipes are chosen here, on a **validation split carved from the
+  training images** (5,000 held out, seeded; recovery trains on the other 45,000). The test split is not used.
+* ``report`` — the reproduction rows through :func:`cka_analysis.workflow.run_prune`, the code path the CLI and
+  the dashboard run, with the default recovery method, measured on **all 10,000 test images**: CKA one-shot and
+  iterative, random (3 seeds), block influence, angular and Taylor at ≥ 50 % fewer MACs; CKA at ≥ 75 %;
+  ResNet-20 at ≥ 25 / 50 %; and the accuracy-vs-images curve (CKA vs random, 0 → ``standard``).
+
+``python -m benchmarks.recovery --list`` shows the rows and which are done; ``--rows ID,ID`` runs a subset in that
+order; ``--stage methods|report|all``; ``--write`` only rebuilds ``results/recovery.md`` and the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+
+from benchmarks.common import env_info, log, results_dir
+
+DATA = "imagefolder:{root}/cifar10-jpeg"
+VALIDATION = 5_000
+VALIDATION_SEED = 123
+
+
+# ------------------------------------------------------------------------------------------------------ rows
+def _report_rows() -> list[dict[str, Any]]:
+    """The reproduction rows, most important first (a run that is stopped early has the headline ones)."""
+    rows: list[dict[str, Any]] = []
+
+    def add(arch: str, criterion: str, target: str, recovery: str, seed: int = 0, iterative: bool = False) -> None:
+        rid = f"{arch}-{criterion}{'-it' if iterative else ''}-{target.replace(':', '').replace('%', '')}-" \
+              f"{recovery}-s{seed}"
+        rows.append({"id": rid, "arch": arch, "criterion": criterion, "target": target, "recovery": recovery,
+                     "seed": seed, "iterative": iterative})
+
+    add("resnet56", "cka", "macs:50%", "quick")
+    add("resnet56", "random", "macs:50%", "quick")
+    add("resnet56", "cka", "macs:50%", "standard")
+    add("resnet56", "random", "macs:50%", "standard")
+    add("resnet56", "cka", "macs:75%", "standard")
+    add("resnet56", "cka", "macs:50%", "standard", iterative=True)
+    for crit in ("block_influence", "angular", "taylor"):
+        add("resnet56", crit, "macs:50%", "standard")
+    for seed in (1, 2):
+        add("resnet56", "random", "macs:50%", "standard", seed=seed)
+    for budget in ("none", "6250", "75000"):
+        add("resnet56", "cka", "macs:50%", budget)
+        add("resnet56", "random", "macs:50%", budget)
+    add("resnet56", "cka", "macs:75%", "quick")
+    for target in ("macs:25%", "macs:50%"):
+        add("resnet20", "cka", target, "standard")
+    return rows
+
+
+METHOD_ROWS = [{"id": f"methods-{m}-quick", "method": m, "recovery": "quick"}
+               for m in ("bn", "ce", "kd", "feature", "adaptor")] + \
+              [{"id": f"methods-{m}-standard", "method": m, "recovery": "standard"} for m in ("kd", "feature")]
+
+
+# --------------------------------------------------------------------------------------------------- storage
+def _path() -> Path:
+    return results_dir() / "recovery.json"
+
+
+def load_results() -> dict[str, Any]:
+    p = _path()
+    if p.is_file():
+        return json.loads(p.read_text())
+    return {"rows": []}
+
+
+def save_row(row: dict[str, Any]) -> None:
+    """Append (or replace) one finished row and write the file atomically (locked: the two stages may run in
+    two processes at once)."""
+    import fcntl
+
+    p = _path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load_results()
+        data["rows"] = [r for r in data["rows"] if r["id"] != row["id"]] + [row]
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(p)
+
+
+# ------------------------------------------------------------------------------------------------ report rows
+def run_report_row(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """One row through the workflow (what ``cka-prune prune ... --recovery R`` runs), on all test images."""
+    from cka_analysis.config import shared_data_dir
+    from cka_analysis.workflow import PruneRequest, run_prune
+
+    arch = {"resnet56": "cifar_resnet56", "resnet20": "cifar_resnet20"}[spec["arch"]]
+    request = PruneRequest(model=arch, weights="cifar10jpeg", data=DATA.format(root=shared_data_dir()),
+                           criterion=spec["criterion"], target=spec["target"], iterative=spec["iterative"],
+                           recovery=spec["recovery"], seed=spec["seed"], device=device, latency=True)
+    t0 = time.perf_counter()
+    outcome = run_prune(request, progress=_progress(spec["id"]))
+    rec = outcome.record
+    recovery = rec.recovery or {}
+    bn_acc = next((h["eval_top1"] for h in recovery.get("history", []) if h.get("step") == 0
+                   and "eval_top1" in h), None)
+    return {
+        **spec, "acc": rec.final.accuracy, "base_acc": rec.base.accuracy, "acc_removed": rec.after_removal.accuracy,
+        "acc_bn_only": bn_acc, "images_seen": rec.images_seen, "budget": request.recovery.images,
+        "method": request.recovery.method, "macs_reduction": rec.macs_reduction,
+        "params_reduction": rec.params_reduction, "blocks_removed": len(rec.removed), "removed": rec.removed,
+        "adaptors": recovery.get("adaptors", []), "recovery_seconds": recovery.get("seconds"),
+        "seconds": time.perf_counter() - t0, "latency_ms": rec.latency_ms, "test_images": 10_000,
+    }
+
+
+def _progress(tag: str):
+    state = {"t": 0.0}
+
+    def report(done: int, total: int | None, message: str) -> None:
+        now = time.perf_counter()
+        if now - state["t"] > 30 or (total and done == total):
+            state["t"] = now
+            log(f"{tag}: {message}")
+
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- method rows
+def _method_setup(device: str) -> dict[str, Any]:
+    """The fixed pruned model and the train/validation split every method row shares."""
+    from cka_analysis.config import shared_data_dir
+    from cka_analysis.data import calibration_subset, load_dataset
+    from cka_analysis.models import build_model
+    from cka_analysis.pruning import ScoringOptions, prune
+
+    teacher = build_model("cifar_resnet56", weights="cifar10jpeg").eval()
+    spec = DATA.format(root=shared_data_dir())
+    aug = load_dataset(spec, "train", teacher.cka_preset, augment=True, in_memory=True)
+    plain = load_dataset(spec, "train", teacher.cka_preset, in_memory=True)
+    order = torch.randperm(len(plain), generator=torch.Generator().manual_seed(VALIDATION_SEED)).tolist()
+    val, train_idx = Subset(plain, order[:VALIDATION]), order[VALIDATION:]
+    calib = calibration_subset(Subset(plain, train_idx), 500, seed=0)
+    pruned = prune(teacher, calib, target="macs:50%", criterion="cka",
+                   scoring=ScoringOptions(device=device)).model
+    return {"teacher": teacher, "pruned": pruned, "train": Subset(aug, train_idx), "val": val}
+
+
+def run_method_row(spec: dict[str, Any], setup: dict[str, Any], device: str) -> dict[str, Any]:
+    import copy
+
+    from cka_analysis.data import make_loader
+    from cka_analysis.metrics import count_macs, count_params, evaluate
+    from cka_analysis.recovery import RecoveryConfig, recover
+
+    teacher, student = setup["teacher"], copy.deepcopy(setup["pruned"])
+    size = teacher.cka_preset.input_size
+    loader = make_loader(setup["val"], batch_size=500)
+    base_val = evaluate(teacher, loader, device=device).top1
+    removed_val = evaluate(student, loader, device=device).top1
+    cfg = RecoveryConfig.parse(spec["recovery"], method=spec["method"])
+    res = recover(student, setup["train"], cfg, teacher=teacher, eval_data=setup["val"], eval_points=4,
+                  device=device, progress=_progress(spec["id"]))
+    base_macs = count_macs(teacher, size)
+    return {**spec, "val_acc": res.accuracy, "val_base_acc": base_val, "val_acc_removed": removed_val,
+            "images_seen": res.images_seen, "budget": cfg.images, "steps": res.steps, "seconds": res.seconds,
+            "macs_reduction": 1 - count_macs(student, size) / base_macs,
+            "params_reduction": 1 - count_params(student) / count_params(teacher),
+            "adaptors": res.adaptors, "history": res.history, "recipe": cfg.to_dict(),
+            "validation_images": VALIDATION}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def write_report() -> Path:
+    """``results/recovery.md`` (tables + plain words) and ``results/recovery_curve.png/.html``."""
+    from benchmarks.recovery_report import write
+
+    return write(load_results(), results_dir())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", choices=["methods", "report", "all"], default="all")
+    ap.add_argument("--rows", help="comma-separated row ids to run, in this order")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--list", action="store_true", help="list the rows and whether they are done")
+    ap.add_argument("--write", action="store_true", help="only rebuild recovery.md and the plot")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    done = {r["id"] for r in load_results()["rows"]}
+    todo = (METHOD_ROWS if args.stage in ("methods", "all") else []) + \
+        (_report_rows() if args.stage in ("report", "all") else [])
+    if args.rows:
+        by_id = {r["id"]: r for r in METHOD_ROWS + _report_rows()}
+        unknown = [i for i in args.rows.split(",") if i not in by_id]
+        if unknown:
+            ap.error(f"unknown row ids {unknown}; see --list")
+        todo = [by_id[i] for i in args.rows.split(",")]
+    if args.list:
+        for r in todo:
+            print(("done  " if r["id"] in done else "todo  ") + r["id"])
+        return 0
+    if not args.write:
+        data = load_results()
+        data.setdefault("env", env_info(args.device))
+        setup = None
+        for spec in todo:
+            if spec["id"] in done:
+                continue
+            log(f"row {spec['id']}")
+            if spec["id"].startswith("methods-"):
+                setup = setup or _method_setup(args.device)
+                row = run_method_row(spec, setup, args.device)
+            else:
+                row = run_report_row(spec, args.device)
+            row["env"] = env_info(args.device)
+            row["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            save_row(row)
+            log(f"row {spec['id']} done: " + ", ".join(f"{k}={row[k]}" for k in ("acc", "val_acc", "images_seen",
+                                                                                   "seconds") if k in row))
+    write_report()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

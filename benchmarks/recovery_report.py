@@ -1,0 +1,139 @@
+"""``results/recovery.md`` and the accuracy-vs-images plot from ``results/recovery.json`` (pure: data in, files out)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+BUDGET_NAMES = {0: "none", 25_000: "quick", 250_000: "standard"}
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _minutes(s: float | None) -> str:
+    return "–" if s is None else f"{s / 60:.1f} min"
+
+
+def method_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The methods side by side on the validation split (same pruned model, same budget)."""
+    rows = sorted((r for r in rows if r["id"].startswith("methods-")), key=lambda r: (r["budget"], -r["val_acc"]))
+    if not rows:
+        return []
+    out = ["| method | budget | images seen | validation top-1 % | Δ vs unpruned (pp) | MACs reduction | "
+           "wall time |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['method']} | {r['recovery']} | {r['images_seen']:,} | {r['val_acc']:.2f} | "
+                   f"{r['val_acc'] - r['val_base_acc']:+.2f} | {100 * r['macs_reduction']:.1f} % | "
+                   f"{_minutes(r['seconds'])} |")
+    base = rows[0]
+    out += ["", f"Unpruned model on the same validation images: {base['val_base_acc']:.2f} % (it was trained on "
+            f"them: validation numbers rank methods, the test split below reports). Right after removal: "
+            f"{base['val_acc_removed']:.2f} %."]
+    return out
+
+
+def report_table(rows: list[dict[str, Any]]) -> list[str]:
+    rows = [r for r in rows if not r["id"].startswith("methods-")]
+    if not rows:
+        return []
+    out = ["| model | criterion | target | recovery | seed | blocks | MACs −% | images seen | top-1 % "
+           "(10,000 test) | Δ vs base (pp) | after removal % | BN only % | wall time |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["arch"], r["target"], -r["budget"], r["criterion"], r["seed"])):
+        crit = r["criterion"] + (" (iterative)" if r["iterative"] else "")
+        out.append(f"| {r['arch']} | {crit} | {r['target'].split(':')[1]} | {r['recovery']} | {r['seed']} | "
+                   f"{r['blocks_removed']} | {100 * r['macs_reduction']:.1f} | {r['images_seen']:,} | "
+                   f"{_fmt(r['acc'])} | {r['acc'] - r['base_acc']:+.2f} | {_fmt(r['acc_removed'])} | "
+                   f"{_fmt(r.get('acc_bn_only'))} | {_minutes(r['seconds'])} |")
+    return out
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets, each reached or not, with the best row found."""
+    goals = [("resnet56", "macs:50%", "quick", 2.0), ("resnet56", "macs:50%", "standard", 0.5),
+             ("resnet56", "macs:75%", "standard", 2.0)]
+    out = ["| goal | best row | gap to base (pp) | reached |", "|---|---|---:|---|"]
+    for arch, target, budget, allowed in goals:
+        cands = [r for r in rows if r.get("arch") == arch and r.get("target") == target
+                 and r.get("recovery") == budget and r.get("acc") is not None]
+        goal = f"{arch} {target.split(':')[1]} fewer MACs, {budget}: ≤ {allowed} pp below base"
+        if not cands:
+            out.append(f"| {goal} | not run yet | – | – |")
+            continue
+        best = max(cands, key=lambda r: r["acc"])
+        gap = best["base_acc"] - best["acc"]
+        out.append(f"| {goal} | {best['criterion']}, {best['acc']:.2f} % | {gap:.2f} | "
+                   f"{'yes' if gap <= allowed else 'no'} |")
+    return out
+
+
+def seeds_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Random's mean ± sample standard deviation over seeds next to the criteria at standard, −50 %."""
+    std = [r for r in rows if r.get("arch") == "resnet56" and r.get("target") == "macs:50%"
+           and r.get("recovery") == "standard"]
+    rnd = [r["acc"] for r in std if r["criterion"] == "random"]
+    if not std:
+        return []
+    out = []
+    if len(rnd) >= 2:
+        out.append(f"Random blocks, {len(rnd)} seeds: {statistics.mean(rnd):.2f} ± {statistics.stdev(rnd):.2f} % "
+                   "(mean ± sample standard deviation).")
+    elif rnd:
+        out.append(f"Random blocks, 1 seed so far: {rnd[0]:.2f} %.")
+    for r in std:
+        if r["criterion"] != "random":
+            crit = r["criterion"] + (" iterative" if r["iterative"] else "")
+            out.append(f"{crit}: {r['acc']:.2f} %.")
+    return out
+
+
+def curve_figure(rows: list[dict[str, Any]]):
+    """Accuracy vs images seen for CKA- and random-pruned ResNet-56 at −50 % MACs (seed 0)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for crit, colour in (("cka", "#1f77b4"), ("random", "#d62728")):
+        pts = sorted((r["images_seen"], r["acc"]) for r in rows if r.get("arch") == "resnet56"
+                     and r.get("target") == "macs:50%" and r.get("criterion") == crit and not r.get("iterative")
+                     and r.get("seed") == 0 and r.get("acc") is not None)
+        if pts:
+            fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=crit,
+                            line={"color": colour})
+    base = next((r["base_acc"] for r in rows if r.get("arch") == "resnet56" and r.get("base_acc")), None)
+    if base is not None:
+        fig.add_hline(y=base, line_dash="dot", annotation_text=f"unpruned {base:.2f} %")
+    fig.update_layout(title="ResNet-56, −50 % MACs: top-1 (10,000 test images) vs training images of recovery",
+                      xaxis_title="training images drawn by recovery", yaxis_title="top-1 %",
+                      template="plotly_white", width=900, height=520)
+    return fig
+
+
+def write(data: dict[str, Any], out_dir: Path) -> Path:
+    rows = data.get("rows", [])
+    env = data.get("env") or (rows[0].get("env") if rows else {}) or {}
+    lines = ["# Recovery benchmark", "",
+             f"Machine: {env.get('cpu', '?')}, {env.get('torch_threads', '?')} torch threads, "
+             f"device {env.get('device', '?')}, torch {env.get('torch', '?')}. Rows finished: {len(rows)}. "
+             "Produced by `python -m benchmarks.recovery` (resumable; `--list` shows what is missing).", "",
+             "## Targets", "", *targets(rows), "",
+             "## Methods side by side (validation split, one pruned model)", "", *method_table(rows), "",
+             "## Criteria after recovery (all 10,000 test images)", "", *report_table(rows), "",
+             *seeds_summary(rows), ""]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "recovery.md"
+    md.write_text("\n".join(lines))
+    if any(r.get("criterion") in ("cka", "random") for r in rows):
+        fig = curve_figure(rows)
+        fig.write_html(out_dir / "recovery_curve.html", include_plotlyjs="cdn")
+        try:
+            fig.write_image(out_dir / "recovery_curve.png")
+        except (ImportError, ValueError, RuntimeError) as exc:  # kaleido absent: the HTML is the plot
+            print(f"recovery_curve.png not written ({exc}); the HTML plot is there")
+    return md
