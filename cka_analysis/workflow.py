@@ -654,12 +654,18 @@ def run_prune(
     after = result.steps[-1]
     recovery, cancelled = _final_recovery(runner, result)
     final_acc = after.accuracy if recovery is None else runner.evaluate(result.model, cancellable=False)
+    final_macs, final_params = after.macs, after.params
+    if any((s.recovery or {}).get("adaptors") for s in result.steps) or (recovery or {}).get("adaptors"):
+        from .metrics import count_macs, count_params  # fitted adaptors stay in the model and cost MACs
+
+        final_macs = count_macs(result.model, result.model.cka_preset.input_size)
+        final_params = count_params(result.model)
     record = PruneRecord(
         request=request.to_dict(), arch=result.arch, criterion=result.criterion, iterative=result.iterative,
         target=None if result.target is None else result.target.to_dict(), removed=list(result.removed),
         steps=result.steps, base=Measurement(result.steps[0].macs, result.steps[0].params, result.steps[0].accuracy),
         after_removal=Measurement(after.macs, after.params, after.accuracy),
-        final=Measurement(after.macs, after.params, final_acc), recovery=recovery, images_seen=runner.images_seen,
+        final=Measurement(final_macs, final_params, final_acc), recovery=recovery, images_seen=runner.images_seen,
         latency_ms=runner.latency(result.model), cancelled=result.cancelled or cancelled,
     )
     record.seconds = time.perf_counter() - start

@@ -220,3 +220,16 @@ def test_a_model_with_adaptors_saves_and_reloads(demo, data, pruned, tmp_path) -
     x = torch.stack([img for img, _ in list(data["test"])[:32]])
     with torch.no_grad():
         assert torch.allclose(back(x), student.eval()(x), atol=1e-5)
+
+
+def test_workflow_counts_the_adaptors_in_the_final_costs(demo) -> None:
+    from cka_analysis.workflow import PruneRequest, run_prune
+
+    cfg = RecoveryConfig(images=1_500, method="adaptor", bn_images=128, adaptor_images=128)
+    out = run_prune(PruneRequest(model=demo, data="digits", blocks=tuple(REMOVED), recovery=cfg, latency=False,
+                                 device="cpu"))
+    rec = out.record
+    assert rec.recovery["adaptors"] and rec.images_seen <= cfg.images
+    size = demo.cka_preset.input_size
+    assert rec.final.macs == count_macs(out.model, size) > rec.after_removal.macs
+    assert rec.final.params == count_params(out.model) > rec.after_removal.params
