@@ -137,10 +137,23 @@ table = pd.DataFrame([
      "MACs %": 100 * b.macs / a.macs if a.macs else 0.0, "params": b.params, "why not removable": b.reason or ""}
     for b in a.blocks
 ])
+with st.spinner("Measuring the latency of every block (once per model and device; cached) …"), \
+        state.guard("measuring block latency") as lat_guard:
+    from cka_analysis.latency import measure_block_costs
+
+    costs = measure_block_costs(a.model, batch_size=1, device=state.device())
+if not lat_guard.failed:  # measured latency beside MACs: where they disagree, MACs mislead
+    table["latency ms"] = [costs.block_ms.get(b.name) for b in a.blocks]
+    table["latency %"] = [100 * costs.block_ms[b.name] / costs.base_ms if b.name in costs.block_ms else None
+                          for b in a.blocks]
+    st.caption(f"Latency: what removing the block saves at batch 1 on {costs.device} ({costs.threads} threads; "
+               f"whole model {costs.base_ms:.2f} ms), measured per block with interleaved repeats.")
 st.dataframe(table, hide_index=True, key="md_blocks", column_config={
     "MACs %": st.column_config.NumberColumn(format="%.1f %%"),
     "MACs": st.column_config.NumberColumn(format="localized"),
     "params": st.column_config.NumberColumn(format="localized"),
+    "latency ms": st.column_config.NumberColumn(format="%.3f"),
+    "latency %": st.column_config.NumberColumn(format="%.1f %%"),
 })
 
 st.markdown("**Accuracy on the test split**")
