@@ -65,6 +65,18 @@ CRITERION_INFO: Mapping[str, CriterionInfo] = MappingProxyType({c.name: c for c 
 CRITERIA: tuple[str, ...] = tuple(CRITERION_INFO)
 #: Criteria that read only the weights: no calibration images, ``samples == 0`` in their scores.
 DATA_FREE_CRITERIA: tuple[str, ...] = tuple(c.name for c in _INFOS if not c.needs_data)
+#: Recovery methods of :func:`cka_analysis.recovery.recover`, cheapest first (every one starts with batch-norm
+#: re-estimation), and the default.
+RECOVERY_METHODS: Mapping[str, str] = MappingProxyType({
+    "bn": "batch-norm re-estimation only (no training)",
+    "ce": "cross-entropy fine-tuning (the control)",
+    "kd": "logit distillation from the unpruned network",
+    "feature": "logit distillation + mimicking each stage's output and the penultimate features",
+    "adaptor": "fitted 1×1 adaptors in place of removed blocks, then 'feature' training",
+})
+DEFAULT_RECOVERY_METHOD = "feature"
+#: Named recovery budgets in training images drawn (``none``: no recovery, not even batch-norm re-estimation).
+RECOVERY_PRESETS: Mapping[str, int] = MappingProxyType({"none": 0, "quick": 25_000, "standard": 250_000})
 #: Measures of :func:`cka_analysis.robustness.evaluate_robustness`.
 ROBUSTNESS_KINDS: tuple[str, ...] = ("fgsm", "pgd", "corruptions")
 

@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from .choices import DEFAULT_RECOVERY_METHOD
+from .choices import RECOVERY_METHODS as _METHODS
+from .choices import RECOVERY_PRESETS as _PRESETS
 from .errors import ConfigError
 from .progress import CancelToken, ProgressFn, check_cancel, no_progress
 
@@ -47,19 +50,10 @@ __all__ = [
     "recover",
 ]
 
-#: Named budgets in training images drawn (``none``: no recovery at all, not even batch-norm re-estimation).
-RECOVERY_PRESETS: dict[str, int] = {"none": 0, "quick": 25_000, "standard": 250_000}
-
-#: Recovery methods, cheapest first; every one starts with batch-norm re-estimation.
-RECOVERY_METHODS: dict[str, str] = {
-    "bn": "batch-norm re-estimation only (no training)",
-    "ce": "cross-entropy fine-tuning (the control)",
-    "kd": "logit distillation from the unpruned network",
-    "feature": "logit distillation + mimicking each stage's output and the penultimate features",
-    "adaptor": "fitted 1×1 adaptors in place of removed blocks, then 'feature' training",
-}
-
-DEFAULT_METHOD = "feature"
+#: Named budgets in training images drawn, and the recovery methods (declared torch-free for the CLI's help).
+RECOVERY_PRESETS = dict(_PRESETS)
+RECOVERY_METHODS = dict(_METHODS)
+DEFAULT_METHOD = DEFAULT_RECOVERY_METHOD
 
 
 @dataclass(frozen=True)
