@@ -297,3 +297,39 @@ def test_prune_run_with_latency_target_records_predicted_and_measured(demo, tmp_
     assert report["target"] == {"kind": "latency", "value": 0.3}
     assert PruneRecord.from_dict(report).latency_ms == lat
     assert "predicted" in outcome.record.summary()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------------
+
+DEMO_CLI = ["--model", "digits_resnet", "--weights", "demo", "--data", "digits", "--device", "cpu", "--quiet"]
+
+
+def test_cli_score_shows_measured_latency_beside_macs(capsys, tmp_path, monkeypatch):
+    from cka_analysis.cli import main
+
+    monkeypatch.setenv("CKA_PRUNE_LATENCY_CACHE", str(tmp_path / "cache"))
+    assert main(["score", *DEMO_CLI, "--criterion", "weight_norm", "--json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "latency ms" in out and "MACs" in out
+    data = json.loads((tmp_path / "s.json").read_text())
+    costs = BlockCosts.from_dict(data["latency"])
+    assert sorted(costs.block_ms) == sorted(data["scores"]) and costs.batch_size == 1
+    assert main(["score", *DEMO_CLI, "--criterion", "weight_norm"]) == 0
+    assert "(cached)" in capsys.readouterr().out  # measured once
+
+
+def test_cli_prune_to_a_latency_target_reports_predicted_and_measured(capsys, tmp_path, monkeypatch):
+    from cka_analysis.cli import main
+
+    monkeypatch.setenv("CKA_PRUNE_LATENCY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "pruned"
+    assert main(["prune", *DEMO_CLI, "--criterion", "weight_norm", "--target-latency-reduction", "25%",
+                 "--recovery", "none", "--eval-samples", "32", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == {"kind": "latency", "value": 0.25}
+    lat = report["latency_ms"]
+    assert lat["predicted_reduction"] >= 0.25 - 1e-9
+    assert lat["error"] == pytest.approx(lat["measured_reduction"] - lat["predicted_reduction"])
+    assert {"base", "pruned", "predicted", "batch_size", "device", "relative_error"} <= set(lat)
