@@ -54,6 +54,7 @@ __all__ = [
     "check_feasible",
     "eval_subset",
     "records_equal",
+    "recover_further",
     "run_prune",
 ]
 
@@ -670,6 +671,49 @@ def run_prune(
     )
     record.seconds = time.perf_counter() - start
     return PruneOutcome(result.model, record)
+
+
+def recover_further(
+    model: nn.Module,
+    record: PruneRecord,
+    base: nn.Module,
+    recovery: RecoveryConfig | str | int,
+    *,
+    data: PruneData | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> PruneOutcome:
+    """Spend another recovery budget on a pruned model without pruning again (the dashboard's Compare page).
+
+    ``model`` is not modified: a copy is recovered with ``base`` (the unpruned model) as the teacher, on the data
+    and device of ``record``'s request, and evaluated on the same test images. The new record is ``record`` with
+    the final accuracy, the costs (adaptors may be added), the images seen (the sum) and the recovery history
+    (``record.recovery["further"]``, one entry per extra recovery) updated.
+    """
+    from dataclasses import replace as dc_replace
+
+    from .metrics import count_macs, count_params
+    from .recovery import RecoveryConfig, recover
+
+    start = time.perf_counter()
+    request = PruneRequest.from_dict(record.request, model=base)
+    config = RecoveryConfig.parse(recovery, seed=request.seed) if isinstance(recovery, (str, int)) else recovery
+    if config.images <= 0:
+        raise ConfigError(f"recovery={recovery!r} spends no images; give a budget such as 'quick' or 25000")
+    work = copy.deepcopy(model)
+    data = (data or PruneData()).filled(request, base.cka_preset, recovery=True, progress=progress)
+    runner = _Runner(request, base, data, progress or no_progress, cancel, None)
+    res = recover(work, data.train_augmented, config, teacher=base, device=runner.device, progress=progress,
+                  cancel=cancel)
+    accuracy = runner.evaluate(work, cancellable=False)
+    previous = dict(record.recovery or {})
+    previous["further"] = [*previous.get("further", []), {"config": config.to_dict(), **res.to_dict()}]
+    size = work.cka_preset.input_size
+    new = dc_replace(record, final=Measurement(count_macs(work, size), count_params(work), accuracy),
+                     recovery=previous, images_seen=record.images_seen + res.images_seen,
+                     cancelled=record.cancelled or res.cancelled,
+                     seconds=record.seconds + time.perf_counter() - start)
+    return PruneOutcome(work, new)
 
 
 def records_equal(a: PruneRecord | Mapping[str, Any], b: PruneRecord | Mapping[str, Any],
