@@ -486,15 +486,12 @@ def recover(
         progress, cancel: reported and honoured; a cancel keeps the weights reached so far.
         checkpoint_path, resume: a resumable training state (see :class:`~cka_analysis.training.Trainer`).
     """
-    from .data import default_num_workers
+    from .data import make_loader
     from .device import resolve_device
-    from .distributed import make_loader_for_world
-    from .training import Trainer, TrainSpec
 
     cfg = RecoveryConfig.parse(config)
     if teacher is None and cfg.method not in ("bn", "ce") and cfg.images:
         raise ConfigError(f"recovery method {cfg.method!r} distils from the unpruned model: give teacher=")
-    report = progress or no_progress
     dev = resolve_device(device)
     start = time.perf_counter()
     result = RecoveryResult(model=model, config=cfg)
@@ -502,59 +499,74 @@ def recover(
         return result
     if teacher is not None:
         teacher.to(dev).eval()
-    preset = model.cka_preset
-    plain, augment = plain_and_augment(train_data, preset, cfg.seed)
-    report(0, None, "recovery: re-estimating batch-norm statistics")
-    result.bn_images = recalibrate_batchnorm(model, plain, images=min(cfg.bn_images, cfg.images), device=dev,
-                                             seed=cfg.seed, cancel=cancel)
-    if cfg.method == "adaptor" and teacher is not None and cfg.images > result.bn_images + cfg.adaptor_images:
-        report(0, None, "recovery: fitting adaptors for the removed blocks")
-        result.adaptors = fit_adaptors(model, teacher, plain, images=cfg.adaptor_images, device=dev, seed=cfg.seed)
-        result.adaptor_images = cfg.adaptor_images if result.adaptors else 0
-        recalibrate_batchnorm(model, plain, images=result.bn_images, device=dev, seed=cfg.seed, cancel=cancel)
-    steps = max(0, cfg.images - result.bn_images - result.adaptor_images) // cfg.batch_size
-    if cfg.method == "bn":
-        steps = 0
-    eval_loader = None
-    if eval_data is not None:
-        from .data import make_loader
-
-        eval_loader = make_loader(eval_data, batch_size=256, num_workers=0)
+    plain, augment = plain_and_augment(train_data, model.cka_preset, cfg.seed)
+    _prepare(model, teacher, plain, cfg, dev, progress or no_progress, cancel, result)
+    steps = 0 if cfg.method == "bn" else \
+        max(0, cfg.images - result.bn_images - result.adaptor_images) // cfg.batch_size
+    eval_loader = None if eval_data is None else make_loader(eval_data, batch_size=256, num_workers=0)
     if steps:
-        loader = make_loader_for_world(plain, global_batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                       drop_last=True, num_workers=0 if augment is not None else default_num_workers(plain),
-                                       device=dev)
+        from .training import TrainSpec
+
         spec = TrainSpec(total_steps=steps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                          warmup_steps=max(1, int(cfg.warmup * steps)), amp=cfg.amp, seed=cfg.seed,
                          eval_every=max(1, steps // eval_points) if eval_points else None,
                          seed_global=augment is None, keep_best=False)
-        # a private copy of the teacher: feature mimicking hooks it, and it runs in the trainer's memory format
-        tap_teacher = None if teacher is None or cfg.method == "ce" else copy.deepcopy(teacher).eval()
-        if tap_teacher is not None and dev.type in ("cpu", "cuda"):
-            tap_teacher.to(memory_format=torch.channels_last)
-        objective = RecoveryObjective(cfg, model, tap_teacher)
-        try:
-            trainer = Trainer(model, loader, objective, spec, device=dev, eval_loader=eval_loader,
-                              eval_samples=eval_samples, augment=augment, progress=progress, cancel=cancel,
-                              checkpoint_path=checkpoint_path)
-            tr = trainer.run(resume=resume)
-        finally:
-            objective.close()
-        result.steps, result.cancelled = tr.steps, tr.cancelled
-        result.history = [{**h, "images": h.get("images", 0) + result.bn_images + result.adaptor_images}
-                          for h in tr.history]
-        result.accuracy = next((h["eval_top1"] for h in reversed(tr.history) if "eval_top1" in h), None)
-        trained = tr.images
-    else:
-        trained = 0
-        if eval_loader is not None:
-            from .metrics import evaluate
+        _train(model, teacher, (plain, augment, eval_loader, eval_samples), cfg, spec, dev,
+               (progress, cancel, checkpoint_path, resume), result)
+    elif eval_loader is not None:
+        from .metrics import evaluate
 
-            result.accuracy = evaluate(model, eval_loader, device=dev, max_samples=eval_samples).top1
-    result.images_seen = result.bn_images + result.adaptor_images + trained
+        result.accuracy = evaluate(model, eval_loader, device=dev, max_samples=eval_samples).top1
     model.eval()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _prepare(model: nn.Module, teacher: nn.Module | None, plain: Dataset, cfg: RecoveryConfig, dev: torch.device,
+             report: ProgressFn, cancel: CancelToken | None, result: RecoveryResult) -> None:
+    """The training-free stages: batch-norm re-estimation, and for ``adaptor`` the fitted adaptors (followed by
+    a second re-estimation on the same images, which the budget already paid for)."""
+    report(0, None, "recovery: re-estimating batch-norm statistics")
+    result.bn_images = recalibrate_batchnorm(model, plain, images=min(cfg.bn_images, cfg.images), device=dev,
+                                             seed=cfg.seed, cancel=cancel)
+    result.images_seen = result.bn_images
+    if cfg.method == "adaptor" and teacher is not None and cfg.images > result.bn_images + cfg.adaptor_images:
+        report(0, None, "recovery: fitting adaptors for the removed blocks")
+        result.adaptors = fit_adaptors(model, teacher, plain, images=cfg.adaptor_images, device=dev, seed=cfg.seed)
+        result.adaptor_images = cfg.adaptor_images if result.adaptors else 0
+        result.images_seen += result.adaptor_images
+        recalibrate_batchnorm(model, plain, images=result.bn_images, device=dev, seed=cfg.seed, cancel=cancel)
+
+
+def _train(model: nn.Module, teacher: nn.Module | None, data: tuple, cfg: RecoveryConfig, spec: Any,
+           dev: torch.device, control: tuple, result: RecoveryResult) -> None:
+    """The training stage: the method's objective minimised by a :class:`~cka_analysis.training.Trainer`."""
+    from .data import default_num_workers
+    from .distributed import make_loader_for_world
+    from .training import Trainer
+
+    plain, augment, eval_loader, eval_samples = data
+    progress, cancel, checkpoint_path, resume = control
+    workers = 0 if augment is not None else default_num_workers(plain)
+    loader = make_loader_for_world(plain, global_batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                   drop_last=True, num_workers=workers, device=dev)
+    # a private copy of the teacher: feature mimicking hooks it, and it runs in the trainer's memory format
+    tap_teacher = None if teacher is None or cfg.method == "ce" else copy.deepcopy(teacher).eval()
+    if tap_teacher is not None and dev.type in ("cpu", "cuda"):
+        tap_teacher.to(memory_format=torch.channels_last)
+    objective = RecoveryObjective(cfg, model, tap_teacher)
+    try:
+        trainer = Trainer(model, loader, objective, spec, device=dev, eval_loader=eval_loader,
+                          eval_samples=eval_samples, augment=augment, progress=progress, cancel=cancel,
+                          checkpoint_path=checkpoint_path)
+        tr = trainer.run(resume=resume)
+    finally:
+        objective.close()
+    spent = result.images_seen
+    result.steps, result.cancelled = tr.steps, tr.cancelled
+    result.history = [{**h, "images": h.get("images", 0) + spent} for h in tr.history]
+    result.accuracy = next((h["eval_top1"] for h in reversed(tr.history) if "eval_top1" in h), None)
+    result.images_seen = spent + tr.images
 
 
 # ---------------------------------------------------------------------------------------------------- estimate
