@@ -25,7 +25,10 @@ from cka_analysis.metrics import TRAIN_STEP_PASSES, Estimate, estimate_seconds, 
 
 LONG_SECONDS = 10.0  # actions expected to take longer than this show the estimate before they start
 SLOW_SECONDS = 60.0  # ... and a warning with the sizes to lower above this
-PROBE_BATCH = 16
+# The probe runs batches like the real work's (CPU throughput at batch 16 is a quarter of that at 128 for
+# ResNet-56), as large as fits in PROBE_MACS multiply-accumulates: 64 images of ResNet-56, 4 of a ResNet-50.
+PROBE_MACS = 8e9
+PROBE_BATCH_RANGE = (4, 64)
 
 HEATMAP_PASSES = 1.5
 CROSS_HEATMAP_PASSES = 2 * HEATMAP_PASSES  # two networks over the same images
@@ -66,9 +69,16 @@ def seconds_per_image(model: nn.Module, model_key: str, device: str) -> float:
     with _lock:
         if key in _rates:
             return _rates[key]
+    from cka_analysis.metrics import count_macs
+    from cka_analysis.models import get_preset
+
     from .compute import private_copy
 
-    probe = estimate_seconds(private_copy(model), PROBE_BATCH, 1.0, device, batch_size=PROBE_BATCH)
+    copy = private_copy(model)
+    macs = max(1, count_macs(copy, get_preset(copy).input_size))
+    low, high = PROBE_BATCH_RANGE
+    batch = int(min(high, max(low, PROBE_MACS // macs)))
+    probe = estimate_seconds(copy, batch, 1.0, device, batch_size=batch, repeats=1)
     with _lock:
         _rates[key] = probe.per_image_s
     return probe.per_image_s
@@ -116,6 +126,11 @@ def robustness_passes(kinds: Sequence[str], n_eps: int, pgd_steps: int = 10) -> 
     return passes
 
 
+def latency_images(batch: int, repeats: int) -> int:
+    """Images the latency measurement pushes through: (warm-up = min(10, repeats)) + repeats batches."""
+    return (min(10, repeats) + repeats) * batch
+
+
 def compare_work(models: Sequence[tuple[str, nn.Module]], *, kinds: Sequence[str], n_eps: int, samples: int,
                  batch: int, repeats: int, pgd_steps: int = 10) -> Work:
     """The Compare page's measurement: latency (warm-up + timed batches) and robustness of every model.
@@ -125,8 +140,8 @@ def compare_work(models: Sequence[tuple[str, nn.Module]], *, kinds: Sequence[str
     if not models:
         raise ValueError("compare_work needs at least one model")
     key, model = models[0]
-    latency_images = (min(10, repeats) + repeats) * batch
-    per_model = latency_images + (samples * robustness_passes(kinds, n_eps, pgd_steps) if kinds else 0)
+    latency = latency_images(batch, repeats)
+    per_model = latency + (samples * robustness_passes(kinds, n_eps, pgd_steps) if kinds else 0)
     what = (f"{len(models)} model(s): latency ({repeats} timed batches of {batch})"
             + (f" and {', '.join(kinds)} on {samples} test images" if kinds else ""))
     return Work(model=model, model_key=key, images=max(1, int(len(models) * per_model)), passes=1.0, what=what)

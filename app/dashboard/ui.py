@@ -87,14 +87,17 @@ def plotly(fig: Any, key: str, *, own_size: bool = False) -> None:
 DEFAULT_ACTION_SECONDS = 45.0  # default sample sizes keep a default action under about a minute
 
 
-def fit_samples(a: state.Active, device: str, passes: float, *, low: int, high: int, step: int) -> int:
+def fit_samples(a: state.Active, device: str, passes: float, *, low: int, high: int, step: int,
+                overhead_images: int = 0) -> int:
     """The most images (a multiple of ``step`` within [``low``, ``high``]) whose work of ``passes`` forward-pass
-    equivalents each fits in :data:`DEFAULT_ACTION_SECONDS` on ``device`` (``high`` when the probe fails)."""
+    equivalents each, after ``overhead_images`` single forward passes of fixed work (e.g. latency timing), fits in
+    :data:`DEFAULT_ACTION_SECONDS` on ``device`` (``high`` when the probe fails)."""
     try:
         rate = estimate.seconds_per_image(a.model, a.model_key, device)
     except (CKAPruneError, RuntimeError):
         return high
-    fits = int(DEFAULT_ACTION_SECONDS / max(rate * passes, 1e-12))
+    budget = max(0.0, DEFAULT_ACTION_SECONDS - rate * overhead_images)
+    fits = int(budget / max(rate * passes, 1e-12))
     return high if fits >= high else min(high, max(low, fits // step * step))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 from dashboard import compute, state
-from dashboard.estimate import compare_work, robustness_passes
+from dashboard.estimate import compare_work, latency_images, robustness_passes
 from dashboard.ui import MACS_NOTE, accuracy_key, fit_samples, job_result, plotly, test_samples
 
 from cka_analysis.figures import adversarial_curves, corruption_curves, pareto
@@ -41,7 +41,8 @@ rows = {c["key"]: _row(c) for c in choices}
 st.session_state.setdefault("cmp_kinds", list(ROBUSTNESS_KINDS))
 if "cmp_samples" not in st.session_state:  # as many as fit in about 45 s with the default kinds (≤ 256)
     st.session_state["cmp_samples"] = fit_samples(a, dev, robustness_passes(ROBUSTNESS_KINDS, len(DEFAULT_EPS)),
-                                                  low=min(16, len(a.test)), high=min(256, len(a.test)), step=16)
+                                                  low=min(16, len(a.test)), high=min(256, len(a.test)), step=16,
+                                                  overhead_images=latency_images(32, 30))
 st.session_state.setdefault("cmp_batch", 32)
 st.session_state.setdefault("cmp_repeats", 30)
 if not set(st.session_state.get("cmp_models") or []) <= set(by_key):
