@@ -27,7 +27,7 @@ seed = int(a.data_spec.get("seed", 0))
 st.caption("Remove whole residual blocks, then recover the accuracy with a short training run. " + MACS_NOTE)
 
 defaults = {
-    "pr_mode": "target", "pr_target_kind": "macs", "pr_macs": 30, "pr_params": 30,
+    "pr_mode": "target", "pr_target_kind": "macs", "pr_macs": 30, "pr_params": 30, "pr_latency": 30,
     "pr_blocks": min(2, max(1, len(a.removable))), "pr_chosen": [], "pr_criterion": "cka", "pr_iterative": False,
     "pr_recovery": "quick", "pr_recovery_images": 5_000, "pr_eval_samples": len(a.test),
 }
@@ -47,7 +47,8 @@ criterion = st.session_state["pr_criterion"]
 iterative = False
 with left:
     if mode == "target":
-        kinds = {"macs": "MACs reduction", "params": "parameter reduction", "blocks": "number of blocks"}
+        kinds = {"macs": "MACs reduction", "params": "parameter reduction", "latency": "latency reduction",
+                 "blocks": "number of blocks"}
         tkind = st.radio("Target", list(kinds), format_func=kinds.get, key="pr_target_kind", horizontal=True)
         if tkind == "macs":
             value = st.slider("Remove at least this share of the MACs (%)", 1, 95, key="pr_macs")
@@ -55,6 +56,11 @@ with left:
         elif tkind == "params":
             value = st.slider("Remove at least this share of the parameters (%)", 1, 95, key="pr_params")
             target = Target("params", value / 100)
+        elif tkind == "latency":
+            value = st.slider("Lower the predicted batch-1 latency by at least (%)", 1, 95, key="pr_latency",
+                              help="Predicted from each block's latency measured on this device (once, cached); "
+                                   "the pruned model is then timed and the run shows predicted vs measured")
+            target = Target("latency", value / 100)
         else:
             value = st.number_input("Blocks to remove", 1, max(1, len(a.removable)), key="pr_blocks")
             target = Target("blocks", int(value))
@@ -114,10 +120,18 @@ if mode == "target":
                                    _model=a.model, _loader=state.calib_loader(a)),
         button="Score the blocks for the preview", auto=state.small_work(a, len(a.calib) * len(a.removable)),
     )
+    lat_costs = None
+    if target is not None and target.kind == "latency":
+        with st.spinner("Measuring the latency of every block …"), state.guard("measuring block latency"):
+            from cka_analysis.latency import measure_block_costs
+
+            lat_costs = measure_block_costs(a.model, batch_size=1, device=dev)  # the run's costs (cached)
     if sres is not None:
         score_vals = sres["scores"]
         with state.guard("planning") as g:
-            preview = plan(a.blocks, score_vals, target, base_macs=a.macs, base_params=a.params)
+            preview = plan(a.blocks, score_vals, target, base_macs=a.macs, base_params=a.params,
+                           block_costs=None if lat_costs is None else lat_costs.block_ms,
+                           base_latency=None if lat_costs is None else lat_costs.base_ms)
 elif chosen:
     with state.guard("planning") as g:
         preview = plan(a.blocks, None, base_macs=a.macs, base_params=a.params, chosen=chosen)
@@ -131,6 +145,9 @@ if preview is not None:
     c3.metric("Parameters", count(preview.params), f"-{100 * preview.params_reduction:.1f} %",
               delta_color="inverse")
     st.markdown("Would remove: " + ", ".join(f"`{b}`" for b in preview.blocks))
+    if preview.latency is not None:
+        st.caption(f"Predicted batch-1 latency {preview.latency:.2f} ms (−{100 * preview.latency_reduction:.1f} %), "
+                   "from per-block latency measured on this device.")
     if iterative:
         st.caption("Iterative pruning rescores after each removal, so the blocks it removes can differ from this "
                    "one-shot preview.")
@@ -206,6 +223,11 @@ if runs:
     c3.metric("Parameters", count(final.params), f"-{100 * rec.params_reduction:.1f} %", delta_color="inverse")
     c4.metric("Time", f"{rec.seconds:.1f} s")
     st.markdown("Removed, in order: " + ", ".join(f"`{b}`" for b in rec.removed))
+    lat = rec.latency_ms or {}
+    if lat.get("predicted_reduction") is not None:
+        st.markdown(f"**Latency** at batch {lat['batch_size']}: −{100 * lat['measured_reduction']:.1f} % measured "
+                    f"({lat['base']:.2f} → {lat['pruned']:.2f} ms, timed interleaved), −"
+                    f"{100 * lat['predicted_reduction']:.1f} % predicted: error {100 * lat['error']:+.1f} points")
     if len(rec.steps) > 1:
         tuned = final.accuracy if rec.recovery else None
         plotly(pruning_trajectory([s.to_dict() for s in rec.steps], finetuned_accuracy=tuned), key="pr_trajectory")
