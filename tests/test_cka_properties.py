@@ -137,11 +137,17 @@ def test_invariant_to_orthogonal_transforms(pair, qseed):
 @FAST
 @given(pair=related_pair(), log_sx=st.floats(-150, 150), log_sy=st.floats(-150, 150))
 def test_invariant_to_isotropic_scaling(pair, log_sx, log_sy):
-    """Any scale float64 can hold: the fourth-order sums used to overflow (CKA became 0 beyond ~1e75)."""
+    """Any scale float64 can hold: the fourth-order sums used to overflow (CKA became 0 beyond ~1e75).
+
+    Equal up to rounding: scaling changes the last bit of every distance, and the debiased estimators at the
+    smallest n (4 examples: U-centring divides by n − 3 = 1) amplify that to ~1e-7 relative on clustered inputs
+    (found by a 12,000-example search: one far point and three within 1e-3 of each other, RBF bandwidth from the
+    cluster). Hence a relative tolerance of 1e-6 besides the absolute 1e-8.
+    """
     x, y = pair
     sx, sy = 10.0**log_sx, 10.0**log_sy
     for name, fn in ESTIMATORS.items():
-        assert fn(x * sx, y * sy) == pytest.approx(fn(x, y), abs=1e-8), name
+        assert fn(x * sx, y * sy) == pytest.approx(fn(x, y), abs=1e-8, rel=1e-6), name
 
 
 @FAST
