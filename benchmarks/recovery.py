@@ -96,6 +96,29 @@ def save_row(row: dict[str, Any]) -> None:
         tmp.replace(p)
 
 
+def _claim(row_id: str) -> bool:
+    """Take a row for this process (several processes can share one list: each runs the rows nobody else has
+    claimed). A claim whose process is gone is taken over."""
+    import os
+
+    claims = results_dir() / ".claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / row_id
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(path.read_text() or 0)
+            os.kill(pid, 0)
+            return pid == os.getpid()
+        except (ValueError, ProcessLookupError, PermissionError):
+            path.unlink(missing_ok=True)
+            return _claim(row_id)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
 # ------------------------------------------------------------------------------------------------ report rows
 def run_report_row(spec: dict[str, Any], device: str) -> dict[str, Any]:
     """One row through the workflow (what ``cka-prune prune ... --recovery R`` runs), on all test images."""
@@ -215,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         data.setdefault("env", env_info(args.device))
         setup = None
         for spec in todo:
-            if spec["id"] in done:
-                continue
+            if spec["id"] in {r["id"] for r in load_results()["rows"]} or not _claim(spec["id"]):
+                continue  # finished, or being run by another process of this benchmark
             log(f"row {spec['id']}")
             if spec["id"].startswith("methods-"):
                 setup = setup or _method_setup(args.device)
