@@ -333,3 +333,49 @@ def test_cli_prune_to_a_latency_target_reports_predicted_and_measured(capsys, tm
     assert lat["predicted_reduction"] >= 0.25 - 1e-9
     assert lat["error"] == pytest.approx(lat["measured_reduction"] - lat["predicted_reduction"])
     assert {"base", "pruned", "predicted", "batch_size", "device", "relative_error"} <= set(lat)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dashboard's Prune page
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _settled(at, timeout: float = 240):
+    """Run the page, wait for its background job (if any) and rerun until the result is shown."""
+    at.run(timeout=timeout)
+    for _ in range(20):
+        job = at.session_state.get("_job")
+        if job is None or (not job.running and job.collected):
+            return at
+        assert job.wait(timeout), f"job {job.name} did not finish"
+        at.run(timeout=timeout)
+    raise AssertionError("the app kept starting jobs")
+
+
+def test_dashboard_prunes_to_a_latency_target(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CKA_PRUNE_LATENCY_CACHE", str(tmp_path))
+    app = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
+    at = _settled(AppTest.from_file(app, default_timeout=240))
+    blocks = at.dataframe[0].value  # Model & data: measured latency beside MACs
+    assert blocks["latency ms"].notna().sum() == 7 and blocks["latency ms"].isna().sum() == 2
+    _settled(at.switch_page("views/prune.py"))
+    at.radio(key="pr_target_kind").set_value("latency")
+    _settled(at)
+    at.slider(key="pr_latency").set_value(25)
+    at.segmented_control(key="pr_recovery").set_value("none")
+    at.number_input(key="pr_eval_samples").set_value(64)
+    _settled(at)
+    assert not at.exception and not at.error, [e.value for e in (*at.exception, *at.error)]
+    assert any("Predicted batch-1 latency" in c.value for c in at.caption)
+    at.button(key="pr_run").click()
+    _settled(at)
+    assert not at.exception and not at.error, [e.value for e in (*at.exception, *at.error)]
+    (line,) = [m.value for m in at.markdown if m.value.startswith("**Latency**")]
+    assert "measured" in line and "predicted" in line and "error" in line
+    record = at.session_state["runs"][-1]["record"]
+    assert record["target"] == {"kind": "latency", "value": 0.25}
+    assert record["latency_ms"]["predicted_reduction"] >= 0.25 - 1e-9
