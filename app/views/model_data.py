@@ -147,7 +147,8 @@ if not lat_guard.failed:  # measured latency beside MACs: where they disagree, M
     table["latency %"] = [100 * costs.block_ms[b.name] / costs.base_ms if b.name in costs.block_ms else None
                           for b in a.blocks]
     st.caption(f"Latency: what removing the block saves at batch 1 on {costs.device} ({costs.threads} threads; "
-               f"whole model {costs.base_ms:.2f} ms), measured per block with interleaved repeats.")
+               f"whole model {costs.base_ms:.2f} ms, p10–p90 {costs.base_p10_ms:.2f}–{costs.base_p90_ms:.2f} ms — a "
+               "wide range means other jobs disturbed the timing), measured per block with interleaved repeats.")
 st.dataframe(table, hide_index=True, key="md_blocks", column_config={
     "MACs %": st.column_config.NumberColumn(format="%.1f %%"),
     "MACs": st.column_config.NumberColumn(format="localized"),
