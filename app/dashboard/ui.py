@@ -72,7 +72,8 @@ def job_result(kind: str, key: Any, label: str, make: Callable[[], Callable[...,
 def _estimate(work: Work) -> Estimate | None:
     """The estimate of ``work`` on the session's device; None (and nothing shown) when the probe itself fails."""
     try:
-        return estimate.estimate(work, state.device())
+        with st.spinner("Timing a short probe of this model for the estimate (once per model and device) …"):
+            return estimate.estimate(work, state.device())
     except (CKAPruneError, RuntimeError) as exc:  # e.g. the device is out of memory: the job will say so
         st.caption(f"No time estimate: the probe failed ({str(exc).splitlines()[0][:120]}).")
         return None
