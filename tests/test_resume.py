@@ -152,3 +152,57 @@ def test_cli_finetune_resume_matches_the_uninterrupted_run_and_refuses_other_set
     report = json.loads((out / "report.json").read_text())
     assert report["recovery"]["steps"] == steps if "recovery" in report else report["finetune"]["steps"] == steps
     _assert_same_weights(load_pruned(out).state_dict(), load_pruned(tmp_path / "straight").state_dict())
+
+
+def test_cli_iterative_prune_resumed_after_a_kill_ends_with_the_uninterrupted_record(tmp_path, capsys):
+    """Killed after an iterative step, the rerun starts after that step (not from scratch) and ends with the same
+    removals, the same per-step scores and the same weights; other calibration settings are refused."""
+    common = ["prune", "--model", "digits_resnet", "--weights", "demo", "--data", "digits", "--device", "cpu",
+              "--samples", "64", "--remove", "3", "--criterion", "cka", "--iterative", "--recovery", "3000",
+              "--batch-size", "32", "--eval-samples", "64"]
+    assert main([*common, "--out", str(tmp_path / "straight"), "--quiet"]) == 0
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "cka_analysis", *common, "--out", str(out)]
+    saved_file = out / ".resume" / "iterative.json"
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    deadline = time.monotonic() + WAIT
+    try:
+        while not saved_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen = saved_file.exists()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    assert seen and proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}; stderr:\n{''.join(err)}"
+    for _ in range(100):  # written atomically; read it once complete
+        try:
+            done = json.loads(saved_file.read_text())["steps"]
+            break
+        except (json.JSONDecodeError, OSError):
+            time.sleep(0.05)
+    finished = len([s for s in done if s.get("removed")])
+    assert 1 <= finished < 3
+    capsys.readouterr()
+    other = [("96" if a == "64" and i == common.index("--samples") + 1 else a) for i, a in enumerate(common)]
+    code = main([*other, "--out", str(out), "--resume", "--quiet"])
+    refused = capsys.readouterr().err
+    assert code == 2 and len(refused.strip().splitlines()) == 1, refused
+    assert "cannot resume" in refused and "other settings" in refused, refused
+    code = main([*common, "--out", str(out), "--resume"])
+    log = capsys.readouterr().err
+    assert code == 0, log
+    assert f"resumed after step {finished}" in log, log
+    a = json.loads((tmp_path / "straight" / "report.json").read_text())
+    b = json.loads((out / "report.json").read_text())
+    assert a["removed"] == b["removed"] and len(b["removed"]) == 3
+    for sa, sb in zip(a["steps"], b["steps"], strict=True):
+        assert sa["removed"] == sb["removed"]
+        if sa.get("scores"):
+            assert max(abs(sa["scores"][k] - sb["scores"][k]) for k in sa["scores"]) < 1e-9
+    _assert_same_weights(load_pruned(out).state_dict(), load_pruned(tmp_path / "straight").state_dict())
