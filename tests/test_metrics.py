@@ -377,9 +377,13 @@ def test_estimate_seconds_tracks_the_real_cost_of_a_bigger_model() -> None:
     from cka_analysis.metrics import estimate_seconds
     from cka_analysis.models import build_model
 
-    small = estimate_seconds(build_model("digits_resnet", weights="random"), 64, 1.0, "cpu", batch_size=16)
-    big = estimate_seconds(build_model("cifar_resnet56", weights="random"), 64, 1.0, "cpu", batch_size=16)
-    assert big.per_image_s > 5 * small.per_image_s, (small.per_image_s, big.per_image_s)
+    # the fastest of 5 repeats each, and a 3× margin for a 50× MAC ratio: load spikes on a shared machine cannot
+    # flip the comparison
+    small = estimate_seconds(build_model("digits_resnet", weights="random"), 64, 1.0, "cpu", batch_size=16,
+                             repeats=5)
+    big = estimate_seconds(build_model("cifar_resnet56", weights="random"), 64, 1.0, "cpu", batch_size=16,
+                           repeats=5)
+    assert big.per_image_s > 3 * small.per_image_s, (small.per_image_s, big.per_image_s)
 
 
 def test_estimate_seconds_validates_its_arguments() -> None:
