@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .choices import CRITERIA, CRITERION_INFO, ROBUSTNESS_KINDS
+from .choices import CRITERIA, CRITERION_INFO, DEFAULT_RECOVERY_METHOD, RECOVERY_METHODS, ROBUSTNESS_KINDS
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -219,7 +219,13 @@ def _add_prune(sub: Any) -> None:
                      help="remove blocks until MACs drop by at least X (0.5 or 50%%)")
     how.add_argument("--target-params-reduction", type=_fraction, metavar="X",
                      help="remove blocks until parameters drop by at least X")
+    how.add_argument("--target-latency-reduction", type=_fraction, metavar="X",
+                     help="remove blocks until the latency predicted from measured per-block costs (batch "
+                          "--latency-batch-size on --device, cached) drops by at least X; the pruned model is "
+                          "then timed and report.json records predicted vs measured")
     how.add_argument("--remove", type=_positive_int, metavar="N", help="remove N blocks")
+    p.add_argument("--latency-batch-size", type=_positive_int, default=1, metavar="B",
+                   help="batch size the latency target is measured and checked at (default 1)")
     _criterion_args(p, CRITERIA)
     p.add_argument("--iterative", action="store_true",
                    help="rescore after each removal, as in the paper; the recovery budget is shared between a "
@@ -227,6 +233,9 @@ def _add_prune(sub: Any) -> None:
     p.add_argument("--recovery", default="quick", metavar="R",
                    help="recovery after pruning, as a budget of training images: quick (25,000), standard "
                         "(250,000), none, or a number (default quick); the expected time is said before it starts")
+    p.add_argument("--recovery-method", default=DEFAULT_RECOVERY_METHOD, choices=list(RECOVERY_METHODS),
+                   help="how to recover: " + "; ".join(f"{k}: {v}" for k, v in RECOVERY_METHODS.items())
+                        + f" (default {DEFAULT_RECOVERY_METHOD})")
     p.add_argument("--eval-samples", type=_positive_int, default=None, metavar="N",
                    help="evaluate on N class-balanced test images (default: the whole test split)")
     p.add_argument("--seed", type=int, default=0,
@@ -526,19 +535,28 @@ def cmd_score(args: argparse.Namespace, bar: StderrProgress) -> int:
         return 0
     blocks = {b.name: b for b in find_blocks(model)}
     ranking = scores.ranking()
+    from .latency import measure_block_costs
+
+    costs = measure_block_costs(model, batch_size=1, device=dev, progress=bar)  # cached after the first run
+    bar.newline()
     print(f"{args.criterion} scores on {scores.samples} calibration images ({scores.seconds:.1f} s); "
           "lower = safer to remove")
-    print(f"{'rank':>4}  {'block':<24}{'score':>12}{'MACs':>12}{'params':>12}")
+    print(f"latency: measured per block at batch 1 on {costs.device} ({costs.threads} threads), whole model "
+          f"{costs.base_ms:.3f} ms (p10–p90 {costs.base_p10_ms:.3f}–{costs.base_p90_ms:.3f}: a wide range means "
+          "other jobs disturbed the timing)" + (" (cached)" if costs.from_cache else ""))
+    print(f"{'rank':>4}  {'block':<24}{'score':>12}{'MACs':>12}{'params':>12}{'latency ms':>12}")
     for i, name in enumerate(ranking, 1):
         b = blocks[name]
-        print(f"{i:>4}  {name:<24}{scores.scores[name]:>12.6f}{_fmt_int(b.macs):>12}{_fmt_int(b.params):>12}")
+        print(f"{i:>4}  {name:<24}{scores.scores[name]:>12.6f}{_fmt_int(b.macs):>12}{_fmt_int(b.params):>12}"
+              f"{costs.block_ms.get(name, float('nan')):>12.3f}")
     for b in blocks.values():
         if not b.removable:
             print(f"   -  {b.name:<24}not removable: {b.reason}")
     if args.json:
         _write_json(args.json, {"criterion": scores.criterion, "samples": scores.samples,
                                 "seconds": scores.seconds, "scores": scores.scores,
-                                "options": scores.options, "model": args.model, "seed": args.seed})
+                                "options": scores.options, "model": args.model, "seed": args.seed,
+                                "latency": costs.to_dict()})
     return 0
 
 
@@ -567,6 +585,7 @@ def _world_loaders(args: argparse.Namespace, model, dev, *, train_needed: bool):
 def _prune_request(args: argparse.Namespace, model, device):
     """The :class:`~cka_analysis.workflow.PruneRequest` of ``cka-prune prune``'s arguments (validated)."""
     from .pruning import Target
+    from .recovery import RecoveryConfig
     from .workflow import PruneRequest
 
     target = None
@@ -582,7 +601,8 @@ def _prune_request(args: argparse.Namespace, model, device):
     return PruneRequest(
         model=model, data=args.data, download=args.download, calibration_samples=args.samples,
         criterion=args.criterion, debiased=args.debiased, target=target, blocks=blocks, iterative=args.iterative,
-        recovery=args.recovery, eval_samples=args.eval_samples, device=str(device), amp=args.amp,
+        recovery=RecoveryConfig.parse(args.recovery, method=args.recovery_method, seed=args.seed),
+        eval_samples=args.eval_samples, device=str(device), amp=args.amp,
         batch_size=args.batch_size, seed=args.seed, latency_batch_size=getattr(args, "latency_batch_size", 1),
         num_workers=args.num_workers,
     )
@@ -798,9 +818,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar.newline()
         if args.debug:
             raise
-        import torch
+        from .device import is_out_of_memory
 
-        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        if is_out_of_memory(exc):
             print(f"cka-prune {args.command}: error: out of memory — use a smaller --batch-size or "
                   "--device cpu", file=sys.stderr)
             return EXIT_USAGE
