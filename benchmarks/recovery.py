@@ -63,9 +63,14 @@ def _report_rows() -> list[dict[str, Any]]:
     return rows
 
 
-METHOD_ROWS = [{"id": f"methods-{m}-quick", "method": m, "recovery": "quick"}
+# Rows without "amp" ran in float32 (they predate bfloat16 autocast on the CPU); the -bf16 rows measure what
+# bfloat16 autocast (the default on CPUs with native bf16) costs in accuracy.
+METHOD_ROWS = [{"id": f"methods-{m}-quick", "method": m, "recovery": "quick", "amp": "none"}
                for m in ("bn", "ce", "kd", "feature", "adaptor")] + \
-              [{"id": f"methods-{m}-standard", "method": m, "recovery": "standard"} for m in ("kd", "feature")]
+              [{"id": f"methods-{m}-quick-bf16", "method": m, "recovery": "quick", "amp": "bf16"}
+               for m in ("kd", "feature")] + \
+              [{"id": f"methods-{m}-standard", "method": m, "recovery": "standard", "amp": "auto"}
+               for m in ("kd", "feature")]
 
 
 # --------------------------------------------------------------------------------------------------- storage
@@ -189,7 +194,7 @@ def run_method_row(spec: dict[str, Any], setup: dict[str, Any], device: str) -> 
     loader = make_loader(setup["val"], batch_size=500)
     base_val = evaluate(teacher, loader, device=device).top1
     removed_val = evaluate(student, loader, device=device).top1
-    cfg = RecoveryConfig.parse(spec["recovery"], method=spec["method"])
+    cfg = RecoveryConfig.parse(spec["recovery"], method=spec["method"], amp=spec.get("amp", "auto"))
     res = recover(student, setup["train"], cfg, teacher=teacher, eval_data=setup["val"], eval_points=4,
                   device=device, progress=_progress(spec["id"]))
     base_macs = count_macs(teacher, size)

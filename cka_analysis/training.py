@@ -528,23 +528,13 @@ class FinetuneConfig:
 
 
 @dataclass
-class FinetuneResult:
-    """The fine-tuned model (best weights), its history, and whether the run was cancelled."""
+class FinetuneResult(TrainResult):
+    """:class:`TrainResult` of :func:`finetune` with the fine-tuned model (best weights)."""
 
-    model: nn.Module
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_accuracy: float | None = None
-    best_step: int = 0
-    steps: int = 0
-    images: int = 0
-    cancelled: bool = False
-    seconds: float = 0.0
+    model: nn.Module | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "history": self.history, "best_accuracy": self.best_accuracy, "best_step": self.best_step,
-            "steps": self.steps, "images": self.images, "cancelled": self.cancelled, "seconds": self.seconds,
-        }
+        return {k: v for k, v in vars(self).items() if k != "model"}
 
 
 def _total_steps(config: FinetuneConfig, loader: DataLoader) -> int:
@@ -608,6 +598,4 @@ def finetune(
     trainer = Trainer(model, train_loader, objective, spec, device=dev, eval_loader=eval_loader,
                       eval_samples=eval_samples, progress=progress, cancel=cancel,
                       checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
-    r = trainer.run(resume=resume)
-    return FinetuneResult(model=model, history=r.history, best_accuracy=r.best_accuracy, best_step=r.best_step,
-                          steps=r.steps, images=r.images, cancelled=r.cancelled, seconds=r.seconds)
+    return FinetuneResult(model=model, **vars(trainer.run(resume=resume)))
