@@ -174,3 +174,32 @@ def test_two_sessions_seeded_jobs_at_once_give_the_records_each_gives_alone(digi
         assert job.status == "done", (job.status, job.error, job.trace)
     _same(job_a.result, alone_a)
     _same(job_b.result, alone_b)
+
+
+def test_a_session_whose_job_waits_sees_its_queue_position():
+    """The dashboard itself: another session holds the process-wide queue, this session's heatmap job waits and
+    the page says where it stands; when the other job ends, this one runs and the heatmap appears."""
+    from streamlit.testing.v1 import AppTest
+
+    app = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
+    at = AppTest.from_file(app, default_timeout=WAIT)
+    at.run()
+    release, started = threading.Event(), threading.Event()
+    other = jobs.submit("prune", "other", "another session's pruning run", _hold(release, started))
+    try:
+        assert started.wait(WAIT)
+        at.switch_page("views/heatmap.py").run()  # the digits heatmap starts by itself (small work)
+        job = at.session_state["_job"]
+        assert job.name == "heatmap" and job.status == "queued"
+        shown = " ".join(c.value for c in at.caption)
+        assert "Queued: position 1" in shown and "another session's pruning run" in shown, shown
+        at.run()  # the sidebar is drawn before the page: the next run shows the queued job there
+        assert job.status == "queued"
+        sidebar = " ".join(c.value for c in at.sidebar.caption)
+        assert "queued, position 1" in sidebar, sidebar
+    finally:
+        release.set()
+    assert other.wait(WAIT) and job.wait(WAIT)
+    assert job.status == "done"
+    at.run()
+    assert not at.exception
