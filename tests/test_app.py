@@ -157,6 +157,15 @@ def test_walk_every_page_on_the_digits_demo(tmp_path: Path) -> None:
     assert table["latency ms"].notna().all() and table["FGSM acc @8/255"].notna().all()
     assert len(at.get("plotly_chart")) == 2  # Pareto + adversarial curves
 
+    # ... and a run recovered further (quick budget) becomes a new run, without pruning again.
+    at.button(key="run_recover_further").click()
+    settle(at)
+    assert_clean(at, "recover further")
+    further = at.session_state["runs"][-1]
+    assert len(at.session_state["runs"]) == 2 and further["record"]["removed"] == rec["removed"]
+    assert further["record"]["images_seen"] > rec["images_seen"]
+    assert further["record"]["recovery"]["further"][0]["images_seen"] <= 25_000
+
     # 6. Export: safetensors + manifest and ONNX; the zip reloads with load_pruned and gives the same logits.
     page(at, "export")
     assert_clean(at, "export")
@@ -167,7 +176,7 @@ def test_walk_every_page_on_the_digits_demo(tmp_path: Path) -> None:
     labels = [b.label for b in at.get("download_button")]
     assert any(".zip" in x for x in labels) and any(".onnx" in x for x in labels)
     assert "Download report.md" in labels and "Download report.json" in labels
-    run = at.session_state["runs"][0]
+    run = at.session_state["runs"][-1]  # the export page offers the newest run first
     files = at.session_state["exports"][f"{at.session_state['active'].model_key}|run:{run['id']}"]
     name, data = files["files"]["safetensors"]
     zipfile.ZipFile(io.BytesIO(data)).extractall(tmp_path)

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import streamlit as st
 from dashboard import compute, state
-from dashboard.estimate import compare_work, latency_images, robustness_passes
+from dashboard.estimate import Work, compare_work, latency_images, robustness_passes
 from dashboard.ui import MACS_NOTE, accuracy_key, fit_samples, job_result, plotly, test_samples
 
 from cka_analysis.figures import adversarial_curves, corruption_curves, pareto
+from cka_analysis.metrics import TRAIN_STEP_PASSES
+from cka_analysis.recovery import RecoveryConfig
 from cka_analysis.robustness import DEFAULT_EPS, ROBUSTNESS_KINDS, RobustnessResult
+from cka_analysis.workflow import PruneData, PruneRecord, recover_further
+
+FURTHER_BUDGETS = {"quick": "quick (25,000 images)", "standard": "standard (250,000 images)"}
 
 st.title("Compare")
 a = state.require_active()
@@ -123,3 +130,41 @@ if measured:
     if adv or cor:
         st.caption(f"Robustness on the first {int(samples)} test images; ε in pixel units (8/255 = eight grey "
                    f"levels). Corruptions: mean over 8 types (CIFAR-10-C / ImageNet-C parameters).")
+
+# ---------------------------------------------------------------------------------------- recover further
+if runs:
+    st.divider()
+    st.subheader("Recover a run further")
+    st.caption("Spend another recovery budget on a pruned run, without pruning again: distillation from the "
+               "original on the training split, evaluated on the run's test images. The result is a new run.")
+    run_labels = {r["id"]: r["label"] for r in runs}
+    f1, f2 = st.columns([2, 1])
+    further_id = f1.selectbox("Run", list(run_labels), format_func=run_labels.get, key="cmp_further_run")
+    budget = f2.segmented_control("Budget", list(FURTHER_BUDGETS), format_func=FURTHER_BUDGETS.get,
+                                  key="cmp_further_budget", default="quick", required=True) or "quick"
+    chosen = next(r for r in runs if r["id"] == further_id)
+    config = RecoveryConfig.parse(budget, seed=int(chosen["record"]["request"].get("seed", 0)))
+    further_key = {"run": further_id, "budget": budget, "device": dev}
+
+    def _further_job():
+        record = PruneRecord.from_dict(chosen["record"])
+        data = PruneData(train=a.train, test=a.test, train_augmented=state.train_augmented(a))
+        return lambda progress=None, cancel=None: recover_further(
+            chosen["model"], record, a.model, config, data=data, progress=progress, cancel=cancel)
+
+    outcome = job_result(
+        "recover_further", further_key, f"recovering {run_labels[further_id]} further ({budget})", _further_job,
+        button="Recover further", help=RecoveryConfig.parse(budget).describe(),
+        work=Work(chosen["model"], state.run_key(a, chosen), config.images, TRAIN_STEP_PASSES,
+                  f"{config.images:,} training images of recovery"),
+    )
+    if outcome is not None and not any(r.get("further_of") == (further_id, budget) for r in runs):
+        rec = outcome.record
+        runs.append({"id": state.new_run_id(), "label": f"run {len(runs) + 1}: {run_labels[further_id]} + "
+                     f"{budget} recovery", "model": outcome.model, "record": rec.to_dict(),
+                     "created": time.strftime("%H:%M:%S"), "further_of": (further_id, budget)})
+        st.rerun()
+    if outcome is not None:
+        st.success(f"Recovered further: {outcome.record.final.accuracy:.2f} % top-1 after "
+                   f"{outcome.record.images_seen:,} training images in all (was "
+                   f"{chosen['record']['final']['accuracy']:.2f} %).")
