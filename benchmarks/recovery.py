@@ -73,6 +73,14 @@ METHOD_ROWS = [{"id": f"methods-{m}-quick", "method": m, "recovery": "quick", "a
                for m in ("kd", "feature")]
 
 
+# The recipe on the validation split: learning rate, batch size and distillation weight (bfloat16, quick budget).
+RECIPE_ROWS = [{"id": f"recipe-{m}-lr{lr:g}-bs{bs}-a{a:g}", "method": m, "recovery": "quick", "amp": "bf16",
+                "recipe": {"lr": lr, "batch_size": bs, "kd_alpha": a}}
+               for m, lr, bs, a in (("feature", 0.01, 64, 0.9), ("feature", 0.005, 64, 0.9),
+                                    ("feature", 0.01, 128, 0.9), ("feature", 0.01, 64, 0.5),
+                                    ("feature", 0.005, 32, 0.9), ("adaptor", 0.01, 64, 0.9))]
+
+
 # --------------------------------------------------------------------------------------------------- storage
 def _path() -> Path:
     return results_dir() / "recovery.json"
@@ -194,7 +202,8 @@ def run_method_row(spec: dict[str, Any], setup: dict[str, Any], device: str) -> 
     loader = make_loader(setup["val"], batch_size=500)
     base_val = evaluate(teacher, loader, device=device).top1
     removed_val = evaluate(student, loader, device=device).top1
-    cfg = RecoveryConfig.parse(spec["recovery"], method=spec["method"], amp=spec.get("amp", "auto"))
+    cfg = RecoveryConfig.parse(spec["recovery"], method=spec["method"], amp=spec.get("amp", "auto"),
+                               **spec.get("recipe", {}))
     res = recover(student, setup["train"], cfg, teacher=teacher, eval_data=setup["val"], eval_points=4,
                   device=device, progress=_progress(spec["id"]))
     base_macs = count_macs(teacher, size)
@@ -216,7 +225,7 @@ def write_report() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=["methods", "report", "all"], default="all")
+    ap.add_argument("--stage", choices=["methods", "recipe", "report", "all"], default="all")
     ap.add_argument("--rows", help="comma-separated row ids to run, in this order")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--list", action="store_true", help="list the rows and whether they are done")
@@ -227,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     done = {r["id"] for r in load_results()["rows"]}
     todo = (METHOD_ROWS if args.stage in ("methods", "all") else []) + \
+        (RECIPE_ROWS if args.stage in ("recipe", "all") else []) + \
         (_report_rows() if args.stage in ("report", "all") else [])
     if args.rows:
-        by_id = {r["id"]: r for r in METHOD_ROWS + _report_rows()}
+        by_id = {r["id"]: r for r in METHOD_ROWS + RECIPE_ROWS + _report_rows()}
         unknown = [i for i in args.rows.split(",") if i not in by_id]
         if unknown:
             ap.error(f"unknown row ids {unknown}; see --list")
@@ -246,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             if spec["id"] in {r["id"] for r in load_results()["rows"]} or not _claim(spec["id"]):
                 continue  # finished, or being run by another process of this benchmark
             log(f"row {spec['id']}")
-            if spec["id"].startswith("methods-"):
+            if spec["id"].startswith(("methods-", "recipe-")):
                 setup = setup or _method_setup(args.device)
                 row = run_method_row(spec, setup, args.device)
             else:
