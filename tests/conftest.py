@@ -24,6 +24,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # The test models are tiny: one thread is as fast as two there, and never spins against the subprocesses
     # (CLI, torchrun, streamlit) that some tests start. CKA_PRUNE_TEST_THREADS overrides it.
     torch.set_num_threads(int(os.environ.get("CKA_PRUNE_TEST_THREADS", "1")))
+    # measured block latencies are cached per user; the tests (and the CLI they start) keep theirs private
+    import tempfile
+
+    os.environ.setdefault("CKA_PRUNE_LATENCY_CACHE", tempfile.mkdtemp(prefix="cka-prune-test-latency-"))
 
 
 @pytest.fixture(scope="session")

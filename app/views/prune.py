@@ -11,7 +11,8 @@ import time
 
 import pandas as pd
 import streamlit as st
-from dashboard import compute, jobs, state
+from dashboard import compute, estimate, jobs, state
+from dashboard.estimate import Work
 from dashboard.ui import MACS_NOTE, count, job_result, pct, plotly
 
 from cka_analysis.choices import CRITERIA, CRITERION_INFO
@@ -171,6 +172,20 @@ def _make_job(req: PruneRequest):
     return run
 
 
+def _prune_estimate(req: PruneRequest) -> float:
+    """Seconds the run should take here: scoring (the calibration images, a prefix pass and the rest after each
+    candidate), the recovery's measured estimate and the evaluations before and after."""
+    n_eval = req.eval_samples or len(a.test)
+    work = [Work(a.model, a.model_key, n_eval, 3 if req.recovery.images else 2, "evaluation")]
+    if req.needs_calibration:
+        work.append(Work(a.model, a.model_key, len(a.calib), 1 + len(a.removable) / 2, "scoring"))
+    seconds = sum(estimate.estimate(w, dev).seconds for w in work)
+    if req.recovery.images > 0:
+        seconds += compute.recovery_estimate(a.model_key, json.dumps(req.recovery.to_dict(), sort_keys=True), dev,
+                                             _config=req.recovery, _model=a.model)["seconds"]
+    return seconds
+
+
 can_run = request is not None and (preview is not None or (mode == "target" and iterative))
 pkey = {"model": a.model_key, "data": a.data_key}
 job = jobs.take("prune", pkey)
@@ -198,7 +213,7 @@ if not jobs.show_running("prune"):
         jobs.show_busy_note("prune")
     if st.button("Prune", type="primary", key="pr_run", disabled=busy or not can_run):
         jobs.start("prune", pkey, "pruning" + (" and recovering" if request.recovery.images > 0 else ""),
-                   _make_job(request))
+                   _make_job(request), estimate=_prune_estimate(request))
         jobs.show_running("prune")
 
 # ---------------------------------------------------------------------------------------------- results

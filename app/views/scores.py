@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 from dashboard import compute, state
+from dashboard.estimate import Work
 from dashboard.ui import job_result, plotly
 
 from cka_analysis.choices import CRITERIA, CRITERION_INFO
@@ -40,6 +41,9 @@ res = job_result(
     lambda: compute.cached_job(compute.scores, a.model_key, a.data_key, criterion, deb, dev,
                                _model=a.model, _loader=state.calib_loader(a)),
     button="Compute the scores", auto=state.small_work(a, n * len(a.removable)),
+    work=Work(a.model, a.model_key, n, 1 + len(a.removable) / 2,
+              f"{n} calibration images: the shared prefix once, the rest after each of {len(a.removable)} blocks"),
+    more="Fewer calibration images (Model & data page) are faster.",
 )
 if res is not None:
     vals = res["scores"]
@@ -76,6 +80,9 @@ else:
             a.model_key, a.data_key, chosen, bool(debiased), dev, model=a.model, loader=state.calib_loader(a),
             progress=progress, cancel=cancel),
         button="Compare the criteria",
+        work=Work(a.model, a.model_key, n, len(chosen) * (1 + len(a.removable) / 2),
+                  f"{n} calibration images under {len(chosen)} criteria"),
+        more="Fewer criteria or fewer calibration images are faster.",
     )
     if many is not None:
         by_crit = {c: many[c]["scores"] for c in chosen}
