@@ -115,6 +115,12 @@ def curve_figure(rows: list[dict[str, Any]]):
     return fig
 
 
+def headline(rows: list[dict[str, Any]]) -> list[str]:
+    """The targets, the criteria after recovery and the seed spread: what REPORT.md leads with."""
+    return ["### Targets", "", *targets(rows), "", "### Criteria after recovery", "", *report_table(rows), "",
+            *seeds_summary(rows)]
+
+
 def write(data: dict[str, Any], out_dir: Path) -> Path:
     rows = data.get("rows", [])
     env = data.get("env") or (rows[0].get("env") if rows else {}) or {}

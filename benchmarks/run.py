@@ -339,6 +339,18 @@ def write_report(run_info: dict[str, Any] | None = None) -> Path:
                  + f"; total {run_info.get('total_seconds', 0) / 60:.1f} min"
                  + (f" (note: {run_info['note']})" if run_info.get("note") else "") + ".\n")
 
+    recovered = read_json("recovery.json")
+    if recovered and recovered.get("rows"):
+        from benchmarks.recovery_report import headline
+
+        L.append("## 0. Headline: after a fair recovery (all 10,000 test images)\n")
+        L.append("From `python -m benchmarks.recovery` (`results/recovery.md` has every row, the methods compared on "
+                 "a validation split and the accuracy-vs-images plot). Each row is one `run_prune` request with the "
+                 "default recovery, as `cka-prune prune --recovery quick|standard` runs it. The tables below it "
+                 "(section 1) use a much smaller recovery and a 1,000-image test subset: they rank criteria right "
+                 "after removal, not what a user ends up holding.\n")
+        L.extend(headline(recovered["rows"]))
+        L.append("")
     if crit:
         b = crit["budget"]
         L.append("## 1. Which blocks to remove: accuracy vs MACs reduction\n")
