@@ -80,7 +80,7 @@ RECIPE_ROWS = [{"id": f"recipe-{m}-lr{lr:g}-bs{bs}-a{a:g}", "method": m, "recove
                                     ("feature", 0.01, 128, 0.9), ("feature", 0.01, 64, 0.5),
                                     ("feature", 0.005, 32, 0.9), ("adaptor", 0.01, 64, 0.9),
                                     ("feature", 0.0025, 64, 0.9), ("kd", 0.005, 64, 0.9), ("ce", 0.005, 64, 0.9),
-                                    ("adaptor", 0.005, 64, 0.9))] + \
+                                    ("adaptor", 0.005, 64, 0.9), ("feature", 0.005, 64, 0.5))] + \
               [{"id": f"recipe-feature-lr0.005-bs64-a0.9-fw{w:g}", "method": "feature", "recovery": "quick",
                 "amp": "bf16", "recipe": {"lr": 0.005, "batch_size": 64, "kd_alpha": 0.9, "feature_weight": w}}
                for w in (0.3, 3.0)]
