@@ -115,7 +115,7 @@ def _rss_bytes() -> int:
 
 def memory_child(samples: int, device: str, batch: int) -> dict[str, Any]:
     """Run ``cka_matrix`` on ``samples`` test images in this (fresh) process and report its peak RSS."""
-    from cka_analysis.cka import cka_matrix
+    from cka_analysis.cka import CKAOptions, cka_matrix
 
     from .common import _dataset
 
@@ -129,7 +129,7 @@ def memory_child(samples: int, device: str, batch: int) -> dict[str, Any]:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
-    res = cka_matrix(model, loader, max_samples=samples, device=dev)
+    res = cka_matrix(model, loader, max_samples=samples, options=CKAOptions(device=dev))
     seconds = time.perf_counter() - t0
     after = _rss_bytes()
     out = {

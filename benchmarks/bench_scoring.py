@@ -3,9 +3,9 @@
 In ONE run, for the adapted CIFAR ResNet-56 on N calibration images of the training split (N = 1,000 in batches
 of 128; ``--quick``: 128 in batches of 64):
 
-* ``prefix``: ``score_blocks(model, calib, "cka", strategy="prefix")`` — the shared prefix once per batch, then only
-  the blocks after each candidate;
-* ``plain``: ``strategy="full"`` — one full forward per candidate, the loop of the paper's code;
+* ``prefix``: ``score_blocks(model, calib, "cka", options=ScoringOptions(strategy="prefix"))`` — the shared prefix
+  once per batch, then only the blocks after each candidate;
+* ``plain``: ``ScoringOptions(strategy="full")`` — one full forward per candidate, the loop of the paper's code;
 * ``floor``: the MACs that prefix reuse cannot avoid — one full forward (the prefix pass) plus, for each
   candidate, the MACs after it (``Block.macs`` of the later blocks + the classifier) — divided by the MAC rate
   measured by timing full forwards over the same batches in the same process. The brief's formula (suffixes only,
@@ -28,7 +28,7 @@ import torch
 from cka_analysis.blocks import find_blocks, topology
 from cka_analysis.device import resolve_device, synchronize
 from cka_analysis.metrics import count_macs, module_macs
-from cka_analysis.scoring import score_blocks
+from cka_analysis.scoring import ScoringOptions, score_blocks
 
 from .common import env_info, load_model, log, stacked, write_json
 
@@ -73,8 +73,8 @@ def _profile(model, x: torch.Tensor, device: torch.device) -> list[dict[str, Any
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        score_blocks(model, (x, torch.zeros(len(x), dtype=torch.long)), "cka", strategy="prefix",
-                     batch_size=len(x), device=device)
+        score_blocks(model, (x, torch.zeros(len(x), dtype=torch.long)), "cka",
+                     options=ScoringOptions(strategy="prefix", batch_size=len(x), device=device))
     rows = []
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]:
@@ -93,18 +93,20 @@ def run(quick: bool = False, device: str = "auto", *, tiny: bool = False) -> dic
     x, y = stacked("train", n, seed=0)
     macs = floor_macs(model)
     # warm-up (allocator, oneDNN primitive cache) on one small batch, both strategies
-    score_blocks(model, (x[:32], y[:32]), "cka", strategy="prefix", device=dev)
+    score_blocks(model, (x[:32], y[:32]), "cka", options=ScoringOptions(strategy="prefix", device=dev))
     first = next(b.name for b in find_blocks(model) if b.removable)
-    score_blocks(model, (x[:32], y[:32]), "cka", strategy="full", candidates=[first], device=dev)
+    score_blocks(model, (x[:32], y[:32]), "cka", candidates=[first], options=ScoringOptions(strategy="full", device=dev))
     # interleaved repeats, minimum of each: on a shared machine the load changes from minute to minute, and the
     # minimum of several runs is the least disturbed one (the same rule for every path and for the MAC rate)
     fwd_times, prefix_times, plain_times = [], [], []
     prefix = plain = None
     for rep in range(repeats):
         fwd_times.append(_forward_time(model, x, batch, dev))
-        prefix = score_blocks(model, (x, y), "cka", strategy="prefix", batch_size=batch, device=dev)
+        prefix = score_blocks(model, (x, y), "cka",
+                              options=ScoringOptions(strategy="prefix", batch_size=batch, device=dev))
         prefix_times.append(prefix.seconds)
-        plain = score_blocks(model, (x, y), "cka", strategy="full", batch_size=batch, device=dev)
+        plain = score_blocks(model, (x, y), "cka",
+                             options=ScoringOptions(strategy="full", batch_size=batch, device=dev))
         plain_times.append(plain.seconds)
         log(f"  repeat {rep + 1}/{repeats}: forward {fwd_times[-1]:.2f} s, prefix {prefix.seconds:.1f} s, "
             f"plain loop {plain.seconds:.1f} s")

@@ -31,10 +31,16 @@ import torch
 from torch import nn
 
 from cka_analysis.blocks import find_blocks, remove_blocks
-from cka_analysis.latency import BlockCosts, measure_block_costs, predicted_reduction, time_runtimes
+from cka_analysis.latency import (
+    BlockCosts,
+    TimingOptions,
+    measure_block_costs,
+    predicted_reduction,
+    time_runtimes,
+)
 from cka_analysis.metrics import count_macs, count_params
 from cka_analysis.pruning import Target, plan
-from cka_analysis.scoring import score_blocks
+from cka_analysis.scoring import ScoringOptions, score_blocks
 
 from .common import CACHE_DIR, env_info, load_model, log, read_json, results_dir, stacked, write_json
 
@@ -87,6 +93,11 @@ def _repeats(args: argparse.Namespace, batch: int) -> int:
     return args.repeats_batch1 if batch == 1 else args.repeats
 
 
+def _timing(args: argparse.Namespace, batch: int) -> TimingOptions:
+    """How the benchmark times at a batch size: its threads and quantile, 2 warm-up rounds, :func:`_repeats`."""
+    return TimingOptions(threads=args.threads, warmup=2, repeats=_repeats(args, batch), quantile=args.quantile)
+
+
 def _has(results: dict, kind: str, arch: str) -> bool:
     return any(r["kind"] == kind and r["arch"] == arch for r in results["rows"])
 
@@ -102,7 +113,7 @@ def _scores(results: dict, arch: str, model: nn.Module, args: argparse.Namespace
     log(f"{arch}: {args.criterion} scores" + (f" on {args.calibration} calibration images"
                                               if args.criterion != "weight_norm" else ""))
     calib = stacked("train", args.calibration, seed=0) if args.criterion != "weight_norm" else None
-    sc = score_blocks(model, calib, args.criterion, device="cpu", batch_size=100)
+    sc = score_blocks(model, calib, args.criterion, options=ScoringOptions(device="cpu", batch_size=100))
     results["rows"].append({"kind": "scores", "arch": arch, "criterion": args.criterion,
                             "samples": sc.samples, "seconds": sc.seconds, "scores": sc.scores})
     _save(results)
@@ -118,8 +129,7 @@ def _costs(results: dict, arch: str, model: nn.Module, args: argparse.Namespace)
             out[b] = BlockCosts.from_dict(row["costs"])
             continue
         log(f"{arch}: per-block latency at batch {b} ({_repeats(args, b)} interleaved rounds)")
-        c = measure_block_costs(model, batch_size=b, device="cpu", threads=args.threads, warmup=2,
-                                repeats=_repeats(args, b), quantile=args.quantile, cache=False)
+        c = measure_block_costs(model, batch_size=b, device="cpu", options=_timing(args, b), cache=False)
         blocks = {x.name: x for x in find_blocks(model)}
         results["rows"].append({"kind": "costs", "arch": arch, "batch_size": b, "costs": c.to_dict(),
                                 "block_macs": {n: blocks[n].macs for n in c.block_ms}})
@@ -140,8 +150,8 @@ def _timings(results: dict, arch: str, model: nn.Module, variants: dict[str, dic
             f"{_repeats(args, b)} interleaved rounds")
         t0 = time.perf_counter()
         timings += time_runtimes(models, batch_sizes=(b,), runtimes=args.runtimes, device="cpu",
-                                 threads=args.threads, warmup=2, repeats=_repeats(args, b), quantile=args.quantile,
-                                 reference="base", workdir=CACHE_DIR / "latency-exports" / arch)
+                                 options=_timing(args, b), reference="base",
+                                 workdir=CACHE_DIR / "latency-exports" / arch)
         log(f"{arch}: batch {b} exported and timed in {time.perf_counter() - t0:.0f} s")
     by = {(t.model, t.runtime, t.batch_size): t for t in timings}
     for name, v in variants.items():

@@ -28,6 +28,7 @@ __all__ = [
     "Topology",
     "declare_blocks",
     "find_blocks",
+    "model_input_size",
     "remove_blocks",
     "removed_blocks",
     "topology",
@@ -285,14 +286,18 @@ def removed_blocks(model: nn.Module) -> list[str]:
     return list(getattr(model, REMOVED_ATTR, ()))
 
 
-def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
+def model_input_size(model: nn.Module, input_size: Sequence[int] | None = None, *,
+                     purpose: str = "so that block shapes and MACs can be measured") -> tuple[int, ...]:
+    """``input_size`` when given, else the size of one input of the model's preset (channels, height, width).
+
+    A model without a preset needs ``input_size``: the ConfigError says so, and why (``purpose``).
+    """
     if input_size is not None:
         return tuple(input_size)
     preset = getattr(model, "cka_preset", None)
     if preset is None:
         raise ConfigError(
-            f"{type(model).__name__} has no preset: pass input_size=(channels, height, width) so that block "
-            "shapes and MACs can be measured"
+            f"{type(model).__name__} has no preset: pass input_size=(channels, height, width) {purpose}"
         )
     return tuple(preset.input_size)
 
@@ -344,7 +349,7 @@ def find_blocks(
 
     topo = topology(model, blocks)
     generic = isinstance(topo, GenericTopology)
-    size = _input_size(model, input_size) if count_macs or generic else ()
+    size = model_input_size(model, input_size) if count_macs or generic else ()
     macs = module_macs(model, size) if count_macs else {}
     shapes = _probe_shapes(model, topo.slots, size) if generic else {}
     out = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -32,6 +33,7 @@ from .progress import CancelToken, ProgressFn, check_cancel, no_progress
 
 __all__ = [
     "CKAMatrix",
+    "CKAOptions",
     "MinibatchCKA",
     "cka_matrix",
     "gram_linear",
@@ -471,6 +473,25 @@ class MinibatchCKA:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CKAOptions:
+    """How :func:`cka_matrix` computes: the estimator (see :class:`MinibatchCKA`) and where the models run.
+
+    Attributes:
+        kernel: ``"linear"`` (default) or ``"rbf"``.
+        debiased: unbiased HSIC (default).
+        threshold: RBF bandwidth multiplier.
+        device: where the models run (``"auto"``: CUDA when available).
+        amp: optional autocast dtype on CUDA (CKA itself stays in float64).
+    """
+
+    kernel: str = "linear"
+    debiased: bool = True
+    threshold: float = 1.0
+    device: str | torch.device = "auto"
+    amp: torch.dtype | None = None
+
+
 class CKAMatrix(NamedTuple):
     """A CKA heatmap: ``matrix[i, j]`` compares layer ``names_a[i]`` with layer ``names_b[j]``."""
 
@@ -522,12 +543,8 @@ def cka_matrix(
     model_b: nn.Module | None = None,
     layers: Sequence[str | type] | None = None,
     layers_b: Sequence[str | type] | None = None,
-    kernel: str = "linear",
-    debiased: bool = True,
-    threshold: float = 1.0,
     max_samples: int | None = None,
-    device: str | torch.device = "auto",
-    amp: torch.dtype | None = None,
+    options: CKAOptions | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
     reducer: object | None = None,
@@ -540,9 +557,9 @@ def cka_matrix(
         model_b: a second network (e.g. the pruned one) fed the same images; the matrix is then A × B.
         layers, layers_b: qualified module names, glob patterns (``"layer2.*"``) or module types; default: the
             stem, the output of every residual block, and the pooled penultimate features.
-        kernel, debiased, threshold: see :class:`MinibatchCKA`.
         max_samples: stop after this many images.
-        amp: optional autocast dtype on CUDA (CKA itself stays in float64).
+        options: kernel, debiased, threshold (see :class:`MinibatchCKA`), device and autocast dtype
+            (:class:`CKAOptions`; default: its defaults, debiased linear CKA).
         reducer: optional callable applied to the accumulator before computing (data-parallel merge,
             see :mod:`cka_analysis.distributed`).
 
@@ -552,9 +569,10 @@ def cka_matrix(
     """
     from .capture import ActivationCapture
 
-    dev = resolve_device(device)
+    opts = options if options is not None else CKAOptions()
+    dev = resolve_device(opts.device)
     progress = progress or no_progress
-    acc = MinibatchCKA(kernel=kernel, debiased=debiased, threshold=threshold)
+    acc = MinibatchCKA(kernel=opts.kernel, debiased=opts.debiased, threshold=opts.threshold)
     total = max_samples if max_samples is not None else _dataset_length(loader)
     seen = 0
     names_a: list[str] | None = None
@@ -567,7 +585,7 @@ def cka_matrix(
         with torch.inference_mode():
             for x in _capped_images(loader, max_samples, cancel):
                 x = x.to(dev, non_blocking=True)
-                with autocast(dev, amp):
+                with autocast(dev, opts.amp):
                     feats_a = cap_a.run(x)
                     feats_b = cap_b.run(x) if cap_b is not None else None
                 names_a = list(feats_a)

@@ -461,7 +461,7 @@ def cmd_models(args: argparse.Namespace, bar: StderrProgress) -> int:
 
 
 def cmd_heatmap(args: argparse.Namespace, bar: StderrProgress) -> int:
-    from .cka import cka_matrix
+    from .cka import CKAOptions, cka_matrix
     from .errors import ConfigError
 
     out = Path(args.out)
@@ -493,8 +493,8 @@ def cmd_heatmap(args: argparse.Namespace, bar: StderrProgress) -> int:
                                                   num_workers=args.num_workers or 0, device=dev)
     else:
         loader = _loader(args, ds, device=dev)
-    result = cka_matrix(model, loader, model_b=other, kernel=args.kernel, debiased=not args.biased,
-                        device=dev, amp=_amp(args), progress=bar,
+    options = CKAOptions(kernel=args.kernel, debiased=not args.biased, device=dev, amp=_amp(args))
+    result = cka_matrix(model, loader, model_b=other, options=options, progress=bar,
                         reducer=dist_utils.all_reduce_cka if ws > 1 else None)
     bar.newline()
     if not dist_utils.is_main_process():
@@ -523,13 +523,14 @@ def cmd_heatmap(args: argparse.Namespace, bar: StderrProgress) -> int:
 def cmd_score(args: argparse.Namespace, bar: StderrProgress) -> int:
     from . import distributed as dist_utils
     from .blocks import find_blocks
-    from .scoring import score_blocks
+    from .scoring import ScoringOptions, score_blocks
 
     dev = dist_utils.init_from_env(args.device)  # under torchrun the ranks share the calibration images
     model = _open(args.model, args.weights, args.num_classes)
     calib = _calibration(args, model, bar) if CRITERION_INFO[args.criterion].needs_data else None
-    scores = score_blocks(model, calib, args.criterion, debiased=args.debiased, batch_size=args.batch_size,
-                          device=dev, amp=_amp(args), seed=args.seed, progress=bar)
+    options = ScoringOptions(debiased=args.debiased, batch_size=args.batch_size, device=dev, amp=_amp(args),
+                             seed=args.seed)
+    scores = score_blocks(model, calib, args.criterion, options=options, progress=bar)
     bar.newline()
     if not dist_utils.is_main_process():
         return 0

@@ -16,9 +16,11 @@ and between batch 1 and a large batch. This module measures instead:
 
   Both warm up, synchronise the device around every timed call, and *interleave* the candidates in a shuffled
   order each round, so that machine noise (other jobs, frequency changes) hits all candidates alike; the median
-  over the rounds is kept (``quantile=0.5``). On a machine shared with other jobs, a call is preempted with a
-  probability that grows with its duration, which inflates the median of long calls more than that of short ones;
-  a low quantile (e.g. 0.2) then estimates the undisturbed latency better — the records say which was used.
+  over the rounds is kept (:class:`TimingOptions` ``quantile=0.5``). On a machine shared with other jobs, a call
+  is preempted with a probability that grows with its duration, which inflates the median of long calls more than
+  that of short ones; a low quantile (e.g. 0.2) then estimates the undisturbed latency better — the records say
+  which was used. :class:`TimingOptions` holds these knobs (dtype, threads, rounds, quantile, input, seed) for
+  every timing function.
 * :func:`predict_latency` — the latency of the model with some blocks removed: base minus their costs. The
   planner's latency target (:class:`~cka_analysis.pruning.Target` ``("latency", fraction)``) uses it.
 * :func:`compare_latency` / :func:`check_prediction` — several models timed interleaved on the same input; the
@@ -49,18 +51,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import find_blocks, remove_blocks, removed_blocks
+from .blocks import find_blocks, model_input_size, remove_blocks, removed_blocks
 from .device import describe_device, resolve_device, synchronize, use_channels_last
 from .errors import ConfigError
 from .metrics import Latency
 from .progress import CancelToken, ProgressFn, check_cancel, no_progress
 
 __all__ = [
+    "BLOCK_COSTS_TIMING",
+    "COMPARE_TIMING",
     "METHODS",
     "RUNTIMES",
+    "RUNTIMES_TIMING",
     "BlockCosts",
     "LatencyCheck",
     "RuntimeTiming",
+    "TimingOptions",
     "available_runtimes",
     "check_prediction",
     "compare_latency",
@@ -244,6 +250,48 @@ class RuntimeTiming:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class TimingOptions:
+    """How candidates are timed: the input, the thread count and the rounds (the same knobs for every timing
+    function, so that one object describes a measurement and can be passed along).
+
+    Attributes:
+        dtype: parameter and input dtype (``"float32"``, ``"float16"``, ``"bfloat16"`` or a torch dtype).
+        threads: torch intra-op threads during the timing (None: the current setting).
+        warmup, repeats: untimed and timed interleaved rounds.
+        quantile: which quantile of the rounds is kept (0.5 = the median; lower on a machine shared with other
+            jobs, see the module docstring).
+        input_size: (channels, height, width) of the random input; None: the model's preset.
+        seed: seeds the random input and the shuffled order of the rounds.
+
+    The fields are checked when the object is made (ConfigError naming the field). The functions' defaults
+    differ in the rounds only: :data:`BLOCK_COSTS_TIMING`, :data:`COMPARE_TIMING`, :data:`RUNTIMES_TIMING`.
+    """
+
+    dtype: str | torch.dtype = "float32"
+    threads: int | None = None
+    warmup: int = 5
+    repeats: int = 20
+    quantile: float = 0.5
+    input_size: tuple[int, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _dtype_name(self.dtype)
+        if self.threads is not None:
+            _positive_int("threads", self.threads)
+        _positive_int("warmup", self.warmup, minimum=0)
+        _positive_int("repeats", self.repeats)
+        object.__setattr__(self, "quantile", _check_quantile(self.quantile))
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", tuple(self.input_size))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """:attr:`dtype` as a torch dtype."""
+        return _DTYPES[_dtype_name(self.dtype)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Validation and small helpers
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,27 +430,34 @@ def _check_quantile(q: object) -> float:
     return float(q)
 
 
+BLOCK_COSTS_TIMING = TimingOptions(warmup=5, repeats=20)
+"""What :func:`measure_block_costs` times with by default."""
+COMPARE_TIMING = TimingOptions(warmup=3, repeats=20)
+"""What :func:`compare_latency` times with by default."""
+RUNTIMES_TIMING = TimingOptions(warmup=3, repeats=10)
+"""What :func:`time_runtimes` times with by default."""
+
+
 def _interleaved_times(
     fns: Mapping[str, Callable[[], object]],
-    *,
     device: torch.device,
-    warmup: int,
-    repeats: int,
-    seed: int = 0,
+    options: TimingOptions,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
     what: str = "timing",
 ) -> dict[str, list[float]]:
-    """Milliseconds of every call of each candidate: ``warmup`` untimed rounds, then ``repeats`` rounds that call
-    every candidate once in a freshly shuffled order, synchronising the device around each timed call."""
+    """Milliseconds of every call of each candidate: ``options.warmup`` untimed rounds, then ``options.repeats``
+    rounds that call every candidate once in a freshly shuffled order (seeded by ``options.seed``), synchronising
+    the device around each timed call."""
     progress = progress or no_progress
     names = list(fns)
-    for _ in range(warmup):
+    repeats = options.repeats
+    for _ in range(options.warmup):
         check_cancel(cancel, what)
         for n in names:
             fns[n]()
     synchronize(device)
-    rng = random.Random(seed)
+    rng = random.Random(options.seed)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         check_cancel(cancel, what)
@@ -439,14 +494,7 @@ def _example_input(input_size: Sequence[int], batch_size: int, device: torch.dev
 
 
 def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
-    if input_size is not None:
-        return tuple(input_size)
-    preset = getattr(model, "cka_preset", None)
-    if preset is None:
-        raise ConfigError(
-            f"{type(model).__name__} has no preset: pass input_size=(channels, height, width) to time it"
-        )
-    return tuple(preset.input_size)
+    return model_input_size(model, input_size, purpose="(in TimingOptions) to time it")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -477,8 +525,8 @@ def _capture_block_inputs(model: nn.Module, names: Sequence[str], x: torch.Tenso
 _BASE, _FLOOR = "\0base", "\0floor"  # candidates beside the blocks (names no module can have)
 
 
-def _time_blocks(model: nn.Module, names: Sequence[str], x: torch.Tensor, dev: torch.device, q: float,
-                 **kw: Any) -> tuple[list[float], float, float, dict[str, float]]:
+def _time_blocks(model: nn.Module, names: Sequence[str], x: torch.Tensor, dev: torch.device,
+                 options: TimingOptions, **kw: Any) -> tuple[list[float], float, float, dict[str, float]]:
     """Method "blocks": each block timed on its captured input; the whole model and the model without every
     removable block (the floor) in the same rounds.
 
@@ -490,7 +538,8 @@ def _time_blocks(model: nn.Module, names: Sequence[str], x: torch.Tensor, dev: t
                                             _FLOOR: functools.partial(remove_blocks(model, names), x)}
     for n in names:
         fns[n] = functools.partial(model.get_submodule(n), inputs[n])
-    times = _interleaved_times(fns, device=dev, **kw)
+    times = _interleaved_times(fns, dev, options, **kw)
+    q = options.quantile
     base, floor = _quantile(times[_BASE], q), _quantile(times[_FLOOR], q)
     raw = {n: _quantile(times[n], q) for n in names}
     total = sum(raw.values())
@@ -498,15 +547,16 @@ def _time_blocks(model: nn.Module, names: Sequence[str], x: torch.Tensor, dev: t
     return times[_BASE], floor, scale, {n: v * scale for n, v in raw.items()}
 
 
-def _time_ablation(model: nn.Module, names: Sequence[str], x: torch.Tensor, dev: torch.device, q: float,
-                   **kw: Any) -> tuple[list[float], float, float, dict[str, float]]:
+def _time_ablation(model: nn.Module, names: Sequence[str], x: torch.Tensor, dev: torch.device,
+                   options: TimingOptions, **kw: Any) -> tuple[list[float], float, float, dict[str, float]]:
     """Method "ablation": the model timed whole, without each block, and without all of them (the floor);
     cost = base − without the block (unscaled). Returns (base times, floor, 1.0, costs)."""
     fns: dict[str, Callable[[], object]] = {_BASE: functools.partial(model, x),
                                             _FLOOR: functools.partial(remove_blocks(model, names), x)}
     for n in names:
         fns[n] = functools.partial(remove_blocks(model, [n]), x)
-    times = _interleaved_times(fns, device=dev, **kw)
+    times = _interleaved_times(fns, dev, options, **kw)
+    q = options.quantile
     base = _quantile(times[_BASE], q)
     return times[_BASE], _quantile(times[_FLOOR], q), 1.0, {n: base - _quantile(times[n], q) for n in names}
 
@@ -516,51 +566,41 @@ def measure_block_costs(
     *,
     batch_size: int = 1,
     device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "float32",
-    threads: int | None = None,
     method: str = "blocks",
-    warmup: int = 5,
-    repeats: int = 20,
-    quantile: float = 0.5,
-    input_size: Sequence[int] | None = None,
+    options: TimingOptions = BLOCK_COSTS_TIMING,
     cache: bool = True,
     cache_dir: str | Path | None = None,
     refresh: bool = False,
-    seed: int = 0,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> BlockCosts:
     """The latency each removable block of ``model`` contributes on ``device`` (``model`` is not modified).
 
     Args:
-        model: a registry model (or any model with ``cka_preset`` or an ``input_size``); may be pruned already.
-        batch_size, dtype, threads: the setting to time (threads: torch intra-op threads; default: the current
-            setting). Costs differ between batch 1 and a large batch, so plan with the batch you serve.
+        model: a registry model (or any model with ``cka_preset``, or give ``options.input_size``); may be pruned
+            already.
+        batch_size: the batch size to time. Costs differ between batch 1 and a large batch, so plan with the
+            batch you serve.
         method: ``"blocks"`` (each block timed on its own input; cheap) or ``"ablation"`` (model timed without
             each block; one forward pass per block per round).
-        warmup, repeats: untimed and timed interleaved rounds.
-        quantile: which quantile of the rounds is kept (0.5 = the median; lower on a machine shared with other
-            jobs, see the module docstring).
+        options: dtype, threads, rounds, quantile, input size and seed (:class:`TimingOptions`; default
+            :data:`BLOCK_COSTS_TIMING`: 5 warm-up and 20 timed rounds, the median, float32, current threads).
         cache, cache_dir, refresh: read and write the on-disk cache (:func:`latency_cache_dir`), keyed by
             (:func:`model_fingerprint`, device hardware, batch size, dtype, threads, method, quantile); ``refresh``
             measures again and overwrites.
         progress, cancel: reported per round / honoured between rounds (raises Cancelled).
     """
     _positive_int("batch_size", batch_size)
-    _positive_int("warmup", warmup, minimum=0)
-    _positive_int("repeats", repeats)
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not a way to measure block costs; choose one of {METHODS}")
-    q = _check_quantile(quantile)
     dev = resolve_device(device)
-    dtype_name = _dtype_name(dtype)
-    n_threads = _threads(threads)
-    size = _input_size(model, input_size)
+    dtype_name, n_threads = _dtype_name(options.dtype), _threads(options.threads)
+    size = _input_size(model, options.input_size)
     preset = getattr(model, "cka_preset", None)
     arch = preset.arch if preset is not None else type(model).__name__
     fingerprint = model_fingerprint(model, size)
     hardware = device_name(dev)
-    key = _cache_key(fingerprint, hardware, batch_size, dtype_name, n_threads, method, q)
+    key = _cache_key(fingerprint, hardware, batch_size, dtype_name, n_threads, method, options.quantile)
     path = _cache_file(latency_cache_dir(cache_dir), arch, key)
     if cache and not refresh:
         cached = _read_cache(path, key)
@@ -569,17 +609,17 @@ def measure_block_costs(
     start = time.perf_counter()
     names = [b.name for b in find_blocks(model, input_size=size, count_macs=False) if b.removable]
     with _torch_threads(n_threads), torch.inference_mode():
-        m = _prepared(model, dev, _DTYPES[dtype_name])
-        x = _example_input(size, batch_size, dev, _DTYPES[dtype_name], seed)
+        m = _prepared(model, dev, options.torch_dtype)
+        x = _example_input(size, batch_size, dev, options.torch_dtype, options.seed)
         timer = _time_blocks if method == "blocks" else _time_ablation
-        base_times, floor, scale, block_ms = timer(m, names, x, dev, q, warmup=warmup, repeats=repeats, seed=seed,
-                                     progress=progress, cancel=cancel, what="measuring block latency")
-    p10, pq, p90 = _percentiles(base_times, q)
+        base_times, floor, scale, block_ms = timer(m, names, x, dev, options, progress=progress, cancel=cancel,
+                                                   what="measuring block latency")
+    p10, pq, p90 = _percentiles(base_times, options.quantile)
     costs = BlockCosts(
         arch=arch, fingerprint=fingerprint, removed=removed_blocks(model), device=hardware,
-        batch_size=batch_size, dtype=dtype_name, threads=n_threads, method=method, quantile=q, base_ms=pq,
-        base_p10_ms=p10, base_p90_ms=p90, floor_ms=floor, block_ms=block_ms, scale=scale, warmup=warmup,
-        repeats=repeats,
+        batch_size=batch_size, dtype=dtype_name, threads=n_threads, method=method, quantile=options.quantile,
+        base_ms=pq, base_p10_ms=p10, base_p90_ms=p90, floor_ms=floor, block_ms=block_ms, scale=scale,
+        warmup=options.warmup, repeats=options.repeats,
         seconds=time.perf_counter() - start, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     if cache:
@@ -597,50 +637,39 @@ def compare_latency(
     *,
     batch_size: int = 1,
     device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "float32",
-    threads: int | None = None,
-    warmup: int = 3,
-    repeats: int = 20,
-    input_size: Sequence[int] | None = None,
-    seed: int = 0,
+    options: TimingOptions = COMPARE_TIMING,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> dict[str, Latency]:
     """Latency of several models (e.g. base and pruned) timed interleaved on the same input, same threads.
 
-    The models are not modified (copies are moved to the device). Returns ``{label: Latency}``.
+    ``options``: dtype, threads, rounds, input size and seed (default :data:`COMPARE_TIMING`: 3 warm-up and 20
+    timed rounds; the records hold the median whatever ``options.quantile`` says). The models are not modified
+    (copies are moved to the device). Returns ``{label: Latency}``.
     """
-    times, desc = _model_times(models, batch_size=batch_size, device=device, dtype=dtype, threads=threads,
-                               warmup=warmup, repeats=repeats, input_size=input_size, seed=seed,
-                               progress=progress, cancel=cancel)
+    times, desc = _model_times(models, batch_size, device, options, progress, cancel)
     out = {}
     for k, t in times.items():
         p10, p50, p90 = _percentiles(t)
         out[k] = Latency(median_ms=p50, p10_ms=p10, p90_ms=p90, batch_size=batch_size, device=desc,
-                         repeats=repeats)
+                         repeats=options.repeats)
     return out
 
 
-def _model_times(models: Mapping[str, nn.Module], *, batch_size: int, device: str | torch.device,
-                 dtype: str | torch.dtype, threads: int | None, warmup: int, repeats: int,
-                 input_size: Sequence[int] | None, seed: int, progress: ProgressFn | None,
+def _model_times(models: Mapping[str, nn.Module], batch_size: int, device: str | torch.device,
+                 options: TimingOptions, progress: ProgressFn | None,
                  cancel: CancelToken | None) -> tuple[dict[str, list[float]], str]:
     """Every timed call (ms) of each model, interleaved; and the device description."""
     if not models:
         raise ConfigError("models must name at least one model to time")
     _positive_int("batch_size", batch_size)
-    _positive_int("warmup", warmup, minimum=0)
-    _positive_int("repeats", repeats)
     dev = resolve_device(device)
-    tdtype = _DTYPES[_dtype_name(dtype)]
-    n_threads = _threads(threads)
-    size = _input_size(next(iter(models.values())), input_size)
-    with _torch_threads(n_threads), torch.inference_mode():
-        prepared = {k: _prepared(m, dev, tdtype) for k, m in models.items()}
-        x = _example_input(size, batch_size, dev, tdtype, seed)
+    size = _input_size(next(iter(models.values())), options.input_size)
+    with _torch_threads(_threads(options.threads)), torch.inference_mode():
+        prepared = {k: _prepared(m, dev, options.torch_dtype) for k, m in models.items()}
+        x = _example_input(size, batch_size, dev, options.torch_dtype, options.seed)
         fns = {k: functools.partial(m, x) for k, m in prepared.items()}
-        times = _interleaved_times(fns, device=dev, warmup=warmup, repeats=repeats, seed=seed,
-                                   progress=progress, cancel=cancel, what="timing models")
+        times = _interleaved_times(fns, dev, options, progress, cancel, what="timing models")
         return times, describe_device(dev)
 
 
@@ -661,9 +690,9 @@ def check_prediction(
     blocks removed."""
     gone = [n for n in removed_blocks(pruned) if n not in set(removed_blocks(base))]
     predicted = predict_latency(costs, gone)
-    times, desc = _model_times({"base": base, "pruned": pruned}, batch_size=costs.batch_size, device=device,
-                               dtype=costs.dtype, threads=costs.threads, warmup=warmup, repeats=repeats,
-                               input_size=None, seed=seed, progress=progress, cancel=cancel)
+    options = TimingOptions(dtype=costs.dtype, threads=costs.threads, warmup=warmup, repeats=repeats, seed=seed)
+    times, desc = _model_times({"base": base, "pruned": pruned}, costs.batch_size, device, options, progress,
+                               cancel)
     b, p = _quantile(times["base"], costs.quantile), _quantile(times["pruned"], costs.quantile)
     pred_red = 1 - predicted / costs.base_ms if costs.base_ms > 0 else 0.0
     ratio = paired_ratio(times["pruned"], times["base"])
@@ -743,13 +772,9 @@ def time_runtimes(
     batch_sizes: Sequence[int] = (1, 64),
     runtimes: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
-    threads: int | None = None,
-    warmup: int = 3,
-    repeats: int = 10,
-    quantile: float = 0.5,
     reference: str | None = None,
     workdir: str | Path | None = None,
-    seed: int = 0,
+    options: TimingOptions = RUNTIMES_TIMING,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> list[RuntimeTiming]:
@@ -758,27 +783,16 @@ def time_runtimes(
 
     For each batch size, every (model, runtime) pair is timed on the same seeded input with the same thread
     count, interleaved in a shuffled order each round; each row holds the median, the 10th/90th percentiles and
-    the ``quantile`` asked for, and with ``reference`` (a key of ``models``, e.g. the unpruned model) the
+    the ``options.quantile`` asked for, and with ``reference`` (a key of ``models``, e.g. the unpruned model) the
     :func:`paired_ratio` of each model to it in the same runtime. Exports go to ``workdir`` (default: a temporary
-    folder).
-    float32 only (the exported programs are float32). Returns one :class:`RuntimeTiming` per model × runtime ×
-    batch size.
+    folder). ``options``: threads, rounds, quantile, input size and seed (default :data:`RUNTIMES_TIMING`: 3
+    warm-up and 10 timed rounds); float32 only (the exported programs are float32). Returns one
+    :class:`RuntimeTiming` per model × runtime × batch size.
     """
-    if not models:
-        raise ConfigError("models must name at least one model to time")
-    q = _check_quantile(quantile)
-    if reference is not None and reference not in models:
-        raise ConfigError(f"reference={reference!r} is not one of the models ({', '.join(models)})")
-    sizes = [_positive_int("batch_sizes", b) for b in batch_sizes]
-    if not sizes:
-        raise ConfigError("batch_sizes must hold at least one batch size, e.g. (1, 64)")
-    chosen = list(runtimes) if runtimes is not None else available_runtimes(device)
-    bad = [r for r in chosen if r not in RUNTIMES]
-    if bad or not chosen:
-        raise ConfigError(f"runtimes {bad or chosen} are not known; choose from {RUNTIMES}")
+    sizes, chosen = _check_runtime_request(models, batch_sizes, runtimes, device, reference, options)
     dev = resolve_device(device)
-    n_threads = _threads(threads)
-    size = _input_size(next(iter(models.values())), None)
+    n_threads = _threads(options.threads)
+    size = _input_size(next(iter(models.values())), options.input_size)
     desc = device_name(dev)
     rows: list[RuntimeTiming] = []
     with contextlib.ExitStack() as stack:
@@ -786,29 +800,58 @@ def time_runtimes(
         root.mkdir(parents=True, exist_ok=True)
         stack.enter_context(_torch_threads(n_threads))
         stack.enter_context(torch.inference_mode())
-        runners: dict[tuple[str, str], Callable[[torch.Tensor], object]] = {}
-        for label, model in models.items():
-            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
-            for rt in chosen:
-                check_cancel(cancel, "exporting models")
-                if rt == "torch":
-                    runners[(label, "torch")] = _prepared(model, dev, torch.float32)
-                elif rt == "pt2":
-                    runners[(label, "pt2")] = _pt2_runner(model, root / f"{safe}.pt2", dev)
-                else:
-                    run, name = _onnx_runner(model, root / f"{safe}.onnx", dev, n_threads)
-                    runners[(label, name)] = run
+        runners = _runtime_runners(models, chosen, root, dev, n_threads, cancel)
         for bs in sizes:
             # the same values for every runner; eager torch gets them in its own memory format (see _prepared)
-            xs = {"torch": _example_input(size, bs, dev, torch.float32, seed),
-                  "other": _example_input(size, bs, dev, torch.float32, seed, channels_last=False)}
+            xs = {"torch": _example_input(size, bs, dev, torch.float32, options.seed),
+                  "other": _example_input(size, bs, dev, torch.float32, options.seed, channels_last=False)}
             fns = {k: functools.partial(f, xs["torch" if k[1] == "torch" else "other"]) for k, f in runners.items()}
-            times = _interleaved_times(fns, device=dev, warmup=warmup, repeats=repeats, seed=seed,
-                                       progress=progress, cancel=cancel, what=f"timing runtimes at batch {bs}")
+            times = _interleaved_times(fns, dev, options, progress, cancel, what=f"timing runtimes at batch {bs}")
             for (label, rt), t in times.items():
                 p10, p50, p90 = _percentiles(t)
                 rel = None if reference is None else paired_ratio(t, times[(reference, rt)])
                 rows.append(RuntimeTiming(model=label, runtime=rt, batch_size=bs, median_ms=p50, p10_ms=p10,
-                                          p90_ms=p90, quantile=q, quantile_ms=_quantile(t, q), relative=rel,
-                                          repeats=repeats, threads=n_threads, device=desc))
+                                          p90_ms=p90, quantile=options.quantile,
+                                          quantile_ms=_quantile(t, options.quantile), relative=rel,
+                                          repeats=options.repeats, threads=n_threads, device=desc))
     return rows
+
+
+def _check_runtime_request(models: Mapping[str, nn.Module], batch_sizes: Sequence[int],
+                           runtimes: Sequence[str] | None, device: str | torch.device, reference: str | None,
+                           options: TimingOptions) -> tuple[list[int], list[str]]:
+    """The batch sizes and runtimes :func:`time_runtimes` was asked for, checked (ConfigError naming the bad one)."""
+    if not models:
+        raise ConfigError("models must name at least one model to time")
+    if reference is not None and reference not in models:
+        raise ConfigError(f"reference={reference!r} is not one of the models ({', '.join(models)})")
+    if _dtype_name(options.dtype) != "float32":
+        raise ConfigError(f"options.dtype={options.dtype!r}: runtimes are timed in float32 only (the exported "
+                          "programs are float32)")
+    sizes = [_positive_int("batch_sizes", b) for b in batch_sizes]
+    if not sizes:
+        raise ConfigError("batch_sizes must hold at least one batch size, e.g. (1, 64)")
+    chosen = list(runtimes) if runtimes is not None else available_runtimes(device)
+    bad = [r for r in chosen if r not in RUNTIMES]
+    if bad or not chosen:
+        raise ConfigError(f"runtimes {bad or chosen} are not known; choose from {RUNTIMES}")
+    return sizes, chosen
+
+
+def _runtime_runners(models: Mapping[str, nn.Module], runtimes: Sequence[str], root: Path, dev: torch.device,
+                     threads: int, cancel: CancelToken | None) -> dict[tuple[str, str], Callable[[torch.Tensor], object]]:
+    """One callable per (model label, runtime name): the eager copy, the loaded ``.pt2`` program or an
+    onnxruntime session, exported under ``root``."""
+    runners: dict[tuple[str, str], Callable[[torch.Tensor], object]] = {}
+    for label, model in models.items():
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+        for rt in runtimes:
+            check_cancel(cancel, "exporting models")
+            if rt == "torch":
+                runners[(label, "torch")] = _prepared(model, dev, torch.float32)
+            elif rt == "pt2":
+                runners[(label, "pt2")] = _pt2_runner(model, root / f"{safe}.pt2", dev)
+            else:
+                run, name = _onnx_runner(model, root / f"{safe}.onnx", dev, threads)
+                runners[(label, name)] = run
+    return runners

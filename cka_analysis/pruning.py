@@ -26,13 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .blocks import Block, find_blocks, remove_blocks
 from .errors import Cancelled, CheckpointError, ConfigError, TargetError
 from .progress import CancelToken, ProgressFn, check_cancel, no_progress
-from .scoring import Scores, score_blocks
+from .scoring import Scores, ScoringOptions, score_blocks
 
 __all__ = [
     "Plan",
@@ -417,18 +416,6 @@ class ResumeStore:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ScoringOptions:
-    """How blocks are scored (see :func:`~cka_analysis.scoring.score_blocks`): debiased CKA, batch size, device,
-    autocast dtype and the seed of the ``random`` criterion."""
-
-    debiased: bool = False
-    batch_size: int = 128
-    device: str | torch.device = "auto"
-    amp: torch.dtype | None = None
-    seed: int = 0
-
-
 @dataclass
 class PruneHooks:
     """What a caller plugs into :func:`prune`.
@@ -468,9 +455,8 @@ class _Run:
         self.base_macs, self.base_params = _model_costs(model)
 
     def score(self, model: nn.Module) -> Scores:
-        s = self.scoring
-        return score_blocks(model, self.calibration, self.criterion, debiased=s.debiased, batch_size=s.batch_size,
-                            device=s.device, amp=s.amp, seed=s.seed, progress=self.progress, cancel=self.cancel)
+        return score_blocks(model, self.calibration, self.criterion, options=self.scoring, progress=self.progress,
+                            cancel=self.cancel)
 
     def accuracy(self, model: nn.Module, *, step: bool = True) -> float | None:
         if self.hooks.evaluate is None or (step and not self.hooks.evaluate_steps):

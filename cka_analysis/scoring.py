@@ -16,8 +16,9 @@ baselines the benchmarks compare it with:
 ========================  ============================================================================
 
 Speed: for the known families (see :class:`~cka_analysis.blocks.Topology`) the shared prefix runs once per
-batch and, for each candidate, only the blocks after it run again (``strategy="prefix"``); the cost is the sum of
-the suffixes' MACs instead of one full forward per candidate (``strategy="full"``, the paper code's loop, also the
+batch and, for each candidate, only the blocks after it run again (:class:`ScoringOptions` ``strategy="prefix"``);
+the cost is the sum of the suffixes' MACs instead of one full forward per candidate (``strategy="full"``, the paper
+code's loop, also the
 path for custom models). Batches that run out of GPU memory are split in halves and retried.
 
 Each criterion is a small :class:`Criterion` in :data:`REGISTRY`, keyed by the names of
@@ -57,6 +58,7 @@ __all__ = [
     "LossCriterion",
     "RandomCriterion",
     "Scores",
+    "ScoringOptions",
     "TaylorCriterion",
     "WeightNormCriterion",
     "get_criterion",
@@ -615,19 +617,36 @@ def _candidates(model: nn.Module, blocks: Sequence[str] | str | None, candidates
     return cands
 
 
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How blocks are scored, one object for :func:`score_blocks` and :func:`~cka_analysis.pruning.prune`.
+
+    Attributes:
+        debiased: for ``cka``, use debiased linear CKA.
+        batch_size: when the calibration images are a Dataset or tensors.
+        strategy: ``"prefix"`` (run the shared prefix once, then each candidate's suffix), ``"full"`` (one full
+            forward per candidate), or ``"auto"`` (prefix when the architecture allows it).
+        device: where to score (``"auto"``: CUDA when available).
+        amp: autocast dtype on CUDA (features and CKA are still computed in float32/float64).
+        seed: for ``random``.
+    """
+
+    debiased: bool = False
+    batch_size: int = 128
+    strategy: str = "auto"
+    device: str | torch.device = "auto"
+    amp: torch.dtype | None = None
+    seed: int = 0
+
+
 def score_blocks(
     model: nn.Module,
     calibration: Any = None,
     criterion: str = "cka",
     *,
-    debiased: bool = False,
+    options: ScoringOptions | None = None,
     candidates: Sequence[str] | None = None,
     blocks: Sequence[str] | str | None = None,
-    batch_size: int = 128,
-    strategy: str = "auto",
-    device: str | torch.device = "auto",
-    amp: torch.dtype | None = None,
-    seed: int = 0,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> Scores:
@@ -639,16 +658,14 @@ def score_blocks(
             (images, labels). Not needed for the criteria whose ``needs_data`` is False (``random``,
             ``weight_norm``; see :data:`~cka_analysis.choices.CRITERION_INFO`).
         criterion: one of :data:`CRITERIA`; ``"cka"`` is the paper's. Implementations: :data:`REGISTRY`.
-        debiased: for ``cka``, use debiased linear CKA.
+        options: debiased CKA, batch size, strategy, device, autocast dtype, seed (:class:`ScoringOptions`;
+            default: its defaults).
         candidates: restrict to these block names (default: every removable block).
         blocks: residual blocks of a custom model (names or glob patterns).
-        batch_size: when ``calibration`` is a Dataset or tensors.
-        strategy: ``"prefix"`` (run the shared prefix once, then each candidate's suffix), ``"full"`` (one full
-            forward per candidate), or ``"auto"`` (prefix when the architecture allows it).
-        amp: autocast dtype on CUDA (features and CKA are still computed in float32/float64).
-        seed: for ``random``.
         progress, cancel: see :mod:`cka_analysis.progress`.
     """
+    opts = options if options is not None else ScoringOptions()
+    debiased, batch_size, strategy, seed = opts.debiased, opts.batch_size, opts.strategy, opts.seed
     if criterion not in REGISTRY:
         raise ConfigError(f"criterion={criterion!r} is not known; choose one of {', '.join(CRITERIA)}")
     if strategy not in ("auto", "prefix", "full"):
@@ -668,8 +685,8 @@ def score_blocks(
         raise ConfigError(f"{type(model).__name__} cannot be run in pieces; use strategy='full' or 'auto'")
     use_prefix = topo.chain and strategy != "full" and crit.removal
     options["strategy"] = "prefix" if use_prefix else ("full" if crit.removal else "single-pass")
-    dev = resolve_device(device)
-    setup = _Setup(model, topo, cands, dev, amp, use_prefix, debiased)
+    dev = resolve_device(opts.device)
+    setup = _Setup(model, topo, cands, dev, opts.amp, use_prefix, debiased)
     values, samples = _score_on_data(crit, setup, calibration, batch_size, options,
                                      progress or no_progress, cancel)
     return Scores(criterion, values, time.perf_counter() - start, samples, options)

@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from app_session import TIMEOUT, settle
 from streamlit.testing.v1 import AppTest
 
 from cka_analysis.cli import main
@@ -22,29 +23,6 @@ from cka_analysis.export import load_pruned
 from cka_analysis.workflow import records_equal
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
-TIMEOUT = 240
-
-
-def settle(at: AppTest, timeout: float = TIMEOUT) -> AppTest:
-    """Run the script, then wait for the session's background job (if any) and rerun until it has finished."""
-    t = time.perf_counter()
-    try:
-        return _settle(at, timeout)
-    finally:
-        print(f"settle {time.perf_counter() - t:.1f} s")
-
-
-def _settle(at: AppTest, timeout: float) -> AppTest:
-    at.run(timeout=timeout)
-    for _ in range(50):
-        job = at.session_state.get("_job")
-        if job is None or (not job.running and job.collected):
-            return at
-        # a job that is running, or that finished before the page could show it (the run that started it ended
-        # with a rerun request): wait, then run once more so that the page collects and renders the result
-        assert job.wait(timeout), f"job {job.name} did not finish within {timeout} s"
-        at.run(timeout=timeout)
-    raise AssertionError("the app kept starting jobs")
 
 
 def assert_clean(at: AppTest, where: str, errors: bool = True) -> None:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from cka_analysis.blocks import find_blocks, remove_blocks
-from cka_analysis.cka import MinibatchCKA, cka_matrix, linear_cka
+from cka_analysis.cka import CKAOptions, MinibatchCKA, cka_matrix, linear_cka
 from cka_analysis.data import (
     calibration_subset,
     check_num_classes,
@@ -38,8 +38,10 @@ from cka_analysis.errors import (
 from cka_analysis.export import open_model
 from cka_analysis.metrics import count_macs, count_params
 from cka_analysis.models import build_model
-from cka_analysis.pruning import ScoringOptions, Target, plan, prune
-from cka_analysis.scoring import score_blocks
+from cka_analysis.pruning import Target, plan, prune
+from cka_analysis.scoring import ScoringOptions, score_blocks
+
+ON_CPU = ScoringOptions(device="cpu")
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -59,7 +61,7 @@ def calib(digits: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference_cka(digits, calib) -> dict[str, float]:
-    return score_blocks(digits, calib, "cka", device="cpu", batch_size=32).scores
+    return score_blocks(digits, calib, "cka", options=ScoringOptions(device="cpu", batch_size=32)).scores
 
 
 def _image(path: Path, mode: str = "RGB", size: tuple[int, int] = (8, 8), seed: int = 0) -> Path:
@@ -191,16 +193,17 @@ def test_calibration_size(digits) -> None:
 def test_too_few_images_for_cka_scoring(digits, calib) -> None:
     x, y = calib
     with pytest.raises(ConfigError, match="at least 4 examples for the debiased estimator, got 3"):
-        score_blocks(digits, (x[:3], y[:3]), "cka", debiased=True, device="cpu")
+        score_blocks(digits, (x[:3], y[:3]), "cka", options=ScoringOptions(debiased=True, device="cpu"))
     with pytest.raises(ConfigError, match="at least 2 examples, got 1"):
-        score_blocks(digits, (x[:1], y[:1]), "cka", device="cpu")
+        score_blocks(digits, (x[:1], y[:1]), "cka", options=ON_CPU)
     with pytest.raises(ConfigError, match="yielded no images"):
-        score_blocks(digits, (x[:0], y[:0]), "cka", device="cpu")
+        score_blocks(digits, (x[:0], y[:0]), "cka", options=ON_CPU)
     with pytest.raises(ConfigError, match="needs calibration images"):
-        score_blocks(digits, None, "cka", device="cpu")
+        score_blocks(digits, None, "cka", options=ON_CPU)
     with pytest.raises(ConfigError, match=r"images \(32\) and labels \(5\) differ"):
-        score_blocks(digits, (x, y[:5]), "cka", device="cpu")
-    assert len(score_blocks(digits, (x[:4], y[:4]), "cka", debiased=True, device="cpu").scores) == 7
+        score_blocks(digits, (x, y[:5]), "cka", options=ON_CPU)
+    debiased = ScoringOptions(debiased=True, device="cpu")
+    assert len(score_blocks(digits, (x[:4], y[:4]), "cka", options=debiased).scores) == 7
 
 
 # ------------------------------------------------------------------------------------------------ targets and blocks
@@ -254,13 +257,13 @@ def _with_nan(model: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("criterion", ["cka", "taylor", "block_influence", "angular", "loss"])
 def test_nan_activations_are_an_error_not_a_score(digits, calib, criterion: str) -> None:
     with pytest.raises(ConfigError, match="NaN or Inf") as info:
-        score_blocks(_with_nan(digits), calib, criterion, device="cpu")
+        score_blocks(_with_nan(digits), calib, criterion, options=ON_CPU)
     msg = str(info.value)
     assert "weights" in msg and "amp" in msg
     if criterion != "cka":
         assert "layer2.1" in msg  # the first affected block is named
     x, y = calib
-    assert math.isfinite(sum(score_blocks(digits, (x[:8], y[:8]), criterion, device="cpu").scores.values()))
+    assert math.isfinite(sum(score_blocks(digits, (x[:8], y[:8]), criterion, options=ON_CPU).scores.values()))
 
 
 def test_nan_weights_and_nan_pixels(digits, calib) -> None:
@@ -273,7 +276,7 @@ def test_nan_weights_and_nan_pixels(digits, calib) -> None:
     x = x.clone()
     x[5, 0, 3, 3] = math.nan
     with pytest.raises(ConfigError, match="NaN or Inf"):
-        score_blocks(digits, (x, y), "cka", device="cpu")
+        score_blocks(digits, (x, y), "cka", options=ON_CPU)
     with pytest.raises(ConfigError, match="NaN or Inf"):
         prune(digits, (x, y), target="2 blocks", scoring=ScoringOptions(device="cpu"))
 
@@ -281,10 +284,10 @@ def test_nan_weights_and_nan_pixels(digits, calib) -> None:
 def test_nan_activations_in_the_cka_heatmap(digits, calib) -> None:
     x, _ = calib
     with pytest.raises(ConfigError, match=r"activations of layer2\.1, layer2\.2.*contain NaN or Inf"):
-        cka_matrix(_with_nan(digits), [x], device="cpu")
+        cka_matrix(_with_nan(digits), [x], options=CKAOptions(device="cpu"))
     with pytest.raises(ConfigError, match="NaN or Inf"):
         linear_cka(torch.full((8, 3), math.inf), torch.randn(8, 3))
-    result = cka_matrix(digits, [x], device="cpu")
+    result = cka_matrix(digits, [x], options=CKAOptions(device="cpu"))
     assert torch.isfinite(result.matrix).all() and "layer2.1" in result.names_a
 
 
@@ -296,18 +299,18 @@ def test_cuda_requested_without_cuda(monkeypatch: pytest.MonkeyPatch, digits, ca
         with pytest.raises(DeviceError, match=r"CUDA is not available.*--device cpu"):
             resolve_device(spec)
     with pytest.raises(DeviceError, match="CUDA is not available"):
-        score_blocks(digits, calib, "cka", device="cuda")
+        score_blocks(digits, calib, "cka", options=ScoringOptions(device="cuda"))
     with pytest.raises(DeviceError, match="CUDA is not available"):
         prune(digits, calib, target="1 block", scoring=ScoringOptions(device="cuda"))
     with pytest.raises(DeviceError, match="CUDA is not available"):
-        cka_matrix(digits, [calib[0]], device="cuda")
+        cka_matrix(digits, [calib[0]], options=CKAOptions(device="cuda"))
     with pytest.raises(DeviceError, match="CUDA is not available"):
         make_loader(torch.utils.data.TensorDataset(*calib), batch_size=8, device="cuda")
     with pytest.raises(ConfigError, match="not understood; choose one of auto, cpu, cuda, mps"):
         resolve_device("gpu")
     assert resolve_device("auto").type in ("cpu", "mps")
     x, y = calib
-    assert len(score_blocks(digits, (x[:8], y[:8]), "cka", device="auto").scores) == 7
+    assert len(score_blocks(digits, (x[:8], y[:8]), "cka", options=ScoringOptions(device="auto")).scores) == 7
 
 
 # ------------------------------------------------------------------------------------------------ out of memory
@@ -341,11 +344,11 @@ def test_out_of_memory_retries_with_smaller_batches(digits, calib, criterion: st
 
     ``every`` > 1 makes the failure happen after part of the batch was recorded: nothing may be counted twice.
     """
-    ref = score_blocks(digits, calib, criterion, device="cpu", batch_size=32).scores
+    ref = score_blocks(digits, calib, criterion, options=ScoringOptions(device="cpu", batch_size=32)).scores
     model = copy.deepcopy(digits)
     hook = _OOMAbove(model.avgpool, limit=8, every=every)
     try:
-        got = score_blocks(model, calib, criterion, device="cpu", batch_size=32)
+        got = score_blocks(model, calib, criterion, options=ScoringOptions(device="cpu", batch_size=32))
     finally:
         hook.handle.remove()
     assert max(hook.sizes) == 32 and min(hook.sizes) <= 8
@@ -358,10 +361,10 @@ def test_out_of_memory_even_for_one_image_is_a_message(digits, calib) -> None:
     model = copy.deepcopy(digits)
     hook = _OOMAbove(model.conv1, limit=0)
     with pytest.raises(ConfigError, match=r"out of memory while scoring even a single image.*--device cpu"):
-        score_blocks(model, calib, "cka", device="cpu", batch_size=16)
+        score_blocks(model, calib, "cka", options=ScoringOptions(device="cpu", batch_size=16))
     assert sorted(set(hook.sizes), reverse=True) == [16, 8, 4, 2, 1]
     hook.handle.remove()
-    assert len(score_blocks(model, calib, "cka", device="cpu").scores) == 7  # usable afterwards
+    assert len(score_blocks(model, calib, "cka", options=ON_CPU).scores) == 7  # usable afterwards
 
 
 def test_other_runtime_errors_are_not_taken_for_out_of_memory(digits, calib) -> None:
@@ -372,7 +375,7 @@ def test_other_runtime_errors_are_not_taken_for_out_of_memory(digits, calib) -> 
 
     handle = model.avgpool.register_forward_hook(broken)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        score_blocks(model, calib, "cka", device="cpu")
+        score_blocks(model, calib, "cka", options=ON_CPU)
     handle.remove()
 
 
@@ -447,7 +450,7 @@ def test_every_evaluation_gives_a_mixed_train_eval_model_its_flags_back(digits, 
     count_macs(model, (1, 8, 8))
     measure_latency(model, (1, 8, 8), batch_size=2, device="cpu", warmup=1, repeats=1)
     find_blocks(model)
-    score_blocks(model, (x[:8], y[:8]), "block_influence", device="cpu")
+    score_blocks(model, (x[:8], y[:8]), "block_influence", options=ON_CPU)
     assert {name: m.training for name, m in model.named_modules()} == before
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cka_analysis.cka import MinibatchCKA, cka_matrix, gram_linear, hsic, linear_cka, rbf_cka
+from cka_analysis.cka import CKAOptions, MinibatchCKA, cka_matrix, gram_linear, hsic, linear_cka, rbf_cka
 from cka_analysis.errors import ConfigError
 
 
@@ -228,20 +228,21 @@ class _TwoBranch(torch.nn.Module):
 def test_cka_matrix_numbered_calls_and_state_restored():
     model = _TwoBranch().train()
     data = [(torch.randn(16, 6), torch.zeros(16)) for _ in range(3)]
-    res = cka_matrix(model, data, layers=["a", "act", "b"], device="cpu")
+    res = cka_matrix(model, data, options=CKAOptions(device="cpu"), layers=["a", "act", "b"])
     assert res.names_a == ["act#1", "a", "act#2", "b"]
     assert res.matrix.shape == (4, 4)
     assert torch.allclose(torch.diagonal(res.matrix), torch.ones(4, dtype=torch.float64))
     assert model.training and all(m.training for m in model.modules())
     with pytest.raises(ConfigError, match="nope"):
-        cka_matrix(model, data, layers=["a", "nope"], device="cpu")
+        cka_matrix(model, data, options=CKAOptions(device="cpu"), layers=["a", "nope"])
 
 
 def test_cka_matrix_model_a_vs_b_and_max_samples():
     torch.manual_seed(0)
     a, b = _TwoBranch(), _TwoBranch()
     data = [torch.randn(16, 6) for _ in range(4)]
-    res = cka_matrix(a, data, model_b=b, layers=["a", "b"], layers_b=["b"], max_samples=40, device="cpu")
+    res = cka_matrix(a, data, model_b=b, layers=["a", "b"], layers_b=["b"], max_samples=40,
+                     options=CKAOptions(device="cpu"))
     assert res.matrix.shape == (2, 1) and res.names_b == ["b"]
-    same = cka_matrix(a, data, model_b=a, layers=["b"], layers_b=["b"], device="cpu")
+    same = cka_matrix(a, data, options=CKAOptions(device="cpu"), model_b=a, layers=["b"], layers_b=["b"])
     assert float(same.matrix[0, 0]) == pytest.approx(1.0)

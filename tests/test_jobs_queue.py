@@ -22,7 +22,7 @@ from dashboard import jobs
 from cka_analysis.data import calibration_subset, load_dataset, make_loader
 from cka_analysis.models import build_model
 from cka_analysis.robustness import evaluate_robustness
-from cka_analysis.scoring import score_blocks
+from cka_analysis.scoring import ScoringOptions, score_blocks
 from cka_analysis.training import FinetuneConfig, finetune
 
 WAIT = 300  # seconds: generous on a busy 2-core machine; the tests wait on events, not on these
@@ -120,7 +120,7 @@ def _robustness_record(model, test, *, progress=None, cancel=None) -> dict:
     rob = evaluate_robustness(net, loader, kinds=("pgd", "corruptions"), eps=(4 / 255,), max_samples=64,
                               pgd_steps=2, device="cpu", seed=5, cancel=cancel)
     calib = calibration_subset(test, 32, seed=1)
-    scores = score_blocks(net, calib, "random", seed=7, device="cpu")
+    scores = score_blocks(net, calib, "random", options=ScoringOptions(seed=7, device="cpu"))
     return {"robustness": repr(rob), "scores": dict(scores.scores)}
 
 

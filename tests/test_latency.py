@@ -13,6 +13,7 @@ from cka_analysis.errors import Cancelled, ConfigError, TargetError
 from cka_analysis.latency import (
     BlockCosts,
     LatencyCheck,
+    TimingOptions,
     check_prediction,
     compare_latency,
     latency_cache_dir,
@@ -26,7 +27,8 @@ from cka_analysis.metrics import count_macs, count_params
 from cka_analysis.progress import CancelToken
 from cka_analysis.pruning import Target, plan
 
-QUICK = {"device": "cpu", "warmup": 0, "repeats": 2}
+FAST = TimingOptions(warmup=0, repeats=2)
+QUICK = {"device": "cpu", "options": FAST}
 
 
 def _costs(block_ms: dict[str, float], base_ms: float = 10.0, **kw) -> BlockCosts:
@@ -71,7 +73,8 @@ def test_block_costs_add_up_to_the_saving_of_removing_them_all(demo):
 
 def test_cache_key_separates_batch_threads_method_and_structure(demo, tmp_path):
     base = measure_block_costs(demo, cache_dir=tmp_path, **QUICK)
-    for kw in ({"batch_size": 4}, {"threads": 2}, {"method": "ablation"}, {"quantile": 0.0}):
+    for kw in ({"batch_size": 4}, {"options": TimingOptions(warmup=0, repeats=2, threads=2)}, {"method": "ablation"},
+               {"options": TimingOptions(warmup=0, repeats=2, quantile=0.0)}):
         other = measure_block_costs(demo, cache_dir=tmp_path, **{**QUICK, **kw})
         assert not other.from_cache, kw
     assert len(list(tmp_path.glob("*.json"))) == 5
@@ -125,15 +128,23 @@ def test_block_costs_round_trip_and_bad_records(demo, tmp_path):
 
 @pytest.mark.parametrize(("kw", "match"), [
     ({"batch_size": 0}, "batch_size"),
-    ({"repeats": 0}, "repeats"),
     ({"method": "profile"}, "method"),
-    ({"dtype": "int8"}, "dtype"),
-    ({"threads": 0}, "threads"),
-    ({"quantile": 1.5}, "quantile"),
 ])
 def test_bad_arguments_name_themselves(demo, tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match):
         measure_block_costs(demo, cache_dir=tmp_path, **{**QUICK, **kw})
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"repeats": 0}, "repeats"),
+    ({"warmup": -1}, "warmup"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"threads": 0}, "threads"),
+    ({"quantile": 1.5}, "quantile"),
+])
+def test_bad_timing_options_name_themselves(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        TimingOptions(**kw)
 
 
 def test_progress_is_reported_and_cancel_stops(demo, tmp_path):
@@ -237,7 +248,8 @@ def test_check_prediction_records_predicted_measured_and_error(demo, tmp_path):
 def test_compare_latency_leaves_the_models_alone(demo):
     pruned = remove_blocks(demo, ["layer1.1"])
     before = {k: v.clone() for k, v in demo.state_dict().items()}
-    t = compare_latency({"base": demo, "pruned": pruned}, device="cpu", batch_size=2, warmup=0, repeats=3)
+    t = compare_latency({"base": demo, "pruned": pruned}, device="cpu", batch_size=2,
+                        options=TimingOptions(warmup=0, repeats=3))
     assert set(t) == {"base", "pruned"}
     assert all(v.batch_size == 2 and v.repeats == 3 and v.median_ms > 0 for v in t.values())
     assert all(torch.equal(before[k], v) for k, v in demo.state_dict().items())
@@ -248,8 +260,8 @@ def test_compare_latency_leaves_the_models_alone(demo):
 def test_runtime_timings_cover_every_model_runtime_and_batch(demo, tmp_path):
     pytest.importorskip("onnxruntime")
     pruned = remove_blocks(demo, ["layer1.1", "layer2.1"])
-    rows = time_runtimes({"base": demo, "pruned": pruned}, batch_sizes=(1, 8), device="cpu", threads=1,
-                         warmup=1, repeats=2, reference="base", workdir=tmp_path)
+    rows = time_runtimes({"base": demo, "pruned": pruned}, batch_sizes=(1, 8), device="cpu", reference="base",
+                         workdir=tmp_path, options=TimingOptions(threads=1, warmup=1, repeats=2))
     got = {(r.model, r.runtime, r.batch_size) for r in rows}
     assert got == {(m, rt, b) for m in ("base", "pruned") for rt in ("torch", "pt2", "onnxruntime-cpu")
                    for b in (1, 8)}
@@ -262,6 +274,8 @@ def test_runtime_timings_cover_every_model_runtime_and_batch(demo, tmp_path):
         time_runtimes({"base": demo}, runtimes=["tensorrt"], device="cpu")
     with pytest.raises(ConfigError, match="reference"):
         time_runtimes({"base": demo}, reference="original", device="cpu")
+    with pytest.raises(ConfigError, match="float32"):
+        time_runtimes({"base": demo}, device="cpu", options=TimingOptions(dtype="bf16"))
 
 
 def test_paired_ratio_cancels_what_hits_both_calls_of_a_round():
@@ -340,39 +354,28 @@ def test_cli_prune_to_a_latency_target_reports_predicted_and_measured(capsys, tm
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _settled(at, timeout: float = 240):
-    """Run the page, wait for its background job (if any) and rerun until the result is shown."""
-    at.run(timeout=timeout)
-    for _ in range(20):
-        job = at.session_state.get("_job")
-        if job is None or (not job.running and job.collected):
-            return at
-        assert job.wait(timeout), f"job {job.name} did not finish"
-        at.run(timeout=timeout)
-    raise AssertionError("the app kept starting jobs")
-
-
 def test_dashboard_prunes_to_a_latency_target(tmp_path, monkeypatch):
     from pathlib import Path
 
+    from app_session import settle
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("CKA_PRUNE_LATENCY_CACHE", str(tmp_path))
     app = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
-    at = _settled(AppTest.from_file(app, default_timeout=240))
+    at = settle(AppTest.from_file(app, default_timeout=240))
     blocks = at.dataframe[0].value  # Model & data: measured latency beside MACs
     assert blocks["latency ms"].notna().sum() == 7 and blocks["latency ms"].isna().sum() == 2
-    _settled(at.switch_page("views/prune.py"))
+    settle(at.switch_page("views/prune.py"))
     at.radio(key="pr_target_kind").set_value("latency")
-    _settled(at)
+    settle(at)
     at.slider(key="pr_latency").set_value(25)
     at.segmented_control(key="pr_recovery").set_value("none")
     at.number_input(key="pr_eval_samples").set_value(64)
-    _settled(at)
+    settle(at)
     assert not at.exception and not at.error, [e.value for e in (*at.exception, *at.error)]
     assert any("Predicted batch-1 latency" in c.value for c in at.caption)
     at.button(key="pr_run").click()
-    _settled(at)
+    settle(at)
     assert not at.exception and not at.error, [e.value for e in (*at.exception, *at.error)]
     (line,) = [m.value for m in at.markdown if m.value.startswith("**Latency**")]
     assert "measured" in line and "predicted" in line and "error" in line

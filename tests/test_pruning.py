@@ -209,7 +209,7 @@ def test_one_shot_prune_with_a_block_target(demo, loaders, base_costs) -> None:
     before = {k: v.clone() for k, v in demo.state_dict().items()}
     result = prune(demo, loaders["calib"], target="3 blocks", criterion="cka", hooks=_accuracy_hook(loaders["test"]),
                    scoring=ScoringOptions(device="cpu"))
-    scores = score_blocks(demo, loaders["calib"], "cka", device="cpu")
+    scores = score_blocks(demo, loaders["calib"], "cka", options=ScoringOptions(device="cpu"))
     assert result.removed == scores.ranking()[:3]
     assert result.criterion == "cka" and not result.iterative and not result.cancelled
     assert [s.step for s in result.steps] == [0, 1]
@@ -310,11 +310,12 @@ def test_iterative_prune_rescores_after_each_removal(demo, loaders, base_costs) 
     assert first.removed[0] not in second.scores
     assert result.removed == first.removed + second.removed
     # the first step's scores are those of the unpruned model; the second step's those of the pruned one
-    direct = score_blocks(demo, loaders["calib"], "cka", device="cpu")
+    direct = score_blocks(demo, loaders["calib"], "cka", options=ScoringOptions(device="cpu"))
     assert first.scores == pytest.approx(direct.scores, abs=1e-9)
     from cka_analysis.blocks import remove_blocks
 
-    again = score_blocks(remove_blocks(demo, first.removed), loaders["calib"], "cka", device="cpu")
+    again = score_blocks(remove_blocks(demo, first.removed), loaders["calib"], "cka",
+                         options=ScoringOptions(device="cpu"))
     assert second.scores == pytest.approx(again.scores, abs=1e-9)
     # the recovery hook ran after each removal, on the model with that step's blocks gone, and is recorded
     assert calls == [(1, first.removed), (2, result.removed)]

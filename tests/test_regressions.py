@@ -23,16 +23,17 @@ import torch
 from torch import nn
 
 from cka_analysis.blocks import remove_blocks
-from cka_analysis.cka import cka_matrix
+from cka_analysis.cka import CKAOptions, cka_matrix
 from cka_analysis.cli import main
 from cka_analysis.data import calibration_subset, load_dataset, make_loader
 from cka_analysis.errors import CheckpointError
 from cka_analysis.export import open_model, save_pruned
 from cka_analysis.metrics import evaluate
-from cka_analysis.scoring import score_blocks
+from cka_analysis.scoring import ScoringOptions, score_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = ["--model", "digits_resnet", "--weights", "demo", "--data", "digits", "--device", "cpu"]
+ON_CPU = ScoringOptions(device="cpu")
 
 
 def _env() -> dict[str, str]:
@@ -63,11 +64,11 @@ def test_cli_scores_equal_the_library_on_the_same_calibration_images(capsys, tmp
                         tmp_path / "s.json", "--quiet")
     assert code == 0, err
     cli = json.loads((tmp_path / "s.json").read_text())["scores"]
-    lib = score_blocks(model, calibration_subset(train, 96, seed=0), "cka", device="cpu").scores
+    lib = score_blocks(model, calibration_subset(train, 96, seed=0), "cka", options=ON_CPU).scores
     assert cli.keys() == lib.keys()
     assert max(abs(cli[k] - lib[k]) for k in lib) < 1e-9
     # and they are not the scores of other images (the comparison can tell calibration sets apart)
-    other = score_blocks(model, calibration_subset(train, 96, seed=1), "cka", device="cpu").scores
+    other = score_blocks(model, calibration_subset(train, 96, seed=1), "cka", options=ON_CPU).scores
     assert max(abs(cli[k] - other[k]) for k in lib) > 1e-6
 
 
@@ -76,7 +77,8 @@ def test_cli_heatmap_equals_the_library_on_the_same_images(capsys, tmp_path, dem
     code, _, err = _cli(capsys, "heatmap", *DEMO, "--samples", "96", "--out", tmp_path / "h.json", "--quiet")
     assert code == 0, err
     cli = json.loads((tmp_path / "h.json").read_text())
-    lib = cka_matrix(model, make_loader(calibration_subset(test, 96, seed=0), batch_size=128), device="cpu")
+    lib = cka_matrix(model, make_loader(calibration_subset(test, 96, seed=0), batch_size=128),
+                     options=CKAOptions(device="cpu"))
     assert cli["layers_a"] == list(lib.names_a)
     assert (torch.tensor(cli["matrix"], dtype=torch.float64) - lib.matrix.double()).abs().max() < 1e-9
 
@@ -107,7 +109,7 @@ def test_iterative_pruning_rescores_the_pruned_model(capsys, tmp_path, demo_data
     assert gone not in second["scores"] and set(second["scores"]) == set(first["scores"]) - {gone}
     calib = calibration_subset(train, 64, seed=0)
     expected = score_blocks(remove_blocks(open_model("digits_resnet", weights="demo"), [gone]), calib, "cka",
-                            device="cpu").scores
+                            options=ON_CPU).scores
     assert max(abs(second["scores"][k] - expected[k]) for k in expected) < 1e-9
     reused = {k: v for k, v in first["scores"].items() if k != gone}
     assert max(abs(second["scores"][k] - reused[k]) for k in reused) > 1e-4  # reusing would be detected

@@ -19,7 +19,7 @@ import torch
 
 from cka_analysis.data import calibration_subset, load_dataset
 from cka_analysis.export import open_model
-from cka_analysis.scoring import score_blocks
+from cka_analysis.scoring import ScoringOptions, score_blocks
 from cka_analysis.workflow import PruneRequest, run_prune
 
 CRITERIA = ("cka", "random", "taylor")
@@ -43,7 +43,8 @@ def run_once(seed: int = 0) -> dict[str, Any]:
     train = load_dataset("digits", "train", preset)
     calib = calibration_subset(train, 48, seed=seed)
     scores = {
-        c: score_blocks(model, calib, c, device="cpu", batch_size=16, seed=seed).scores for c in CRITERIA
+        c: score_blocks(model, calib, c, options=ScoringOptions(device="cpu", batch_size=16, seed=seed)).scores
+        for c in CRITERIA
     }
     request = PruneRequest(model, data="digits", calibration_samples=48, target="2 blocks", criterion="cka",
                            recovery="2400", eval_samples=64, batch_size=16, seed=seed, device="cpu", latency=False)
@@ -75,9 +76,9 @@ def test_scoring_and_pruning_reproduce_exactly_in_process(first: dict[str, Any])
 def test_the_seed_matters(first: dict[str, Any]) -> None:
     """A different seed changes the random scores and the fine-tuned weights: the seed is really used."""
     model = open_model("digits_resnet", weights="demo")
-    other = score_blocks(model, None, "random", seed=1).scores
+    other = score_blocks(model, None, "random", options=ScoringOptions(seed=1)).scores
     assert {k: repr(v) for k, v in other.items()} != first["scores"]["random"]
-    same = score_blocks(model, None, "random", seed=0).scores
+    same = score_blocks(model, None, "random", options=ScoringOptions(seed=0)).scores
     assert {k: repr(v) for k, v in same.items()} == first["scores"]["random"]
 
 

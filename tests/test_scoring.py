@@ -22,10 +22,11 @@ from cka_analysis.errors import Cancelled, ConfigError
 from cka_analysis.models import attach_preset, get_preset
 from cka_analysis.models.preset import Preset
 from cka_analysis.progress import CancelToken
-from cka_analysis.scoring import CRITERIA, REGISTRY, Scores, get_criterion, score_blocks
+from cka_analysis.scoring import CRITERIA, REGISTRY, Scores, ScoringOptions, get_criterion, score_blocks
 
 CALIBRATION = 128
 BATCH = 64
+ON_CPU = ScoringOptions(device="cpu")
 
 
 
@@ -50,7 +51,7 @@ def removable(demo: nn.Module) -> list[str]:
 @pytest.fixture(scope="module")
 def scores(demo: nn.Module, calib: DataLoader) -> dict[str, Scores]:
     """Every criterion once, with the default options (the other tests compare against these)."""
-    return {c: score_blocks(demo, calib, c, device="cpu") for c in CRITERIA}
+    return {c: score_blocks(demo, calib, c, options=ON_CPU) for c in CRITERIA}
 
 
 def penultimate(model: nn.Module, x: torch.Tensor, classifier: str = "linear") -> torch.Tensor:
@@ -137,7 +138,8 @@ def test_cka_is_one_minus_cka_of_penultimate_features(demo, xy, scores, removabl
 
 def test_debiased_cka(demo, calib, xy, removable) -> None:
     x, _ = xy
-    s = score_blocks(demo, calib, "cka", debiased=True, candidates=removable[:3], device="cpu")
+    debiased = ScoringOptions(debiased=True, device="cpu")
+    s = score_blocks(demo, calib, "cka", candidates=removable[:3], options=debiased)
     full = penultimate(demo, x)
     for b in removable[:3]:
         expected = 1.0 - linear_cka(full, penultimate(remove_blocks(demo, [b]), x), debiased=True)
@@ -208,7 +210,7 @@ def test_weight_norm_is_the_mean_absolute_weight(demo, scores, removable) -> Non
 # ------------------------------------------------------------------------------------------------ strategies
 @pytest.mark.parametrize("criterion", ["cka", "loss"])
 def test_prefix_strategy_equals_full_strategy(demo, calib, scores, criterion: str) -> None:
-    full = score_blocks(demo, calib, criterion, strategy="full", device="cpu")
+    full = score_blocks(demo, calib, criterion, options=ScoringOptions(strategy="full", device="cpu"))
     assert full.options["strategy"] == "full"
     assert list(full.scores) == list(scores[criterion].scores)
     for b, v in full.scores.items():
@@ -217,9 +219,10 @@ def test_prefix_strategy_equals_full_strategy(demo, calib, scores, criterion: st
 
 def test_calibration_formats_agree(demo, calib, xy, scores) -> None:
     x, y = xy
-    as_pair = score_blocks(demo, (x, y), "cka", batch_size=BATCH, device="cpu")
-    as_dataset = score_blocks(demo, calib.dataset, "cka", batch_size=BATCH, device="cpu")
-    as_images = score_blocks(demo, x, "block_influence", batch_size=BATCH, device="cpu")  # no labels needed
+    batched = ScoringOptions(batch_size=BATCH, device="cpu")
+    as_pair = score_blocks(demo, (x, y), "cka", options=batched)
+    as_dataset = score_blocks(demo, calib.dataset, "cka", options=batched)
+    as_images = score_blocks(demo, x, "block_influence", options=batched)  # no labels needed
     for b, v in scores["cka"].scores.items():
         assert as_pair.scores[b] == pytest.approx(v, abs=1e-6)
         assert as_dataset.scores[b] == pytest.approx(v, abs=1e-6)
@@ -234,7 +237,7 @@ def test_scoring_leaves_the_model_alone(demo, calib) -> None:
     before = {k: v.clone() for k, v in demo.state_dict().items()}
     demo.train()
     try:
-        score_blocks(demo, calib, "taylor", device="cpu")
+        score_blocks(demo, calib, "taylor", options=ON_CPU)
         assert demo.training and all(m.training for m in demo.modules())  # mode restored
         assert all(p.grad is None for p in demo.parameters())
     finally:
@@ -245,9 +248,9 @@ def test_scoring_leaves_the_model_alone(demo, calib) -> None:
 
 # --------------------------------------------------------------------------------------- seeds, data-free
 def test_random_is_seeded(demo, scores) -> None:
-    again = score_blocks(demo, None, "random", seed=0)
+    again = score_blocks(demo, None, "random", options=ScoringOptions(seed=0))
     assert again.scores == scores["random"].scores
-    other = score_blocks(demo, None, "random", seed=1)
+    other = score_blocks(demo, None, "random", options=ScoringOptions(seed=1))
     assert other.scores != again.scores
     assert other.options["seed"] == 1
     assert all(0 <= v < 1 for v in other.scores.values())
@@ -266,13 +269,13 @@ def test_bad_arguments(demo, calib) -> None:
     with pytest.raises(ConfigError, match="criterion='fisher' is not known"):
         score_blocks(demo, calib, "fisher")
     with pytest.raises(ConfigError, match="strategy='fast'"):
-        score_blocks(demo, calib, "cka", strategy="fast")
+        score_blocks(demo, calib, "cka", options=ScoringOptions(strategy="fast"))
 
 
 # ---------------------------------------------------------------------------------------------- candidates
 def test_candidates_restrict_the_scored_blocks(demo, calib, scores) -> None:
     chosen = ["layer3.2", "layer1.1", "layer3.2"]
-    s = score_blocks(demo, calib, "cka", candidates=chosen, device="cpu")
+    s = score_blocks(demo, calib, "cka", options=ON_CPU, candidates=chosen)
     assert list(s.scores) == ["layer3.2", "layer1.1"]
     for b, v in s.scores.items():
         assert v == pytest.approx(scores["cka"].scores[b], abs=1e-6)
@@ -284,9 +287,9 @@ def test_candidates_restrict_the_scored_blocks(demo, calib, scores) -> None:
 
 def test_scoring_a_pruned_model_skips_removed_blocks(demo, calib) -> None:
     pruned = remove_blocks(demo, ["layer2.1", "layer3.1"])
-    s = score_blocks(pruned, calib, "cka", device="cpu")
+    s = score_blocks(pruned, calib, "cka", options=ON_CPU)
     assert list(s.scores) == ["layer1.0", "layer1.1", "layer1.2", "layer2.2", "layer3.2"]
-    full = score_blocks(pruned, calib, "cka", strategy="full", device="cpu")
+    full = score_blocks(pruned, calib, "cka", options=ScoringOptions(strategy="full", device="cpu"))
     for b, v in full.scores.items():
         assert s.scores[b] == pytest.approx(v, abs=1e-5)
 
@@ -294,7 +297,7 @@ def test_scoring_a_pruned_model_skips_removed_blocks(demo, calib) -> None:
 # ------------------------------------------------------------------------------------ progress and cancel
 def test_progress_is_reported_per_batch(demo, calib) -> None:
     calls: list[tuple[int, int | None, str]] = []
-    score_blocks(demo, calib, "angular", device="cpu", progress=lambda d, t, m: calls.append((d, t, m)))
+    score_blocks(demo, calib, "angular", options=ON_CPU, progress=lambda d, t, m: calls.append((d, t, m)))
     assert [(d, t) for d, t, _ in calls] == [(1, 2), (2, 2)]
     assert all("angular" in m for _, _, m in calls)
 
@@ -303,7 +306,7 @@ def test_cancel_raises_cancelled(demo, calib) -> None:
     token = CancelToken()
     token.cancel()
     with pytest.raises(Cancelled, match="scoring was cancelled"):
-        score_blocks(demo, calib, "cka", device="cpu", cancel=token)
+        score_blocks(demo, calib, "cka", options=ON_CPU, cancel=token)
     # cancelled from the progress callback after the first batch: the second batch never runs
     token = CancelToken()
     seen: list[int] = []
@@ -315,7 +318,7 @@ def test_cancel_raises_cancelled(demo, calib) -> None:
     demo.train()
     try:
         with pytest.raises(Cancelled):
-            score_blocks(demo, calib, "loss", device="cpu", progress=progress, cancel=token)
+            score_blocks(demo, calib, "loss", options=ON_CPU, progress=progress, cancel=token)
         assert demo.training  # the mode is restored on the way out
     finally:
         demo.eval()
@@ -359,7 +362,8 @@ def custom() -> nn.Module:
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_criteria_on_a_custom_model_with_declared_blocks(custom, xy, criterion: str) -> None:
     x, y = xy
-    s = score_blocks(custom, (x, y), criterion, blocks="stages.*", batch_size=BATCH, device="cpu")
+    s = score_blocks(custom, (x, y), criterion, blocks="stages.*",
+                     options=ScoringOptions(batch_size=BATCH, device="cpu"))
     assert list(s.scores) == ["stages.0", "stages.1", "stages.3"]  # stages.2 changes the width
     assert all(math.isfinite(v) for v in s.scores.values())
     if criterion in ("cka", "loss"):
@@ -374,8 +378,8 @@ def test_criteria_on_a_custom_model_with_declared_blocks(custom, xy, criterion: 
 def test_custom_model_declared_once_and_prefix_refused(custom, xy) -> None:
     x, y = xy
     declared = declare_blocks(remove_blocks(custom, [], blocks="stages.*"), ["stages.0", "stages.1", "stages.3"])
-    a = score_blocks(declared, (x, y), "cka", device="cpu")
-    b = score_blocks(custom, (x, y), "cka", blocks=["stages.0", "stages.1", "stages.3"], device="cpu")
+    a = score_blocks(declared, (x, y), "cka", options=ON_CPU)
+    b = score_blocks(custom, (x, y), "cka", options=ON_CPU, blocks=["stages.0", "stages.1", "stages.3"])
     assert a.scores == pytest.approx(b.scores, abs=1e-9)
     with pytest.raises(ConfigError, match="cannot be run in pieces"):
-        score_blocks(declared, (x, y), "cka", strategy="prefix", device="cpu")
+        score_blocks(declared, (x, y), "cka", options=ScoringOptions(strategy="prefix", device="cpu"))

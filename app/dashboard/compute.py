@@ -21,12 +21,12 @@ from typing import Any
 import streamlit as st
 from torch import nn
 
-from cka_analysis.cka import cka_matrix
+from cka_analysis.cka import CKAOptions, cka_matrix
 from cka_analysis.errors import CKAPruneError
 from cka_analysis.export import export_onnx, export_pt2, save_pruned
 from cka_analysis.metrics import evaluate, measure_latency
 from cka_analysis.robustness import RobustnessResult, evaluate_robustness
-from cka_analysis.scoring import score_blocks
+from cka_analysis.scoring import ScoringOptions, score_blocks
 
 
 def private_copy(model: nn.Module) -> nn.Module:
@@ -51,8 +51,8 @@ def _matrix_dict(result: Any) -> dict:
 def heatmap(model_key: str, data_key: str, kernel: str, debiased: bool, device: str, *,
             _model: nn.Module, _loader: Any, _progress=None, _cancel=None) -> dict:
     """Layer × layer CKA of the model over the calibration images."""
-    res = cka_matrix(private_copy(_model), _loader, kernel=kernel, debiased=debiased, device=device,
-                     progress=_progress, cancel=_cancel)
+    options = CKAOptions(kernel=kernel, debiased=debiased, device=device)
+    res = cka_matrix(private_copy(_model), _loader, options=options, progress=_progress, cancel=_cancel)
     return _matrix_dict(res)
 
 
@@ -60,8 +60,9 @@ def heatmap(model_key: str, data_key: str, kernel: str, debiased: bool, device: 
 def cross_heatmap(model_key: str, run_id: str, data_key: str, kernel: str, debiased: bool, device: str, *,
                   _model: nn.Module, _pruned: nn.Module, _loader: Any, _progress=None, _cancel=None) -> dict:
     """Original (rows) × pruned (columns) CKA over the same calibration images."""
-    res = cka_matrix(private_copy(_model), _loader, model_b=private_copy(_pruned), kernel=kernel,
-                     debiased=debiased, device=device, progress=_progress, cancel=_cancel)
+    res = cka_matrix(private_copy(_model), _loader, model_b=private_copy(_pruned),
+                     options=CKAOptions(kernel=kernel, debiased=debiased, device=device), progress=_progress,
+                     cancel=_cancel)
     return _matrix_dict(res)
 
 
@@ -69,8 +70,8 @@ def cross_heatmap(model_key: str, run_id: str, data_key: str, kernel: str, debia
 def scores(model_key: str, data_key: str, criterion: str, debiased: bool, device: str, *,
            _model: nn.Module, _loader: Any, _progress=None, _cancel=None) -> dict:
     """Removal scores of every removable block under one criterion (``Scores.to_dict()``)."""
-    res = score_blocks(private_copy(_model), _loader, criterion, debiased=debiased, device=device,
-                       progress=_progress, cancel=_cancel)
+    options = ScoringOptions(debiased=debiased, device=device)
+    res = score_blocks(private_copy(_model), _loader, criterion, options=options, progress=_progress, cancel=_cancel)
     return res.to_dict()
 
 
