@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -203,29 +203,9 @@ def _ticks(names: list[str], side_px: float) -> tuple[list[int], list[str]]:
     return idx, [names[i] for i in idx]
 
 
-def cka_heatmap(
-    matrix: Any,
-    names_x: Sequence[str],
-    names_y: Sequence[str] | None = None,
-    *,
-    title: str = "CKA",
-    zmin: float = 0.0,
-    zmax: float = 1.0,
-    size: int = HEATMAP_SIZE,
-) -> go.Figure:
-    """Heatmap of a layer-by-layer CKA matrix with square cells and the colour bar right beside it.
-
-    ``matrix[i, j]`` is the CKA between layer ``names_y[i]`` (row, y axis) and layer ``names_x[j]`` (column,
-    x axis); ``names_y`` defaults to ``names_x``. The matrix may be non-square (model A's layers against model
-    B's). The colour scale is fixed to ``[zmin, zmax]`` (0–1) so that figures are comparable; the first
-    layers sit at the bottom-left corner; NaN cells are blank and their hover reads "n/a".
-
-    ``size`` is the longer side of the matrix in pixels: the figure's width and height are set so that the
-    plot area is exactly the matrix (cells square) and the colour bar sits just right of it. Show it at its own
-    width (Streamlit: ``width="content"``); stretching it to a wider container would move the colour bar away.
-    With many layers (ResNet-110) only every k-th tick is labelled so labels stay readable; the hover text of
-    every cell names both layers exactly.
-    """
+def _heatmap_inputs(matrix: Any, names_x: Any, names_y: Any, zmin: Any, zmax: Any, size: Any
+                    ) -> tuple[np.ndarray, list[str], list[str], float, float]:
+    """Validated (matrix, column names, row names, zmin, zmax) of :func:`cka_heatmap`."""
     nx = _names(names_x, "names_x")
     ny = nx if names_y is None else _names(names_y, "names_y")
     z = _float_array(matrix, "matrix", 2)
@@ -234,12 +214,17 @@ def cka_heatmap(
             f"matrix has shape {z.shape} but names_y/names_x give ({len(ny)}, {len(nx)}); "
             "matrix[i, j] must pair names_y[i] (row) with names_x[j] (column)"
         )
-    zmin, zmax = _number(zmin, "zmin"), _number(zmax, "zmax")
-    if not zmin < zmax:
-        raise ConfigError(f"zmin must be below zmax, got zmin={zmin}, zmax={zmax}")
+    lo, hi = _number(zmin, "zmin"), _number(zmax, "zmax")
+    if not lo < hi:
+        raise ConfigError(f"zmin must be below zmax, got zmin={lo}, zmax={hi}")
     if isinstance(size, bool) or not isinstance(size, int) or not 120 <= size <= 4000:
         raise ConfigError(f"size={size!r} must be the matrix side in pixels, an integer in [120, 4000]")
+    return z, nx, ny, lo, hi
 
+
+def _cka_cells(z: np.ndarray, nx: list[str], ny: list[str], zmin: float, zmax: float) -> go.Heatmap:
+    """The heatmap trace: cells at integer positions (in order even if a name repeats across a model pair), NaN
+    cells blank, and a hover that names both layers of every cell."""
     hover = [
         [
             f"row: {ny[i]}<br>column: {nx[j]}<br>CKA: {_fmt(z[i, j], 3)}"
@@ -249,31 +234,27 @@ def cka_heatmap(
         ]
         for i in range(len(ny))
     ]
-    # Square cells: the plot area is cell × columns wide and cell × rows high.
-    cell = size / max(len(nx), len(ny))
-    plot_w, plot_h = cell * len(nx), cell * len(ny)
-    # Integer positions with tick labels keep the cells in order even if a name repeats across a model pair.
-    xs, ys = list(range(len(nx))), list(range(len(ny)))
-    z_plot = np.where(np.isfinite(z), z, np.nan)
-    colorbar_px = 90  # the bar (15 px), its tick labels and title, in the right margin
-    fig = go.Figure(
-        go.Heatmap(
-            z=z_plot.tolist(),
-            x=xs,
-            y=ys,
-            zmin=zmin,
-            zmax=zmax,
-            zauto=False,
-            colorscale=CKA_COLOURSCALE,
-            colorbar={"title": {"text": "CKA"}, "thickness": 15, "x": 1.0, "xref": "paper", "xanchor": "left",
-                      "xpad": 12, "len": 0.92, "lenmode": "fraction", "y": 0.46, "yanchor": "middle"},
-            text=hover,
-            hovertemplate="%{text}<extra></extra>",
-            hoverongaps=True,
-            xgap=0,
-            ygap=0,
-        )
+    return go.Heatmap(
+        z=np.where(np.isfinite(z), z, np.nan).tolist(),
+        x=list(range(len(nx))),
+        y=list(range(len(ny))),
+        zmin=zmin,
+        zmax=zmax,
+        zauto=False,
+        colorscale=CKA_COLOURSCALE,
+        colorbar={"title": {"text": "CKA"}, "thickness": 15, "x": 1.0, "xref": "paper", "xanchor": "left",
+                  "xpad": 12, "len": 0.92, "lenmode": "fraction", "y": 0.46, "yanchor": "middle"},
+        text=hover,
+        hovertemplate="%{text}<extra></extra>",
+        hoverongaps=True,
+        xgap=0,
+        ygap=0,
     )
+
+
+def _square_axes(fig: go.Figure, nx: list[str], ny: list[str], plot_w: float, plot_h: float, cell: float
+                 ) -> list[str]:
+    """Axes of square cells with every k-th layer labelled (see :func:`_ticks`); returns the labels shown."""
     tick_font = {"size": 11 if cell >= 16 else 9}
     tx, tx_text = _ticks(nx, plot_w)
     ty, ty_text = _ticks(ny, plot_h)
@@ -304,8 +285,14 @@ def cka_heatmap(
         constrain="domain",
         constraintoward="top",  # if a narrow page squeezes the figure, the matrix stays under its title
     )
-    _apply_style(fig, title, legend=False)
-    label_px = 7 * max(len(t) for t in [*tx_text, *ty_text]) if (tx_text or ty_text) else 40
+    return [*tx_text, *ty_text]
+
+
+def _fit_to_matrix(fig: go.Figure, plot_w: float, plot_h: float, labels: list[str]) -> None:
+    """Size the figure so that the plot area is exactly ``plot_w`` × ``plot_h`` px: margins for the longest tick
+    label on the left and bottom, and for the colour bar (15 px, its labels and title) on the right."""
+    colorbar_px = 90
+    label_px = 7 * max(len(t) for t in labels) if labels else 40
     margin = {"l": 40 + label_px, "r": colorbar_px, "t": 70, "b": 50 + int(label_px * 0.75)}
     fig.update_layout(
         margin=margin,
@@ -313,6 +300,39 @@ def cka_heatmap(
         height=round(plot_h + margin["t"] + margin["b"]),
         autosize=False,
     )
+
+
+def cka_heatmap(
+    matrix: Any,
+    names_x: Sequence[str],
+    names_y: Sequence[str] | None = None,
+    *,
+    title: str = "CKA",
+    zmin: float = 0.0,
+    zmax: float = 1.0,
+    size: int = HEATMAP_SIZE,
+) -> go.Figure:
+    """Heatmap of a layer-by-layer CKA matrix with square cells and the colour bar right beside it.
+
+    ``matrix[i, j]`` is the CKA between layer ``names_y[i]`` (row, y axis) and layer ``names_x[j]`` (column,
+    x axis); ``names_y`` defaults to ``names_x``. The matrix may be non-square (model A's layers against model
+    B's). The colour scale is fixed to ``[zmin, zmax]`` (0–1) so that figures are comparable; the first
+    layers sit at the bottom-left corner; NaN cells are blank and their hover reads "n/a".
+
+    ``size`` is the longer side of the matrix in pixels: the figure's width and height are set so that the
+    plot area is exactly the matrix (cells square) and the colour bar sits just right of it. Show it at its own
+    width (Streamlit: ``width="content"``); stretching it to a wider container would move the colour bar away.
+    With many layers (ResNet-110) only every k-th tick is labelled so labels stay readable; the hover text of
+    every cell names both layers exactly.
+    """
+    z, nx, ny, zmin, zmax = _heatmap_inputs(matrix, names_x, names_y, zmin, zmax, size)
+    # Square cells: the plot area is cell × columns wide and cell × rows high.
+    cell = size / max(len(nx), len(ny))
+    plot_w, plot_h = cell * len(nx), cell * len(ny)
+    fig = go.Figure(_cka_cells(z, nx, ny, zmin, zmax))
+    labels = _square_axes(fig, nx, ny, plot_w, plot_h, cell)
+    _apply_style(fig, title, legend=False)
+    _fit_to_matrix(fig, plot_w, plot_h, labels)
     return fig
 
 
@@ -852,6 +872,43 @@ def pareto_front(points: Sequence[Mapping[str, Any]]) -> list[dict]:
     return front
 
 
+def _pareto_hover(p: Mapping[str, Any], ref: float) -> str:
+    """Hover text of one run: label, criterion, MACs (and their reduction vs ``ref``), params, accuracy."""
+    lines = [f"<b>{p['label']}</b>"]
+    if p.get("criterion") is not None:
+        lines.append(f"criterion: {p['criterion']}")
+    lines.append(f"MACs: {format_count(p['macs'])}")
+    if ref > 0:
+        lines.append(f"MACs reduction: {100.0 * (1.0 - p['macs'] / ref):.1f} %")
+    lines.append(f"params: {format_count(p.get('params'))}")
+    lines.append(f"accuracy: {_fmt(p['accuracy'], 2)} %")
+    return "<br>".join(lines)
+
+
+def _pareto_front_line(shown: list[dict], xval: Callable[[float], float], x: str) -> go.Scatter | None:
+    """The Pareto front of ``shown`` as dashed steps in x coordinates ``xval(macs)``, extended to the costliest
+    run so that it covers the whole x range; None without a front."""
+    front = pareto_front(shown)
+    if not front:
+        return None
+    fx = [xval(p["macs"]) for p in front]
+    fy = [p["accuracy"] for p in front]
+    max_macs = max(p["macs"] for p in shown)
+    if max_macs > front[-1]["macs"]:
+        fx.append(xval(max_macs))
+        fy.append(fy[-1])
+    if x == "reduction":
+        fx, fy = fx[::-1], fy[::-1]
+    return go.Scatter(
+        x=fx,
+        y=fy,
+        mode="lines",
+        name="Pareto front",
+        line={"shape": "hv" if x == "macs" else "vh", "color": "#333", "width": 1.5, "dash": "dash"},
+        hoverinfo="skip",
+    )
+
+
 def pareto(
     points: Sequence[Mapping[str, Any]],
     *,
@@ -880,17 +937,6 @@ def pareto(
     def xval(macs: float) -> float:
         return macs if x == "macs" else 100.0 * (1.0 - macs / ref)
 
-    def hover(p: Mapping[str, Any]) -> str:
-        lines = [f"<b>{p['label']}</b>"]
-        if p.get("criterion") is not None:
-            lines.append(f"criterion: {p['criterion']}")
-        lines.append(f"MACs: {format_count(p['macs'])}")
-        if ref > 0:
-            lines.append(f"MACs reduction: {100.0 * (1.0 - p['macs'] / ref):.1f} %")
-        lines.append(f"params: {format_count(p.get('params'))}")
-        lines.append(f"accuracy: {_fmt(p['accuracy'], 2)} %")
-        return "<br>".join(lines)
-
     fig = go.Figure()
     groups: dict[str, list[dict]] = {}
     for p in shown:
@@ -903,31 +949,13 @@ def pareto(
                 mode="markers",
                 name=crit if crit != "—" else "no criterion",
                 marker={"size": 10, "color": _colour(g_idx), "line": {"width": 1, "color": "white"}},
-                text=[hover(p) for p in members],
+                text=[_pareto_hover(p, ref) for p in members],
                 hovertemplate="%{text}<extra></extra>",
             )
         )
-    front = pareto_front(shown)
-    if front:
-        fx = [xval(p["macs"]) for p in front]
-        fy = [p["accuracy"] for p in front]
-        # extend the last step to the costliest point so the front covers the whole x range
-        max_macs = max(p["macs"] for p in shown)
-        if max_macs > front[-1]["macs"]:
-            fx.append(xval(max_macs))
-            fy.append(fy[-1])
-        if x == "reduction":
-            fx, fy = fx[::-1], fy[::-1]
-        fig.add_trace(
-            go.Scatter(
-                x=fx,
-                y=fy,
-                mode="lines",
-                name="Pareto front",
-                line={"shape": "hv" if x == "macs" else "vh", "color": "#333", "width": 1.5, "dash": "dash"},
-                hoverinfo="skip",
-            )
-        )
+    front = _pareto_front_line(shown, xval, x)
+    if front is not None:
+        fig.add_trace(front)
     if x == "macs":
         fig.update_xaxes(title={"text": "MACs (multiply-accumulates)"}, tickformat="~s", rangemode="tozero")
     else:
@@ -939,22 +967,9 @@ def pareto(
     return _apply_style(fig, title, subtitle=sub)
 
 
-def pruning_trajectory(
-    steps: Sequence[Mapping[str, Any]],
-    *,
-    reference_macs: float | None = None,
-    finetuned_accuracy: float | None = None,
-    title: str = "Pruning trajectory",
-) -> go.Figure:
-    """Accuracy (%, left axis) and MACs relative to the original (%, right axis) at each pruning step.
-
-    ``finetuned_accuracy``: the accuracy after the final fine-tune, drawn as a separate marker at the last step
-    (step accuracies are measured right after each removal).
-
-    Each step is ``{"step", "removed", "macs", "params", "accuracy"}``; step 0 is the unpruned model and its
-    MACs are the 100 % reference unless ``reference_macs`` is given. ``accuracy`` may be None (not evaluated:
-    the accuracy line skips that step). The hover names the block removed at each step.
-    """
+def _trajectory_rows(steps: Any) -> list[dict]:
+    """Validated steps of :func:`pruning_trajectory` (step, removed, macs, params, accuracy; None → NaN), in
+    step order; ConfigError for a missing key, a bad or repeated step number."""
     if isinstance(steps, Mapping) or not isinstance(steps, Sequence):
         raise ConfigError("steps must be a list of dicts with keys step, removed, macs, params, accuracy")
     if not steps:
@@ -983,27 +998,71 @@ def pruning_trajectory(
     numbers = [r["step"] for r in rows]
     if len(set(numbers)) != len(numbers):
         raise ConfigError(f"steps repeats a step number: {numbers}")
+    return rows
+
+
+def _reference_macs(rows: list[dict], reference_macs: float | None) -> float:
+    """The 100 % MACs: ``reference_macs``, else step 0's (ConfigError without step 0, or when not positive)."""
     if reference_macs is None:
-        if numbers[0] != 0:
+        if rows[0]["step"] != 0:
             raise ConfigError("steps has no step 0 (the unpruned model); add it or pass reference_macs")
         ref = rows[0]["macs"]
     else:
         ref = _number(reference_macs, "reference_macs")
     if ref <= 0:
         raise ConfigError(f"reference MACs must be positive, got {ref}")
+    return ref
+
+
+def _step_hover(r: Mapping[str, Any], pct: float) -> str:
+    """Hover text of one step: the block it removed, accuracy, MACs (``pct`` % of the original) and params."""
+    removed = r["removed"]
+    what = "original (nothing removed)" if r["step"] == 0 and removed is None else f"removed: {removed or 'n/a'}"
+    return (
+        f"<b>step {r['step']}</b><br>{what}<br>accuracy: {_fmt(r['accuracy'], 2)} %<br>"
+        f"MACs: {format_count(r['macs'])} ({pct:.1f} % of original)<br>params: {format_count(r['params'])}"
+    )
+
+
+def _trajectory_axes(fig: go.Figure, rel: list[float]) -> None:
+    """Step axis, accuracy on the left, MACs % on the right; both start at 0 with ticks every 20 % so that their
+    grid lines coincide."""
+    fig.update_xaxes(title={"text": "pruning step (0 = unpruned)"}, tickmode="linear", tick0=0, dtick=1)
+    fig.update_yaxes(
+        title={"text": "top-1 accuracy (%)"}, range=[0, 105], autorange=False, dtick=20, secondary_y=False
+    )
+    fig.update_yaxes(
+        title={"text": "MACs (% of original)"},
+        range=[0, max(105.0, max(rel) * 1.05)],
+        autorange=False,
+        dtick=20,
+        ticksuffix=" %",
+        showgrid=False,
+        secondary_y=True,
+    )
+
+
+def pruning_trajectory(
+    steps: Sequence[Mapping[str, Any]],
+    *,
+    reference_macs: float | None = None,
+    finetuned_accuracy: float | None = None,
+    title: str = "Pruning trajectory",
+) -> go.Figure:
+    """Accuracy (%, left axis) and MACs relative to the original (%, right axis) at each pruning step.
+
+    ``finetuned_accuracy``: the accuracy after the final fine-tune, drawn as a separate marker at the last step
+    (step accuracies are measured right after each removal).
+
+    Each step is ``{"step", "removed", "macs", "params", "accuracy"}``; step 0 is the unpruned model and its
+    MACs are the 100 % reference unless ``reference_macs`` is given. ``accuracy`` may be None (not evaluated:
+    the accuracy line skips that step). The hover names the block removed at each step.
+    """
+    rows = _trajectory_rows(steps)
+    ref = _reference_macs(rows, reference_macs)
+    numbers = [r["step"] for r in rows]
     rel = [100.0 * r["macs"] / ref for r in rows]
-    hover = []
-    for r, pct in zip(rows, rel, strict=True):
-        removed = r["removed"]
-        what = (
-            "original (nothing removed)"
-            if r["step"] == 0 and removed is None
-            else f"removed: {removed or 'n/a'}"
-        )
-        hover.append(
-            f"<b>step {r['step']}</b><br>{what}<br>accuracy: {_fmt(r['accuracy'], 2)} %<br>"
-            f"MACs: {format_count(r['macs'])} ({pct:.1f} % of original)<br>params: {format_count(r['params'])}"
-        )
+    hover = [_step_hover(r, pct) for r, pct in zip(rows, rel, strict=True)]
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(
         go.Scatter(
@@ -1045,20 +1104,7 @@ def pruning_trajectory(
             ),
             secondary_y=False,
         )
-    fig.update_xaxes(title={"text": "pruning step (0 = unpruned)"}, tickmode="linear", tick0=0, dtick=1)
-    # Both axes start at 0 with ticks every 20 % so that their grid lines coincide.
-    fig.update_yaxes(
-        title={"text": "top-1 accuracy (%)"}, range=[0, 105], autorange=False, dtick=20, secondary_y=False
-    )
-    fig.update_yaxes(
-        title={"text": "MACs (% of original)"},
-        range=[0, max(105.0, max(rel) * 1.05)],
-        autorange=False,
-        dtick=20,
-        ticksuffix=" %",
-        showgrid=False,
-        secondary_y=True,
-    )
+    _trajectory_axes(fig, rel)
     fig.update_layout(hovermode="closest")
     return _apply_style(fig, title)
 

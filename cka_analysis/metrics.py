@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +94,73 @@ def _dataset_length(loader: Iterable) -> int | None:
         return None
 
 
+def _capped_batches(loader: Iterable, max_samples: int | None,
+                    cancel: CancelToken | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (images, labels) batches of ``loader``, labels as tensors, cut to ``max_samples`` samples in all (the
+    last batch trimmed, empty batches skipped); ``cancel`` is checked before each batch."""
+    seen = 0
+    for batch in loader:
+        check_cancel(cancel, "evaluation")
+        images, labels = batch[0], batch[1]
+        if not isinstance(labels, torch.Tensor):
+            labels = torch.as_tensor(labels)
+        if max_samples is not None and seen + len(labels) > max_samples:
+            keep = max_samples - seen
+            images, labels = images[:keep], labels[:keep]
+        if len(labels) == 0:
+            continue
+        yield images, labels
+        seen += len(labels)
+        if max_samples is not None and seen >= max_samples:
+            break
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """ConfigError when a label is outside the model's outputs; checked on the host copy only (no device sync,
+    no CUDA assert)."""
+    if labels.device.type != "cpu":
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ConfigError(
+            f"the data has label {high if high >= num_classes else low} but the model has "
+            f"{num_classes} outputs; build the model with the data's number of classes "
+            "(num_classes= / --num-classes)"
+        )
+
+
+class _Tally:
+    """Correct top-1/top-5 counts and the summed loss of an evaluation, accumulated on the device so that the loop
+    never waits for it; read once by :meth:`result`."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.acc_dev = accumulation_device(dev)
+        self.correct1 = torch.zeros((), dtype=torch.int64, device=dev)
+        self.correct5 = torch.zeros((), dtype=torch.int64, device=dev)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc_dev)
+        self.seen = 0
+        self.num_classes: int | None = None
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count one batch (float logits, labels on the logits' device)."""
+        assert self.num_classes is not None
+        self.loss_sum += F.cross_entropy(logits, labels, reduction="sum").to(self.acc_dev, torch.float64)
+        self.correct1 += (logits.argmax(dim=1) == labels).sum()
+        if self.num_classes >= TOP5_MIN_CLASSES:
+            top5 = logits.topk(5, dim=1).indices
+            self.correct5 += (top5 == labels[:, None]).any(dim=1).sum()
+        self.seen += len(labels)
+
+    def result(self) -> Accuracy:
+        if self.seen == 0:
+            raise DataError("the data loader produced no samples to evaluate; check the dataset and max_samples")
+        assert self.num_classes is not None
+        seen = self.seen
+        top5 = 100.0 * int(self.correct5.item()) / seen if self.num_classes >= TOP5_MIN_CLASSES else None
+        return Accuracy(top1=100.0 * int(self.correct1.item()) / seen, top5=top5,
+                        loss=float(self.loss_sum.item()) / seen, samples=seen)
+
+
 def evaluate(
     model: nn.Module,
     loader: Iterable,
@@ -128,60 +195,21 @@ def evaluate(
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    acc_dev = accumulation_device(dev)
-    correct1 = torch.zeros((), dtype=torch.int64, device=dev)
-    correct5 = torch.zeros((), dtype=torch.int64, device=dev)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=acc_dev)
-    seen = 0
-    num_classes: int | None = None
+    tally = _Tally(dev)
     with eval_mode(model), torch.inference_mode():
-        for batch in loader:
-            check_cancel(cancel, "evaluation")
-            images, labels = batch[0], batch[1]
-            if not isinstance(labels, torch.Tensor):
-                labels = torch.as_tensor(labels)
-            if max_samples is not None and seen + len(labels) > max_samples:
-                keep = max_samples - seen
-                images, labels = images[:keep], labels[:keep]
-            count = len(labels)
-            if count == 0:
-                continue
+        for images, labels in _capped_batches(loader, max_samples, cancel):
             images = images.to(dev, non_blocking=True)
             if channels_last and images.dim() == 4:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(dev, dtype):
                 logits = model(images)
             logits = logits.float()
-            if num_classes is None:
-                num_classes = int(logits.shape[1])
-            if labels.device.type == "cpu":  # check on the host copy: no device sync, no CUDA assert
-                low, high = int(labels.min()), int(labels.max())
-                if low < 0 or high >= num_classes:
-                    raise ConfigError(
-                        f"the data has label {high if high >= num_classes else low} but the model has "
-                        f"{num_classes} outputs; build the model with the data's number of classes "
-                        "(num_classes= / --num-classes)"
-                    )
-            labels = labels.to(dev, non_blocking=True)
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").to(acc_dev, torch.float64)
-            correct1 += (logits.argmax(dim=1) == labels).sum()
-            if num_classes >= TOP5_MIN_CLASSES:
-                top5 = logits.topk(5, dim=1).indices
-                correct5 += (top5 == labels[:, None]).any(dim=1).sum()
-            seen += count
-            report(seen, total, "evaluating")
-            if max_samples is not None and seen >= max_samples:
-                break
-    if seen == 0:
-        raise DataError("the data loader produced no samples to evaluate; check the dataset and max_samples")
-    assert num_classes is not None
-    top5_value = 100.0 * int(correct5.item()) / seen if num_classes >= TOP5_MIN_CLASSES else None
-    return Accuracy(
-        top1=100.0 * int(correct1.item()) / seen,
-        top5=top5_value,
-        loss=float(loss_sum.item()) / seen,
-        samples=seen,
-    )
+            if tally.num_classes is None:
+                tally.num_classes = int(logits.shape[1])
+            _check_labels(labels, tally.num_classes)
+            tally.add(logits, labels.to(dev, non_blocking=True))
+            report(tally.seen, total, "evaluating")
+    return tally.result()
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -307,6 +335,19 @@ class Latency:
         )
 
 
+def _timed_passes(model: nn.Module, x: torch.Tensor, dev: torch.device, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` forward passes of ``model`` on ``x``, the device synchronised before and after each
+    (GPU time, not launch time); run it inside the caller's eval/inference/autocast context."""
+    times: list[float] = []
+    for _ in range(repeats):
+        synchronize(dev)
+        start = time.perf_counter()
+        model(x)
+        synchronize(dev)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def measure_latency(
     model: nn.Module,
     input_size: tuple[int, int, int],
@@ -339,16 +380,10 @@ def measure_latency(
     x = torch.randn((batch_size, *size), generator=gen).to(dev, param_dtype)
     if use_cl:
         x = x.contiguous(memory_format=torch.channels_last)
-    times: list[float] = []
     with eval_mode(model), torch.inference_mode(), autocast(dev, dtype):
         for _ in range(warmup):
             model(x)
-        for _ in range(repeats):
-            synchronize(dev)
-            start = time.perf_counter()
-            model(x)
-            synchronize(dev)
-            times.append((time.perf_counter() - start) * 1000.0)
+        times = [t * 1000.0 for t in _timed_passes(model, x, dev, repeats)]
     p10, p50, p90 = torch.quantile(
         torch.tensor(times, dtype=torch.float64), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     ).tolist()
@@ -440,17 +475,11 @@ def estimate_seconds(
     batch = min(int(batch_size), int(images))
     x = torch.randn((batch, *size), generator=torch.Generator().manual_seed(0)).to(dev, param_dtype)
     start = time.perf_counter()
-    times: list[float] = []
     try:
         model.to(dev)
         with eval_mode(model), torch.inference_mode():
             model(x)
-            for _ in range(repeats):
-                synchronize(dev)
-                t0 = time.perf_counter()
-                model(x)
-                synchronize(dev)
-                times.append(time.perf_counter() - t0)
+            times = _timed_passes(model, x, dev, repeats)
     finally:
         model.to(home)
     per_image = min(times) / batch

@@ -15,7 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -92,11 +94,11 @@ def test_finetune_resumed_after_a_cancel_ends_with_the_uninterrupted_weights(tmp
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _kill_at_first_checkpoint(cmd: list[str], checkpoint: Path) -> tuple[int, str]:
-    """Start ``cmd``, SIGKILL it as soon as ``checkpoint`` exists; return the saved step and the child's stderr.
+def _kill_when(cmd: list[str], path: Path) -> str:
+    """Start ``cmd``, SIGKILL it as soon as ``path`` exists; return the child's stderr.
 
-    Polls the file system every 10 ms (the child keeps training for dozens of steps after writing it, so the
-    kill lands mid-run); fails with the child's stderr when it ends or stalls first.
+    Polls the file system every 10 ms (the child keeps working after writing it, so the kill lands mid-run);
+    fails with the child's stderr when it ends or stalls first.
     """
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err: list[str] = []
@@ -104,9 +106,9 @@ def _kill_at_first_checkpoint(cmd: list[str], checkpoint: Path) -> tuple[int, st
     reader.start()
     deadline = time.monotonic() + WAIT
     try:
-        while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        seen = checkpoint.exists()
+        seen = path.exists()
         proc.send_signal(signal.SIGKILL)
         proc.wait(60)
     finally:
@@ -114,14 +116,28 @@ def _kill_at_first_checkpoint(cmd: list[str], checkpoint: Path) -> tuple[int, st
             proc.kill()
     reader.join(10)
     stderr = "".join(err)
-    assert seen, f"no checkpoint at {checkpoint} (exit {proc.returncode}); child's stderr:\n{stderr}"
+    assert seen, f"no file at {path} (exit {proc.returncode}); child's stderr:\n{stderr}"
     assert proc.returncode == -signal.SIGKILL, f"the child ended by itself first; stderr:\n{stderr}"
-    for _ in range(100):  # the kill may land while the file is being replaced: take the complete one
+    return stderr
+
+
+def _read_complete(path: Path, read: Callable[[Path], Any], errors: tuple[type[Exception], ...], stderr: str) -> Any:
+    """``read(path)`` once the file is complete: the kill may land while it is being replaced, so reads that raise
+    ``errors`` are retried for up to 5 s."""
+    for _ in range(100):
         try:
-            return int(torch.load(checkpoint, weights_only=False)["step"]), stderr
-        except (EOFError, RuntimeError):
+            return read(path)
+        except errors:
             time.sleep(0.05)
-    raise AssertionError(f"unreadable checkpoint {checkpoint}; child's stderr:\n{stderr}")
+    raise AssertionError(f"unreadable file {path}; child's stderr:\n{stderr}")
+
+
+def _kill_at_first_checkpoint(cmd: list[str], checkpoint: Path) -> tuple[int, str]:
+    """Start ``cmd``, SIGKILL it as soon as ``checkpoint`` exists; return the saved step and the child's stderr."""
+    stderr = _kill_when(cmd, checkpoint)
+    step = _read_complete(checkpoint, lambda p: int(torch.load(p, weights_only=False)["step"]),
+                          (EOFError, RuntimeError), stderr)
+    return step, stderr
 
 
 def test_cli_finetune_resume_matches_the_uninterrupted_run_and_refuses_other_settings(tmp_path, damaged, capsys):
@@ -164,28 +180,9 @@ def test_cli_iterative_prune_resumed_after_a_kill_ends_with_the_uninterrupted_re
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "cka_analysis", *common, "--out", str(out)]
     saved_file = out / ".resume" / "iterative.json"
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    err: list[str] = []
-    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
-    reader.start()
-    deadline = time.monotonic() + WAIT
-    try:
-        while not saved_file.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        seen = saved_file.exists()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(10)
-    assert seen and proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}; stderr:\n{''.join(err)}"
-    for _ in range(100):  # written atomically; read it once complete
-        try:
-            done = json.loads(saved_file.read_text())["steps"]
-            break
-        except (json.JSONDecodeError, OSError):
-            time.sleep(0.05)
+    stderr = _kill_when(cmd, saved_file)
+    done = _read_complete(saved_file, lambda p: json.loads(p.read_text())["steps"], (json.JSONDecodeError, OSError),
+                          stderr)
     finished = len([s for s in done if s.get("removed")])
     assert 1 <= finished < 3
     capsys.readouterr()
