@@ -64,7 +64,8 @@ class RecoveryConfig:
         images: budget (training images drawn, repeats counted; batch-norm re-estimation images included).
         method: one of :data:`RECOVERY_METHODS`.
         batch_size, lr, momentum, weight_decay, warmup: SGD recipe (linear warm-up over ``warmup`` of the
-            steps, then cosine to zero).
+            steps, then cosine to zero). The defaults (and the method) are the best of the recipes compared on a
+            validation split carved from the training images (``benchmarks/recovery.py``, ``recipe-*`` rows).
         kd_alpha, kd_temperature: weight and temperature of logit distillation (``kd``, ``feature``, ``adaptor``).
         feature_weight: weight of the feature-mimicking term (``feature``, ``adaptor``).
         bn_images: images that re-estimate the batch-norm statistics (capped by the budget).
@@ -78,11 +79,11 @@ class RecoveryConfig:
     images: int = RECOVERY_PRESETS["quick"]
     method: str = DEFAULT_METHOD
     batch_size: int = 64
-    lr: float = 0.02
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup: float = 0.05
-    kd_alpha: float = 0.9
+    kd_alpha: float = 0.5
     kd_temperature: float = 4.0
     feature_weight: float = 1.0
     bn_images: int = 2048
