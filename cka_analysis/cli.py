@@ -230,12 +230,7 @@ def _add_prune(sub: Any) -> None:
     p.add_argument("--iterative", action="store_true",
                    help="rescore after each removal, as in the paper; the recovery budget is shared between a "
                         "short recovery after each removal and the final one")
-    p.add_argument("--recovery", default="quick", metavar="R",
-                   help="recovery after pruning, as a budget of training images: quick (25,000), standard "
-                        "(250,000), none, or a number (default quick); the expected time is said before it starts")
-    p.add_argument("--recovery-method", default=DEFAULT_RECOVERY_METHOD, choices=list(RECOVERY_METHODS),
-                   help="how to recover: " + "; ".join(f"{k}: {v}" for k, v in RECOVERY_METHODS.items())
-                        + f" (default {DEFAULT_RECOVERY_METHOD})")
+    _recovery_args(p, "quick")
     p.add_argument("--eval-samples", type=_positive_int, default=None, metavar="N",
                    help="evaluate on N class-balanced test images (default: the whole test split)")
     p.add_argument("--seed", type=int, default=0,
@@ -270,6 +265,30 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--resume", action="store_true", help="go on from the checkpoint an interrupted run left")
+    _common(p)
+
+
+def _recovery_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--recovery", default=default, metavar="R",
+                   help="recovery budget in training images: quick (25,000), standard (250,000), none, or a "
+                        f"number (default {default}); the expected time is said before it starts")
+    p.add_argument("--recovery-method", default=DEFAULT_RECOVERY_METHOD, choices=list(RECOVERY_METHODS),
+                   help="how to recover: " + "; ".join(f"{k}: {v}" for k, v in RECOVERY_METHODS.items())
+                        + f" (default {DEFAULT_RECOVERY_METHOD})")
+
+
+def _add_recover(sub: Any) -> None:
+    """The ``recover`` command's arguments."""
+    p = sub.add_parser("recover", help="recover a pruned model further (another budget, no re-pruning)",
+                       description="Spend another recovery budget on a directory written by `cka-prune prune`: "
+                                   "distillation from the original model named in its report, on the same data "
+                                   "and test images; writes a new directory with the updated record (the "
+                                   "dashboard's Compare page does the same).")
+    p.add_argument("model", metavar="DIR", help="a directory written by cka-prune prune")
+    _recovery_args(p, "standard")
+    p.add_argument("--original", metavar="MODEL", help="the unpruned model (default: the one its record names)")
+    p.add_argument("--original-weights", metavar="W", help="weights of --original")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     _common(p)
 
 
@@ -313,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cka-prune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_models, _add_heatmap, _add_score, _add_prune, _add_finetune, _add_evaluate, _add_export):
+    for add in (_add_models, _add_heatmap, _add_score, _add_prune, _add_recover, _add_finetune, _add_evaluate,
+                _add_export):
         add(sub)
     return parser
 
@@ -360,7 +380,10 @@ def _open(source: str, weights: str | None, num_classes: int | None = None):
         if is_main_process():
             print(f"note: no --weights given: using {source}'s default weights {weights!r} ({choices})",
                   file=sys.stderr)
-    return open_model(source, weights=weights, num_classes=num_classes)
+    model = open_model(source, weights=weights, num_classes=num_classes)
+    # how to open it again (cka-prune recover reopens the original named in a pruning record)
+    object.__setattr__(model, "cka_origin", {"model": source, "weights": weights, "num_classes": num_classes})
+    return model
 
 
 def _amp(args: argparse.Namespace):
@@ -609,15 +632,14 @@ def _prune_request(args: argparse.Namespace, model, device):
     )
 
 
-def _announce_recovery(request, model, bar: StderrProgress) -> None:
-    """Say before starting what the recovery will cost here (and what it is expected to leave)."""
+def _announce_recovery(cfg, model, bar: StderrProgress, *, teacher=None, device: str = "auto") -> None:
+    """Say before starting what the recovery will cost here (and what it left on the reference benchmark)."""
     from .recovery import estimate_recovery
 
-    cfg = request.recovery
     if cfg.images <= 0:
         bar.info("recovery: none (the pruned model is saved as it is after removal)")
         return
-    est = estimate_recovery(cfg, model, model, device=request.device)
+    est = estimate_recovery(cfg, model, teacher if teacher is not None else model, device=device)
     drop = est.get("reference_drop_pp")
     bar.info(f"recovery {cfg.describe()}: {cfg.images:,} training images, about {est['seconds']:.0f} s on "
              "this device" + (f" (on {est['reference']}: {drop:.1f} points below the unpruned model)"
@@ -638,7 +660,7 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
     request = _prune_request(args, model, dev)
     check_feasible(request, model)  # bad blocks or an unreachable target: refused before the estimate's probe
     if dist_utils.is_main_process():
-        _announce_recovery(request, model, bar)
+        _announce_recovery(request.recovery, model, bar, device=request.device)
     outcome = run_prune(request, progress=bar, checkpoint_dir=out / ".resume", resume=args.resume)
     bar.newline()
     if dist_utils.is_main_process():
@@ -650,6 +672,43 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
         if not outcome.record.cancelled:
             _clear_resume(out / ".resume")
     dist_utils.barrier()
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace, bar: StderrProgress) -> int:
+    from .errors import CheckpointError, ConfigError
+    from .export import load_pruned, open_model, save_pruned
+    from .recovery import RecoveryConfig
+    from .workflow import PruneRecord, recover_further
+
+    out = Path(args.out)
+    if (out / "manifest.json").exists():
+        raise ConfigError(f"--out {out} already holds a saved model; choose another --out")
+    model = load_pruned(args.model)
+    report = model.cka_manifest.get("report") or {}
+    if report.get("format") is None:
+        raise ConfigError(f"{args.model} has no pruning record (report.json of cka-prune prune): recover needs "
+                          "it to know the original model and data; use cka-prune finetune instead")
+    record = PruneRecord.from_dict(report)
+    req = record.request
+    origin = req.get("origin") or {"model": req["model"], "weights": req.get("weights"),
+                                   "num_classes": req.get("num_classes")}
+    if args.original:
+        origin = {"model": args.original, "weights": args.original_weights, "num_classes": origin["num_classes"]}
+    try:
+        base = open_model(origin["model"], weights=origin["weights"], num_classes=origin["num_classes"])
+    except (ConfigError, CheckpointError) as exc:
+        raise ConfigError(f"cannot reopen the original model of {args.model} ({exc}); name it with --original "
+                          "(and --original-weights)") from exc
+    config = RecoveryConfig.parse(args.recovery, method=args.recovery_method, seed=int(req.get("seed", 0)))
+    _announce_recovery(config, model, bar, teacher=base, device=req.get("device", "auto"))
+    outcome = recover_further(model, record, base, config, progress=bar)
+    bar.newline()
+    new = outcome.record.to_dict()
+    save_pruned(outcome.model, out, report=new)
+    _write_json(str(out / "report.json"), new)
+    print(outcome.record.summary())
+    print(f"wrote {out}/ (model.safetensors, manifest.json, report.json)")
     return 0
 
 
@@ -775,6 +834,7 @@ COMMANDS = {
     "heatmap": cmd_heatmap,
     "score": cmd_score,
     "prune": cmd_prune,
+    "recover": cmd_recover,
     "finetune": cmd_finetune,
     "evaluate": cmd_evaluate,
     "export": cmd_export,

@@ -209,8 +209,10 @@ class PruneRequest:
         from .blocks import removed_blocks
 
         preset = self.model.cka_preset
-        return {"model": preset.arch, "weights": preset.weights, "num_classes": preset.num_classes,
-                "removed_before": removed_blocks(self.model)}
+        out = {"model": preset.arch, "weights": preset.weights, "num_classes": preset.num_classes,
+               "removed_before": removed_blocks(self.model)}
+        origin = getattr(self.model, "cka_origin", None)  # how the CLI opened it: what reopens it
+        return {**out, "origin": dict(origin)} if origin else out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; :meth:`from_dict` rebuilds an equal request (a built model is named by its description)."""
@@ -359,9 +361,9 @@ class PruneRecord:
     def recovery_name(self) -> str:
         """The recovery asked for, in words (``quick``, ``12,000 images``, ``none``)."""
         cfg = self.request.get("recovery") or {}
-        if not cfg.get("images"):
-            return "none"
-        return cfg.get("name") or f"{cfg['images']:,} images"
+        name = (cfg.get("name") or f"{cfg['images']:,} images") if cfg.get("images") else "none"
+        further = [f.get("config", {}) for f in (self.recovery or {}).get("further", [])]
+        return name + "".join(f" + {f.get('name') or format(f.get('images', 0), ',') + ' images'}" for f in further)
 
     def summary(self) -> str:
         """The plain-text table the CLI prints: accuracy, MACs, parameters and latency before and after."""

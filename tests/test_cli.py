@@ -123,6 +123,26 @@ def test_prune_writes_a_loadable_model_and_report(pruned_dir):
     assert not (pruned_dir / ".resume").exists()
 
 
+def test_recover_continues_a_pruned_run_like_the_dashboard(capsys, tmp_path, pruned_dir):
+    from cka_analysis.recovery import RecoveryConfig
+    from cka_analysis.workflow import recover_further
+
+    code, out, err = run(capsys, "recover", pruned_dir, "--recovery", "1500", "--out", tmp_path / "more")
+    assert code == 0, err
+    assert "1,500 training images, about" in err  # the estimate comes first
+    report = json.loads((tmp_path / "more" / "report.json").read_text())
+    first = json.loads((pruned_dir / "report.json").read_text())
+    assert report["removed"] == first["removed"]
+    assert report["images_seen"] == first["images_seen"] + report["recovery"]["further"][0]["images_seen"]
+    assert report["request"]["origin"] == {"model": "digits_resnet", "weights": "demo", "num_classes": None}
+    # the same numbers as the library call the dashboard's Compare page makes
+    lib = recover_further(load_pruned(pruned_dir), PruneRecord.from_dict(first),
+                          open_model("digits_resnet", weights="demo"), RecoveryConfig.parse("1500"))
+    assert lib.record.final.accuracy == report["final"]["accuracy"]
+    code, _, err = run(capsys, "recover", pruned_dir, "--recovery", "none", "--out", tmp_path / "none")
+    assert code == 2 and "no images" in err
+
+
 def test_prune_by_hand_and_iterative(capsys, tmp_path):
     code, out, _ = run(capsys, "prune", *DEMO, "--blocks", "layer3.2,layer1.2", "--recovery", "none",
                        "--eval-samples", "100", "--out", tmp_path / "hand")
