@@ -587,10 +587,16 @@ def estimate_recovery(config: RecoveryConfig | str | int, model: nn.Module, teac
     dev = resolve_device(device)
     steps = cfg.train_steps if cfg.images else 0
     forward_images = min(cfg.bn_images, cfg.images) + (cfg.adaptor_images if cfg.method == "adaptor" else 0)
+    from .training import _amp_for, _autocast, _channels_last
+
     n = min(cfg.batch_size, 32)
     x = torch.randn(n, *model.cka_preset.input_size, device=dev)
     y = torch.zeros(n, dtype=torch.long, device=dev)
     student = copy.deepcopy(model).to(dev)
+    if _channels_last(dev, student):  # as the trainer runs it: memory format and precision
+        student.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = _amp_for(cfg.amp, dev)
 
     def timed(fn: Any) -> float:
         times = []
@@ -607,12 +613,16 @@ def estimate_recovery(config: RecoveryConfig | str | int, model: nn.Module, teac
             per_forward = timed(lambda: student(x))
     if steps:
         probe_teacher = copy.deepcopy(teacher) if teacher is not None else None
+        if probe_teacher is not None and x.is_contiguous(memory_format=torch.channels_last):
+            probe_teacher.to(dev, memory_format=torch.channels_last)
         objective = RecoveryObjective(cfg, student.train(), probe_teacher)
         opt = torch.optim.SGD(student.parameters(), lr=1e-9)
 
         def train_step() -> None:
             opt.zero_grad()
-            objective(student, x, y).backward()
+            with _autocast(dev, dtype):
+                loss = objective(student, x, y)
+            loss.backward()
             opt.step()
 
         try:
