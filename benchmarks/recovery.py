@@ -38,16 +38,18 @@ def _report_rows() -> list[dict[str, Any]]:
     """The reproduction rows, most important first (a run that is stopped early has the headline ones)."""
     rows: list[dict[str, Any]] = []
 
-    def add(arch: str, criterion: str, target: str, recovery: str, seed: int = 0, iterative: bool = False) -> None:
+    def add(arch: str, criterion: str, target: str, recovery: str, seed: int = 0, iterative: bool = False,
+            method: str | None = None) -> None:
         rid = f"{arch}-{criterion}{'-it' if iterative else ''}-{target.replace(':', '').replace('%', '')}-" \
-              f"{recovery}-s{seed}"
+              f"{recovery}{'-' + method if method else ''}-s{seed}"
         rows.append({"id": rid, "arch": arch, "criterion": criterion, "target": target, "recovery": recovery,
-                     "seed": seed, "iterative": iterative})
+                     "seed": seed, "iterative": iterative, **({"method": method} if method else {})})
 
     add("resnet56", "cka", "macs:50%", "quick")
     add("resnet56", "random", "macs:50%", "quick")
     add("resnet56", "cka", "macs:50%", "standard")
     add("resnet56", "random", "macs:50%", "standard")
+    add("resnet56", "cka", "macs:50%", "quick", method="adaptor")
     add("resnet56", "cka", "macs:75%", "standard")
     add("resnet56", "cka", "macs:50%", "standard", iterative=True)
     for crit in ("block_influence", "angular", "taylor"):
@@ -144,9 +146,13 @@ def run_report_row(spec: dict[str, Any], device: str) -> dict[str, Any]:
     from cka_analysis.workflow import PruneRequest, run_prune
 
     arch = {"resnet56": "cifar_resnet56", "resnet20": "cifar_resnet20"}[spec["arch"]]
+    from cka_analysis.recovery import RecoveryConfig
+
+    recovery = RecoveryConfig.parse(spec["recovery"], seed=spec["seed"],
+                                    **({"method": spec["method"]} if spec.get("method") else {}))
     request = PruneRequest(model=arch, weights="cifar10jpeg", data=DATA.format(root=shared_data_dir()),
                            criterion=spec["criterion"], target=spec["target"], iterative=spec["iterative"],
-                           recovery=spec["recovery"], seed=spec["seed"], device=device, latency=True)
+                           recovery=recovery, seed=spec["seed"], device=device, latency=True)
     t0 = time.perf_counter()
     outcome = run_prune(request, progress=_progress(spec["id"]))
     rec = outcome.record

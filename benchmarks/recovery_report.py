@@ -57,7 +57,8 @@ def report_table(rows: list[dict[str, Any]]) -> list[str]:
            "(10,000 test) | Δ vs base (pp) | after removal % | BN only % | wall time |",
            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["arch"], r["target"], -r["budget"], r["criterion"], r["seed"])):
-        crit = r["criterion"] + (" (iterative)" if r["iterative"] else "")
+        crit = r["criterion"] + (" (iterative)" if r["iterative"] else "") + \
+            (f" [{r['method']} recovery]" if r.get("method") not in (None, "feature") else "")
         out.append(f"| {r['arch']} | {crit} | {r['target'].split(':')[1]} | {r['recovery']} | {r['seed']} | "
                    f"{r['blocks_removed']} | {100 * r['macs_reduction']:.1f} | {r['images_seen']:,} | "
                    f"{_fmt(r['acc'])} | {r['acc'] - r['base_acc']:+.2f} | {_fmt(r['acc_removed'])} | "
