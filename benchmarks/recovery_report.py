@@ -165,6 +165,22 @@ def curve_figure(rows: list[dict[str, Any]]):
     return fig
 
 
+def readme_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The README's compact table: one line per finished test row, best first within a target and budget."""
+    rows = [r for r in rows if not _is_validation_row(r) and r.get("acc") is not None]
+    if not rows:
+        return ["(no row finished yet)"]
+    out = ["| model, target | blocks chosen by | recovery | images seen | top-1 % | Δ vs unpruned | MACs | "
+           "wall time |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["arch"], r["target"], -r["budget"], -r["acc"])):
+        crit = r["criterion"] + (" iterative" if r["iterative"] else "") + (f" s{r['seed']}" if r["seed"] else "")
+        rec = r["recovery"] + (f" ({r['method']})" if r.get("method") not in (None, "feature") else "")
+        out.append(f"| {r['arch']}, ≥ {r['target'].split(':')[1]} fewer MACs | {crit} | {rec} | "
+                   f"{r['images_seen']:,} | {r['acc']:.2f} | {r['acc'] - r['base_acc']:+.2f} | "
+                   f"−{100 * r['macs_reduction']:.1f} % | {_minutes(r['seconds'])} |")
+    return out
+
+
 def headline(rows: list[dict[str, Any]]) -> list[str]:
     """The targets, the criteria after recovery and the seed spread: what REPORT.md leads with."""
     return ["### Targets", "", *targets(rows), "", "### Criteria after recovery", "", *report_table(rows), "",
