@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,48 +32,62 @@ _DATA_HELP = "digits | cifar10[:ROOT] | cifar100[:ROOT] | imagefolder:ROOT (ROOT
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class StderrProgress:
-    """A ``progress(done, total, message)`` callback that draws a bar on stderr.
+class _LineStream:
+    """stderr for logs: each bar refresh on a line of its own instead of carriage returns."""
 
-    On a terminal the bar is redrawn in place; otherwise (logs, CI) a line is written at most every few seconds.
-    Silent on ranks other than 0 and with ``--quiet``.
+    def __init__(self) -> None:
+        self._last = ""
+
+    def write(self, text: str) -> None:
+        for line in text.replace("\r", "\n").split("\n"):
+            if line.strip() and line != self._last:  # tqdm redraws the final state when it closes
+                sys.stderr.write(line + "\n")
+                self._last = line
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+class StderrProgress:
+    """A ``progress(done, total, message)`` callback drawing tqdm bars (rate and time left) on stderr.
+
+    A new bar starts whenever the total changes (a new phase: decoding, scoring, recovery, ...); messages without
+    a total are status lines. On a terminal bars redraw in place; in logs (not a terminal) tqdm refreshes at most
+    every ``interval`` seconds. Silent on ranks other than 0 and with ``--quiet``.
     """
 
     def __init__(self, enabled: bool = True, interval: float = 2.0) -> None:
         self.enabled = enabled
         self.tty = sys.stderr.isatty()
         self.interval = interval if not self.tty else 0.1
-        self._last = 0.0
-        self._open = False
+        self._bar = None
+        self._total: int | None = None
 
     def __call__(self, done: int, total: int | None, message: str) -> None:
         if not self.enabled:
             return
-        now = time.monotonic()
-        final = total is not None and done >= total
-        if now - self._last < self.interval and not final and total is not None:
-            return  # bars are throttled; status lines (no total) always show
-        self._last = now
-        if total:
-            frac = min(1.0, done / total)
-            bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
-            line = f"[{bar}] {100 * frac:5.1f}% {message}"
-        else:
-            line = message
-        if self.tty:
-            sys.stderr.write("\r" + line[:150].ljust(150))
-            self._open = True
-            if final:
-                self.newline()
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+        if not total:
+            self.info(message)
+            return
+        if self._bar is None or total != self._total or done < self._bar.n:
+            self.newline()
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, file=sys.stderr if self.tty else _LineStream(), leave=True, delay=0.5,
+                             mininterval=self.interval, dynamic_ncols=self.tty, ncols=None if self.tty else 120,
+                             bar_format="{percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt} "
+                                        "[{elapsed}<{remaining}] {desc}")
+            self._total = total
+        self._bar.set_description_str(message[:80], refresh=False)
+        self._bar.update(max(0, min(done, total) - self._bar.n))
+        if done >= total:
+            self.newline()
 
     def newline(self) -> None:
-        if self._open:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-            self._open = False
+        """Finish the current bar (it stays on screen)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar, self._total = None, None
 
     def info(self, message: str) -> None:
         """A status line (always on its own line)."""

@@ -551,7 +551,7 @@ class _Runner:
         """Recover ``model`` in place with ``config``; the record of what it did."""
         from .recovery import recover
 
-        self.progress(0, None, f"recovering the pruned model ({config.name}, {config.images:,} images)"
+        self.progress(0, None, f"recovering the pruned model ({config.name or 'budget'}: {config.images:,} images)"
                       if final else f"recovering after the removal ({config.images:,} images)")
         ckpt = self.store.path("recovery.pt") if (final and self.store is not None) else None
         res = recover(model, self.data.train_augmented, config, teacher=self.base,
