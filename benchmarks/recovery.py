@@ -50,6 +50,7 @@ def _report_rows() -> list[dict[str, Any]]:
     add("resnet56", "cka", "macs:50%", "standard")
     add("resnet56", "random", "macs:50%", "standard")
     add("resnet56", "cka", "macs:50%", "quick", method="adaptor")
+    add("resnet56", "cka", "macs:50%", "standard", method="adaptor")
     add("resnet56", "cka", "macs:75%", "standard")
     add("resnet56", "cka", "macs:50%", "standard", iterative=True)
     for crit in ("block_influence", "angular", "taylor"):
