@@ -112,7 +112,8 @@ def curve_points(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]
     """(images seen, top-1) per criterion for one-shot ResNet-56 at −50 % MACs, seed 0, in budget order."""
     return {crit: sorted((r["images_seen"], r["acc"]) for r in rows if r.get("arch") == "resnet56"
                          and r.get("target") == "macs:50%" and r.get("criterion") == crit
-                         and not r.get("iterative") and r.get("seed") == 0 and r.get("acc") is not None)
+                         and not r.get("iterative") and r.get("seed") == 0 and r.get("acc") is not None
+                         and r.get("method") in (None, "feature"))
             for crit in CURVE_COLOURS}
 
 
@@ -127,19 +128,26 @@ def curve_png(rows: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    for crit, pts in curve_points(rows).items():
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=CURVE_COLOURS[crit], label=crit)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
     base = _base_acc(rows)
-    if base is not None:
-        ax.axhline(base, color="grey", linestyle=":", label=f"unpruned {base:.2f} %")
-    ax.set_xscale("symlog", linthresh=5000)
-    ax.set_xlabel("training images drawn by recovery")
-    ax.set_ylabel("top-1 % (10,000 test images)")
-    ax.set_title("ResNet-56, −52.6 % MACs: accuracy vs recovery budget")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    points = curve_points(rows)
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        for crit, pts in points.items():
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=CURVE_COLOURS[crit], label=crit)
+        if base is not None:
+            ax.axhline(base, color="grey", linestyle=":", label=f"unpruned {base:.2f} %")
+        ax.set_xscale("symlog", linthresh=5000)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("training images drawn by recovery")
+        ax.grid(alpha=0.3)
+        if zoom:
+            ax.set_ylim(80, 91)
+            ax.set_title("the same, top-1 from 80 %")
+        else:
+            ax.set_ylabel("top-1 % (10,000 test images)")
+            ax.set_title("ResNet-56, −52.6 % MACs: accuracy vs recovery budget")
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
