@@ -250,3 +250,13 @@ def test_recover_further_continues_a_run_without_pruning_again(demo) -> None:
     assert rec.final.accuracy > out.record.final.accuracy + 10
     with pytest.raises(ConfigError, match="no images"):
         recover_further(out.model, out.record, demo, "none")
+
+
+def test_reference_drop_follows_the_measured_curve() -> None:
+    from cka_analysis.recovery import REFERENCE_DROP_PP, _reference_drop
+
+    assert _reference_drop(RecoveryConfig.parse("quick")) == REFERENCE_DROP_PP[25_000]
+    assert _reference_drop(RecoveryConfig.parse("standard")) == REFERENCE_DROP_PP[250_000]
+    mid = _reference_drop(RecoveryConfig.parse("75000"))
+    assert REFERENCE_DROP_PP[250_000] < mid < REFERENCE_DROP_PP[25_000]
+    assert _reference_drop(RecoveryConfig.parse("quick", method="ce")) is None  # measured for the default only
