@@ -127,7 +127,7 @@ def test_recover_continues_a_pruned_run_like_the_dashboard(capsys, tmp_path, pru
     from cka_analysis.recovery import RecoveryConfig
     from cka_analysis.workflow import recover_further
 
-    code, out, err = run(capsys, "recover", pruned_dir, "--recovery", "1500", "--out", tmp_path / "more")
+    code, _, err = run(capsys, "recover", pruned_dir, "--recovery", "1500", "--out", tmp_path / "more")
     assert code == 0, err
     assert "1,500 training images, about" in err  # the estimate comes first
     report = json.loads((tmp_path / "more" / "report.json").read_text())
