@@ -140,9 +140,7 @@ def main() -> None:
             if last < PAGES.index("prune") and not needs_prune:
                 return
 
-            _go(page, "Prune")
-            if page.get_by_label("Optimiser steps").count():
-                _number(page, "Optimiser steps", "30")
+            _go(page, "Prune")  # the default recovery (quick) takes about half a minute on the digits demo
             _settle(page)
             page.get_by_role("button", name="Prune", exact=True).click()
             page.get_by_role("heading", name="Result").wait_for(timeout=LONG)
