@@ -637,7 +637,7 @@ def estimate_recovery(config: RecoveryConfig | str | int, model: nn.Module, teac
 
 #: Measured with ``benchmarks/recovery.py`` (ResNet-56 ``cifar10jpeg``, CKA one-shot −52.6 % MACs, all 10,000
 #: test images, default method): top-1 points below the unpruned model (89.51 %) after recovery, by budget.
-REFERENCE_DROP_PP: dict[int, float] = {0: 69.68, 25_000: 3.37, 250_000: 0.66}
+REFERENCE_DROP_PP: dict[int, float] = {0: 69.68, 6_250: 7.91, 25_000: 3.37, 75_000: 1.84, 250_000: 0.66}
 REFERENCE_NOTE = "ResNet-56 on CIFAR-10 (JPEG copy), CKA one-shot at −52.6 % MACs, default method"
 
 
