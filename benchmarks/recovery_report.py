@@ -100,7 +100,8 @@ def seeds_summary(rows: list[dict[str, Any]]) -> list[str]:
         out.append(f"Random blocks, 1 seed so far: {rnd[0]:.2f} %.")
     for r in std:
         if r["criterion"] != "random":
-            crit = r["criterion"] + (" iterative" if r["iterative"] else "")
+            crit = r["criterion"] + (" iterative" if r["iterative"] else "") + \
+                (f" ({r['method']} recovery)" if r.get("method") not in (None, "feature") else "")
             out.append(f"{crit}: {r['acc']:.2f} %.")
     return out
 
