@@ -79,7 +79,7 @@ def test_finetune_resumed_after_a_cancel_ends_with_the_uninterrupted_weights(tmp
     cut = finetune(first, loader(), config, device="cpu", checkpoint_path=ckpt, checkpoint_every=8,
                    progress=stop_after_the_second_checkpoint, cancel=token)
     assert cut.cancelled and cut.steps < 24
-    saved = torch.load(ckpt, weights_only=False)["step"]
+    saved = torch.load(ckpt, weights_only=True)["step"]
     assert saved == 16
     resumed = copy.deepcopy(base)  # a fresh process would start from the same saved model
     result = finetune(resumed, loader(), config, device="cpu", checkpoint_path=ckpt, checkpoint_every=8,
@@ -135,7 +135,7 @@ def _read_complete(path: Path, read: Callable[[Path], Any], errors: tuple[type[E
 def _kill_at_first_checkpoint(cmd: list[str], checkpoint: Path) -> tuple[int, str]:
     """Start ``cmd``, SIGKILL it as soon as ``checkpoint`` exists; return the saved step and the child's stderr."""
     stderr = _kill_when(cmd, checkpoint)
-    step = _read_complete(checkpoint, lambda p: int(torch.load(p, weights_only=False)["step"]),
+    step = _read_complete(checkpoint, lambda p: int(torch.load(p, weights_only=True)["step"]),
                           (EOFError, RuntimeError), stderr)
     return step, stderr
 
