@@ -87,7 +87,13 @@ RECIPE_ROWS = [{"id": f"recipe-{m}-lr{lr:g}-bs{bs}-a{a:g}", "method": m, "recove
                                     ("adaptor", 0.005, 64, 0.9), ("feature", 0.005, 64, 0.5))] + \
               [{"id": f"recipe-feature-lr0.005-bs64-a0.9-fw{w:g}", "method": "feature", "recovery": "quick",
                 "amp": "bf16", "recipe": {"lr": 0.005, "batch_size": 64, "kd_alpha": 0.9, "feature_weight": w}}
-               for w in (0.3, 3.0)]
+               for w in (0.3, 3.0)] + \
+              [{"id": f"recipe-{m}-lr0.01-bs64-a0.5{'-' + mimic if mimic != 'stages' else ''}-fw{w:g}",
+                "method": m, "recovery": "quick", "amp": "bf16",
+                "recipe": {"lr": 0.01, "batch_size": 64, "kd_alpha": 0.5, "feature_weight": w, "mimic": mimic}}
+               # the defaults (lr 0.01, α 0.5) with a heavier feature term, and mimicking at every kept block
+               for m, mimic, w in (("feature", "stages", 3.0), ("feature", "blocks", 1.0), ("feature", "blocks", 0.3),
+                                   ("adaptor", "blocks", 1.0), ("feature", "blocks", 3.0))]
 
 
 # --------------------------------------------------------------------------------------------------- storage

@@ -56,6 +56,9 @@ RECOVERY_METHODS = dict(_METHODS)
 DEFAULT_METHOD = DEFAULT_RECOVERY_METHOD
 
 
+MIMIC_POINTS = ("stages", "blocks")
+
+
 @dataclass(frozen=True)
 class RecoveryConfig:
     """What recovery may spend and how: ``images`` is the budget in training images drawn.
@@ -68,6 +71,8 @@ class RecoveryConfig:
             validation split carved from the training images (``benchmarks/recovery.py``, ``recipe-*`` rows).
         kd_alpha, kd_temperature: weight and temperature of logit distillation (``kd``, ``feature``, ``adaptor``).
         feature_weight: weight of the feature-mimicking term (``feature``, ``adaptor``).
+        mimic: where the feature term compares student and teacher: ``"stages"`` (each stage's output and the
+            penultimate features) or ``"blocks"`` (also the input of every kept block: a denser signal).
         bn_images: images that re-estimate the batch-norm statistics (capped by the budget).
         adaptor_images: images that fit the adaptors (``adaptor`` only; forward passes, counted in the budget).
         amp: ``"auto"`` (bfloat16 autocast on CUDA and on CPUs with native bfloat16 arithmetic, such as Xeons
@@ -86,6 +91,7 @@ class RecoveryConfig:
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
     feature_weight: float = 1.0
+    mimic: str = "stages"
     bn_images: int = 2048
     adaptor_images: int = 1024
     amp: str = "auto"
@@ -107,6 +113,8 @@ class RecoveryConfig:
             raise ConfigError(f"warmup={self.warmup} is a fraction of the steps in [0, 1)")
         if not 0 <= self.kd_alpha <= 1:
             raise ConfigError(f"kd_alpha={self.kd_alpha} must be in [0, 1]")
+        if self.mimic not in MIMIC_POINTS:
+            raise ConfigError(f"mimic={self.mimic!r} must be one of {', '.join(MIMIC_POINTS)}")
         if self.feature_weight < 0 or self.kd_temperature <= 0:
             raise ConfigError("feature_weight must be ≥ 0 and kd_temperature > 0")
 
@@ -393,14 +401,21 @@ def fit_adaptors(student: nn.Module, teacher: nn.Module, data: Dataset, *, image
 
 
 # ----------------------------------------------------------------------------------------------- the objective
-def feature_points(model: nn.Module) -> list[str]:
+def feature_points(model: nn.Module, mimic: str = "stages") -> list[str]:
     """Where ``feature`` recovery compares student and teacher: the output of every module that holds blocks
-    (each stage) and the classifier's input (the penultimate features)."""
+    (each stage) and the classifier's input (the penultimate features); with ``mimic="blocks"`` also the input of
+    every kept block but a stage's first (``"name:in"``), where the pruned network should still agree with the
+    unpruned one."""
     from .blocks import topology
 
     topo = topology(model)
     parents = list(dict.fromkeys(s.rsplit(".", 1)[0] for s in topo.slots if "." in s))
-    return parents + ([f"{topo.classifier}:in"] if topo.classifier else [])
+    kept = []
+    if mimic == "blocks":
+        kept = [f"{s}:in" for i, s in enumerate(topo.slots)
+                if i and s.rsplit(".", 1)[0] == topo.slots[i - 1].rsplit(".", 1)[0]
+                and not isinstance(model.get_submodule(s), nn.Identity)]
+    return kept + parents + ([f"{topo.classifier}:in"] if topo.classifier else [])
 
 
 class _Taps:
@@ -434,7 +449,7 @@ class RecoveryObjective:
         if uses_teacher and teacher is None:
             raise ConfigError(f"recovery method {config.method!r} distils from the unpruned model: give teacher=")
         feats = config.method in ("feature", "adaptor") and config.feature_weight > 0
-        points = feature_points(student) if feats else []
+        points = feature_points(student, config.mimic) if feats else []
         self.s_taps = _Taps(student, points) if feats else None
         self.t_taps = _Taps(teacher, points) if feats and teacher is not None else None
 
@@ -514,8 +529,8 @@ def recover(
                          warmup_steps=max(1, int(cfg.warmup * steps)), amp=cfg.amp, seed=cfg.seed,
                          eval_every=max(1, steps // eval_points) if eval_points else None,
                          seed_global=augment is None, keep_best=False)
-        _train(model, teacher, (plain, augment, eval_loader, eval_samples), cfg, spec, dev,
-               (progress, cancel, checkpoint_path, resume), result)
+        io = _TrainIO(plain, augment, eval_loader, eval_samples, progress, cancel, checkpoint_path, resume)
+        _train(model, teacher, cfg, spec, dev, io, result)
     elif eval_loader is not None:
         from .metrics import evaluate
 
@@ -541,15 +556,28 @@ def _prepare(model: nn.Module, teacher: nn.Module | None, plain: Dataset, cfg: R
         recalibrate_batchnorm(model, plain, images=result.bn_images, device=dev, seed=cfg.seed, cancel=cancel)
 
 
-def _train(model: nn.Module, teacher: nn.Module | None, data: tuple, cfg: RecoveryConfig, spec: Any,
-           dev: torch.device, control: tuple, result: RecoveryResult) -> None:
+@dataclass
+class _TrainIO:
+    """What the training stage reads and reports to: the data, the evaluation, progress and resumption."""
+
+    plain: Dataset
+    augment: Any
+    eval_loader: Any
+    eval_samples: int | None
+    progress: ProgressFn | None
+    cancel: CancelToken | None
+    checkpoint_path: str | Path | None
+    resume: bool
+
+
+def _train(model: nn.Module, teacher: nn.Module | None, cfg: RecoveryConfig, spec: Any, dev: torch.device,
+           io: _TrainIO, result: RecoveryResult) -> None:
     """The training stage: the method's objective minimised by a :class:`~cka_analysis.training.Trainer`."""
     from .data import default_num_workers
     from .distributed import make_loader_for_world
     from .training import Trainer
 
-    plain, augment, eval_loader, eval_samples = data
-    progress, cancel, checkpoint_path, resume = control
+    plain, augment = io.plain, io.augment
     workers = 0 if augment is not None else default_num_workers(plain)
     loader = make_loader_for_world(plain, global_batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
                                    drop_last=True, num_workers=workers, device=dev)
@@ -559,10 +587,10 @@ def _train(model: nn.Module, teacher: nn.Module | None, data: tuple, cfg: Recove
         tap_teacher.to(memory_format=torch.channels_last)
     objective = RecoveryObjective(cfg, model, tap_teacher)
     try:
-        trainer = Trainer(model, loader, objective, spec, device=dev, eval_loader=eval_loader,
-                          eval_samples=eval_samples, augment=augment, progress=progress, cancel=cancel,
-                          checkpoint_path=checkpoint_path)
-        tr = trainer.run(resume=resume)
+        trainer = Trainer(model, loader, objective, spec, device=dev, eval_loader=io.eval_loader,
+                          eval_samples=io.eval_samples, augment=augment, progress=io.progress, cancel=io.cancel,
+                          checkpoint_path=io.checkpoint_path)
+        tr = trainer.run(resume=io.resume)
     finally:
         objective.close()
     spent = result.images_seen
@@ -587,16 +615,16 @@ def estimate_recovery(config: RecoveryConfig | str | int, model: nn.Module, teac
     dev = resolve_device(device)
     steps = cfg.train_steps if cfg.images else 0
     forward_images = min(cfg.bn_images, cfg.images) + (cfg.adaptor_images if cfg.method == "adaptor" else 0)
-    from .training import _amp_for, _autocast, _channels_last
+    from .training import train_in_channels_last, training_autocast, training_dtype
 
     n = min(cfg.batch_size, 32)
     x = torch.randn(n, *model.cka_preset.input_size, device=dev)
     y = torch.zeros(n, dtype=torch.long, device=dev)
     student = copy.deepcopy(model).to(dev)
-    if _channels_last(dev, student):  # as the trainer runs it: memory format and precision
+    if train_in_channels_last(dev, student):  # as the trainer runs it: memory format and precision
         student.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    dtype = _amp_for(cfg.amp, dev)
+    dtype = training_dtype(cfg.amp, dev)
 
     def timed(fn: Any) -> float:
         times = []
@@ -620,7 +648,7 @@ def estimate_recovery(config: RecoveryConfig | str | int, model: nn.Module, teac
 
         def train_step() -> None:
             opt.zero_grad()
-            with _autocast(dev, dtype):
+            with training_autocast(dev, dtype):
                 loss = objective(student, x, y)
             loss.backward()
             opt.step()

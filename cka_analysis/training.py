@@ -43,6 +43,9 @@ __all__ = [
     "distillation_loss",
     "finetune",
     "learning_rates",
+    "train_in_channels_last",
+    "training_autocast",
+    "training_dtype",
 ]
 
 #: ``objective(net, x, y) -> scalar loss``: runs the (possibly DDP-wrapped) student ``net`` on a batch.
@@ -175,7 +178,7 @@ def learning_rates(spec: TrainSpec) -> list[float]:
     return rates
 
 
-def _channels_last(dev: torch.device, model: nn.Module) -> bool:
+def train_in_channels_last(dev: torch.device, model: nn.Module) -> bool:
     """Train convolutional models in channels_last: tensor cores on CUDA, and 15–20 % faster oneDNN
     convolutions on the CPU for the CIFAR ResNets (measured; the arithmetic is the same)."""
     if use_channels_last(dev):
@@ -194,7 +197,7 @@ def cpu_has_fast_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
-def _amp_for(spec_amp: str, dev: torch.device) -> torch.dtype | None:
+def training_dtype(spec_amp: str, dev: torch.device) -> torch.dtype | None:
     """The autocast dtype of a training run: ``auto`` = bfloat16 (or float16) on CUDA, bfloat16 on CPUs with
     native bfloat16 arithmetic, none elsewhere."""
     if spec_amp != "auto":
@@ -206,7 +209,7 @@ def _amp_for(spec_amp: str, dev: torch.device) -> torch.dtype | None:
     return None
 
 
-def _autocast(dev: torch.device, dtype: torch.dtype | None) -> Any:
+def training_autocast(dev: torch.device, dtype: torch.dtype | None) -> Any:
     """Autocast for training on CUDA and on the CPU (evaluation keeps full precision on the CPU)."""
     import contextlib
 
@@ -240,10 +243,10 @@ class Trainer:
         self.ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
         self.checkpoint_every = checkpoint_every
         model.to(self.dev)
-        self.channels_last = _channels_last(self.dev, model)
+        self.channels_last = train_in_channels_last(self.dev, model)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.dtype = _amp_for(spec.amp, self.dev)
+        self.dtype = training_dtype(spec.amp, self.dev)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16 and self.dev.type == "cuda")
         self.net = dist_utils.wrap_ddp(model, self.dev)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -369,7 +372,7 @@ class Trainer:
             x = self.augment(x)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(self.dev, self.dtype):
+        with training_autocast(self.dev, self.dtype):
             loss = self.objective(self.net, x, y)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

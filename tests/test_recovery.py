@@ -22,6 +22,7 @@ from cka_analysis.recovery import (
     RecoveryConfig,
     adaptor_slots,
     estimate_recovery,
+    feature_points,
     fit_adaptors,
     recalibrate_batchnorm,
     recover,
@@ -69,7 +70,7 @@ def test_parse_refuses_what_it_cannot_read(bad) -> None:
 
 @pytest.mark.parametrize("kwargs, word", [({"method": "magic"}, "method"), ({"batch_size": 0}, "batch_size"),
                                           ({"lr": 0.0}, "lr"), ({"kd_alpha": 2.0}, "kd_alpha"),
-                                          ({"images": -1}, "images")])
+                                          ({"images": -1}, "images"), ({"mimic": "layers"}, "mimic")])
 def test_config_names_the_bad_argument(kwargs, word) -> None:
     with pytest.raises(ConfigError, match=word):
         RecoveryConfig(**kwargs)
@@ -101,6 +102,21 @@ def test_each_method_recovers_within_budget(method: str, demo, data, pruned) -> 
     assert (len(result.adaptors) > 0) == (method == "adaptor")
     assert removed_blocks(student) == REMOVED
     assert result.to_dict()["images_seen"] == result.images_seen
+
+
+def test_block_mimicking_adds_the_input_of_every_kept_block(demo, data, pruned) -> None:
+    model = pruned[0]
+    stages = feature_points(model)
+    blocks = feature_points(model, "blocks")
+    extra = [p for p in blocks if p not in stages]
+    kept = [b.name for b in find_blocks(demo, count_macs=False) if b.name not in REMOVED]
+    # every kept block but a stage's first is compared at its input; removed blocks never are
+    assert set(stages) < set(blocks)
+    assert extra and all(p.endswith(":in") and p[:-3] in kept and not p.endswith(".0:in") for p in extra)
+    student = copy.deepcopy(model)
+    cfg = RecoveryConfig(images=1_500, method="feature", mimic="blocks", bn_images=256, batch_size=64)
+    result = recover(student, data["train"], cfg, teacher=demo, eval_data=data["test"], device="cpu")
+    assert result.images_seen <= cfg.images and result.accuracy > pruned[1] + 10
 
 
 @pytest.mark.parametrize("images", [10, 255, 300, 1_000])
