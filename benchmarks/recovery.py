@@ -39,11 +39,11 @@ def _report_rows() -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def add(arch: str, criterion: str, target: str, recovery: str, seed: int = 0, iterative: bool = False,
-            method: str | None = None) -> None:
+            method: str | None = None, mimic: str = "stages") -> None:
         rid = f"{arch}-{criterion}{'-it' if iterative else ''}-{target.replace(':', '').replace('%', '')}-" \
-              f"{recovery}{'-' + method if method else ''}-s{seed}"
+              f"{recovery}{'-' + method if method else ''}{'-' + mimic if mimic != 'stages' else ''}-s{seed}"
         rows.append({"id": rid, "arch": arch, "criterion": criterion, "target": target, "recovery": recovery,
-                     "seed": seed, "iterative": iterative, **({"method": method} if method else {})})
+                     "seed": seed, "iterative": iterative, "mimic": mimic, **({"method": method} if method else {})})
 
     add("resnet56", "cka", "macs:50%", "quick")
     add("resnet56", "random", "macs:50%", "quick")
@@ -63,6 +63,11 @@ def _report_rows() -> list[dict[str, Any]]:
     add("resnet56", "cka", "macs:75%", "quick")
     for target in ("macs:25%", "macs:50%"):
         add("resnet20", "cka", target, "standard")
+    # feature mimicking at every kept block's input too (chosen on the validation split: recipe-*-blocks-* rows)
+    for criterion, target, recovery in (("cka", "macs:50%", "quick"), ("cka", "macs:50%", "standard"),
+                                        ("random", "macs:50%", "quick"), ("cka", "macs:75%", "standard"),
+                                        ("random", "macs:50%", "standard")):
+        add("resnet56", criterion, target, recovery, mimic="blocks")
     return rows
 
 
@@ -92,8 +97,8 @@ RECIPE_ROWS = [{"id": f"recipe-{m}-lr{lr:g}-bs{bs}-a{a:g}", "method": m, "recove
                 "method": m, "recovery": "quick", "amp": "bf16",
                 "recipe": {"lr": 0.01, "batch_size": 64, "kd_alpha": 0.5, "feature_weight": w, "mimic": mimic}}
                # the defaults (lr 0.01, α 0.5) with a heavier feature term, and mimicking at every kept block
-               for m, mimic, w in (("feature", "stages", 3.0), ("feature", "blocks", 1.0), ("feature", "blocks", 0.3),
-                                   ("adaptor", "blocks", 1.0), ("feature", "blocks", 3.0))]
+               for m, mimic, w in (("feature", "stages", 3.0), ("feature", "blocks", 1.0), ("feature", "blocks", 3.0),
+                                   ("feature", "blocks", 10.0), ("adaptor", "blocks", 3.0))]
 
 
 # --------------------------------------------------------------------------------------------------- storage
@@ -156,7 +161,7 @@ def run_report_row(spec: dict[str, Any], device: str) -> dict[str, Any]:
     arch = {"resnet56": "cifar_resnet56", "resnet20": "cifar_resnet20"}[spec["arch"]]
     from cka_analysis.recovery import RecoveryConfig
 
-    recovery = RecoveryConfig.parse(spec["recovery"], seed=spec["seed"],
+    recovery = RecoveryConfig.parse(spec["recovery"], seed=spec["seed"], mimic=spec.get("mimic", "stages"),
                                     **({"method": spec["method"]} if spec.get("method") else {}))
     request = PruneRequest(model=arch, weights="cifar10jpeg", data=DATA.format(root=shared_data_dir()),
                            criterion=spec["criterion"], target=spec["target"], iterative=spec["iterative"],

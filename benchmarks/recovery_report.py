@@ -25,19 +25,33 @@ def _is_validation_row(r: dict[str, Any]) -> bool:
     return r["id"].startswith(("methods-", "recipe-"))
 
 
+def _mimic(r: dict[str, Any]) -> str:
+    """Where a row's feature term compared student and teacher (rows before the option: each stage)."""
+    return r.get("mimic") or (r.get("recipe") or {}).get("mimic") or "stages"
+
+
+def _recovery_note(r: dict[str, Any]) -> str:
+    """What a test row's recovery did differently from feature mimicking at the stage outputs."""
+    notes = [f"{r['method']} recovery"] if r.get("method") not in (None, "feature") else []
+    if _mimic(r) == "blocks":
+        notes.append("block mimicking")
+    return ", ".join(notes)
+
+
 def method_table(rows: list[dict[str, Any]]) -> list[str]:
     """The methods and recipes side by side on the validation split (same pruned model)."""
     rows = sorted((r for r in rows if _is_validation_row(r)), key=lambda r: (r["budget"], -r["val_acc"]))
     if not rows:
         return []
-    out = ["| method | budget | lr | batch | KD weight | feature weight | precision | images seen | "
+    out = ["| method | budget | lr | batch | KD weight | feature weight | mimic at | precision | images seen | "
            "validation top-1 % | Δ vs unpruned (pp) | MACs reduction | wall time |",
-           "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+           "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         cfg = r.get("recipe") or {}
         amp = {"bf16": "bfloat16", "none": "float32"}.get(r.get("amp"), "float32")  # rows without amp predate bf16
         out.append(f"| {r['method']} | {r['recovery']} | {cfg.get('lr', '?')} | {cfg.get('batch_size', '?')} | "
-                   f"{cfg.get('kd_alpha', '?')} | {cfg.get('feature_weight', '?')} | {amp} | {r['images_seen']:,} | "
+                   f"{cfg.get('kd_alpha', '?')} | {cfg.get('feature_weight', '?')} | {_mimic(r)} | {amp} | "
+                   f"{r['images_seen']:,} | "
                    f"{r['val_acc']:.2f} | {r['val_acc'] - r['val_base_acc']:+.2f} | "
                    f"{100 * r['macs_reduction']:.1f} % | {_minutes(r['seconds'])} |")
     base = rows[0]
@@ -57,8 +71,8 @@ def report_table(rows: list[dict[str, Any]]) -> list[str]:
            "(10,000 test) | Δ vs base (pp) | after removal % | BN only % | wall time |",
            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["arch"], r["target"], -r["budget"], r["criterion"], r["seed"])):
-        crit = r["criterion"] + (" (iterative)" if r["iterative"] else "") + \
-            (f" [{r['method']} recovery]" if r.get("method") not in (None, "feature") else "")
+        note = _recovery_note(r)
+        crit = r["criterion"] + (" (iterative)" if r["iterative"] else "") + (f" [{note}]" if note else "")
         out.append(f"| {r['arch']} | {crit} | {r['target'].split(':')[1]} | {r['recovery']} | {r['seed']} | "
                    f"{r['blocks_removed']} | {100 * r['macs_reduction']:.1f} | {r['images_seen']:,} | "
                    f"{_fmt(r['acc'])} | {r['acc'] - r['base_acc']:+.2f} | {_fmt(r['acc_removed'])} | "
@@ -89,7 +103,7 @@ def seeds_summary(rows: list[dict[str, Any]]) -> list[str]:
     """Random's mean ± sample standard deviation over seeds next to the criteria at standard, −50 %."""
     std = [r for r in rows if r.get("arch") == "resnet56" and r.get("target") == "macs:50%"
            and r.get("recovery") == "standard"]
-    rnd = [r["acc"] for r in std if r["criterion"] == "random"]
+    rnd = [r["acc"] for r in std if r["criterion"] == "random" and not _recovery_note(r)]
     if not std:
         return []
     out = []
@@ -99,9 +113,9 @@ def seeds_summary(rows: list[dict[str, Any]]) -> list[str]:
     elif rnd:
         out.append(f"Random blocks, 1 seed so far: {rnd[0]:.2f} %.")
     for r in std:
-        if r["criterion"] != "random":
-            crit = r["criterion"] + (" iterative" if r["iterative"] else "") + \
-                (f" ({r['method']} recovery)" if r.get("method") not in (None, "feature") else "")
+        note = _recovery_note(r)
+        if r["criterion"] != "random" or note:
+            crit = r["criterion"] + (" iterative" if r["iterative"] else "") + (f" ({note})" if note else "")
             out.append(f"{crit}: {r['acc']:.2f} %.")
     return out
 
@@ -114,7 +128,7 @@ def curve_points(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]
     return {crit: sorted((r["images_seen"], r["acc"]) for r in rows if r.get("arch") == "resnet56"
                          and r.get("target") == "macs:50%" and r.get("criterion") == crit
                          and not r.get("iterative") and r.get("seed") == 0 and r.get("acc") is not None
-                         and r.get("method") in (None, "feature"))
+                         and not _recovery_note(r))
             for crit in CURVE_COLOURS}
 
 
@@ -183,7 +197,8 @@ def readme_table(rows: list[dict[str, Any]]) -> list[str]:
            "wall time |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["arch"], r["target"], -r["budget"], -r["acc"])):
         crit = r["criterion"] + (" iterative" if r["iterative"] else "") + (f" s{r['seed']}" if r["seed"] else "")
-        rec = r["recovery"] + (f" ({r['method']})" if r.get("method") not in (None, "feature") else "")
+        note = _recovery_note(r)
+        rec = r["recovery"] + (f" ({note})" if note else "")
         out.append(f"| {r['arch']}, ≥ {r['target'].split(':')[1]} fewer MACs | {crit} | {rec} | "
                    f"{r['images_seen']:,} | {r['acc']:.2f} | {r['acc'] - r['base_acc']:+.2f} | "
                    f"−{100 * r['macs_reduction']:.1f} % | {_minutes(r['seconds'])} |")
@@ -196,7 +211,33 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
             *seeds_summary(rows)]
 
 
+def bn_scoring_section(bn: dict[str, Any] | None) -> list[str]:
+    """What ``benchmarks/bn_scoring.py`` found: does re-estimating batch norm inside scoring change CKA's choice?"""
+    if not bn:
+        return []
+    chosen, acc = bn["chosen"], bn["acc_bn_only"]
+    only = {k: sorted(set(v) - set(bn["common"])) for k, v in chosen.items()}
+    return ["## Batch-norm re-estimation inside scoring", "",
+            f"`python -m benchmarks.bn_scoring`: every candidate block of ResNet-56 scored by CKA on the same "
+            f"{bn['calibration_images']} calibration images, once as the workflow does (the unpruned network's "
+            f"batch-norm statistics) and once with the statistics re-estimated on {bn['bn_images']:,} training "
+            "images for each candidate.", "",
+            f"- Kendall τ between the two score vectors: **{bn['kendall_tau']:.2f}**: the order changes a lot;",
+            f"- at {bn['target'].split(':')[1]} fewer MACs both remove {len(chosen['plain'])} blocks, "
+            f"{len(bn['common'])} of them the same (as the workflow does only: {', '.join(only['plain']) or '–'}; "
+            f"with re-estimation only: {', '.join(only['bn']) or '–'});",
+            f"- top-1 on all {bn['test_images']:,} test images after batch-norm re-estimation alone: "
+            f"{acc['plain']:.2f} % (as the workflow does) vs {acc['bn']:.2f} % (re-estimated in scoring).", "",
+            "So re-estimating inside scoring costs one calibration pass per candidate and does not pick better "
+            "blocks here; scoring stays as the paper defines it." if acc["bn"] <= acc["plain"] else
+            "Re-estimating inside scoring picks blocks that start recovery higher here.", ""]
+
+
 def write(data: dict[str, Any], out_dir: Path) -> Path:
+    import json
+
+    bn_path = out_dir / "bn_scoring.json"
+    bn = json.loads(bn_path.read_text()) if bn_path.is_file() else None
     rows = data.get("rows", [])
     env = data.get("env") or (rows[0].get("env") if rows else {}) or {}
     lines = ["# Recovery benchmark", "",
@@ -206,7 +247,7 @@ def write(data: dict[str, Any], out_dir: Path) -> Path:
              "## Targets", "", *targets(rows), "",
              "## Methods side by side (validation split, one pruned model)", "", *method_table(rows), "",
              "## Criteria after recovery (all 10,000 test images)", "", *report_table(rows), "",
-             *seeds_summary(rows), ""]
+             *seeds_summary(rows), "", *bn_scoring_section(bn)]
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "recovery.md"
     md.write_text("\n".join(lines))
