@@ -71,7 +71,7 @@ RECOVERY_METHODS: Mapping[str, str] = MappingProxyType({
     "bn": "batch-norm re-estimation only (no training)",
     "ce": "cross-entropy fine-tuning (the control)",
     "kd": "logit distillation from the unpruned network",
-    "feature": "logit distillation + mimicking each stage's output and the penultimate features",
+    "feature": "logit distillation + mimicking the unpruned features at every kept block and the penultimate layer",
     "adaptor": "fitted 1×1 adaptors in place of removed blocks, then 'feature' training",
 })
 DEFAULT_RECOVERY_METHOD = "feature"

@@ -106,7 +106,7 @@ def test_each_method_recovers_within_budget(method: str, demo, data, pruned) -> 
 
 def test_block_mimicking_adds_the_input_of_every_kept_block(demo, data, pruned) -> None:
     model = pruned[0]
-    stages = feature_points(model)
+    stages = feature_points(model, "stages")
     blocks = feature_points(model, "blocks")
     extra = [p for p in blocks if p not in stages]
     kept = [b.name for b in find_blocks(demo, count_macs=False) if b.name not in REMOVED]
@@ -271,8 +271,17 @@ def test_recover_further_continues_a_run_without_pruning_again(demo) -> None:
 def test_reference_drop_follows_the_measured_curve() -> None:
     from cka_analysis.recovery import REFERENCE_DROP_PP, _reference_drop
 
-    assert _reference_drop(RecoveryConfig.parse("quick")) == REFERENCE_DROP_PP[25_000]
-    assert _reference_drop(RecoveryConfig.parse("standard")) == REFERENCE_DROP_PP[250_000]
-    mid = _reference_drop(RecoveryConfig.parse("75000"))
-    assert REFERENCE_DROP_PP[250_000] < mid < REFERENCE_DROP_PP[25_000]
-    assert _reference_drop(RecoveryConfig.parse("quick", method="ce")) is None  # measured for the default only
+    default = RecoveryConfig()
+    assert (default.method, default.mimic, default.feature_weight) in REFERENCE_DROP_PP, "the default is measured"
+    for (method, mimic, weight), curve in REFERENCE_DROP_PP.items():
+        recipe = {"method": method, "mimic": mimic, "feature_weight": weight}
+
+        def drop(spec: str, recipe: dict = recipe, **kw) -> float | None:
+            return _reference_drop(RecoveryConfig.parse(spec, **recipe, **kw))
+
+        assert drop("quick") == curve[25_000]
+        assert drop("standard") == curve[250_000]
+        mid = drop("60000")  # log-interpolated between the measured budgets around it
+        assert curve[250_000] < mid < curve[25_000]
+        assert drop("quick", lr=0.5) is None  # another recipe: nothing measured to quote
+    assert _reference_drop(RecoveryConfig.parse("quick", method="ce")) is None
