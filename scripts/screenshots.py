@@ -132,11 +132,12 @@ def main() -> None:
 
             _go(page, "Removal scores")
             page.locator(".js-plotly-plot").first.wait_for(state="visible", timeout=LONG)
-            _shot(page, args.out, "scores", page.get_by_role("heading", name="Removal scores"))
-            page.get_by_role("button", name="Compare the criteria").click()
-            _settle(page)
-            page.get_by_text("Kendall τ-b").first.wait_for(timeout=LONG)
-            _shot(page, args.out, "criteria", page.get_by_role("heading", name="Compare criteria"))
+            if "scores" in only:  # the scores and the criteria comparison of the same page
+                _shot(page, args.out, "scores", page.get_by_role("heading", name="Removal scores"))
+                page.get_by_role("button", name="Compare the criteria").click()
+                _settle(page)
+                page.get_by_text("Kendall τ-b").first.wait_for(timeout=LONG)
+                _shot(page, args.out, "criteria", page.get_by_role("heading", name="Compare criteria"))
             if last < PAGES.index("prune") and not needs_prune:
                 return
 
@@ -145,7 +146,10 @@ def main() -> None:
             page.get_by_role("button", name="Prune", exact=True).click()
             page.get_by_role("heading", name="Result").wait_for(timeout=LONG)
             _settle(page)
-            _shot(page, args.out, "prune", page.get_by_role("heading", name="Result"))
+            if "prune" in only:
+                _shot(page, args.out, "prune", page.get_by_role("heading", name="Result"))
+            if last < PAGES.index("compare"):
+                return
 
             _go(page, "Compare")
             _number(page, "Test images for robustness", "64")
@@ -154,8 +158,11 @@ def main() -> None:
             _settle(page)
             page.locator(".js-plotly-plot").nth(1).wait_for(state="visible", timeout=LONG)
             page.wait_for_timeout(1500)
-            _shot(page, args.out, "compare", page.get_by_role("heading", name="Compare"))
-            _shot(page, args.out, "robustness", page.locator(".js-plotly-plot").nth(1))
+            if "compare" in only:
+                _shot(page, args.out, "compare", page.get_by_role("heading", name="Compare"))
+                _shot(page, args.out, "robustness", page.locator(".js-plotly-plot").nth(1))
+            if last < PAGES.index("export"):
+                return
 
             _go(page, "Export")
             page.get_by_role("button", name="Prepare the files").click()
