@@ -120,16 +120,27 @@ def seeds_summary(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-CURVE_COLOURS = {"cka": "#1f77b4", "random": "#d62728"}
+#: One series per (criterion, where features were mimicked): label, colour, line style.
+CURVES = {("cka", "blocks"): ("CKA, block mimicking (default)", "#1f77b4", "-"),
+          ("random", "blocks"): ("random, block mimicking", "#d62728", "-"),
+          ("cka", "stages"): ("CKA, stage mimicking (first default)", "#1f77b4", "--"),
+          ("random", "stages"): ("random, stage mimicking", "#d62728", "--")}
 
 
-def curve_points(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """(images seen, top-1) per criterion for one-shot ResNet-56 at −50 % MACs, seed 0, in budget order."""
-    return {crit: sorted((r["images_seen"], r["acc"]) for r in rows if r.get("arch") == "resnet56"
-                         and r.get("target") == "macs:50%" and r.get("criterion") == crit
-                         and not r.get("iterative") and r.get("seed") == 0 and r.get("acc") is not None
-                         and not _recovery_note(r))
-            for crit in CURVE_COLOURS}
+def curve_points(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(images seen, top-1) per series of :data:`CURVES` for one-shot ResNet-56 at −50 % MACs, seed 0, in budget
+    order; no recovery (0 images) does not depend on the recipe, so it starts every series."""
+    def keep(r: dict[str, Any], crit: str) -> bool:
+        return (r.get("arch") == "resnet56" and r.get("target") == "macs:50%" and r.get("criterion") == crit
+                and not r.get("iterative") and r.get("seed") == 0 and r.get("acc") is not None
+                and r.get("method") in (None, "feature"))
+
+    out = {}
+    for crit, mimic in CURVES:
+        pts = sorted((r["images_seen"], r["acc"]) for r in rows if keep(r, crit)
+                     and (_mimic(r) == mimic or r["images_seen"] == 0))
+        out[(crit, mimic)] = pts if len(pts) > 1 else []
+    return out
 
 
 def _base_acc(rows: list[dict[str, Any]]) -> float | None:
@@ -147,9 +158,10 @@ def curve_png(rows: list[dict[str, Any]], path: Path) -> Path:
     base = _base_acc(rows)
     points = curve_points(rows)
     for ax, zoom in zip(axes, (False, True), strict=True):
-        for crit, pts in points.items():
+        for key, pts in points.items():
+            label, colour, style = CURVES[key]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=CURVE_COLOURS[crit], label=crit)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o" + style, color=colour, label=label)
         if base is not None:
             ax.axhline(base, color="grey", linestyle=":", label=f"unpruned {base:.2f} %")
         ax.set_xscale("symlog", linthresh=5000)
@@ -174,11 +186,11 @@ def curve_figure(rows: list[dict[str, Any]]):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for crit, pts in curve_points(rows).items():
-        colour = CURVE_COLOURS[crit]
+    for key, pts in curve_points(rows).items():
+        label, colour, style = CURVES[key]
         if pts:
-            fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=crit,
-                            line={"color": colour})
+            fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=label,
+                            line={"color": colour, "dash": "solid" if style == "-" else "dash"})
     base = _base_acc(rows)
     if base is not None:
         fig.add_hline(y=base, line_dash="dot", annotation_text=f"unpruned {base:.2f} %")
