@@ -108,7 +108,10 @@ RECIPE_ROWS = [{"id": f"recipe-{m}-lr{lr:g}-bs{bs}-a{a:g}", "method": m, "recove
                # the defaults (lr 0.01, α 0.5) with a heavier feature term, and mimicking at every kept block
                for m, mimic, w in (("feature", "stages", 3.0), ("feature", "blocks", 1.0), ("feature", "blocks", 3.0),
                                    ("feature", "blocks", 10.0), ("feature", "blocks", 30.0),
-                                   ("adaptor", "blocks", 10.0))]
+                                   ("adaptor", "blocks", 10.0))] + \
+              [{"id": "recipe-feature-lr0.01-bs64-a0.5-blocks-fw10-cosine", "method": "feature", "recovery": "quick",
+                "amp": "bf16", "recipe": {"lr": 0.01, "batch_size": 64, "kd_alpha": 0.5, "feature_weight": 10.0,
+                                          "mimic": "blocks", "feature_schedule": "cosine"}}]
 
 
 # --------------------------------------------------------------------------------------------------- storage

@@ -35,6 +35,8 @@ def _recovery_note(r: dict[str, Any]) -> str:
     notes = [f"{r['method']} recovery"] if r.get("method") not in (None, "feature") else []
     if _mimic(r) == "blocks":
         notes.append("block mimicking")
+    if (r.get("recipe") or {}).get("feature_schedule") == "cosine":
+        notes.append("decaying")
     return ", ".join(notes)
 
 
@@ -50,7 +52,8 @@ def method_table(rows: list[dict[str, Any]]) -> list[str]:
         cfg = r.get("recipe") or {}
         amp = {"bf16": "bfloat16", "none": "float32"}.get(r.get("amp"), "float32")  # rows without amp predate bf16
         out.append(f"| {r['method']} | {r['recovery']} | {cfg.get('lr', '?')} | {cfg.get('batch_size', '?')} | "
-                   f"{cfg.get('kd_alpha', '?')} | {cfg.get('feature_weight', '?')} | {_mimic(r)} | {amp} | "
+                   f"{cfg.get('kd_alpha', '?')} | {cfg.get('feature_weight', '?')}"
+                   f"{' (cosine)' if cfg.get('feature_schedule') == 'cosine' else ''} | {_mimic(r)} | {amp} | "
                    f"{r['images_seen']:,} | "
                    f"{r['val_acc']:.2f} | {r['val_acc'] - r['val_base_acc']:+.2f} | "
                    f"{100 * r['macs_reduction']:.1f} % | {_minutes(r['seconds'])} |")

@@ -22,7 +22,9 @@ recorded beside it. Presets: :data:`RECOVERY_PRESETS`.
 from __future__ import annotations
 
 import copy
+import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,7 @@ DEFAULT_METHOD = DEFAULT_RECOVERY_METHOD
 
 
 MIMIC_POINTS = ("stages", "blocks")
+FEATURE_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class RecoveryConfig:
         mimic: where the feature term compares student and teacher: ``"blocks"`` (the default: the input of every
             kept block, each stage's output and the penultimate features) or ``"stages"`` (only the last two, the
             first default). The dense signal recovers faster per image (validation split, ``recipe-*`` rows).
+        feature_schedule: ``"constant"`` weight, or ``"cosine"``: from ``feature_weight`` down to 0 over the
+            training steps, so that mimicking speeds up the start and plain distillation has the end.
         bn_images: images that re-estimate the batch-norm statistics (capped by the budget).
         adaptor_images: images that fit the adaptors (``adaptor`` only; forward passes, counted in the budget).
         amp: ``"auto"`` (bfloat16 autocast on CUDA and on CPUs with native bfloat16 arithmetic, such as Xeons
@@ -94,6 +99,7 @@ class RecoveryConfig:
     kd_temperature: float = 4.0
     feature_weight: float = 10.0
     mimic: str = "blocks"
+    feature_schedule: str = "constant"
     bn_images: int = 2048
     adaptor_images: int = 1024
     amp: str = "auto"
@@ -115,6 +121,9 @@ class RecoveryConfig:
             raise ConfigError(f"warmup={self.warmup} is a fraction of the steps in [0, 1)")
         if not 0 <= self.kd_alpha <= 1:
             raise ConfigError(f"kd_alpha={self.kd_alpha} must be in [0, 1]")
+        if self.feature_schedule not in FEATURE_SCHEDULES:
+            raise ConfigError(f"feature_schedule={self.feature_schedule!r} must be one of "
+                              f"{', '.join(FEATURE_SCHEDULES)}")
         if self.mimic not in MIMIC_POINTS:
             raise ConfigError(f"mimic={self.mimic!r} must be one of {', '.join(MIMIC_POINTS)}")
         if self.feature_weight < 0 or self.kd_temperature <= 0:
@@ -454,6 +463,15 @@ class RecoveryObjective:
         points = feature_points(student, config.mimic) if feats else []
         self.s_taps = _Taps(student, points) if feats else None
         self.t_taps = _Taps(teacher, points) if feats and teacher is not None else None
+        #: the fraction of training done, in [0, 1] (set by the training stage; the feature schedule reads it)
+        self.progress: Callable[[], float] = lambda: 0.0
+
+    def feature_weight(self) -> float:
+        """The feature term's weight now: constant, or cosine-decayed over training."""
+        w = self.config.feature_weight
+        if self.config.feature_schedule == "cosine":
+            w *= 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, self.progress()))))
+        return w
 
     def __call__(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from .training import distillation_loss
@@ -466,10 +484,11 @@ class RecoveryObjective:
         with torch.no_grad():
             t_logits = self.teacher(x)
         loss = (1 - c.kd_alpha) * loss + c.kd_alpha * distillation_loss(logits, t_logits, c.kd_temperature)
-        if self.s_taps is not None and self.t_taps is not None:
+        weight = self.feature_weight()
+        if self.s_taps is not None and self.t_taps is not None and weight > 0:
             feat = sum(F.mse_loss(self.s_taps.values[k].float(), t.float()) / (t.float().pow(2).mean() + 1e-8)
                        for k, t in self.t_taps.values.items())
-            loss = loss + c.feature_weight * feat
+            loss = loss + weight * feat
         return loss
 
     def close(self) -> None:
@@ -592,6 +611,7 @@ def _train(model: nn.Module, teacher: nn.Module | None, cfg: RecoveryConfig, spe
         trainer = Trainer(model, loader, objective, spec, device=dev, eval_loader=io.eval_loader,
                           eval_samples=io.eval_samples, augment=augment, progress=io.progress, cancel=io.cancel,
                           checkpoint_path=io.checkpoint_path)
+        objective.progress = lambda: trainer.step / max(1, spec.total_steps)
         tr = trainer.run(resume=io.resume)
     finally:
         objective.close()
