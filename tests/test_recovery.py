@@ -20,6 +20,7 @@ from cka_analysis.recovery import (
     RECOVERY_PRESETS,
     BlockAdaptor,
     RecoveryConfig,
+    RecoveryObjective,
     adaptor_slots,
     estimate_recovery,
     feature_points,
@@ -70,7 +71,8 @@ def test_parse_refuses_what_it_cannot_read(bad) -> None:
 
 @pytest.mark.parametrize("kwargs, word", [({"method": "magic"}, "method"), ({"batch_size": 0}, "batch_size"),
                                           ({"lr": 0.0}, "lr"), ({"kd_alpha": 2.0}, "kd_alpha"),
-                                          ({"images": -1}, "images"), ({"mimic": "layers"}, "mimic")])
+                                          ({"images": -1}, "images"), ({"mimic": "layers"}, "mimic"),
+                                          ({"feature_schedule": "linear"}, "feature_schedule")])
 def test_config_names_the_bad_argument(kwargs, word) -> None:
     with pytest.raises(ConfigError, match=word):
         RecoveryConfig(**kwargs)
@@ -115,6 +117,21 @@ def test_block_mimicking_adds_the_input_of_every_kept_block(demo, data, pruned) 
     assert extra and all(p.endswith(":in") and p[:-3] in kept and not p.endswith(".0:in") for p in extra)
     student = copy.deepcopy(model)
     cfg = RecoveryConfig(images=1_500, method="feature", mimic="blocks", bn_images=256, batch_size=64)
+    result = recover(student, data["train"], cfg, teacher=demo, eval_data=data["test"], device="cpu")
+    assert result.images_seen <= cfg.images and result.accuracy > pruned[1] + 10
+
+
+def test_cosine_feature_schedule_decays_to_zero(demo, data, pruned) -> None:
+    objective = RecoveryObjective(RecoveryConfig(feature_weight=10.0, feature_schedule="cosine"),
+                                  copy.deepcopy(pruned[0]), demo)
+    try:
+        for done, weight in ((0.0, 10.0), (0.5, 5.0), (1.0, 0.0)):
+            objective.progress = lambda done=done: done
+            assert objective.feature_weight() == pytest.approx(weight, abs=1e-9)
+    finally:
+        objective.close()
+    student = copy.deepcopy(pruned[0])
+    cfg = RecoveryConfig(images=1_500, feature_schedule="cosine", bn_images=256, batch_size=64)
     result = recover(student, data["train"], cfg, teacher=demo, eval_data=data["test"], device="cpu")
     assert result.images_seen <= cfg.images and result.accuracy > pruned[1] + 10
 
