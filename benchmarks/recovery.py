@@ -35,10 +35,12 @@ VALIDATION_SEED = 123
 
 # ------------------------------------------------------------------------------------------------------ rows
 #: The recipes of the test rows, pinned so that a row means the same after the library's defaults move on:
-#: ``stages`` is the first default (feature mimicking at each stage's output, weight 1), ``blocks`` the current one
-#: (also at every kept block's input, weight 10), chosen on the validation split (the ``recipe-*`` rows).
-RECIPES = {"stages": {"mimic": "stages", "feature_weight": 1.0},
-           "blocks": {"mimic": "blocks", "feature_weight": 10.0}}
+#: ``stages`` is the first default (feature mimicking at each stage's output, weight 1), ``blocks`` mimics at every
+#: kept block's input too (weight 10), ``cosine`` decays that term to 0 over training; chosen on the validation
+#: split (the ``recipe-*`` rows).
+RECIPES = {"stages": {"mimic": "stages", "feature_weight": 1.0, "feature_schedule": "constant"},
+           "blocks": {"mimic": "blocks", "feature_weight": 10.0, "feature_schedule": "constant"},
+           "cosine": {"mimic": "blocks", "feature_weight": 10.0, "feature_schedule": "cosine"}}
 
 
 def _report_rows() -> list[dict[str, Any]]:
@@ -46,12 +48,12 @@ def _report_rows() -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def add(arch: str, criterion: str, target: str, recovery: str, seed: int = 0, iterative: bool = False,
-            method: str | None = None, mimic: str = "stages") -> None:
+            method: str | None = None, recipe: str = "stages") -> None:
         rid = f"{arch}-{criterion}{'-it' if iterative else ''}-{target.replace(':', '').replace('%', '')}-" \
-              f"{recovery}{'-' + method if method else ''}{'-' + mimic if mimic != 'stages' else ''}-s{seed}"
+              f"{recovery}{'-' + method if method else ''}{'-' + recipe if recipe != 'stages' else ''}-s{seed}"
         rows.append({"id": rid, "arch": arch, "criterion": criterion, "target": target, "recovery": recovery,
-                     "seed": seed, "iterative": iterative, "mimic": mimic, "recipe": RECIPES[mimic],
-                     **({"method": method} if method else {})})
+                     "seed": seed, "iterative": iterative, "mimic": RECIPES[recipe]["mimic"],
+                     "recipe": RECIPES[recipe], **({"method": method} if method else {})})
 
     add("resnet56", "cka", "macs:50%", "quick")
     add("resnet56", "random", "macs:50%", "quick")
@@ -76,7 +78,11 @@ def _report_rows() -> list[dict[str, Any]]:
                                         ("cka", "macs:50%", "6250"), ("random", "macs:50%", "quick"),
                                         ("cka", "macs:75%", "standard"), ("cka", "macs:50%", "75000"),
                                         ("random", "macs:50%", "standard")):
-        add("resnet56", criterion, target, recovery, mimic="blocks")
+        add("resnet56", criterion, target, recovery, recipe="blocks")
+    # the same with the feature term decayed to 0 over training (recipe-*-cosine on the validation split)
+    for criterion, target, recovery in (("cka", "macs:50%", "quick"), ("cka", "macs:50%", "standard"),
+                                        ("cka", "macs:75%", "standard"), ("random", "macs:50%", "quick")):
+        add("resnet56", criterion, target, recovery, recipe="cosine")
     return rows
 
 
