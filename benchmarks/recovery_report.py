@@ -203,18 +203,31 @@ def curve_figure(rows: list[dict[str, Any]]):
     return fig
 
 
-def readme_table(rows: list[dict[str, Any]]) -> list[str]:
-    """The README's compact table: one line per finished test row, best first within a target and budget."""
-    rows = [r for r in rows if not _is_validation_row(r) and r.get("acc") is not None]
-    if not rows:
+def recipe_name(r: dict[str, Any]) -> str:
+    """``cosine`` (block mimicking with a decaying weight: the default), ``blocks`` (constant weight) or ``stages``
+    (the first default), for the feature-mimicking rows."""
+    if _mimic(r) != "blocks":
+        return "stages"
+    return "cosine" if (r.get("recipe") or {}).get("feature_schedule") == "cosine" else "blocks"
+
+
+def _readme_rows(rows: list[dict[str, Any]], recipe: str) -> list[dict[str, Any]]:
+    return sorted((r for r in rows if not _is_validation_row(r) and r.get("acc") is not None
+                   and recipe_name(r) == recipe and r.get("method") in (None, "feature")),
+                  key=lambda r: (r["arch"] != "resnet56", r["target"], -r["budget"], -r["acc"]))
+
+
+def readme_table(rows: list[dict[str, Any]], recipe: str = "cosine") -> list[str]:
+    """The README's compact table: the finished test rows of one recipe (default: the default one), best first
+    within a model, target and budget."""
+    chosen = _readme_rows(rows, recipe)
+    if not chosen:
         return ["(no row finished yet)"]
     out = ["| model, target | blocks chosen by | recovery | images seen | top-1 % | Δ vs unpruned | MACs | "
            "wall time |", "|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["arch"], r["target"], -r["budget"], -r["acc"])):
+    for r in chosen:
         crit = r["criterion"] + (" iterative" if r["iterative"] else "") + (f" s{r['seed']}" if r["seed"] else "")
-        note = _recovery_note(r)
-        rec = r["recovery"] + (f" ({note})" if note else "")
-        out.append(f"| {r['arch']}, ≥ {r['target'].split(':')[1]} fewer MACs | {crit} | {rec} | "
+        out.append(f"| {r['arch']}, ≥ {r['target'].split(':')[1]} fewer MACs | {crit} | {r['recovery']} | "
                    f"{r['images_seen']:,} | {r['acc']:.2f} | {r['acc'] - r['base_acc']:+.2f} | "
                    f"−{100 * r['macs_reduction']:.1f} % | {_minutes(r['seconds'])} |")
     return out

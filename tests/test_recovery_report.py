@@ -31,8 +31,10 @@ def test_block_mimicking_rows_are_labelled_and_kept_apart_from_the_seed_spread()
     summary = seeds_summary(rows)
     assert summary[0].startswith("Random blocks, 2 seeds: 88.50 ± 0.14 %")  # the blocks row is another recipe
     assert "random (block mimicking): 89.90 %." in summary and "cka (block mimicking): 89.00 %." in summary
-    table = readme_table(rows)
-    assert sum("standard (block mimicking)" in line for line in table) == 2
+    assert len(readme_table(rows, "blocks")) == 2 + 2 and len(readme_table(rows, "stages")) == 2 + 2
+    assert readme_table(rows, "cosine") == ["(no row finished yet)"]
+    decaying = row("cka", 89.2, mimic="blocks", recipe={"mimic": "blocks", "feature_schedule": "cosine"})
+    assert "89.20" in readme_table([*rows, decaying])[-1]  # the default recipe's table
 
 
 def test_bn_scoring_section_says_what_changed() -> None:
