@@ -97,7 +97,8 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
             continue
         best = max(cands, key=lambda r: r["acc"])
         gap = best["base_acc"] - best["acc"]
-        out.append(f"| {goal} | {best['criterion']}, {best['acc']:.2f} % | {gap:.2f} | "
+        note = _recovery_note(best)
+        out.append(f"| {goal} | {best['criterion']}{f' [{note}]' if note else ''}, {best['acc']:.2f} % | {gap:.2f} | "
                    f"{'yes' if gap <= allowed else 'no'} |")
     return out
 
