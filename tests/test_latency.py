@@ -4,6 +4,7 @@ so nothing here depends on how fast the machine is), predicted-vs-measured recor
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -235,7 +236,9 @@ def test_check_prediction_records_predicted_measured_and_error(demo, tmp_path):
     check = check_prediction(demo, pruned, costs, device="cpu", warmup=0, repeats=3)
     assert check.predicted_ms == pytest.approx(predict_latency(costs, gone))
     assert check.predicted_reduction == pytest.approx(1 - check.predicted_ms / costs.base_ms)
-    assert 0 < check.measured_reduction < 1  # paired per round: close to, not equal to, 1 − pruned / base
+    # paired per round: close to, not equal to, 1 − pruned / base; its sign is a timing (a loaded machine can
+    # make the smaller model slower for 3 repeats), so only the bound that holds for any timing is checked
+    assert math.isfinite(check.measured_reduction) and check.measured_reduction < 1
     assert check.relative_error == pytest.approx((1 - check.predicted_reduction) / (1 - check.measured_reduction) - 1)
     assert check.error == pytest.approx(check.measured_reduction - check.predicted_reduction)
     assert (check.batch_size, check.threads, check.dtype, check.repeats, check.quantile) == (1, 1, "float32", 3, 0.5)
