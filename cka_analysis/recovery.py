@@ -690,9 +690,12 @@ def estimate_recovery(config: RecoveryConfig | str | int, model: nn.Module, teac
 
 #: Measured with ``benchmarks/recovery.py`` (ResNet-56 ``cifar10jpeg``, CKA one-shot −52.6 % MACs, all 10,000
 #: test images): top-1 points below the unpruned model (89.51 %) after recovery, by budget, for each recipe measured
-#: (keyed by method, where features are mimicked and the feature weight; the rest of the recipe at its defaults).
-REFERENCE_DROP_PP: dict[tuple[str, str, float], dict[int, float]] = {
-    ("feature", "stages", 1.0): {0: 69.68, 6_250: 7.91, 25_000: 3.37, 75_000: 1.84, 250_000: 0.66},
+#: (keyed by method, where features are mimicked, the feature weight and its schedule; the rest of the recipe at its
+#: defaults).
+REFERENCE_DROP_PP: dict[tuple[str, str, float, str], dict[int, float]] = {
+    ("feature", "stages", 1.0, "constant"): {0: 69.68, 6_250: 7.91, 25_000: 3.37, 75_000: 1.84, 250_000: 0.66},
+    ("feature", "blocks", 10.0, "constant"): {0: 69.68, 6_250: 3.81, 25_000: 1.41, 250_000: 0.89},
+    ("feature", "blocks", 10.0, "cosine"): {0: 69.68, 25_000: 1.51, 250_000: 0.69},
 }
 REFERENCE_NOTE = "ResNet-56 on CIFAR-10 (JPEG copy), CKA one-shot at −52.6 % MACs, same recovery recipe"
 
@@ -701,8 +704,10 @@ def _reference_curve(cfg: RecoveryConfig) -> dict[int, float] | None:
     """The measured drop-by-budget curve of ``cfg``'s recipe, if it was measured (budget and seed aside)."""
     default = RecoveryConfig()
     same_rest = all(getattr(cfg, f.name) == getattr(default, f.name) for f in fields(cfg)
-                    if f.name not in ("images", "seed", "name", "amp", "method", "mimic", "feature_weight"))
-    return REFERENCE_DROP_PP.get((cfg.method, cfg.mimic, cfg.feature_weight)) if same_rest else None
+                    if f.name not in ("images", "seed", "name", "amp", "method", "mimic", "feature_weight",
+                                      "feature_schedule"))
+    key = (cfg.method, cfg.mimic, cfg.feature_weight, cfg.feature_schedule)
+    return REFERENCE_DROP_PP.get(key) if same_rest else None
 
 
 def _reference_drop(cfg: RecoveryConfig) -> float | None:

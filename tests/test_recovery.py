@@ -289,9 +289,10 @@ def test_reference_drop_follows_the_measured_curve() -> None:
     from cka_analysis.recovery import REFERENCE_DROP_PP, _reference_drop
 
     default = RecoveryConfig()
-    assert (default.method, default.mimic, default.feature_weight) in REFERENCE_DROP_PP, "the default is measured"
-    for (method, mimic, weight), curve in REFERENCE_DROP_PP.items():
-        recipe = {"method": method, "mimic": mimic, "feature_weight": weight}
+    key = (default.method, default.mimic, default.feature_weight, default.feature_schedule)
+    assert key in REFERENCE_DROP_PP, "the default recipe's curve is measured"
+    for (method, mimic, weight, schedule), curve in REFERENCE_DROP_PP.items():
+        recipe = {"method": method, "mimic": mimic, "feature_weight": weight, "feature_schedule": schedule}
 
         def drop(spec: str, recipe: dict = recipe, **kw) -> float | None:
             return _reference_drop(RecoveryConfig.parse(spec, **recipe, **kw))
