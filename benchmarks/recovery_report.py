@@ -141,8 +141,14 @@ def curve_points(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple
 
     out = {}
     for crit, mimic in CURVES:
-        pts = sorted((r["images_seen"], r["acc"]) for r in rows if keep(r, crit)
-                     and (_mimic(r) == mimic or r["images_seen"] == 0))
+        by_images: dict[int, dict[str, Any]] = {}
+        for r in rows:
+            if keep(r, crit) and (_mimic(r) == mimic or r["images_seen"] == 0):
+                # one point per budget: the default recipe (decaying weight) where both weights were run
+                old = by_images.get(r["images_seen"])
+                if old is None or recipe_name(r) == "cosine":
+                    by_images[r["images_seen"]] = r
+        pts = sorted((n, r["acc"]) for n, r in by_images.items())
         out[(crit, mimic)] = pts if len(pts) > 1 else []
     return out
 
