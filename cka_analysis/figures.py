@@ -1098,9 +1098,9 @@ def pruning_trajectory(
                 x=[numbers[-1]],
                 y=[acc_ft],
                 mode="markers",
-                name="after fine-tuning",
+                name="after recovery",
                 marker={"color": BAR_COLOUR, "size": 14, "symbol": "star"},
-                hovertemplate=f"<b>after fine-tuning</b><br>accuracy: {_fmt(acc_ft, 2)} %<extra></extra>",
+                hovertemplate=f"<b>after recovery</b><br>accuracy: {_fmt(acc_ft, 2)} %<extra></extra>",
             ),
             secondary_y=False,
         )

@@ -646,4 +646,4 @@ def test_pruning_trajectory_marks_the_finetuned_accuracy():
     assert len(pruning_trajectory(steps).data) == 2
     fig = pruning_trajectory(steps, finetuned_accuracy=93.5)
     star = fig.data[-1]
-    assert star.name == "after fine-tuning" and list(star.x) == [1] and list(star.y) == [93.5]
+    assert star.name == "after recovery" and list(star.x) == [1] and list(star.y) == [93.5]
