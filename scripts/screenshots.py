@@ -141,7 +141,7 @@ def main() -> None:
             if last < PAGES.index("prune") and not needs_prune:
                 return
 
-            _go(page, "Prune")  # the default recovery (quick) takes about half a minute on the digits demo
+            _go(page, "Prune")  # the default recovery (quick) takes 2–4 minutes on the digits demo on 2 cores
             _settle(page)
             page.get_by_role("button", name="Prune", exact=True).click()
             page.get_by_role("heading", name="Result").wait_for(timeout=LONG)
