@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from benchmarks.common import dataset, env_info, log, results_dir
-from cka_analysis.blocks import find_blocks, remove_blocks, topology
+from cka_analysis.blocks import find_blocks, remove_blocks
+from cka_analysis.capture import ActivationCapture
 from cka_analysis.cka import linear_cka
 from cka_analysis.data import calibration_subset, make_loader
 from cka_analysis.metrics import count_macs, count_params, evaluate
@@ -40,16 +41,8 @@ TARGET = "macs:50%"
 @torch.no_grad()
 def penultimate(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The classifier's input for ``images`` (what CKA compares)."""
-    store: list[torch.Tensor] = []
-    head = model.get_submodule(topology(model).classifier)
-    handle = head.register_forward_pre_hook(lambda m, args: store.append(args[0].detach().flatten(1)))
-    try:
-        model.eval()
-        for chunk in images.split(250):
-            model(chunk)
-    finally:
-        handle.remove()
-    return torch.cat(store)
+    with ActivationCapture(model, ["penultimate"]) as cap:
+        return torch.cat([next(iter(cap.run(chunk).values())).flatten(1) for chunk in images.split(250)])
 
 
 def bn_scores(model: nn.Module, images: torch.Tensor, bn_data: Any, candidates: list[str]) -> dict[str, float]:
