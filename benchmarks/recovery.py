@@ -71,7 +71,8 @@ def _report_rows() -> list[dict[str, Any]]:
               f"{recovery}{'-' + method if method else ''}{'-' + recipe if recipe != 'stages' else ''}-s{seed}"
         rows.append({"id": rid, "arch": arch, "criterion": criterion, "target": target, "recovery": recovery,
                      "seed": seed, "iterative": iterative, "mimic": RECIPES[recipe]["mimic"],
-                     "recipe": RECIPES[recipe], **({"method": method} if method else {})})
+                     "recipe": RECIPES[recipe], **({"recipe_name": recipe} if recipe != "stages" else {}),
+                     **({"method": method} if method else {})})
 
     add("resnet56", "cka", "macs:50%", "quick")
     add("resnet56", "random", "macs:50%", "quick")

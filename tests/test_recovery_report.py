@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.recovery_report import bn_scoring_section, readme_table, seeds_summary, targets
+from benchmarks.recovery_report import bn_scoring_section, readme_table, seeds_summary, targets, tune_table
 
 
 def row(criterion: str, acc: float, recovery: str = "standard", seed: int = 0, target: str = "macs:50%",
@@ -17,12 +17,46 @@ def row(criterion: str, acc: float, recovery: str = "standard", seed: int = 0, t
             "seconds": 60.0, **extra}
 
 
-def test_targets_take_the_best_row_and_judge_the_gap() -> None:
-    lines = targets([row("cka", 88.0, "quick"), row("cka", 87.0, "quick", mimic="blocks"), row("cka", 89.1)])
+COSINE = {"mimic": "blocks", "feature_schedule": "cosine"}
+
+
+def test_targets_judge_the_default_recipe_over_its_seeds_and_show_the_best_row_beside_it() -> None:
+    lines = targets([row("cka", 88.0, "quick", mimic="blocks", recipe=COSINE), row("cka", 87.0, "quick"),
+                     row("cka", 89.1, recipe=COSINE), row("cka", 88.9, seed=1, recipe=COSINE),
+                     row("cka", 89.3, recipe_name="cosine-lr0.05", recipe={**COSINE, "lr": 0.05}),
+                     row("cka", 87.0, target="macs:75%")])
     quick, standard, deep = lines[2:]
-    assert "88.00 %" in quick and "| 1.50 |" in quick and quick.endswith("yes |")
-    assert "89.10 %" in standard and standard.endswith("yes |")
-    assert "not run yet" in deep
+    assert "| 88.00 % (1 seed) | 1.50 | yes |" in quick
+    # judged on the mean of the default's seeds (89.0: 0.5 below), the better variation only shown beside it
+    assert "| 89.00 ± 0.14 % (2 seeds) | 0.50 | yes |" in standard and "lr 0.05], seed 0: 89.30 %" in standard
+    assert "| not run yet |" in deep and "87.00 %" in deep  # no default row there, the other recipe's row shown
+    assert targets([])[2].startswith("| resnet56 50% fewer MACs, quick") and "not run yet" in targets([])[2]
+
+
+def test_tune_table_ranks_recipes_by_their_mean_over_both_targets_and_names_what_changed() -> None:
+    def tune(name: str, target: str, acc: float, **changes: Any) -> dict[str, Any]:
+        recipe = {"lr": 0.01, "batch_size": 64, "kd_alpha": 0.5, **changes}
+        return {"id": f"tune-{name}-{target}", "tune_recipe": name, "target": target, "val_acc": acc,
+                "recipe": recipe, "seconds": 120.0, "images_seen": 249_984, "validation_images": 5000,
+                "val_base_acc": 97.0, "env": {"gpu": "some GPU"}}
+
+    table = tune_table([tune("cosine", "macs:50%", 94.4), tune("cosine", "macs:75%", 88.2),
+                        tune("cosine-lr0.05", "macs:50%", 94.5, lr=0.05), tune("cosine-lr0.05", "macs:75%", 88.4,
+                                                                                 lr=0.05),
+                        tune("cosine-t2", "macs:50%", 99.0)])  # one target only: ranked last
+    assert table[2].startswith("| cosine-lr0.05 | lr 0.05 | 94.50 | 88.40 | 91.45 |")
+    assert table[3].startswith("| cosine (default) | – | 94.40 | 88.20 | 91.30 |")
+    assert table[4].startswith("| cosine-t2 | – | 99.00 | – | – |") and "some GPU" in table[-1]
+    assert tune_table([]) == []
+
+
+def test_seeds_summary_gives_the_default_recipes_spread_per_target() -> None:
+    rows = [row("cka", 88.8, recipe=COSINE), row("cka", 88.6, seed=1, recipe=COSINE),
+            row("cka", 86.0, target="macs:75%", recipe=COSINE), row("cka", 86.4, seed=1, target="macs:75%",
+                                                                     recipe=COSINE)]
+    summary = seeds_summary(rows)
+    assert "CKA with the default recipe at −50%, `standard`: 88.70 ± 0.14 % (2 seeds)." in summary
+    assert "CKA with the default recipe at −75%, `standard`: 86.20 ± 0.28 % (2 seeds)." in summary
 
 
 def test_block_mimicking_rows_are_labelled_and_kept_apart_from_the_seed_spread() -> None:
