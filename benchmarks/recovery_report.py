@@ -298,19 +298,19 @@ def recipe_name(r: dict[str, Any]) -> str:
 def _readme_rows(rows: list[dict[str, Any]], recipe: str) -> list[dict[str, Any]]:
     return sorted((r for r in rows if not _is_validation_row(r) and r.get("acc") is not None
                    and recipe_name(r) == recipe and r.get("method") in (None, "feature")),
-                  key=lambda r: (r["arch"] != "resnet56", r["target"], -r["budget"], -r["acc"]))
+                  key=lambda r: (r["arch"] != "resnet56", r["target"], -r["budget"], r["criterion"], r["seed"]))
 
 
 def readme_table(rows: list[dict[str, Any]], recipe: str = "cosine") -> list[str]:
-    """The README's compact table: the finished test rows of one recipe (default: the default one), best first
-    within a model, target and budget."""
+    """The README's compact table: the finished test rows of one recipe (default: the default one), by criterion
+    and seed within a model, target and budget."""
     chosen = _readme_rows(rows, recipe)
     if not chosen:
         return ["(no row finished yet)"]
     out = ["| model, target | blocks chosen by | recovery | images seen | top-1 % | Δ vs unpruned | MACs | "
            "wall time |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in chosen:
-        crit = r["criterion"] + (" iterative" if r["iterative"] else "") + (f" s{r['seed']}" if r["seed"] else "")
+        crit = r["criterion"] + (" iterative" if r["iterative"] else "") + (f", seed {r['seed']}" if r["seed"] else "")
         out.append(f"| {r['arch']}, ≥ {r['target'].split(':')[1]} fewer MACs | {crit} | {r['recovery']} | "
                    f"{r['images_seen']:,} | {r['acc']:.2f} | {r['acc'] - r['base_acc']:+.2f} | "
                    f"−{100 * r['macs_reduction']:.1f} % | {_wall(r)} |")
