@@ -1,18 +1,20 @@
 """Recovery benchmark: which recovery buys the most accuracy per image, and does CKA's choice still matter after it?
 
-Two parts, both resumable (rows are appended to ``results/recovery.json`` as they finish; a rerun skips the rows
+Three parts, all resumable (rows are appended to ``results/recovery.json`` as they finish; a rerun skips the rows
 already there, so a killed run goes on where it stopped):
 
 * ``methods`` — the recovery methods side by side on ONE pruned model (ResNet-56 ``cifar10jpeg``, CKA one-shot,
   −52.6 % MACs) with the same budget. Methods and recipes are chosen here, on a **validation split carved from the
   training images** (5,000 held out, seeded; recovery trains on the other 45,000). The test split is not used.
+* ``tune`` — the default recipe and variations of it (``TUNE_VARIANTS``) at the ``standard`` budget on the same
+  validation split, on CKA one-shot models at −50 % and −75 % MACs; the winner's test rows join ``report``.
 * ``report`` — the reproduction rows through :func:`cka_analysis.workflow.run_prune`, the code path the CLI and
   the dashboard run, with the default recovery method, measured on **all 10,000 test images**: CKA one-shot and
   iterative, random (3 seeds), block influence, angular and Taylor at ≥ 50 % fewer MACs; CKA at ≥ 75 %;
   ResNet-20 at ≥ 25 / 50 %; and the accuracy-vs-images curve (CKA vs random, 0 → ``standard``).
 
 ``python -m benchmarks.recovery --list`` shows the rows and which are done; ``--rows ID,ID`` runs a subset in that
-order; ``--stage methods|report|all``; ``--write`` only rebuilds ``results/recovery.md`` and the plot.
+order; ``--stage methods|recipe|tune|report|all``; ``--write`` only rebuilds ``results/recovery.md`` and the plot.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ RECIPE_ROWS = [{"id": f"recipe-{m}-lr{lr:g}-bs{bs}-a{a:g}", "method": m, "recove
 # The recipe at the standard budget on the validation split, at both targets (most informative first).
 TUNE_ROWS = [{"id": f"tune-{name}-{target.replace(':', '').replace('%', '')}-standard", "method": "feature",
               "recovery": "standard", "amp": "auto", "target": target, "tune_recipe": name,
-              "recipe": {k: v for k, v in RECIPES[name].items()}}
+              "recipe": dict(RECIPES[name])}
              for name in TUNE_VARIANTS for target in TUNE_TARGETS]
 
 
@@ -197,7 +199,6 @@ def save_row(row: dict[str, Any]) -> None:
 def _claim(row_id: str) -> bool:
     """Take a row for this process (several processes can share one list: each runs the rows nobody else has
     claimed). A claim whose process is gone is taken over."""
-
     claims = results_dir() / ".claims"
     claims.mkdir(parents=True, exist_ok=True)
     path = claims / row_id
