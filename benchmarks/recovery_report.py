@@ -197,6 +197,24 @@ def seeds_summary(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def choice_at(rows: list[dict[str, Any]], target: str = "macs:75%") -> list[str]:
+    """CKA against random blocks at ``target`` with the default recipe, per budget (mean over seeds where there
+    are several), and right after removal: does the choice matter more when more blocks go?"""
+    out = []
+    for budget in ("quick", "standard"):
+        got = {c: [r for r in rows if r.get("arch") == "resnet56" and r.get("target") == target
+                   and r.get("recovery") == budget and r.get("criterion") == c and not r.get("iterative")
+                   and recipe_name(r) == "cosine" and r.get("method") in (None, "feature")
+                   and r.get("acc") is not None] for c in ("cka", "random")}
+        if got["cka"] and got["random"]:
+            cka, rnd = ([r["acc"] for r in got[c]] for c in ("cka", "random"))
+            out.append(f"At −{target.split(':')[1]}, `{budget}`: CKA {_spread(cka)} against random "
+                       f"{_spread(rnd)}: {statistics.mean(cka) - statistics.mean(rnd):+.2f} points (right after "
+                       f"removal {got['cka'][0]['acc_removed']:.2f} against "
+                       f"{statistics.mean(r['acc_removed'] for r in got['random']):.2f} %).")
+    return out
+
+
 #: One series per (criterion, where features were mimicked): label, colour, line style.
 CURVES = {("cka", "blocks"): ("CKA, block mimicking (default)", "#1f77b4", "-"),
           ("random", "blocks"): ("random, block mimicking", "#d62728", "-"),
@@ -321,7 +339,7 @@ def readme_table(rows: list[dict[str, Any]], recipe: str = "cosine") -> list[str
 def headline(rows: list[dict[str, Any]]) -> list[str]:
     """The targets, the criteria after recovery and the seed spread: what REPORT.md leads with."""
     return ["### Targets", "", *targets(rows), "", "### Criteria after recovery", "", *report_table(rows), "",
-            *seeds_summary(rows)]
+            *seeds_summary(rows), "", *choice_at(rows)]
 
 
 def bn_scoring_section(bn: dict[str, Any] | None) -> list[str]:
@@ -361,7 +379,7 @@ def write(data: dict[str, Any], out_dir: Path) -> Path:
              "## Methods side by side (validation split, one pruned model)", "", *method_table(rows), "",
              "## The default recipe tuned at `standard` (validation split)", "", *tune_table(rows), "",
              "## Criteria after recovery (all 10,000 test images)", "", *report_table(rows), "",
-             *seeds_summary(rows), "", *bn_scoring_section(bn)]
+             *seeds_summary(rows), "", *choice_at(rows), "", *bn_scoring_section(bn)]
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "recovery.md"
     md.write_text("\n".join(lines))

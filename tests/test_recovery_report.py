@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.recovery_report import bn_scoring_section, readme_table, seeds_summary, targets, tune_table
+from benchmarks.recovery_report import (
+    bn_scoring_section,
+    choice_at,
+    readme_table,
+    seeds_summary,
+    targets,
+    tune_table,
+)
 
 
 def row(criterion: str, acc: float, recovery: str = "standard", seed: int = 0, target: str = "macs:50%",
@@ -80,3 +87,17 @@ def test_bn_scoring_section_says_what_changed() -> None:
     assert "**0.40**" in text and "1 of them the same" in text and "only: b" in text and "only: c" in text
     assert "does not pick better blocks" in text
     assert bn_scoring_section(None) == []
+
+
+def test_choice_at_compares_cka_with_random_per_budget_with_the_default_recipe_only() -> None:
+    def at75(criterion: str, acc: float, recovery: str = "standard", seed: int = 0, **extra: Any) -> dict[str, Any]:
+        return row(criterion, acc, recovery, seed, target="macs:75%", acc_removed=14.0 if criterion == "cka" else 10.0,
+                   **({"recipe": COSINE} | extra))
+
+    rows = [at75("cka", 86.2), at75("random", 85.0), at75("random", 85.4, seed=1),
+            at75("random", 99.0, recipe={"mimic": "stages"}),  # another recipe: left out
+            at75("cka", 80.0, "quick")]  # no random row at quick: no line
+    lines = choice_at(rows)
+    assert lines == ["At −75%, `standard`: CKA 86.20 % (1 seed) against random 85.20 ± 0.28 % (2 seeds): +1.00 points "
+                     "(right after removal 14.00 against 10.00 %)."]
+    assert choice_at(rows, "macs:50%") == []
