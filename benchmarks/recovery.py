@@ -113,6 +113,7 @@ def _report_rows() -> list[dict[str, Any]]:
     add("resnet56", "random", "macs:75%", "quick", recipe="cosine")
     for seed in (0, 1):
         add("resnet56", "random", "macs:75%", "standard", seed=seed, recipe="cosine")
+    add("resnet56", "block_influence", "macs:75%", "standard", recipe="cosine")
     # the recipe that won the tune-* rows on the validation split, on the test split (once those rows exist)
     best = winning_recipe(load_results()["rows"])
     if best not in (None, "cosine"):
@@ -170,7 +171,12 @@ RECIPE_ROWS = [{"id": f"recipe-{m}-lr{lr:g}-bs{bs}-a{a:g}", "method": m, "recove
 TUNE_ROWS = [{"id": f"tune-{name}-{target.replace(':', '').replace('%', '')}-standard", "method": "feature",
               "recovery": "standard", "amp": "auto", "target": target, "tune_recipe": name,
               "recipe": dict(RECIPES[name])}
-             for name in TUNE_VARIANTS for target in TUNE_TARGETS]
+             for name in TUNE_VARIANTS for target in TUNE_TARGETS] + \
+    [{"id": f"tune-cosine-{criterion}-macs75-standard", "method": "feature", "recovery": "standard", "amp": "auto",
+      "target": "macs:75%", "criterion": criterion, "tune_recipe": f"cosine-{criterion}",
+      "recipe": dict(RECIPES["cosine"])}
+     # the blocks other criteria remove at −75 %, with the default recipe: at −75 % the removed set decides more
+     for criterion in ("block_influence",)]
 
 
 # --------------------------------------------------------------------------------------------------- storage
@@ -282,15 +288,15 @@ def _method_data() -> dict[str, Any]:
             "val": Subset(plain, order[:VALIDATION])}
 
 
-def _method_setup(device: str, target: str = "macs:50%") -> dict[str, Any]:
-    """The fixed pruned model (CKA one-shot at ``target``) and the train/validation split every method row at
-    that target shares."""
+def _method_setup(device: str, target: str = "macs:50%", criterion: str = "cka") -> dict[str, Any]:
+    """The fixed pruned model (``criterion`` one-shot at ``target``) and the train/validation split every method
+    row at that target shares."""
     from cka_analysis.data import calibration_subset
     from cka_analysis.pruning import ScoringOptions, prune
 
     data = _method_data()
     calib = calibration_subset(Subset(data["plain"], data["train_idx"]), 500, seed=0)
-    pruned = prune(data["teacher"], calib, target=target, criterion="cka",
+    pruned = prune(data["teacher"], calib, target=target, criterion=criterion,
                    scoring=ScoringOptions(device=device)).model
     return {"teacher": data["teacher"], "pruned": pruned, "train": data["train"], "val": data["val"]}
 
@@ -365,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             print(("done  " if r["id"] in done else "todo  ") + r["id"])
         return 0
     if not args.write:
-        setups: dict[str, dict[str, Any]] = {}
+        setups: dict[tuple[str, str], dict[str, Any]] = {}
         for spec in todo:
             if args.until is not None and time.time() > args.until:
                 log("--until reached: no new rows")
@@ -376,9 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {**spec, "recovery": str(args.budget)}
             log(f"row {spec['id']}")
             if spec["id"].startswith(("methods-", "recipe-", "tune-")):
-                target = spec.get("target", "macs:50%")
-                setups[target] = setups.get(target) or _method_setup(args.device, target)
-                row = run_method_row(spec, setups[target], args.device)
+                key = (spec.get("target", "macs:50%"), spec.get("criterion", "cka"))
+                setups[key] = setups.get(key) or _method_setup(args.device, *key)
+                row = run_method_row(spec, setups[key], args.device)
             else:
                 row = run_report_row(spec, args.device)
             row["env"] = env_info(args.device)

@@ -135,7 +135,8 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
 def tune_table(rows: list[dict[str, Any]]) -> list[str]:
     """The default recipe and its variations at the ``standard`` budget on the validation split, at −50 % and
     −75 % MACs (the ``tune-*`` rows), best mean first."""
-    tune = [r for r in rows if r["id"].startswith("tune-") and r.get("val_acc") is not None]
+    tune = [r for r in rows if r["id"].startswith("tune-") and r.get("val_acc") is not None
+            and "criterion" not in r]  # rows with another criterion's blocks: see removed_sets_table
     if not tune:
         return []
     by_recipe: dict[str, dict[str, dict[str, Any]]] = {}
@@ -212,6 +213,35 @@ def choice_at(rows: list[dict[str, Any]], target: str = "macs:75%") -> list[str]
                        f"{_spread(rnd)}: {statistics.mean(cka) - statistics.mean(rnd):+.2f} points (right after "
                        f"removal {got['cka'][0]['acc_removed']:.2f} against "
                        f"{statistics.mean(r['acc_removed'] for r in got['random']):.2f} %).")
+    return out
+
+
+def _kept(r: dict[str, Any]) -> str:
+    """The candidate blocks a row kept, per stage (``layer1: 1 6 7``), from the blocks it removed (a later
+    stage's first block changes shape and is never a candidate)."""
+    removed = set(r.get("removed") or [])
+    depth = {"resnet56": 9, "resnet20": 3}.get(r.get("arch", "resnet56"), 9)
+    parts = []
+    for s, stage in enumerate(("layer1", "layer2", "layer3")):
+        kept = [str(i) for i in range(0 if s == 0 else 1, depth) if f"{stage}.{i}" not in removed]
+        parts.append(f"{stage}: {' '.join(kept) or '–'}")
+    return "; ".join(parts)
+
+
+def removed_sets_table(rows: list[dict[str, Any]], target: str = "macs:75%") -> list[str]:
+    """Every ResNet-56 ``standard`` test row at ``target`` with the default recipe, best first: which blocks stayed,
+    the parameters kept and the accuracy. All blocks of a CIFAR ResNet cost the same MACs, but a last-stage block
+    holds 16× the parameters of a first-stage one."""
+    chosen = [r for r in rows if r.get("arch") == "resnet56" and r.get("target") == target
+              and r.get("recovery") == "standard" and r.get("acc") is not None and recipe_name(r) == "cosine"
+              and not r.get("iterative") and r.get("method") in (None, "feature")]
+    if not chosen:
+        return []
+    out = ["| blocks chosen by | seed | candidate blocks kept | parameters kept | top-1 % (10,000 test) |",
+           "|---|---:|---|---:|---:|"]
+    for r in sorted(chosen, key=lambda r: -r["acc"]):
+        out.append(f"| {r['criterion']} | {r['seed']} | {_kept(r)} | {100 * (1 - r['params_reduction']):.0f} % | "
+                   f"{r['acc']:.2f} |")
     return out
 
 
@@ -339,7 +369,7 @@ def readme_table(rows: list[dict[str, Any]], recipe: str = "cosine") -> list[str
 def headline(rows: list[dict[str, Any]]) -> list[str]:
     """The targets, the criteria after recovery and the seed spread: what REPORT.md leads with."""
     return ["### Targets", "", *targets(rows), "", "### Criteria after recovery", "", *report_table(rows), "",
-            *seeds_summary(rows), "", *choice_at(rows)]
+            *seeds_summary(rows), "", *choice_at(rows), "", *removed_sets_table(rows)]
 
 
 def bn_scoring_section(bn: dict[str, Any] | None) -> list[str]:
@@ -379,7 +409,8 @@ def write(data: dict[str, Any], out_dir: Path) -> Path:
              "## Methods side by side (validation split, one pruned model)", "", *method_table(rows), "",
              "## The default recipe tuned at `standard` (validation split)", "", *tune_table(rows), "",
              "## Criteria after recovery (all 10,000 test images)", "", *report_table(rows), "",
-             *seeds_summary(rows), "", *choice_at(rows), "", *bn_scoring_section(bn)]
+             *seeds_summary(rows), "", *choice_at(rows), "", "## Which blocks at −75 % (`standard`, default recipe)", "",
+             *removed_sets_table(rows), "", *bn_scoring_section(bn)]
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "recovery.md"
     md.write_text("\n".join(lines))

@@ -23,9 +23,10 @@ def test_the_winner_has_the_best_mean_over_both_targets_among_complete_recipes()
 
 
 def test_every_tune_row_is_a_known_recipe_at_both_targets_with_the_recipe_it_names() -> None:
-    assert len(bench.TUNE_ROWS) == len(bench.TUNE_VARIANTS) * len(bench.TUNE_TARGETS)
+    recipes = [r for r in bench.TUNE_ROWS if "criterion" not in r]  # the others: other criteria's blocks
+    assert len(recipes) == len(bench.TUNE_VARIANTS) * len(bench.TUNE_TARGETS)
     assert len({r["id"] for r in bench.TUNE_ROWS}) == len(bench.TUNE_ROWS)
-    for r in bench.TUNE_ROWS:
+    for r in recipes:
         changes = bench.TUNE_VARIANTS[r["tune_recipe"]]
         assert r["recipe"] == {**bench.RECIPES["cosine"], **changes} and r["recovery"] == "standard"
 

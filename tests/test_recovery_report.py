@@ -9,6 +9,7 @@ from benchmarks.recovery_report import (
     bn_scoring_section,
     choice_at,
     readme_table,
+    removed_sets_table,
     seeds_summary,
     targets,
     tune_table,
@@ -101,3 +102,16 @@ def test_choice_at_compares_cka_with_random_per_budget_with_the_default_recipe_o
     assert lines == ["At −75%, `standard`: CKA 86.20 % (1 seed) against random 85.20 ± 0.28 % (2 seeds): +1.00 points "
                      "(right after removal 14.00 against 10.00 %)."]
     assert choice_at(rows, "macs:50%") == []
+
+
+def test_removed_sets_table_shows_the_blocks_kept_per_stage_and_the_parameters_best_first() -> None:
+    removed = [f"layer1.{i}" for i in range(9)] + [f"layer2.{i}" for i in range(1, 9)] + ["layer3.1", "layer3.2"]
+    deep = row("random", 87.5, seed=1, target="macs:75%", recipe=COSINE, removed=removed, params_reduction=0.48)
+    early = row("cka", 86.2, target="macs:75%", recipe=COSINE, params_reduction=0.73,
+                removed=[f"layer1.{i}" for i in (0, 2, 3, 4, 5, 8)] + [f"layer2.{i}" for i in range(1, 9)]
+                + [f"layer3.{i}" for i in range(1, 7)])
+    other_recipe = row("cka", 99.0, target="macs:75%", removed=removed, params_reduction=0.5)
+    table = removed_sets_table([early, deep, other_recipe])
+    assert table[2] == "| random | 1 | layer1: –; layer2: –; layer3: 3 4 5 6 7 8 | 52 % | 87.50 |"
+    assert table[3] == "| cka | 0 | layer1: 1 6 7; layer2: –; layer3: 7 8 | 27 % | 86.20 |"
+    assert len(table) == 4 and removed_sets_table([]) == []
