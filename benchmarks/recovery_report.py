@@ -199,20 +199,22 @@ def seeds_summary(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def choice_at(rows: list[dict[str, Any]], target: str = "macs:75%") -> list[str]:
-    """CKA against random blocks at ``target`` with the default recipe, per budget (mean over seeds where there
-    are several), and right after removal: does the choice matter more when more blocks go?"""
+    """Each criterion's blocks at ``target`` with the default recipe, per budget (mean over seeds where there are
+    several), with the accuracy right after removal: does the choice matter more when more blocks go?"""
     out = []
     for budget in ("quick", "standard"):
-        got = {c: [r for r in rows if r.get("arch") == "resnet56" and r.get("target") == target
-                   and r.get("recovery") == budget and r.get("criterion") == c and not r.get("iterative")
-                   and recipe_name(r) == "cosine" and r.get("method") in (None, "feature")
-                   and r.get("acc") is not None] for c in ("cka", "random")}
-        if got["cka"] and got["random"]:
-            cka, rnd = ([r["acc"] for r in got[c]] for c in ("cka", "random"))
-            out.append(f"At −{target.split(':')[1]}, `{budget}`: CKA {_spread(cka)} against random "
-                       f"{_spread(rnd)}: {statistics.mean(cka) - statistics.mean(rnd):+.2f} points (right after "
-                       f"removal {got['cka'][0]['acc_removed']:.2f} against "
-                       f"{statistics.mean(r['acc_removed'] for r in got['random']):.2f} %).")
+        got: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            if (r.get("arch") == "resnet56" and r.get("target") == target and r.get("recovery") == budget
+                    and not r.get("iterative") and recipe_name(r) == "cosine" and r.get("method") in (None, "feature")
+                    and r.get("acc") is not None):
+                got.setdefault(r["criterion"], []).append(r)
+        if "cka" not in got or len(got) < 2:
+            continue
+        parts = [f"{c} {_spread([r['acc'] for r in got[c]])} (right after removal "
+                 f"{statistics.mean(r['acc_removed'] for r in got[c]):.2f} %)"
+                 for c in sorted(got, key=lambda c: (c != "cka", c))]
+        out.append(f"At −{target.split(':')[1]}, `{budget}`: " + "; ".join(parts) + ".")
     return out
 
 
@@ -347,7 +349,8 @@ def recipe_name(r: dict[str, Any]) -> str:
 def _readme_rows(rows: list[dict[str, Any]], recipe: str) -> list[dict[str, Any]]:
     return sorted((r for r in rows if not _is_validation_row(r) and r.get("acc") is not None
                    and recipe_name(r) == recipe and r.get("method") in (None, "feature")),
-                  key=lambda r: (r["arch"] != "resnet56", r["target"], -r["budget"], r["criterion"], r["seed"]))
+                  key=lambda r: (r["arch"] != "resnet56", r["target"], -r["budget"], r["criterion"] != "cka",
+                                 r["criterion"], r["seed"]))
 
 
 def readme_table(rows: list[dict[str, Any]], recipe: str = "cosine") -> list[str]:

@@ -90,7 +90,7 @@ def test_bn_scoring_section_says_what_changed() -> None:
     assert bn_scoring_section(None) == []
 
 
-def test_choice_at_compares_cka_with_random_per_budget_with_the_default_recipe_only() -> None:
+def test_choice_at_compares_the_criteria_per_budget_with_the_default_recipe_only() -> None:
     def at75(criterion: str, acc: float, recovery: str = "standard", seed: int = 0, **extra: Any) -> dict[str, Any]:
         return row(criterion, acc, recovery, seed, target="macs:75%", acc_removed=14.0 if criterion == "cka" else 10.0,
                    **({"recipe": COSINE} | extra))
@@ -99,8 +99,8 @@ def test_choice_at_compares_cka_with_random_per_budget_with_the_default_recipe_o
             at75("random", 99.0, recipe={"mimic": "stages"}),  # another recipe: left out
             at75("cka", 80.0, "quick")]  # no random row at quick: no line
     lines = choice_at(rows)
-    assert lines == ["At −75%, `standard`: CKA 86.20 % (1 seed) against random 85.20 ± 0.28 % (2 seeds): +1.00 points "
-                     "(right after removal 14.00 against 10.00 %)."]
+    assert lines == ["At −75%, `standard`: cka 86.20 % (1 seed) (right after removal 14.00 %); random 85.20 ± 0.28 % "
+                     "(2 seeds) (right after removal 10.00 %)."]
     assert choice_at(rows, "macs:50%") == []
 
 
