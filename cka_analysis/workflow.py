@@ -144,6 +144,13 @@ class PruneRequest:
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
 
+    @property
+    def macs_target(self) -> float | None:
+        """The fraction of MACs to remove when the target is a MACs target, else None (what a recovery estimate
+        looks up its reference curve by)."""
+        t = self.target
+        return t.value if isinstance(t, Target) and t.kind == "macs" else None
+
     def _normalise(self) -> None:
         from .recovery import RecoveryConfig
 

@@ -240,6 +240,12 @@ def test_estimate_is_positive_and_scales_with_the_budget(demo, pruned) -> None:
     assert small["seconds"] > 0 and small["images"] == 2_000
     assert large["seconds"] > 5 * small["seconds"]
     assert estimate_recovery("none", pruned[0], demo, device="cpu")["seconds"] == 0
+    # the quoted reference: the measured compression nearest the request, named in the note
+    assert small["reference"] is None  # below the first measured budget: nothing honest to interpolate
+    half = estimate_recovery("standard", pruned[0], demo, device="cpu", probe_steps=1)
+    deep = estimate_recovery("standard", pruned[0], demo, device="cpu", probe_steps=1, macs_reduction=0.75)
+    assert "−52.6 % MACs" in half["reference"] and half["reference_drop_pp"] < 1
+    assert "−75.2 % MACs" in deep["reference"] and deep["reference_drop_pp"] > 2
 
 
 def test_a_model_with_adaptors_saves_and_reloads(demo, data, pruned, tmp_path) -> None:
@@ -290,16 +296,30 @@ def test_reference_drop_follows_the_measured_curve() -> None:
 
     default = RecoveryConfig()
     key = (default.method, default.mimic, default.feature_weight, default.feature_schedule)
-    assert key in REFERENCE_DROP_PP, "the default recipe's curve is measured"
-    for (method, mimic, weight, schedule), curve in REFERENCE_DROP_PP.items():
-        recipe = {"method": method, "mimic": mimic, "feature_weight": weight, "feature_schedule": schedule}
+    assert all(key in curves for curves in REFERENCE_DROP_PP.values()), "the default recipe is measured everywhere"
+    for reduction, curves in REFERENCE_DROP_PP.items():
+        for (method, mimic, weight, schedule), curve in curves.items():
+            recipe = {"method": method, "mimic": mimic, "feature_weight": weight, "feature_schedule": schedule}
 
-        def drop(spec: str, recipe: dict = recipe, **kw) -> float | None:
-            return _reference_drop(RecoveryConfig.parse(spec, **recipe, **kw))
+            def drop(spec: str, recipe: dict = recipe, reduction: float = reduction, **kw) -> float | None:
+                return _reference_drop(RecoveryConfig.parse(spec, **recipe, **kw), reduction)
 
-        assert drop("quick") == curve[25_000]
-        assert drop("standard") == curve[250_000]
-        mid = drop("60000")  # log-interpolated between the measured budgets around it
-        assert curve[250_000] < mid < curve[25_000]
-        assert drop("quick", lr=0.5) is None  # another recipe: nothing measured to quote
+            assert drop("quick") == curve[25_000]
+            assert drop("standard") == curve[250_000]
+            mid = drop("60000")  # log-interpolated between the measured budgets around it
+            assert curve[250_000] < mid < curve[25_000]
+            assert drop("quick", lr=0.5) is None  # another recipe: nothing measured to quote
     assert _reference_drop(RecoveryConfig.parse("quick", method="ce")) is None
+
+
+def test_reference_drop_quotes_the_nearest_measured_compression() -> None:
+    from cka_analysis.recovery import REFERENCE_DROP_PP, _reference_drop
+
+    std = RecoveryConfig.parse("standard")
+    key = (std.method, std.mimic, std.feature_weight, std.feature_schedule)
+    half, deep = REFERENCE_DROP_PP[0.526][key][250_000], REFERENCE_DROP_PP[0.752][key][250_000]
+    assert _reference_drop(std) == _reference_drop(std, 0.5) == _reference_drop(std, 0.6) == half
+    assert _reference_drop(std, 0.7) == _reference_drop(std, 0.9) == deep > half
+    # a recipe measured at −52.6 % only is quoted from there, whatever the request
+    stages = RecoveryConfig.parse("standard", mimic="stages", feature_weight=1.0, feature_schedule="constant")
+    assert _reference_drop(stages, 0.75) == REFERENCE_DROP_PP[0.526][("feature", "stages", 1.0, "constant")][250_000]

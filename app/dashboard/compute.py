@@ -191,13 +191,14 @@ def build_exports(model: nn.Module, name: str, report: dict, formats: tuple[str,
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def recovery_estimate(model_key: str, config_key: str, device: str, *, _config: Any, _model: nn.Module) -> dict:
-    """What a recovery run is expected to cost on this device (``estimate_recovery``), once per model, budget and
-    device (``config_key`` names the :class:`~cka_analysis.recovery.RecoveryConfig` ``_config``)."""
+def recovery_estimate(model_key: str, config_key: str, device: str, macs_reduction: float | None = None, *,
+                      _config: Any, _model: nn.Module) -> dict:
+    """What a recovery run is expected to cost on this device (``estimate_recovery``), once per model, budget,
+    device and MACs target (``config_key`` names the :class:`~cka_analysis.recovery.RecoveryConfig` ``_config``)."""
     from cka_analysis.recovery import estimate_recovery
 
     model = private_copy(_model)
-    return dict(estimate_recovery(_config, model, model, device=device))
+    return dict(estimate_recovery(_config, model, model, device=device, macs_reduction=macs_reduction))
 
 
 def cached_job(fn: Any, *args: Any, **kwargs: Any) -> Any:

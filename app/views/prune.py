@@ -103,7 +103,7 @@ if mode == "target" or chosen:
         request = _request()
 if request is not None and request.recovery.images > 0:
     est = compute.recovery_estimate(a.model_key, json.dumps(request.recovery.to_dict(), sort_keys=True), dev,
-                                    _config=request.recovery, _model=a.model)
+                                    request.macs_target, _config=request.recovery, _model=a.model)
     drop = est.get("reference_drop_pp")
     right.caption(f"Recovery {request.recovery.describe()}: about {est['seconds']:.0f} s on this device"
                   + (f"; on {est['reference']} it ended {drop:.1f} points below the unpruned model"
