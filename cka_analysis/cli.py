@@ -645,17 +645,13 @@ def _prune_request(args: argparse.Namespace, model, device):
     )
 
 
-def _announce_recovery(cfg, model, bar: StderrProgress, *, teacher=None, device: str = "auto",
-                       macs_reduction: float | None = None) -> None:
-    """Say before starting what the recovery will cost here (and what it left on the reference benchmark, at the
-    measured MACs reduction nearest ``macs_reduction``)."""
-    from .recovery import estimate_recovery
-
+def _announce_recovery(cfg, bar: StderrProgress, estimate) -> None:
+    """Say before starting what the recovery will cost here (and what it left on the reference benchmark);
+    ``estimate`` is a zero-argument callable, called only when there is a recovery to run."""
     if cfg.images <= 0:
         bar.info("recovery: none (the pruned model is saved as it is after removal)")
         return
-    est = estimate_recovery(cfg, model, teacher if teacher is not None else model, device=device,
-                            macs_reduction=macs_reduction)
+    est = estimate()
     drop = est.get("reference_drop_pp")
     bar.info(f"recovery {cfg.describe()}: {cfg.images:,} training images, about {est['seconds']:.0f} s on "
              "this device" + (f" (on {est['reference']}: {drop:.1f} points below the unpruned model)"
@@ -666,7 +662,7 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
     from . import distributed as dist_utils
     from .errors import ConfigError
     from .export import save_pruned
-    from .workflow import check_feasible, run_prune
+    from .workflow import check_feasible, estimate_request_recovery, run_prune
 
     dev = dist_utils.init_from_env(args.device)
     out = Path(args.out)
@@ -676,8 +672,7 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
     request = _prune_request(args, model, dev)
     check_feasible(request, model)  # bad blocks or an unreachable target: refused before the estimate's probe
     if dist_utils.is_main_process():
-        _announce_recovery(request.recovery, model, bar, device=request.device,
-                           macs_reduction=request.macs_target)
+        _announce_recovery(request.recovery, bar, lambda: estimate_request_recovery(request, model))
     outcome = run_prune(request, progress=bar, checkpoint_dir=out / ".resume", resume=args.resume)
     bar.newline()
     if dist_utils.is_main_process():
@@ -695,7 +690,7 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
 def cmd_recover(args: argparse.Namespace, bar: StderrProgress) -> int:
     from .errors import CheckpointError, ConfigError
     from .export import load_pruned, open_model, save_pruned
-    from .recovery import RecoveryConfig
+    from .recovery import RecoveryConfig, estimate_recovery
     from .workflow import PruneRecord, recover_further
 
     out = Path(args.out)
@@ -718,8 +713,8 @@ def cmd_recover(args: argparse.Namespace, bar: StderrProgress) -> int:
         raise ConfigError(f"cannot reopen the original model of {args.model} ({exc}); name it with --original "
                           "(and --original-weights)") from exc
     config = RecoveryConfig.parse(args.recovery, method=args.recovery_method, seed=int(req.get("seed", 0)))
-    _announce_recovery(config, model, bar, teacher=base, device=req.get("device", "auto"),
-                       macs_reduction=record.macs_reduction)
+    _announce_recovery(config, bar, lambda: estimate_recovery(config, model, base, device=req.get("device", "auto"),
+                                                              macs_reduction=record.macs_reduction))
     outcome = recover_further(model, record, base, config, progress=bar)
     bar.newline()
     new = outcome.record.to_dict()

@@ -52,9 +52,11 @@ __all__ = [
     "PruneRecord",
     "PruneRequest",
     "check_feasible",
+    "estimate_request_recovery",
     "eval_subset",
     "records_equal",
     "recover_further",
+    "recovery_stand_in",
     "run_prune",
 ]
 
@@ -500,6 +502,36 @@ def check_feasible(request: PruneRequest, model: nn.Module) -> None:
         plan(blocks, None, base_macs=macs, base_params=params, chosen=list(request.blocks))
     elif request.target.kind != "latency":  # a latency target needs measured costs: prune() checks it
         check_reachable(blocks, request.target, base_macs=macs, base_params=params)
+
+
+def recovery_stand_in(request: PruneRequest, model: nn.Module) -> nn.Module:
+    """A model of the size ``request`` will leave, to time its recovery before anything is scored: the blocks named
+    by hand, or blocks taken in forward order until the MACs, parameter or block-count target is met (a CIFAR
+    ResNet's blocks all cost the same MACs, so any set that meets the target trains at about the same speed); the
+    unpruned model itself for a latency target, whose blocks' costs are not measured yet."""
+    from .blocks import find_blocks, remove_blocks
+    from .metrics import count_macs, count_params
+    from .pruning import plan
+
+    if request.blocks is not None:
+        return remove_blocks(model, request.blocks)
+    if request.target is None or request.target.kind == "latency":
+        return model
+    blocks = find_blocks(model)
+    uniform = {b.name: 0.0 for b in blocks if b.removable}
+    chosen = plan(blocks, uniform, request.target, base_macs=count_macs(model, model.cka_preset.input_size),
+                  base_params=count_params(model)).blocks
+    return remove_blocks(model, chosen)
+
+
+def estimate_request_recovery(request: PruneRequest, model: nn.Module) -> dict[str, Any]:
+    """What ``request``'s recovery will cost on its device and what the same recipe and budget left on the
+    reference benchmark (:func:`~cka_analysis.recovery.estimate_recovery`), for the unpruned ``model``: timed on
+    :func:`recovery_stand_in`, distilling from ``model``."""
+    from .recovery import estimate_recovery
+
+    return estimate_recovery(request.recovery, recovery_stand_in(request, model), model, device=request.device,
+                             macs_reduction=request.macs_target)
 
 
 def _max_steps(request: PruneRequest, model: nn.Module, costs: Any = None) -> int:

@@ -20,8 +20,10 @@ from cka_analysis.workflow import (
     PruneData,
     PruneRecord,
     PruneRequest,
+    estimate_request_recovery,
     eval_subset,
     records_equal,
+    recovery_stand_in,
     run_prune,
 )
 
@@ -73,6 +75,22 @@ def test_request_normalises_and_round_trips() -> None:
     assert hand.blocks == ("layer1.1", "layer3.2") and hand.recovery.images == 0
     assert PruneRequest.from_dict(hand.to_dict()) == hand
     assert not hand.needs_calibration and not PruneRequest(**DEMO, target="2", criterion="random").needs_calibration
+
+
+def test_recovery_is_timed_on_a_model_of_the_size_the_request_leaves(demo) -> None:
+    base = count_macs(demo, demo.cka_preset.input_size)
+    for target in ("macs:50%", "params:30%", "2"):
+        request = PruneRequest(**DEMO, target=target, recovery="quick")
+        stand_in = recovery_stand_in(request, demo)
+        assert removed_blocks(stand_in) and not removed_blocks(demo)  # the unpruned model is left alone
+        if target == "macs:50%":
+            assert count_macs(stand_in, demo.cka_preset.input_size) <= base / 2
+    by_hand = PruneRequest(**DEMO, blocks="layer1.1", recovery="quick")
+    assert removed_blocks(recovery_stand_in(by_hand, demo)) == ["layer1.1"]
+    latency = PruneRequest(**DEMO, target="latency:30%", recovery="quick")
+    assert recovery_stand_in(latency, demo) is demo  # block latencies are not measured yet: the whole model
+    est = estimate_request_recovery(PruneRequest(**DEMO, target="macs:75%", recovery="standard"), demo)
+    assert est["seconds"] > 0 and "−75.2 % MACs" in est["reference"]
 
 
 def test_eval_subset_is_the_cli_subset(data) -> None:

@@ -191,14 +191,13 @@ def build_exports(model: nn.Module, name: str, report: dict, formats: tuple[str,
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def recovery_estimate(model_key: str, config_key: str, device: str, macs_reduction: float | None = None, *,
-                      _config: Any, _model: nn.Module) -> dict:
-    """What a recovery run is expected to cost on this device (``estimate_recovery``), once per model, budget,
-    device and MACs target (``config_key`` names the :class:`~cka_analysis.recovery.RecoveryConfig` ``_config``)."""
-    from cka_analysis.recovery import estimate_recovery
+def recovery_estimate(model_key: str, request_key: str, *, _request: Any, _model: nn.Module) -> dict:
+    """What the recovery of ``_request`` is expected to cost on its device and what the same recipe left on the
+    reference benchmark (``estimate_request_recovery``, as the CLI announces it), once per model and request
+    (``request_key`` names the request's target, blocks, recovery and device)."""
+    from cka_analysis.workflow import estimate_request_recovery
 
-    model = private_copy(_model)
-    return dict(estimate_recovery(_config, model, model, device=device, macs_reduction=macs_reduction))
+    return dict(estimate_request_recovery(_request, private_copy(_model)))
 
 
 def cached_job(fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -97,13 +97,19 @@ def _request() -> PruneRequest:
     )
 
 
+def _recovery_estimate(req: PruneRequest) -> dict:
+    """The recovery estimate of ``req`` (the CLI announces the same), cached per model and request."""
+    key = json.dumps({"target": str(req.target), "blocks": req.blocks, "device": str(req.device),
+                      "recovery": req.recovery.to_dict()}, sort_keys=True)
+    return compute.recovery_estimate(a.model_key, key, _request=req, _model=a.model)
+
+
 request: PruneRequest | None = None
 if mode == "target" or chosen:
     with state.guard("checking the settings") as g:
         request = _request()
 if request is not None and request.recovery.images > 0:
-    est = compute.recovery_estimate(a.model_key, json.dumps(request.recovery.to_dict(), sort_keys=True), dev,
-                                    request.macs_target, _config=request.recovery, _model=a.model)
+    est = _recovery_estimate(request)
     drop = est.get("reference_drop_pp")
     right.caption(f"Recovery {request.recovery.describe()}: about {est['seconds']:.0f} s on this device"
                   + (f"; on {est['reference']} it ended {drop:.1f} points below the unpruned model"
@@ -181,8 +187,7 @@ def _prune_estimate(req: PruneRequest) -> float:
         work.append(Work(a.model, a.model_key, len(a.calib), 1 + len(a.removable) / 2, "scoring"))
     seconds = sum(estimate.estimate(w, dev).seconds for w in work)
     if req.recovery.images > 0:
-        seconds += compute.recovery_estimate(a.model_key, json.dumps(req.recovery.to_dict(), sort_keys=True), dev,
-                                             _config=req.recovery, _model=a.model)["seconds"]
+        seconds += _recovery_estimate(req)["seconds"]
     return seconds
 
 
