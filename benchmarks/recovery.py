@@ -125,10 +125,10 @@ def _report_rows() -> list[dict[str, Any]]:
 
 def winning_recipe(rows: list[dict[str, Any]]) -> str | None:
     """The ``TUNE_VARIANTS`` recipe with the best mean validation accuracy over ``TUNE_TARGETS``, among those
-    finished at every target (None before any is)."""
+    finished at every target (None before any is); rows with another criterion's blocks do not compete."""
     acc: dict[str, list[float]] = {}
     for r in rows:
-        if r["id"].startswith("tune-") and r.get("val_acc") is not None:
+        if r["id"].startswith("tune-") and r.get("val_acc") is not None and "criterion" not in r:
             acc.setdefault(r["tune_recipe"], []).append(r["val_acc"])
     complete = {name: sum(v) / len(v) for name, v in acc.items() if len(v) == len(TUNE_TARGETS)}
     return max(complete, key=complete.__getitem__) if complete else None

@@ -103,19 +103,27 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} % ({len(values)} seeds)"
 
 
+def _default_rows(rows: list[dict[str, Any]], target: str, budget: str,
+                  criterion: str | None = None) -> list[dict[str, Any]]:
+    """The finished one-shot ResNet-56 test rows at ``target`` and ``budget`` with the default recipe (block
+    mimicking, decaying weight), of one ``criterion`` or of all."""
+    return [r for r in rows if r.get("arch") == "resnet56" and r.get("target") == target
+            and r.get("recovery") == budget and r.get("acc") is not None and not r.get("iterative")
+            and recipe_name(r) == "cosine" and r.get("method") in (None, "feature")
+            and criterion in (None, r.get("criterion"))]
+
+
 def targets(rows: list[dict[str, Any]]) -> list[str]:
     """The issue's targets, judged on the default recipe (mean over its seeds), with the best single row of any
     recipe beside it."""
-    goals = [("resnet56", "macs:50%", "quick", 2.0), ("resnet56", "macs:50%", "standard", 0.5),
-             ("resnet56", "macs:75%", "standard", 2.0)]
+    goals = [("macs:50%", "quick", 2.0), ("macs:50%", "standard", 0.5), ("macs:75%", "standard", 2.0)]
     out = ["| goal | default recipe | gap to base (pp) | reached | best single row, any recipe |",
            "|---|---|---:|---|---|"]
-    for arch, target, budget, allowed in goals:
-        cands = [r for r in rows if r.get("arch") == arch and r.get("target") == target
+    for target, budget, allowed in goals:
+        cands = [r for r in rows if r.get("arch") == "resnet56" and r.get("target") == target
                  and r.get("recovery") == budget and r.get("acc") is not None and not r.get("iterative")]
-        goal = f"{arch} {target.split(':')[1]} fewer MACs, {budget}: ≤ {allowed} pp below base"
-        default_rows = [r for r in cands if r["criterion"] == "cka" and recipe_name(r) == "cosine"
-                        and r.get("method") in (None, "feature")]
+        goal = f"resnet56 {target.split(':')[1]} fewer MACs, {budget}: ≤ {allowed} pp below base"
+        default_rows = _default_rows(rows, target, budget, "cka")
         default = [r["acc"] for r in default_rows]
         if not cands:
             out.append(f"| {goal} | not run yet | – | – | – |")
@@ -189,10 +197,7 @@ def seeds_summary(rows: list[dict[str, Any]]) -> list[str]:
             crit = r["criterion"] + (" iterative" if r["iterative"] else "") + (f" ({note})" if note else "")
             out.append(f"{crit}: {r['acc']:.2f} %.")
     for target in ("macs:50%", "macs:75%"):
-        default = [r["acc"] for r in rows if r.get("arch") == "resnet56" and r.get("target") == target
-                   and r.get("recovery") == "standard" and r.get("criterion") == "cka" and not r.get("iterative")
-                   and recipe_name(r) == "cosine" and r.get("method") in (None, "feature")
-                   and r.get("acc") is not None]
+        default = [r["acc"] for r in _default_rows(rows, target, "standard", "cka")]
         if len(default) >= 2:
             out.append(f"CKA with the default recipe at −{target.split(':')[1]}, `standard`: {_spread(default)}.")
     return out
@@ -204,11 +209,8 @@ def choice_at(rows: list[dict[str, Any]], target: str = "macs:75%") -> list[str]
     out = []
     for budget in ("quick", "standard"):
         got: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            if (r.get("arch") == "resnet56" and r.get("target") == target and r.get("recovery") == budget
-                    and not r.get("iterative") and recipe_name(r) == "cosine" and r.get("method") in (None, "feature")
-                    and r.get("acc") is not None):
-                got.setdefault(r["criterion"], []).append(r)
+        for r in _default_rows(rows, target, budget):
+            got.setdefault(r["criterion"], []).append(r)
         if "cka" not in got or len(got) < 2:
             continue
         parts = [f"{c} {_spread([r['acc'] for r in got[c]])} (right after removal "
@@ -234,9 +236,7 @@ def removed_sets_table(rows: list[dict[str, Any]], target: str = "macs:75%") -> 
     """Every ResNet-56 ``standard`` test row at ``target`` with the default recipe, best first: which blocks stayed,
     the parameters kept and the accuracy. All blocks of a CIFAR ResNet cost the same MACs, but a last-stage block
     holds 16× the parameters of a first-stage one."""
-    chosen = [r for r in rows if r.get("arch") == "resnet56" and r.get("target") == target
-              and r.get("recovery") == "standard" and r.get("acc") is not None and recipe_name(r) == "cosine"
-              and not r.get("iterative") and r.get("method") in (None, "feature")]
+    chosen = _default_rows(rows, target, "standard")
     if not chosen:
         return []
     out = ["| blocks chosen by | seed | candidate blocks kept | parameters kept | top-1 % (10,000 test) |",

@@ -74,8 +74,8 @@ class RecoveryConfig:
         batch_size, lr, momentum, weight_decay, warmup: SGD recipe (linear warm-up over ``warmup`` of the
             steps, then cosine to zero). The defaults (and the method) are the best of the recipes compared on a
             validation split carved from the training images at ``quick`` (``benchmarks/recovery.py``,
-            ``recipe-*`` rows); at ``standard`` eight variations of learning rate, batch, distillation weight and
-            temperature were within the noise of them (``tune-*`` rows), so one recipe serves every budget.
+            ``recipe-*`` rows); at ``standard`` none of seven variations of learning rate, batch, distillation
+            weight and temperature beat them beyond the noise (``tune-*`` rows), so one recipe serves every budget.
         kd_alpha, kd_temperature: weight and temperature of logit distillation (``kd``, ``feature``, ``adaptor``).
         feature_weight: weight of the feature-mimicking term (``feature``, ``adaptor``).
         mimic: where the feature term compares student and teacher: ``"blocks"`` (the default: the input of every
@@ -687,10 +687,10 @@ def estimate_recovery(config: RecoveryConfig | str | int, model: nn.Module, teac
         finally:
             objective.close()
     seconds = per_train * steps * cfg.batch_size + per_forward * forward_images
-    ref = _reference_drop(cfg, macs_reduction)
     found = _reference_curve(cfg, macs_reduction)
+    ref = _drop_at(found[1], cfg.images) if found else None
     return {"seconds": seconds, "seconds_per_image": per_train, "images": cfg.images,
-            "reference_drop_pp": ref, "reference": reference_note(found[0]) if ref is not None and found else None}
+            "reference_drop_pp": ref, "reference": reference_note(found[0]) if ref is not None else None}
 
 
 #: Measured with ``benchmarks/recovery.py`` (ResNet-56 ``cifar10jpeg``, CKA one-shot, all 10,000 test images):
@@ -731,22 +731,23 @@ def _reference_curve(cfg: RecoveryConfig, macs_reduction: float | None = None
 
 
 def _reference_drop(cfg: RecoveryConfig, macs_reduction: float | None = None) -> float | None:
-    """The reference drop at ``cfg.images`` (at the measured MACs reduction nearest ``macs_reduction``),
-    interpolated on a log scale between the measured budgets."""
+    """The reference drop at ``cfg.images`` (at the measured MACs reduction nearest ``macs_reduction``)."""
     found = _reference_curve(cfg, macs_reduction)
-    if not found:
-        return None
-    curve = found[1]
+    return _drop_at(found[1], cfg.images) if found else None
+
+
+def _drop_at(curve: dict[int, float], images: int) -> float | None:
+    """``curve`` at ``images``, interpolated on a log scale between the measured budgets."""
     budgets = sorted(curve)
-    if cfg.images in curve:
-        return curve[cfg.images]
-    if cfg.images <= budgets[0]:
+    if images in curve:
+        return curve[images]
+    if images <= budgets[0]:
         return curve[budgets[0]]
-    if cfg.images >= budgets[-1]:
+    if images >= budgets[-1]:
         return curve[budgets[-1]]
-    hi = next(b for b in budgets if b >= cfg.images)
+    hi = next(b for b in budgets if b >= images)
     lo = budgets[budgets.index(hi) - 1]
     if lo == 0:  # nothing between no recovery and the first budget: no honest interpolation
         return None
-    t = (math.log(cfg.images) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    t = (math.log(images) - math.log(lo)) / (math.log(hi) - math.log(lo))
     return curve[lo] + t * (curve[hi] - curve[lo])
