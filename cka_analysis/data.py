@@ -58,6 +58,7 @@ __all__ = [
     "make_loader",
     "match_channels",
     "parse_data_spec",
+    "validation_indices",
 ]
 
 DATA_KINDS = ("digits", "cifar10", "cifar100", "imagefolder")
@@ -704,6 +705,24 @@ def calibration_subset(dataset: Dataset, n: int, *, seed: int = 0) -> Subset:
         chosen.extend(members[p] for p in picks)
     shuffled = [chosen[i] for i in torch.randperm(len(chosen), generator=gen).tolist()]
     return Subset(dataset, shuffled)
+
+
+#: The validation split carved from the training images (what recipes and plans are chosen on; the test split
+#: only reports): this many training images, drawn with this seed, never trained on.
+VALIDATION_IMAGES = 5_000
+VALIDATION_SEED = 123
+
+
+def validation_indices(n: int, images: int = VALIDATION_IMAGES, seed: int = VALIDATION_SEED
+                       ) -> tuple[list[int], list[int]]:
+    """(training indices, validation indices) of a training split of ``n`` items: a seeded permutation whose
+    first ``images`` items are held out for validation. The same (n, images, seed) always gives the same split,
+    so a run, its benchmark and its resume all hold out the same images."""
+    if isinstance(images, bool) or not isinstance(images, int) or not 0 < images < n:
+        raise ConfigError(f"images={images!r} validation images must be a whole number in [1, {n - 1}] for a "
+                          f"training split of {n} items; hold out fewer images or use the test split")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    return order[images:], order[:images]
 
 
 def _cpu_count() -> int:

@@ -64,6 +64,8 @@ __all__ = [
 EVAL_BATCH = 256
 RECORD_FORMAT = "cka-prune-record/1"
 _AMP = ("none", "fp16", "bf16")
+#: Where accuracies are measured: the test split, or training images held out of calibration and recovery.
+EVAL_SPLITS = ("test", "validation")
 
 
 def eval_subset(dataset: Dataset, samples: int | None, seed: int = 0) -> Dataset:
@@ -109,6 +111,9 @@ class PruneRequest:
         recovery: :class:`~cka_analysis.recovery.RecoveryConfig` or its text (``quick``, ``standard``, ``none``,
             or a number of training images); default ``quick``.
         eval_samples, eval_seed: accuracies on this many test images (:func:`eval_subset`; None = all of them).
+        eval_split: ``"test"`` (the default) or ``"validation"``: accuracies on training images held out of
+            calibration and recovery (:func:`~cka_analysis.data.validation_indices`: 5,000 of CIFAR-10's 50,000,
+            a tenth of a smaller split), for choosing recipes and plans without looking at the test split.
         device, amp, batch_size: where and how to compute (``amp``: none | fp16 | bf16, CUDA only).
         seed: seeds scoring, recovery and, unless given, the calibration and evaluation subsets.
         latency: time the unpruned and pruned models for the record.
@@ -131,6 +136,7 @@ class PruneRequest:
     recovery: RecoveryConfig | str | int = "quick"
     eval_samples: int | None = None
     eval_seed: int | None = None
+    eval_split: str = "test"
     device: str = "auto"
     amp: str = "none"
     batch_size: int = 128
@@ -198,6 +204,8 @@ class PruneRequest:
         _positive_int("latency_batch_size", self.latency_batch_size, "use 1 for single-image latency")
         if self.eval_samples is not None:
             _positive_int("eval_samples", self.eval_samples, "or None to evaluate on the whole test split")
+        if self.eval_split not in EVAL_SPLITS:
+            raise ConfigError(f"eval_split={self.eval_split!r} must be one of {', '.join(EVAL_SPLITS)}")
         if self.amp not in _AMP:
             raise ConfigError(f"amp={self.amp!r} must be one of {', '.join(_AMP)}")
         if not isinstance(self.recovery, RecoveryConfig):
@@ -444,7 +452,8 @@ class PruneData:
 
     The dashboard passes the datasets it already holds (same spec, same preset), the CLI lets them load.
     ``train`` is the plain training split (calibration), ``train_augmented`` the same with the training
-    augmentation (recovery), ``test`` the test split (accuracies).
+    augmentation (recovery), ``test`` the test split (accuracies). For a request with ``eval_split="validation"``,
+    :meth:`filled` makes ``test`` the held-out training images and ``train``/``train_augmented`` the rest.
     """
 
     train: Dataset | None = None
@@ -454,7 +463,13 @@ class PruneData:
     def filled(self, request: PruneRequest, preset: Any, *, recovery: bool,
                progress: ProgressFn | None = None) -> PruneData:
         """A copy with every split this request needs loaded (checked against the model's classes)."""
-        from .data import check_num_classes, load_dataset, parse_data_spec
+        from .data import (
+            VALIDATION_IMAGES,
+            check_num_classes,
+            load_dataset,
+            parse_data_spec,
+            validation_indices,
+        )
 
         spec = parse_data_spec(request.data)
         folder = spec.kind == "imagefolder"
@@ -466,6 +481,15 @@ class PruneData:
             return ds
 
         out = replace(self)
+        if request.eval_split == "validation" and out.test is None:
+            plain = load("train", False, True)
+            aug = load("train", True, True) if recovery else None
+            n = len(plain)
+            keep, held = validation_indices(n, min(VALIDATION_IMAGES, max(1, n // 10)))
+            out.test = Subset(plain, held)
+            out.train = Subset(plain, keep)
+            out.train_augmented = None if aug is None else Subset(aug, keep)
+            return out
         if out.test is None:
             out.test = load("test", False, request.eval_samples is None)
         if out.train is None and request.needs_calibration:

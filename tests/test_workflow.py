@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cka_analysis.blocks import removed_blocks
-from cka_analysis.data import calibration_subset, dataset_targets, load_dataset
+from cka_analysis.data import calibration_subset, dataset_targets, load_dataset, make_loader
 from cka_analysis.errors import CKAPruneError, ConfigError, TargetError
 from cka_analysis.metrics import count_macs, evaluate
 from cka_analysis.pruning import Target
@@ -55,6 +55,7 @@ def data(demo) -> PruneData:
         ({"target": "2", "model": ""}, ["model=''"]),
         ({"target": "2", "model": torch.nn.Linear(2, 2)}, ["carries its preset"]),
         ({"target": "2", "seed": -1}, ["seed=-1"]),
+        ({"target": "2", "eval_split": "val"}, ["eval_split='val'", "validation"]),
     ],
 )
 def test_bad_requests_name_the_argument(kwargs, words) -> None:
@@ -198,3 +199,18 @@ def test_the_library_and_cli_run_without_the_dashboard_stack() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=root.parent)
     assert r.returncode == 0, r.stderr
+
+
+def test_validation_split_holds_out_training_images_from_calibration_and_recovery(demo) -> None:
+    """eval_split="validation": accuracies on training images that neither calibration nor recovery draws, the
+    same images every time, and the base accuracy measured on exactly those images."""
+    request = PruneRequest(**DEMO, target="1", recovery=600, eval_split="validation")
+    filled = PruneData().filled(request, demo.cka_preset, recovery=True)
+    held, keep = set(filled.test.indices), set(filled.train.indices)
+    assert len(held) == 1437 // 10 and not held & keep and len(held | keep) == 1437
+    assert filled.train_augmented.indices == filled.train.indices
+    assert PruneData().filled(request, demo.cka_preset, recovery=True).test.indices == filled.test.indices
+    record = run_prune(request).record
+    assert record.request["eval_split"] == "validation"
+    loader = make_loader(filled.test, batch_size=256, num_workers=0)
+    assert record.base.accuracy == pytest.approx(evaluate(demo, loader, device="cpu").top1)
