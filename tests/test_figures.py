@@ -104,7 +104,8 @@ def _plot_area(fig) -> tuple[float, float]:
     return fig.layout.width - m.l - m.r, fig.layout.height - m.t - m.b
 
 
-@pytest.mark.parametrize(("rows", "cols", "size"), [(11, 11, 720), (56, 56, 720), (3, 40, 600), (56, 56, 480)])
+@pytest.mark.parametrize(("rows", "cols", "size"),
+                         [(11, 11, 720), (56, 56, 720), (3, 40, 600), (40, 3, 600), (56, 56, 480)])
 def test_cka_heatmap_cells_are_square_and_the_colour_bar_is_beside_it(rows, cols, size):
     fig = F.cka_heatmap(np.full((rows, cols), 0.5), [f"c{j}" for j in range(cols)], [f"r{i}" for i in range(rows)],
                         size=size)
