@@ -89,7 +89,9 @@ class RecoveryConfig:
         adaptor_images: images that fit the adaptors (``adaptor`` only; forward passes, counted in the budget).
         amp: ``"auto"`` (bfloat16 autocast on CUDA and on CPUs with native bfloat16 arithmetic, such as Xeons
             with AMX: about 2× faster steps there), ``"none"``, ``"fp16"`` or ``"bf16"``.
-        seed: data order and augmentation.
+        seed: data order, augmentation and the images that re-estimate batch norm and fit adaptors. None (the
+            default): the caller's seed — a :class:`~cka_analysis.workflow.PruneRequest`'s ``seed`` (which seeds
+            everything in a run unless this is set explicitly), 0 when :func:`recover` is called directly.
         name: the preset this came from (``quick``, ``standard``) or None for an explicit number.
     """
 
@@ -108,7 +110,7 @@ class RecoveryConfig:
     bn_images: int = 2048
     adaptor_images: int = 1024
     amp: str = "auto"
-    seed: int = 0
+    seed: int | None = None
     name: str | None = None
 
     def __post_init__(self) -> None:
@@ -133,6 +135,14 @@ class RecoveryConfig:
             raise ConfigError(f"mimic={self.mimic!r} must be one of {', '.join(MIMIC_POINTS)}")
         if self.feature_weight < 0 or self.kd_temperature <= 0:
             raise ConfigError("feature_weight must be ≥ 0 and kd_temperature > 0")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or self.seed < 0):
+            raise ConfigError(f"seed={self.seed!r} must be a whole number ≥ 0, or None for the caller's seed")
+
+    def seeded(self, seed: int) -> RecoveryConfig:
+        """This config with ``seed`` where it leaves the seed to the caller (``seed=None``); an explicit seed
+        stays. The one rule of :class:`~cka_analysis.workflow.PruneRequest` and :func:`recover`."""
+        return self if self.seed is not None else replace(self, seed=int(seed))
 
     @classmethod
     def parse(cls, spec: str | int | RecoveryConfig, **overrides: Any) -> RecoveryConfig:
@@ -533,7 +543,7 @@ def recover(
     from .data import make_loader
     from .device import resolve_device
 
-    cfg = RecoveryConfig.parse(config)
+    cfg = RecoveryConfig.parse(config).seeded(0)
     if teacher is None and cfg.method not in ("bn", "ce") and cfg.images:
         raise ConfigError(f"recovery method {cfg.method!r} distils from the unpruned model: give teacher=")
     dev = resolve_device(device)

@@ -54,6 +54,7 @@ __all__ = [
     "check_feasible",
     "estimate_request_recovery",
     "eval_subset",
+    "further_recovery",
     "records_equal",
     "recover_further",
     "recovery_stand_in",
@@ -115,7 +116,9 @@ class PruneRequest:
             calibration and recovery (:func:`~cka_analysis.data.validation_indices`: 5,000 of CIFAR-10's 50,000,
             a tenth of a smaller split), for choosing recipes and plans without looking at the test split.
         device, amp, batch_size: where and how to compute (``amp``: none | fp16 | bf16, CUDA only).
-        seed: seeds scoring, recovery and, unless given, the calibration and evaluation subsets.
+        seed: seeds everything in the run: scoring, recovery (unless the request's
+            :class:`~cka_analysis.recovery.RecoveryConfig` sets its own ``seed``) and, unless given, the
+            calibration and evaluation subsets.
         latency: time the unpruned and pruned models for the record.
         latency_batch_size: the batch size of that timing and of a latency target's per-block costs.
         num_workers: data-loading workers of the evaluation loader (None: automatic).
@@ -170,7 +173,9 @@ class PruneRequest:
             self._set("blocks", tuple(self.blocks))
         _positive_int("seed", self.seed, "give an integer seed such as 0", minimum=0)
         if isinstance(self.recovery, (str, int)) and not isinstance(self.recovery, bool):
-            self._set("recovery", RecoveryConfig.parse(str(self.recovery), seed=self.seed))
+            self._set("recovery", RecoveryConfig.parse(str(self.recovery)))
+        if isinstance(self.recovery, RecoveryConfig):  # the request's seed, unless the config sets its own
+            self._set("recovery", self.recovery.seeded(self.seed))
         if self.calibration_seed is None:
             self._set("calibration_seed", self.seed)
         if self.eval_seed is None:
@@ -738,6 +743,19 @@ def run_prune(
     return PruneOutcome(result.model, record)
 
 
+def further_recovery(record: PruneRecord | Mapping[str, Any], budget: str | int) -> RecoveryConfig:
+    """The recovery that "recover further" spends for a ``budget`` given as text or a number of images
+    (``"quick"``, ``25000``): the run's own recipe (method, learning rate, distillation, ...) and seed, with the
+    new budget, so that a run recovered with ``kd`` goes on with ``kd``."""
+    from .recovery import RecoveryConfig
+
+    request = record.request if isinstance(record, PruneRecord) else record["request"]
+    run = request.get("recovery") or {}
+    recipe = RecoveryConfig.from_dict(run) if isinstance(run, Mapping) else RecoveryConfig()
+    wanted = RecoveryConfig.parse(budget)
+    return replace(recipe, images=wanted.images, name=wanted.name).seeded(int(request.get("seed", 0)))
+
+
 def recover_further(
     model: nn.Module,
     record: PruneRecord,
@@ -750,6 +768,8 @@ def recover_further(
 ) -> PruneOutcome:
     """Spend another recovery budget on a pruned model without pruning again (the dashboard's Compare page).
 
+    ``recovery``: a :class:`~cka_analysis.recovery.RecoveryConfig` (used as given; its seed, when None, is the
+    run's), or a budget as text or images, spent with the run's own recipe (:func:`further_recovery`).
     ``model`` is not modified: a copy is recovered with ``base`` (the unpruned model) as the teacher, on the data
     and device of ``record``'s request, and evaluated on the same test images. The new record is ``record`` with
     the final accuracy, the costs (adaptors may be added), the images seen (the sum) and the recovery history
@@ -762,7 +782,8 @@ def recover_further(
 
     start = time.perf_counter()
     request = PruneRequest.from_dict(record.request, model=base)
-    config = RecoveryConfig.parse(recovery, seed=request.seed) if isinstance(recovery, (str, int)) else recovery
+    config = recovery.seeded(request.seed) if isinstance(recovery, RecoveryConfig) else \
+        further_recovery(record, recovery)
     if config.images <= 0:
         raise ConfigError(f"recovery={recovery!r} spends no images; give a budget such as 'quick' or 25000")
     work = copy.deepcopy(model)

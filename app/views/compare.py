@@ -12,9 +12,8 @@ from dashboard.ui import MACS_NOTE, accuracy_key, fit_samples, job_result, plotl
 
 from cka_analysis.figures import adversarial_curves, corruption_curves, pareto
 from cka_analysis.metrics import TRAIN_STEP_PASSES
-from cka_analysis.recovery import RecoveryConfig
 from cka_analysis.robustness import DEFAULT_EPS, ROBUSTNESS_KINDS, RobustnessResult
-from cka_analysis.workflow import PruneData, PruneRecord, recover_further
+from cka_analysis.workflow import PruneData, PruneRecord, further_recovery, recover_further
 
 FURTHER_BUDGETS = {"quick": "quick (25,000 images)", "standard": "standard (250,000 images)"}
 
@@ -135,15 +134,16 @@ if measured:
 if runs:
     st.divider()
     st.subheader("Recover a run further")
-    st.caption("Spend another recovery budget on a pruned run, without pruning again: distillation from the "
-               "original on the training split, evaluated on the run's test images. The result is a new run.")
+    st.caption("Spend another recovery budget on a pruned run, without pruning again, with the run's own "
+               "recovery recipe (method, distillation from the original) on the training split, evaluated on "
+               "the run's test images. The result is a new run.")
     run_labels = {r["id"]: r["label"] for r in runs}
     f1, f2 = st.columns([2, 1])
     further_id = f1.selectbox("Run", list(run_labels), format_func=run_labels.get, key="cmp_further_run")
     budget = f2.segmented_control("Budget", list(FURTHER_BUDGETS), format_func=FURTHER_BUDGETS.get,
                                   key="cmp_further_budget", default="quick", required=True) or "quick"
     chosen = next(r for r in runs if r["id"] == further_id)
-    config = RecoveryConfig.parse(budget, seed=int(chosen["record"]["request"].get("seed", 0)))
+    config = further_recovery(chosen["record"], budget)  # the run's own recipe (method, ...) with this budget
     further_key = {"run": further_id, "budget": budget, "device": dev}
 
     def _further_job():
@@ -154,7 +154,7 @@ if runs:
 
     outcome = job_result(
         "recover_further", further_key, f"recovering {run_labels[further_id]} further ({budget})", _further_job,
-        button="Recover further", help=RecoveryConfig.parse(budget).describe(),
+        button="Recover further", help=config.describe(),
         work=Work(chosen["model"], state.run_key(a, chosen), config.images, TRAIN_STEP_PASSES,
                   f"{config.images:,} training images of recovery"),
     )
