@@ -18,10 +18,13 @@ from .errors import ConfigError
 __all__ = [
     "CRITERIA",
     "CRITERION_INFO",
+    "DASHBOARD_CALIBRATION_IMAGES",
     "DATA_FREE_CRITERIA",
+    "DEFAULT_CALIBRATION_IMAGES",
     "ROBUSTNESS_KINDS",
     "CriterionInfo",
     "criterion_info",
+    "parse_reduction",
 ]
 
 
@@ -77,6 +80,12 @@ RECOVERY_METHODS: Mapping[str, str] = MappingProxyType({
 DEFAULT_RECOVERY_METHOD = "feature"
 #: Named recovery budgets in training images drawn (``none``: no recovery, not even batch-norm re-estimation).
 RECOVERY_PRESETS: Mapping[str, int] = MappingProxyType({"none": 0, "quick": 25_000, "standard": 250_000})
+#: Calibration images (class-balanced, from the training split) that score the blocks: ``PruneRequest``'s and the
+#: command line's default.
+DEFAULT_CALIBRATION_IMAGES = 500
+#: The dashboard's default, lower on purpose: its heatmaps and scores recompute whenever the model or data change,
+#: and it says so beside the field (the command line and the library use :data:`DEFAULT_CALIBRATION_IMAGES`).
+DASHBOARD_CALIBRATION_IMAGES = 256
 #: Measures of :func:`cka_analysis.robustness.evaluate_robustness`.
 ROBUSTNESS_KINDS: tuple[str, ...] = ("fgsm", "pgd", "corruptions")
 
@@ -87,3 +96,15 @@ def criterion_info(name: str) -> CriterionInfo:
         return CRITERION_INFO[name]
     except (KeyError, TypeError):
         raise ConfigError(f"criterion={name!r} is not known; choose one of {', '.join(CRITERIA)}") from None
+
+
+def parse_reduction(text: str | float) -> float:
+    """A reduction as a fraction: ``0.5``, ``"0.5"``, ``"50%"`` or ``"50"`` (a number above 1 is read as percent).
+    The one rule of the command line's ``--target-*-reduction`` and ``Target.parse`` (``"macs:50"``); the range
+    (0, 1) is checked by them, with a message naming what is reduced."""
+    raw = str(text).strip()
+    try:
+        value = float(raw.rstrip("%").strip())
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a number (use e.g. 0.5, 50% or 50)") from None
+    return value / 100 if raw.endswith("%") or value > 1 else value

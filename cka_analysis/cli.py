@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .choices import CRITERIA, CRITERION_INFO, DEFAULT_RECOVERY_METHOD, RECOVERY_METHODS, ROBUSTNESS_KINDS
+from .choices import (
+    CRITERIA,
+    CRITERION_INFO,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_RECOVERY_METHOD,
+    RECOVERY_METHODS,
+    ROBUSTNESS_KINDS,
+    parse_reduction,
+)
+from .errors import ConfigError
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -103,14 +112,11 @@ class StderrProgress:
 
 
 def _fraction(text: str) -> float:
-    """A reduction as 0.5, 50% or 50 (percent when > 1)."""
-    t = text.strip().rstrip("%")
+    """A reduction as 0.5, 50% or 50 (percent when > 1): :func:`~cka_analysis.choices.parse_reduction`."""
     try:
-        v = float(t)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (use e.g. 0.5 or 50%)") from exc
-    if text.strip().endswith("%") or v > 1:
-        v /= 100
+        v = parse_reduction(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if not 0 < v < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be a fraction between 0 and 1 (e.g. 0.5 or 50%)")
     return v
@@ -209,7 +215,8 @@ def _add_score(sub: Any) -> None:
                                    "The paper's criterion is cka: 1 − linear CKA between the penultimate "
                                    "features with and without the block.")
     _model_args(p)
-    _data_args(p, samples_help="calibration images from the training split (default 500)", samples_default=500)
+    _data_args(p, samples_help=f"calibration images from the training split (default {DEFAULT_CALIBRATION_IMAGES})",
+               samples_default=DEFAULT_CALIBRATION_IMAGES)
     _criterion_args(p, CRITERIA)
     p.add_argument("--seed", type=int, default=0, help="calibration sample and random-criterion seed")
     p.add_argument("--json", metavar="FILE", help="write {criterion, samples, seconds, scores} ('-' for stdout)")
@@ -225,7 +232,8 @@ def _add_prune(sub: Any) -> None:
                                    "with load_pruned) and report.json to --out. Bad input (an unknown block, a "
                                    "target out of reach) is refused before anything is scored or written.")
     _model_args(p)
-    _data_args(p, samples_help="calibration images from the training split (default 500)", samples_default=500)
+    _data_args(p, samples_help=f"calibration images from the training split (default {DEFAULT_CALIBRATION_IMAGES})",
+               samples_default=DEFAULT_CALIBRATION_IMAGES)
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--blocks", metavar="A,B", help="comma-separated block names to remove")
     how.add_argument("--target-macs-reduction", type=_fraction, metavar="X",

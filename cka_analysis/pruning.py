@@ -29,6 +29,7 @@ from typing import Any
 from torch import nn
 
 from .blocks import Block, find_blocks, remove_blocks
+from .choices import parse_reduction
 from .errors import Cancelled, CheckpointError, ConfigError, TargetError
 from .progress import CancelToken, ProgressFn, check_cancel, no_progress
 from .scoring import Scores, ScoringOptions, score_blocks
@@ -73,12 +74,13 @@ class Target:
 
     @classmethod
     def parse(cls, text: str) -> Target:
-        """``"3"`` / ``"3 blocks"`` → 3 blocks; ``"macs:50%"``, ``"macs:0.5"``, ``"params:40%"``, ``"latency:30%"``."""
+        """``"3"`` / ``"3 blocks"`` → 3 blocks; ``"macs:50%"``, ``"macs:0.5"``, ``"macs:50"``, ``"params:40%"``,
+        ``"latency:30%"`` (the reduction read by :func:`~cka_analysis.choices.parse_reduction`, as the command
+        line's ``--target-*-reduction``: a number above 1 is percent)."""
         t = text.strip().lower()
-        m = re.fullmatch(r"(macs|params|latency)\s*[:=]\s*([0-9.]+)\s*(%?)", t)
+        m = re.fullmatch(r"(macs|params|latency)\s*[:=]\s*([0-9.]+\s*%?)", t)
         if m:
-            v = float(m.group(2)) / (100 if m.group(3) else 1)
-            return cls(m.group(1), v)
+            return cls(m.group(1), parse_reduction(m.group(2)))
         m = re.fullmatch(r"(\d+)(\s*blocks?)?", t)
         if m:
             return cls("blocks", int(m.group(1)))

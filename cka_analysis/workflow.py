@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from .choices import CRITERION_INFO, criterion_info
+from .choices import CRITERION_INFO, DEFAULT_CALIBRATION_IMAGES, criterion_info
 from .errors import ConfigError
 from .progress import CancelToken, ProgressFn, no_progress
 from .pruning import (
@@ -129,7 +129,7 @@ class PruneRequest:
     weights: str | None = None
     num_classes: int | None = None
     download: bool = False
-    calibration_samples: int = 500
+    calibration_samples: int = DEFAULT_CALIBRATION_IMAGES
     calibration_seed: int | None = None
     criterion: str = "cka"
     debiased: bool = False
@@ -204,7 +204,7 @@ class PruneRequest:
         if self.blocks is not None and self.iterative:
             raise ConfigError("iterative=True needs a target: blocks chosen by hand are removed in one go")
         _positive_int("calibration_samples", self.calibration_samples,
-                      "CKA needs at least 4 calibration images (500 is a good default)", minimum=4)
+                      f"CKA needs at least 4 calibration images ({DEFAULT_CALIBRATION_IMAGES} is the default)", minimum=4)
         _positive_int("batch_size", self.batch_size, "use e.g. 128")
         _positive_int("latency_batch_size", self.latency_batch_size, "use 1 for single-image latency")
         if self.eval_samples is not None:

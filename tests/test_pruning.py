@@ -43,6 +43,7 @@ from cka_analysis.scoring import Scores, score_blocks
         (" 12BLOCKS ", "blocks", 12),
         ("macs:50%", "macs", 0.5),
         ("macs:0.5", "macs", 0.5),
+        ("macs:50", "macs", 0.5),  # as the command line's --target-macs-reduction 50: above 1 is percent
         ("MACs = 37.5 %", "macs", 0.375),
         ("params:40%", "params", 0.4),
         ("params=0.25", "params", 0.25),

@@ -3,14 +3,25 @@ caller's RecoveryConfig sets its own, and "recover further" goes on with the run
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from app_session import TIMEOUT, settle
+from streamlit.testing.v1 import AppTest
 from torch import nn
 
+from cka_analysis.choices import (
+    DASHBOARD_CALIBRATION_IMAGES,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_RECOVERY_METHOD,
+    RECOVERY_METHODS,
+)
 from cka_analysis.errors import ConfigError
 from cka_analysis.recovery import RecoveryConfig
 from cka_analysis.workflow import PruneRequest, further_recovery, recover_further, run_prune
 
 BLOCKS = ("layer1.0", "layer2.1")
+APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
 
 
 def _request(demo: nn.Module, **kw) -> PruneRequest:
@@ -54,3 +65,50 @@ def test_recover_further_goes_on_with_the_runs_recipe(demo) -> None:
     more = recover_further(run.model, run.record, demo, 500)
     assert more.record.recovery["further"][0]["config"]["method"] == "kd"
     assert more.record.recovery["further"][0]["config"]["seed"] == 4
+
+
+@pytest.mark.parametrize("text", ["0.5", "50%", "50", "37.5 %", "0.25"])
+def test_a_reduction_reads_the_same_on_the_command_line_and_in_a_target(text) -> None:
+    from cka_analysis.cli import _fraction
+    from cka_analysis.pruning import Target
+
+    assert Target.parse(f"macs:{text}").value == pytest.approx(_fraction(text))
+
+
+def test_calibration_default_is_one_constant_and_the_dashboard_says_where_it_differs() -> None:
+    """The library and the command line share one default; the dashboard's lower one is stated in its field."""
+    from cka_analysis.cli import build_parser
+
+    assert PruneRequest.__dataclass_fields__["calibration_samples"].default == DEFAULT_CALIBRATION_IMAGES
+    for command in ("prune", "score"):
+        args = [command, "--model", "m", "--data", "digits"] + (["--remove", "1"] if command == "prune" else [])
+        assert build_parser().parse_args(args).samples == DEFAULT_CALIBRATION_IMAGES
+    # the dashboard's default differs on purpose; the field says so, naming both numbers
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    settle(at)
+    field = at.number_input(key="md_n_calib")
+    assert field.value == DASHBOARD_CALIBRATION_IMAGES < DEFAULT_CALIBRATION_IMAGES
+    assert f"{DASHBOARD_CALIBRATION_IMAGES} by default here" in field.help
+    assert f"default to {DEFAULT_CALIBRATION_IMAGES}" in field.help
+
+
+def test_the_prune_page_offers_the_recovery_method_and_the_request_uses_it() -> None:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["device_choice"] = "cpu"
+    settle(at)
+    at.button(key="md_load").click()
+    settle(at)
+    settle(at.switch_page("views/prune.py"))
+    method = at.selectbox(key="pr_recovery_method")
+    assert method.value == DEFAULT_RECOVERY_METHOD and list(method.options) == list(RECOVERY_METHODS)
+    method.set_value("kd")
+    at.slider(key="pr_macs").set_value(20)
+    at.segmented_control(key="pr_recovery").set_value("custom")
+    at.run()
+    at.number_input(key="pr_recovery_images").set_value(300)
+    settle(at)
+    at.button(key="pr_run").click()
+    settle(at)
+    assert not at.exception
+    record = at.session_state["runs"][0]["record"]
+    assert record["request"]["recovery"]["method"] == "kd" and record["recovery"]["method"] == "kd"

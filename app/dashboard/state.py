@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from cka_analysis.blocks import Block, find_blocks
+from cka_analysis.choices import DASHBOARD_CALIBRATION_IMAGES
 from cka_analysis.data import calibration_subset, check_num_classes, load_dataset, make_loader
 from cka_analysis.device import describe_device, resolve_device
 from cka_analysis.errors import CKAPruneError
@@ -34,7 +35,7 @@ from . import jobs, uploads
 
 DEMO_MODEL = {"kind": "registry", "name": "digits_resnet", "weights": "demo", "num_classes": None,
               "allow_download": False}
-DEMO_DATA = {"kind": "digits", "root": "", "download": False, "n_calib": 256, "seed": 0}
+DEMO_DATA = {"kind": "digits", "root": "", "download": False, "n_calib": DASHBOARD_CALIBRATION_IMAGES, "seed": 0}
 CALIB_BATCH = 128
 EVAL_BATCH = 256
 RANDOM_WEIGHTS = "(random initialisation)"

@@ -8,6 +8,7 @@ from dashboard import compute, state, uploads
 from dashboard.estimate import EVALUATE_PASSES, Work
 from dashboard.ui import MACS_NOTE, accuracy_key, count, default_test_samples, job_result, pct
 
+from cka_analysis.choices import DASHBOARD_CALIBRATION_IMAGES, DEFAULT_CALIBRATION_IMAGES
 from cka_analysis.data import DATA_KINDS
 from cka_analysis.models import available_models, model_entry, weight_names
 
@@ -95,7 +96,10 @@ with right:
     st.session_state.setdefault("md_n_calib", state.DEMO_DATA["n_calib"])
     n_calib = st.number_input("Calibration images (from the training split)", 4, 50_000, step=64,
                               key="md_n_calib",
-                              help="CKA heatmaps and removal scores use this class-balanced, seeded subset")
+                              help="CKA heatmaps and removal scores use this class-balanced, seeded subset. "
+                                   f"{DASHBOARD_CALIBRATION_IMAGES} by default here, so that they recompute "
+                                   "quickly; `cka-prune` and `PruneRequest` default to "
+                                   f"{DEFAULT_CALIBRATION_IMAGES}.")
     st.session_state.setdefault("md_seed", 0)
     seed = st.number_input("Seed", 0, 2**31 - 1, key="md_seed")
     data_spec = {"kind": kind, "root": root, "download": download, "n_calib": int(n_calib), "seed": int(seed)}

@@ -15,10 +15,10 @@ from dashboard import compute, estimate, jobs, state
 from dashboard.estimate import Work
 from dashboard.ui import MACS_NOTE, count, job_result, pct, plotly
 
-from cka_analysis.choices import CRITERIA, CRITERION_INFO
+from cka_analysis.choices import CRITERIA, CRITERION_INFO, DEFAULT_RECOVERY_METHOD, RECOVERY_METHODS
 from cka_analysis.figures import pruning_trajectory, score_bars
 from cka_analysis.pruning import Target, plan
-from cka_analysis.recovery import RECOVERY_PRESETS
+from cka_analysis.recovery import RECOVERY_PRESETS, RecoveryConfig
 from cka_analysis.workflow import PruneData, PruneRecord, PruneRequest, run_prune
 
 st.title("Prune")
@@ -30,7 +30,8 @@ st.caption("Remove whole residual blocks, then recover the accuracy with a short
 defaults = {
     "pr_mode": "target", "pr_target_kind": "macs", "pr_macs": 30, "pr_params": 30, "pr_latency": 30,
     "pr_blocks": min(2, max(1, len(a.removable))), "pr_chosen": [], "pr_criterion": "cka", "pr_iterative": False,
-    "pr_recovery": "quick", "pr_recovery_images": 5_000, "pr_eval_samples": len(a.test),
+    "pr_recovery": "quick", "pr_recovery_images": 5_000, "pr_recovery_method": DEFAULT_RECOVERY_METHOD,
+    "pr_eval_samples": len(a.test),
 }
 for k, v in defaults.items():
     st.session_state.setdefault(k, v)
@@ -80,6 +81,11 @@ with right:
                                   key="pr_recovery", required=True) or "quick"
     if choice == "custom":
         st.number_input("Training images to draw", 1, 100_000_000, step=1_000, key="pr_recovery_images")
+    if choice != "none":
+        method = st.session_state["pr_recovery_method"]
+        st.selectbox("Recovery method", list(RECOVERY_METHODS), key="pr_recovery_method",
+                     help=f"{method}: {RECOVERY_METHODS[method]} (the same as `cka-prune prune --recovery-method`; "
+                          f"{DEFAULT_RECOVERY_METHOD} is the default, chosen on a validation split)")
     st.number_input("Test images for the accuracy numbers", 1, len(a.test), key="pr_eval_samples",
                     help="A fixed class-balanced sample (the same as `cka-prune prune --eval-samples N`)")
 
@@ -87,7 +93,8 @@ with right:
 def _request() -> PruneRequest:
     """The request the widgets describe (ConfigError when they describe an impossible one)."""
     ss = st.session_state
-    recovery = str(int(ss["pr_recovery_images"])) if ss["pr_recovery"] == "custom" else ss["pr_recovery"]
+    budget = str(int(ss["pr_recovery_images"])) if ss["pr_recovery"] == "custom" else ss["pr_recovery"]
+    recovery = RecoveryConfig.parse(budget, method=ss["pr_recovery_method"])  # the seed: the request's
     n_eval = int(ss["pr_eval_samples"])
     return PruneRequest(
         model=a.model, data=state.data_spec_string(a.data_spec), calibration_samples=len(a.calib),
