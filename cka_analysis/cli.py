@@ -401,10 +401,7 @@ def _open(source: str, weights: str | None, num_classes: int | None = None):
         if is_main_process():
             print(f"note: no --weights given: using {source}'s default weights {weights!r} ({choices})",
                   file=sys.stderr)
-    model = open_model(source, weights=weights, num_classes=num_classes)
-    # how to open it again (cka-prune recover reopens the original named in a pruning record)
-    object.__setattr__(model, "cka_origin", {"model": source, "weights": weights, "num_classes": num_classes})
-    return model
+    return open_model(source, weights=weights, num_classes=num_classes)  # carries cka_origin: what reopens it
 
 
 def _amp(args: argparse.Namespace):

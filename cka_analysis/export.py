@@ -228,22 +228,35 @@ def open_model(
     ``source`` is a registry name (then ``weights`` is None, a checkpoint file or a named source, see
     :func:`~cka_analysis.models.build_model`) or a directory written by :func:`save_pruned` (then ``weights`` and
     ``num_classes`` must not be given: the directory carries both).
+
+    The model carries its provenance as ``cka_origin`` (``{"model", "weights", "num_classes"}``: the arguments
+    that open it again), which a pruning record keeps (``request["origin"]``) so that ``cka-prune recover`` and
+    the dashboard can reopen the original.
     """
     p = Path(source).expanduser()
     if str(source) in available_models():
         model = build_model(str(source), num_classes=num_classes, weights=weights, allow_download=allow_download)
-        return model.to(device).eval()
+        return _with_origin(model.to(device).eval(), source, weights, num_classes)
     if p.is_dir() or p.name == MANIFEST:
         if weights is not None or num_classes is not None:
             raise ConfigError(
                 f"{source} is a saved model directory: it carries its own weights and classes; "
                 "drop --weights/--num-classes"
             )
-        return load_pruned(p, device=device)
+        return _with_origin(load_pruned(p, device=device), source, None, None)
     if "/" in str(source) or p.exists():
         raise CheckpointError(f"{source} is not a saved model directory ({MANIFEST} not found)")
     # not a registry name: build_model's error names the closest ones and lists the registry
-    return build_model(str(source), num_classes=num_classes, weights=weights, allow_download=allow_download)
+    return _with_origin(build_model(str(source), num_classes=num_classes, weights=weights,
+                                    allow_download=allow_download), source, weights, num_classes)
+
+
+def _with_origin(model: nn.Module, source: str | Path, weights: str | Path | None, num_classes: int | None
+                 ) -> nn.Module:
+    """``model`` with ``cka_origin`` set to what :func:`open_model` was given (what opens it again)."""
+    origin = {"model": str(source), "weights": None if weights is None else str(weights), "num_classes": num_classes}
+    object.__setattr__(model, "cka_origin", origin)
+    return model
 
 
 def _example(model: nn.Module, batch: int = 2) -> torch.Tensor:

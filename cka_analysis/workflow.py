@@ -233,7 +233,7 @@ class PruneRequest:
         preset = self.model.cka_preset
         out = {"model": preset.arch, "weights": preset.weights, "num_classes": preset.num_classes,
                "removed_before": removed_blocks(self.model)}
-        origin = getattr(self.model, "cka_origin", None)  # how the CLI opened it: what reopens it
+        origin = getattr(self.model, "cka_origin", None)  # set by open_model: what reopens it
         return {**out, "origin": dict(origin)} if origin else out
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from app_session import TIMEOUT, settle
 from streamlit.testing.v1 import AppTest
 from torch import nn
 
+from cka_analysis.blocks import remove_blocks, removed_blocks
 from cka_analysis.choices import (
     DASHBOARD_CALIBRATION_IMAGES,
     DEFAULT_CALIBRATION_IMAGES,
@@ -112,3 +113,17 @@ def test_the_prune_page_offers_the_recovery_method_and_the_request_uses_it() -> 
     assert not at.exception
     record = at.session_state["runs"][0]["record"]
     assert record["request"]["recovery"]["method"] == "kd" and record["recovery"]["method"] == "kd"
+
+
+def test_open_model_records_the_provenance_the_record_keeps(tmp_path) -> None:
+    """open_model — not each front end — sets cka_origin, so a library caller's record can be reopened too."""
+    from cka_analysis.export import open_model, save_pruned
+
+    model = open_model("digits_resnet", weights="demo")
+    assert model.cka_origin == {"model": "digits_resnet", "weights": "demo", "num_classes": None}
+    request = PruneRequest(model=model, data="digits", blocks=BLOCKS, recovery="none", latency=False)
+    assert request.to_dict()["origin"] == model.cka_origin
+    save_pruned(remove_blocks(model, list(BLOCKS)), tmp_path / "pruned")
+    again = open_model(tmp_path / "pruned")
+    assert again.cka_origin == {"model": str(tmp_path / "pruned"), "weights": None, "num_classes": None}
+    assert removed_blocks(open_model(again.cka_origin["model"])) == list(BLOCKS)

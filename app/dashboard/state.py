@@ -78,10 +78,8 @@ class Active:
 # ------------------------------------------------------------------------------------------------ cached loading
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _registry_model(name: str, weights: str | None, num_classes: int | None, allow_download: bool) -> nn.Module:
-    model = open_model(name, weights=weights, num_classes=num_classes, allow_download=allow_download, device="cpu")
-    # recorded in pruning records, as the CLI does: `cka-prune recover` reopens the original from it
-    object.__setattr__(model, "cka_origin", {"model": name, "weights": weights, "num_classes": num_classes})
-    return model
+    # open_model records its provenance (cka_origin) in the model: `cka-prune recover` reopens the original from it
+    return open_model(name, weights=weights, num_classes=num_classes, allow_download=allow_download, device="cpu")
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
