@@ -18,16 +18,21 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .device import eval_mode
 from .errors import BlockError, ConfigError
 
 __all__ = [
+    "ADAPTORS_ATTR",
     "Block",
+    "BlockAdaptor",
     "Topology",
+    "adaptor_slots",
     "declare_blocks",
     "find_blocks",
+    "insert_adaptors",
     "model_input_size",
     "remove_blocks",
     "removed_blocks",
@@ -407,3 +412,43 @@ def remove_blocks(
         pruned.set_submodule(n, nn.Identity())
     object.__setattr__(pruned, REMOVED_ATTR, (*removed_blocks(model), *names))
     return pruned
+
+
+# ------------------------------------------------------------------------------------------------------ adaptors
+# A removed block's slot may hold a fitted adaptor (cka_analysis.recovery fits them); inserting one is block
+# surgery, so it lives here, where export and recovery both find it.
+class BlockAdaptor(nn.Identity):
+    """A fitted stand-in for a run of removed blocks: ``relu(W x + b)`` with a 1×1 convolution.
+
+    It subclasses ``nn.Identity`` so that the block surgery keeps treating its slot as removed (it is not a
+    block that could be scored or removed again); its weights live in the state dict under the slot's name.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=True)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return F.relu(self.conv(x))
+
+
+ADAPTORS_ATTR = "cka_adaptors"
+
+
+def adaptor_slots(model: nn.Module) -> dict[str, int]:
+    """{slot name: channels} of the adaptors in ``model`` (what a saved model's manifest records)."""
+    return dict(getattr(model, ADAPTORS_ATTR, {}))
+
+
+def insert_adaptors(model: nn.Module, slots: dict[str, int]) -> nn.Module:
+    """Put identity-initialised adaptors at ``slots`` of a pruned ``model`` (in place), e.g. to rebuild a saved
+    model before loading its weights."""
+    for name, channels in slots.items():
+        if not isinstance(model.get_submodule(name), nn.Identity):
+            raise ConfigError(f"slot {name!r} is not a removed block; an adaptor can only replace one")
+        model.set_submodule(name, BlockAdaptor(int(channels)))
+    object.__setattr__(model, ADAPTORS_ATTR, {**adaptor_slots(model), **{k: int(v) for k, v in slots.items()}})
+    return model

@@ -26,11 +26,10 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .blocks import find_blocks, remove_blocks, removed_blocks
+from .blocks import adaptor_slots, find_blocks, insert_adaptors, remove_blocks, removed_blocks
 from .errors import BlockError, CheckpointError, ConfigError
 from .models import available_models, build_model
 from .models.preset import Preset, attach_preset, get_preset
-from .recovery import adaptor_slots, insert_adaptors
 
 __all__ = [
     "MANIFEST",

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from .blocks import BlockAdaptor, adaptor_slots, insert_adaptors  # re-exported: they lived here first
 from .choices import DEFAULT_RECOVERY_METHOD
 from .choices import RECOVERY_METHODS as _METHODS
 from .choices import RECOVERY_PRESETS as _PRESETS
@@ -48,8 +49,10 @@ __all__ = [
     "BlockAdaptor",
     "RecoveryConfig",
     "RecoveryResult",
+    "adaptor_slots",
     "estimate_recovery",
     "fit_adaptors",
+    "insert_adaptors",
     "recalibrate_batchnorm",
     "recover",
 ]
@@ -309,43 +312,6 @@ def recalibrate_batchnorm(model: nn.Module, data: Dataset, *, images: int = 2048
 
 
 # ----------------------------------------------------------------------------------------------------- adaptors
-class BlockAdaptor(nn.Identity):
-    """A fitted stand-in for a run of removed blocks: ``relu(W x + b)`` with a 1×1 convolution.
-
-    It subclasses ``nn.Identity`` so that the block surgery keeps treating its slot as removed (it is not a
-    block that could be scored or removed again); its weights live in the state dict under the slot's name.
-    """
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 1, bias=True)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
-            self.conv.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return F.relu(self.conv(x))
-
-
-ADAPTORS_ATTR = "cka_adaptors"
-
-
-def adaptor_slots(model: nn.Module) -> dict[str, int]:
-    """{slot name: channels} of the adaptors in ``model`` (what a saved model's manifest records)."""
-    return dict(getattr(model, ADAPTORS_ATTR, {}))
-
-
-def insert_adaptors(model: nn.Module, slots: dict[str, int]) -> nn.Module:
-    """Put identity-initialised adaptors at ``slots`` of a pruned ``model`` (in place), e.g. to rebuild a saved
-    model before loading its weights."""
-    for name, channels in slots.items():
-        if not isinstance(model.get_submodule(name), nn.Identity):
-            raise ConfigError(f"slot {name!r} is not a removed block; an adaptor can only replace one")
-        model.set_submodule(name, BlockAdaptor(int(channels)))
-    object.__setattr__(model, ADAPTORS_ATTR, {**adaptor_slots(model), **{k: int(v) for k, v in slots.items()}})
-    return model
-
-
 def _removed_runs(model: nn.Module) -> list[list[str]]:
     """Maximal runs of consecutive removed slots within one stage, in forward order."""
     from .blocks import topology

@@ -1,5 +1,7 @@
-"""One rule per setting whatever the front end (issue 21): the request's seed reaches recovery unless the
-caller's RecoveryConfig sets its own, and "recover further" goes on with the run's own recipe."""
+"""One rule, defined once, whatever the front end (issue 21): the request's seed reaches recovery unless the
+caller's RecoveryConfig sets its own; "recover further" goes on with the run's own recipe; one calibration default
+and one reading of a reduction; the recovery method on the Prune page as on the command line; provenance set
+where the model is opened; block surgery (adaptors included) in one module."""
 
 from __future__ import annotations
 
@@ -127,3 +129,15 @@ def test_open_model_records_the_provenance_the_record_keeps(tmp_path) -> None:
     again = open_model(tmp_path / "pruned")
     assert again.cka_origin == {"model": str(tmp_path / "pruned"), "weights": None, "num_classes": None}
     assert removed_blocks(open_model(again.cka_origin["model"])) == list(BLOCKS)
+
+
+def test_adaptors_are_block_surgery_and_export_does_not_need_recovery() -> None:
+    import subprocess
+    import sys
+
+    from cka_analysis import blocks, recovery
+
+    assert recovery.BlockAdaptor is blocks.BlockAdaptor and recovery.insert_adaptors is blocks.insert_adaptors
+    code = "import sys, cka_analysis.export; print('cka_analysis.recovery' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
