@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,14 +22,30 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("CKA_PRUNE_HYPOTHESIS", "cka-prune"))
 
 
+_USER_LATENCY_CACHE: str | None = None
+_TEST_LATENCY_CACHE: str | None = None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # The test models are tiny: one thread is as fast as two there, and never spins against the subprocesses
     # (CLI, torchrun, streamlit) that some tests start. CKA_PRUNE_TEST_THREADS overrides it.
     torch.set_num_threads(int(os.environ.get("CKA_PRUNE_TEST_THREADS", "1")))
-    # measured block latencies are cached per user; the tests (and the CLI they start) keep theirs private
-    import tempfile
+    # measured block latencies are cached per user; the tests (and the CLI they start) keep theirs private — also
+    # when the user has set CKA_PRUNE_LATENCY_CACHE (the tests must neither read nor fill a real cache) — in a
+    # temporary folder removed when the session ends
+    global _USER_LATENCY_CACHE, _TEST_LATENCY_CACHE
+    _USER_LATENCY_CACHE = os.environ.get("CKA_PRUNE_LATENCY_CACHE")
+    _TEST_LATENCY_CACHE = tempfile.mkdtemp(prefix="cka-prune-test-latency-")
+    os.environ["CKA_PRUNE_LATENCY_CACHE"] = _TEST_LATENCY_CACHE
 
-    os.environ.setdefault("CKA_PRUNE_LATENCY_CACHE", tempfile.mkdtemp(prefix="cka-prune-test-latency-"))
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _TEST_LATENCY_CACHE is not None:
+        shutil.rmtree(_TEST_LATENCY_CACHE, ignore_errors=True)
+        if _USER_LATENCY_CACHE is None:
+            os.environ.pop("CKA_PRUNE_LATENCY_CACHE", None)
+        else:
+            os.environ["CKA_PRUNE_LATENCY_CACHE"] = _USER_LATENCY_CACHE
 
 
 @pytest.fixture(scope="session")

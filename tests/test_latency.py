@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -308,7 +309,9 @@ def test_prune_run_with_latency_target_records_predicted_and_measured(demo, tmp_
     assert lat["predicted"] == pytest.approx(predict_latency(costs, outcome.record.removed))
     assert lat["predicted_reduction"] >= 0.3 - 1e-9
     assert lat["error"] == pytest.approx(lat["measured_reduction"] - lat["predicted_reduction"])
-    assert 0 < lat["measured_reduction"] < 1
+    # measured: its sign is a timing (a loaded machine can make the smaller model slower), so only the bound that
+    # holds for any timing is checked; the prediction is what the run is about
+    assert math.isfinite(lat["measured_reduction"]) and lat["measured_reduction"] < 1
     assert (lat["batch_size"], lat["quantile"]) == (1, 0.5)
     report = json.loads(json.dumps(outcome.record.to_dict()))
     assert report["target"] == {"kind": "latency", "value": 0.3}
@@ -385,3 +388,24 @@ def test_dashboard_prunes_to_a_latency_target(tmp_path, monkeypatch):
     record = at.session_state["runs"][-1]["record"]
     assert record["target"] == {"kind": "latency", "value": 0.25}
     assert record["latency_ms"]["predicted_reduction"] >= 0.25 - 1e-9
+
+
+def test_the_suite_keeps_its_latency_cache_private_and_removes_it(tmp_path):
+    """A user's CKA_PRUNE_LATENCY_CACHE is neither read nor filled by the tests: the suite's conftest points it at
+    a temporary folder for the session and removes that folder at the end."""
+    import os
+    import subprocess
+    import sys
+
+    user = tmp_path / "user-cache"
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import os\n\ndef test_probe():\n    print('CACHE=' + os.environ['CKA_PRUNE_LATENCY_CACHE'])\n")
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "CKA_PRUNE_LATENCY_CACHE": str(user),
+           "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-s", "-q",
+                          str(probe)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    used = Path(next(line for line in out.stdout.splitlines() if "CACHE=" in line).split("CACHE=", 1)[1])
+    assert used != user and used.name.startswith("cka-prune-test-latency-")
+    assert not used.exists() and not user.exists()

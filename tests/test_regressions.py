@@ -39,7 +39,8 @@ ON_CPU = ScoringOptions(device="cpu")
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    # always (not only when unset): a user's OMP_NUM_THREADS=16 would change the timing the kill tests rely on
+    env["OMP_NUM_THREADS"] = os.environ.get("CKA_PRUNE_TEST_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -131,10 +131,19 @@ class JobQueue:
         self._waiting: list[Job] = []
         self._running: list[Job] = []
 
-    def enter(self, job: Job) -> bool:
-        """Wait for a slot; True when ``job`` may run now, False when it was cancelled while waiting."""
+    def add(self, job: Job) -> None:
+        """Put ``job`` at the end of the waiting line (``submit`` does, before its thread starts: the job's
+        place is taken in submission order and its position is known as soon as ``submit`` returns)."""
         with self._cond:
-            self._waiting.append(job)
+            if job not in self._waiting:
+                self._waiting.append(job)
+
+    def enter(self, job: Job) -> bool:
+        """Wait for a slot (joining the line unless :meth:`add` put ``job`` there); True when ``job`` may run
+        now, False when it was cancelled while waiting."""
+        with self._cond:
+            if job not in self._waiting:
+                self._waiting.append(job)
             try:
                 while not (self._waiting[0] is job and len(self._running) < self.slots):
                     if job.token.cancelled:
@@ -218,7 +227,9 @@ def submit(name: str, key: Any, label: str, fn: Callable[..., Any], *args: Any, 
     touch the session state (:func:`start` does): scripts and tests use it directly.
     """
     job = Job(name=name, key=key, label=label, estimate=estimate)
-    thread = threading.Thread(target=_run, args=(job, fn, args, kwargs, queue or QUEUE), name=f"cka-prune-{name}",
+    queue = queue or QUEUE
+    queue.add(job)  # in line now, in submission order: the page that submitted it can show its position at once
+    thread = threading.Thread(target=_run, args=(job, fn, args, kwargs, queue), name=f"cka-prune-{name}",
                               daemon=True)
     if get_script_run_ctx(suppress_warning=True) is not None:
         add_script_run_ctx(thread)  # lets st.cache_data inside fn use this session's runtime
