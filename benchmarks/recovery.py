@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Subset
 
 from benchmarks.common import env_info, log, results_dir
+from cka_analysis.data import VALIDATION_IMAGES
 
 DATA = "imagefolder:{root}/cifar10-jpeg"
-VALIDATION = 5_000
-VALIDATION_SEED = 123
+VALIDATION = VALIDATION_IMAGES  # held-out training images of the validation rows (the library's split)
 
 
 # ------------------------------------------------------------------------------------------------------ rows
@@ -272,67 +271,78 @@ def _progress(tag: str):
 
 
 # ---------------------------------------------------------------------------------------------- method rows
+#: How the validation rows are produced, recorded in each row as ``code_path``. Rows without it (every
+#: ``methods-*``, ``recipe-*`` and ``tune-*`` row committed before this field) ran the earlier hand-written path:
+#: prune once per target, then ``recover`` and ``evaluate`` called directly on the same 45,000/5,000 split
+#: (:func:`cka_analysis.data.validation_indices`), the same 500 calibration images and the same pruned model.
+METHOD_CODE_PATH = "run_prune"
+
+
 @lru_cache(maxsize=1)
-def _method_data() -> dict[str, Any]:
-    """The unpruned model and the train/validation split every method row shares (decoded once per process)."""
+def _validation_data() -> Any:
+    """The splits of every validation row (decoded once per process): what ``run_prune`` loads for a request
+    with ``eval_split="validation"`` — recovery and calibration on 45,000 training images, accuracies on the
+    5,000 held out."""
     from cka_analysis.config import shared_data_dir
-    from cka_analysis.data import load_dataset
     from cka_analysis.models import build_model
+    from cka_analysis.workflow import PruneData, PruneRequest
 
-    teacher = build_model("cifar_resnet56", weights="cifar10jpeg").eval()
-    spec = DATA.format(root=shared_data_dir())
-    aug = load_dataset(spec, "train", teacher.cka_preset, augment=True, in_memory=True)
-    plain = load_dataset(spec, "train", teacher.cka_preset, in_memory=True)
-    order = torch.randperm(len(plain), generator=torch.Generator().manual_seed(VALIDATION_SEED)).tolist()
-    train_idx = order[VALIDATION:]
-    return {"teacher": teacher, "plain": plain, "train_idx": train_idx, "train": Subset(aug, train_idx),
-            "val": Subset(plain, order[:VALIDATION])}
+    request = PruneRequest(model="cifar_resnet56", weights="cifar10jpeg", data=DATA.format(root=shared_data_dir()),
+                           target="macs:50%", eval_split="validation")
+    preset = build_model("cifar_resnet56", weights="random").cka_preset
+    return PruneData().filled(request, preset, recovery=True)
 
 
-def _method_setup(device: str, target: str = "macs:50%", criterion: str = "cka") -> dict[str, Any]:
-    """The fixed pruned model (``criterion`` one-shot at ``target``) and the train/validation split every method
-    row at that target shares."""
-    from cka_analysis.data import calibration_subset
-    from cka_analysis.pruning import ScoringOptions, prune
+def method_request(spec: dict[str, Any], device: str) -> Any:
+    """The :class:`~cka_analysis.workflow.PruneRequest` of a validation row: ResNet-56 ``cifar10jpeg``, one-shot
+    ``criterion`` (CKA) at ``target`` (−50 % MACs) on 500 calibration images, the row's recovery recipe, and
+    accuracies on the validation split."""
+    from cka_analysis.config import shared_data_dir
+    from cka_analysis.recovery import RecoveryConfig
+    from cka_analysis.workflow import PruneRequest
 
-    data = _method_data()
-    calib = calibration_subset(Subset(data["plain"], data["train_idx"]), 500, seed=0)
-    pruned = prune(data["teacher"], calib, target=target, criterion=criterion,
-                   scoring=ScoringOptions(device=device)).model
-    return {"teacher": data["teacher"], "pruned": pruned, "train": data["train"], "val": data["val"]}
-
-
-def run_method_row(spec: dict[str, Any], setup: dict[str, Any], device: str) -> dict[str, Any]:
-    import copy
-
-    from cka_analysis.data import make_loader
-    from cka_analysis.metrics import count_macs, count_params, evaluate
-    from cka_analysis.recovery import RecoveryConfig, recover
-
-    teacher, student = setup["teacher"], copy.deepcopy(setup["pruned"])
-    size = teacher.cka_preset.input_size
-    loader = make_loader(setup["val"], batch_size=500)
-    base_val = evaluate(teacher, loader, device=device).top1
-    removed_val = evaluate(student, loader, device=device).top1
     cfg = RecoveryConfig.parse(spec["recovery"], method=spec["method"], amp=spec.get("amp", "auto"),
                                **spec.get("recipe", {}))
-    res = recover(student, setup["train"], cfg, teacher=teacher, eval_data=setup["val"], eval_points=4,
-                  device=device, progress=_progress(spec["id"]))
-    base_macs = count_macs(teacher, size)
-    return {**spec, "val_acc": res.accuracy, "val_base_acc": base_val, "val_acc_removed": removed_val,
-            "images_seen": res.images_seen, "budget": cfg.images, "steps": res.steps, "seconds": res.seconds,
-            "macs_reduction": 1 - count_macs(student, size) / base_macs,
-            "params_reduction": 1 - count_params(student) / count_params(teacher),
-            "adaptors": res.adaptors, "history": res.history, "recipe": cfg.to_dict(),
-            "validation_images": VALIDATION}
+    return PruneRequest(model="cifar_resnet56", weights="cifar10jpeg", data=DATA.format(root=shared_data_dir()),
+                        criterion=spec.get("criterion", "cka"), target=spec.get("target", "macs:50%"),
+                        calibration_samples=500, recovery=cfg, eval_split="validation", seed=0, device=device,
+                        latency=False)
+
+
+def run_method_row(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """One validation row through :func:`~cka_analysis.workflow.run_prune` (the CLI's and the dashboard's code
+    path) with ``eval_split="validation"``."""
+    from cka_analysis.workflow import run_prune
+
+    request = method_request(spec, device)
+    rec = run_prune(request, data=_validation_data(), progress=_progress(spec["id"])).record
+    recovery = rec.recovery or {}
+    return {**spec, "val_acc": rec.final.accuracy, "val_base_acc": rec.base.accuracy,
+            "val_acc_removed": rec.after_removal.accuracy, "images_seen": rec.images_seen,
+            "budget": request.recovery.images, "steps": recovery.get("steps", 0),
+            "seconds": recovery.get("seconds", 0.0), "macs_reduction": rec.macs_reduction,
+            "params_reduction": rec.params_reduction, "adaptors": recovery.get("adaptors", []),
+            "history": recovery.get("history", []), "recipe": request.recovery.to_dict(),
+            "validation_images": VALIDATION, "removed": rec.removed, "code_path": METHOD_CODE_PATH}
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def write_report() -> Path:
-    """``results/recovery.md`` (tables + plain words) and ``results/recovery_curve.png/.html``."""
-    from benchmarks.recovery_report import write
+#: The estimate's reference curve, inside the package so that an installed library finds it; written from the
+#: committed rows only (never from a ``$CKA_BENCH_RESULTS`` trial run).
+REFERENCE_CURVE = Path(__file__).resolve().parents[1] / "cka_analysis" / "data_files" / "reference_curve.json"
 
-    return write(load_results(), results_dir())
+
+def write_report() -> Path:
+    """``results/recovery.md`` (tables + plain words), ``results/recovery_curve.png/.html`` and, from the
+    committed results, the estimate's reference curve (:data:`REFERENCE_CURVE`)."""
+    from benchmarks.common import RESULTS_DIR
+    from benchmarks.recovery_report import reference_curves, write
+
+    data = load_results()
+    if results_dir() == RESULTS_DIR:
+        REFERENCE_CURVE.parent.mkdir(parents=True, exist_ok=True)
+        REFERENCE_CURVE.write_text(json.dumps(reference_curves(data["rows"]), indent=1) + "\n")
+    return write(data, results_dir())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,7 +382,6 @@ def main(argv: list[str] | None = None) -> int:
             print(("done  " if r["id"] in done else "todo  ") + r["id"])
         return 0
     if not args.write:
-        setups: dict[tuple[str, str], dict[str, Any]] = {}
         for spec in todo:
             if args.until is not None and time.time() > args.until:
                 log("--until reached: no new rows")
@@ -383,9 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {**spec, "recovery": str(args.budget)}
             log(f"row {spec['id']}")
             if spec["id"].startswith(("methods-", "recipe-", "tune-")):
-                key = (spec.get("target", "macs:50%"), spec.get("criterion", "cka"))
-                setups[key] = setups.get(key) or _method_setup(args.device, *key)
-                row = run_method_row(spec, setups[key], args.device)
+                row = run_method_row(spec, args.device)
             else:
                 row = run_report_row(spec, args.device)
             row["env"] = env_info(args.device)

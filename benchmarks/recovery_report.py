@@ -346,6 +346,49 @@ def recipe_name(r: dict[str, Any]) -> str:
     return "cosine" if (r.get("recipe") or {}).get("feature_schedule") == "cosine" else "blocks"
 
 
+#: The recipe fields a reference curve is keyed by (the rest of the recipe at the library's defaults); the stored
+#: test rows before the ``recipe`` field mimicked at each stage's output with weight 1, constant.
+CURVE_FIELDS = ("mimic", "feature_weight", "feature_schedule")
+_FIRST_RECIPE = {"mimic": "stages", "feature_weight": 1.0, "feature_schedule": "constant"}
+
+
+def reference_curves(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The estimate's reference (``cka_analysis.recovery.REFERENCE_DROP_PP``) from the test rows: top-1 points
+    below the unpruned model after recovery, by budget, for ResNet-56 CKA one-shot, per measured MACs reduction and
+    recipe (feature mimicking keyed by ``CURVE_FIELDS``, the rest of the recipe at its defaults); the mean where a
+    row was repeated over seeds. A budget of 0 (no recovery: the accuracy right after removal, seed 0) holds for
+    every recipe at that reduction."""
+    keep = [r for r in rows if not _is_validation_row(r) and r.get("arch") == "resnet56" and r.get("criterion") == "cka"
+            and not r.get("iterative") and r.get("acc") is not None and r.get("method") in (None, "feature")
+            and set(r.get("recipe") or {}) <= set(CURVE_FIELDS)]
+    drops: dict[tuple[float, tuple], dict[int, list[float]]] = {}
+    removed: dict[float, list[float]] = {}
+    ids: dict[tuple[float, tuple], list[str]] = {}
+    for r in keep:
+        reduction = round(r["macs_reduction"], 3)
+        recipe = {**_FIRST_RECIPE, **(r.get("recipe") or {})}
+        key = (reduction, ("feature", *(recipe[f] for f in CURVE_FIELDS)))
+        if r.get("seed") == 0:  # other seeds calibrate on other images, and may remove other blocks
+            removed.setdefault(reduction, []).append(r["base_acc"] - r["acc_removed"])
+        if r["budget"] > 0:
+            drops.setdefault(key, {}).setdefault(r["budget"], []).append(r["base_acc"] - r["acc"])
+            ids.setdefault(key, []).append(r["id"])
+    curves = []
+    for (reduction, recipe), by_budget in sorted(drops.items()):
+        curve = {0: statistics.mean(removed[reduction]),
+                 **{b: statistics.mean(v) for b, v in sorted(by_budget.items())}}
+        curves.append({"macs_reduction": reduction, "method": recipe[0],
+                       **dict(zip(CURVE_FIELDS, recipe[1:], strict=True)),
+                       "drop_pp": {str(b): round(v, 2) for b, v in curve.items()}, "rows": sorted(ids[(reduction, recipe)])})
+    base = next((r["base_acc"] for r in keep), None)
+    return {"format": "cka-prune-reference-curve/1",
+            "what": "top-1 points below the unpruned model after recovery, by budget (training images)",
+            "model": "cifar_resnet56 cifar10jpeg (89.51 % top-1), CKA one-shot, all 10,000 test images"
+            if base is None else f"cifar_resnet56 cifar10jpeg ({base:.2f} % top-1), CKA one-shot, all 10,000 test "
+            "images", "source": "benchmarks/results/recovery.json (python -m benchmarks.recovery --stage report)",
+            "curves": curves}
+
+
 def _readme_rows(rows: list[dict[str, Any]], recipe: str) -> list[dict[str, Any]]:
     return sorted((r for r in rows if not _is_validation_row(r) and r.get("acc") is not None
                    and recipe_name(r) == recipe and r.get("method") in (None, "feature")),

@@ -23,6 +23,7 @@ recorded beside it. Presets: :data:`RECOVERY_PRESETS`.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections.abc import Callable
@@ -669,17 +670,31 @@ def estimate_recovery(config: RecoveryConfig | str | int, model: nn.Module, teac
             "reference_drop_pp": ref, "reference": reference_note(found[0]) if ref is not None else None}
 
 
+#: Where the reference curves live: written by ``python -m benchmarks.recovery --stage report`` from its test rows
+#: (``benchmarks/results/recovery.json``), shipped inside the package.
+REFERENCE_CURVE_FILE = Path(__file__).resolve().parent / "data_files" / "reference_curve.json"
+
+
+def load_reference_curves(path: str | Path = REFERENCE_CURVE_FILE
+                          ) -> dict[float, dict[tuple[str, str, float, str], dict[int, float]]]:
+    """{MACs reduction: {(method, mimic, feature weight, schedule): {budget: drop in top-1 points}}} from the file
+    the recovery benchmark writes (empty when it is missing: the estimate then quotes no reference)."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    out: dict[float, dict[tuple[str, str, float, str], dict[int, float]]] = {}
+    for c in json.loads(p.read_text())["curves"]:
+        key = (c["method"], c["mimic"], float(c["feature_weight"]), c["feature_schedule"])
+        out.setdefault(float(c["macs_reduction"]), {})[key] = {int(b): float(v) for b, v in c["drop_pp"].items()}
+    return out
+
+
 #: Measured with ``benchmarks/recovery.py`` (ResNet-56 ``cifar10jpeg``, CKA one-shot, all 10,000 test images):
 #: top-1 points below the unpruned model (89.51 %) after recovery, by budget, at each MACs reduction measured, for
 #: each recipe measured there (keyed by method, where features are mimicked, the feature weight and its schedule; the
-#: rest of the recipe at its defaults). Where a row was repeated over seeds, the mean.
-REFERENCE_DROP_PP: dict[float, dict[tuple[str, str, float, str], dict[int, float]]] = {
-    0.526: {("feature", "stages", 1.0, "constant"): {0: 69.68, 6_250: 7.91, 25_000: 3.37, 75_000: 1.84,
-                                                     250_000: 0.66},
-            ("feature", "blocks", 10.0, "constant"): {0: 69.68, 6_250: 3.81, 25_000: 1.41, 250_000: 0.89},
-            ("feature", "blocks", 10.0, "cosine"): {0: 69.68, 25_000: 1.51, 250_000: 0.70}},  # standard: 3 seeds
-    0.752: {("feature", "blocks", 10.0, "cosine"): {0: 75.64, 25_000: 8.75, 250_000: 3.27}},  # standard: 3 seeds
-}
+#: rest of the recipe at its defaults). Where a row was repeated over seeds, the mean. Read from
+#: :data:`REFERENCE_CURVE_FILE`, which the benchmark writes — never typed in by hand.
+REFERENCE_DROP_PP: dict[float, dict[tuple[str, str, float, str], dict[int, float]]] = load_reference_curves()
 REFERENCE_MACS_REDUCTION = 0.526  # what an estimate quotes when the request's MACs reduction is not known
 
 

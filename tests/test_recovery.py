@@ -334,5 +334,27 @@ def test_reference_drop_quotes_the_nearest_measured_compression() -> None:
     assert _reference_drop(std) == _reference_drop(std, 0.5) == _reference_drop(std, 0.6) == half
     assert _reference_drop(std, 0.7) == _reference_drop(std, 0.9) == deep > half
     # a recipe measured at −52.6 % only is quoted from there, whatever the request
-    stages = RecoveryConfig.parse("standard", mimic="stages", feature_weight=1.0, feature_schedule="constant")
-    assert _reference_drop(stages, 0.75) == REFERENCE_DROP_PP[0.526][("feature", "stages", 1.0, "constant")][250_000]
+    constant = RecoveryConfig.parse("standard", mimic="blocks", feature_weight=10.0, feature_schedule="constant")
+    assert 0.752 not in REFERENCE_DROP_PP or ("feature", "blocks", 10.0, "constant") not in REFERENCE_DROP_PP[0.752]
+    assert _reference_drop(constant, 0.75) == \
+        REFERENCE_DROP_PP[0.526][("feature", "blocks", 10.0, "constant")][250_000]
+
+
+def test_reference_curves_are_the_benchmarks_rows() -> None:
+    """The estimate's reference is what the recovery benchmark wrote from its rows (not typed into the code):
+    rebuilding it from the committed rows gives the shipped file, and the library reads that file."""
+    import json
+
+    from benchmarks.recovery import REFERENCE_CURVE, load_results
+    from benchmarks.recovery_report import reference_curves
+    from cka_analysis.recovery import REFERENCE_CURVE_FILE, REFERENCE_DROP_PP, load_reference_curves
+
+    assert REFERENCE_CURVE == REFERENCE_CURVE_FILE
+    shipped = json.loads(REFERENCE_CURVE_FILE.read_text())
+    assert shipped == json.loads(json.dumps(reference_curves(load_results()["rows"])))
+    assert load_reference_curves() == REFERENCE_DROP_PP
+    rows = {r["id"]: r for r in load_results()["rows"]}
+    std = rows["resnet56-cka-macs50-standard-s0"]  # the first default recipe at −52.6 %, standard, one seed
+    stages = REFERENCE_DROP_PP[0.526][("feature", "stages", 1.0, "constant")]
+    assert stages[250_000] == round(std["base_acc"] - std["acc"], 2) and stages[0] == round(
+        std["base_acc"] - std["acc_removed"], 2)

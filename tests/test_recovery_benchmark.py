@@ -47,3 +47,28 @@ def test_a_trial_budget_needs_a_results_folder_of_its_own(monkeypatch: pytest.Mo
     with pytest.raises(SystemExit):
         bench.main(["--budget", "512", "--rows", "tune-cosine-macs50-standard"])
     assert "CKA_BENCH_RESULTS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("row_id", ["methods-kd-quick-bf16", "recipe-feature-lr0.01-bs64-a0.5-blocks-fw10-cosine",
+                                    "tune-cosine-lr0.02-macs75-standard", "tune-cosine-block_influence-macs75-standard"])
+def test_validation_rows_are_requests_on_the_validation_split(row_id: str) -> None:
+    """The methods/recipe/tune rows are PruneRequests (run by run_prune, as the CLI runs them): accuracies on the
+    library's validation split, 500 calibration images, the row's recipe, criterion and target."""
+    spec = next(r for r in bench.METHOD_ROWS + bench.RECIPE_ROWS + bench.TUNE_ROWS if r["id"] == row_id)
+    request = bench.method_request(spec, "cpu")
+    assert request.eval_split == "validation" and request.calibration_samples == 500 and request.seed == 0
+    assert request.recovery.method == spec["method"] and request.recovery.amp == spec["amp"]
+    assert all(getattr(request.recovery, k) == v for k, v in spec.get("recipe", {}).items())
+    assert request.criterion == spec.get("criterion", "cka")
+    assert request.target.value == float(spec.get("target", "macs:50%").split(":")[1].rstrip("%")) / 100
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_a_validation_row_runs_end_to_end(shared_data, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("CKA_BENCH_RESULTS", str(tmp_path))
+    spec = {**bench.METHOD_ROWS[0], "recovery": "2100"}  # bn: batch-norm re-estimation on 2,048 images
+    row = bench.run_method_row(spec, "cpu")
+    assert row["code_path"] == "run_prune" and row["validation_images"] == 5_000
+    assert row["images_seen"] == 2_048 and row["val_acc"] > row["val_acc_removed"]
+    assert 0.5 < row["macs_reduction"] < 0.55
