@@ -245,7 +245,7 @@ def run_report_row(spec: dict[str, Any], device: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     outcome = run_prune(request, progress=_progress(spec["id"]))
     rec = outcome.record
-    recovery = rec.recovery or {}
+    recovery = rec.recovery.to_dict() if rec.recovery is not None else {}
     bn_acc = next((h["eval_top1"] for h in recovery.get("history", []) if h.get("step") == 0
                    and "eval_top1" in h), None)
     return {
@@ -254,7 +254,8 @@ def run_report_row(spec: dict[str, Any], device: str) -> dict[str, Any]:
         "method": request.recovery.method, "macs_reduction": rec.macs_reduction,
         "params_reduction": rec.params_reduction, "blocks_removed": len(rec.removed), "removed": rec.removed,
         "adaptors": recovery.get("adaptors", []), "recovery_seconds": recovery.get("seconds"),
-        "seconds": time.perf_counter() - t0, "latency_ms": rec.latency_ms, "test_images": 10_000,
+        "seconds": time.perf_counter() - t0,
+        "latency_ms": None if rec.latency_ms is None else rec.latency_ms.to_dict(), "test_images": 10_000,
     }
 
 
@@ -316,7 +317,7 @@ def run_method_row(spec: dict[str, Any], device: str) -> dict[str, Any]:
 
     request = method_request(spec, device)
     rec = run_prune(request, data=_validation_data(), progress=_progress(spec["id"])).record
-    recovery = rec.recovery or {}
+    recovery = rec.recovery.to_dict() if rec.recovery is not None else {}
     return {**spec, "val_acc": rec.final.accuracy, "val_base_acc": rec.base.accuracy,
             "val_acc_removed": rec.after_removal.accuracy, "images_seen": rec.images_seen,
             "budget": request.recovery.images, "steps": recovery.get("steps", 0),

@@ -32,6 +32,7 @@ from .blocks import Block, find_blocks, remove_blocks
 from .choices import parse_reduction
 from .errors import Cancelled, CheckpointError, ConfigError, TargetError
 from .progress import CancelToken, ProgressFn, check_cancel, no_progress
+from .records import RecoveryRecord
 from .scoring import Scores, ScoringOptions, score_blocks
 
 __all__ = [
@@ -103,6 +104,11 @@ class Target:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "value": int(self.value) if self.kind == "blocks" else self.value}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Target:
+        """The target :meth:`to_dict` wrote (``{"kind", "value"}``)."""
+        return cls(str(d["kind"]), d["value"])
 
 
 @dataclass
@@ -257,7 +263,8 @@ def check_reachable(
 class PruneStep:
     """One step of a pruning run: what was removed and the state of the model after it (step 0 = unpruned).
 
-    ``recovery`` is the record of the recovery (fine-tuning) run after this step's removal, when there was one.
+    ``recovery`` is the :class:`~cka_analysis.records.RecoveryRecord` of the recovery run after this step's removal,
+    when there was one.
     """
 
     step: int
@@ -266,15 +273,19 @@ class PruneStep:
     params: int
     accuracy: float | None = None
     scores: dict[str, float] | None = None
-    recovery: dict[str, Any] | None = None
+    recovery: RecoveryRecord | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"step": self.step, "removed": list(self.removed), "macs": self.macs, "params": self.params,
+                "accuracy": self.accuracy, "scores": None if self.scores is None else dict(self.scores),
+                "recovery": None if self.recovery is None else self.recovery.to_dict(), "seconds": self.seconds}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PruneStep:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        if isinstance(known.get("recovery"), Mapping):
+            known["recovery"] = RecoveryRecord.from_dict(known["recovery"])
         return cls(**known)
 
 
@@ -434,7 +445,7 @@ class PruneHooks:
 
     evaluate: Callable[[nn.Module], float | None] | None = None
     evaluate_steps: bool = True
-    after_removal: Callable[[nn.Module, int], dict[str, Any] | None] | None = None
+    after_removal: Callable[[nn.Module, int], RecoveryRecord | None] | None = None
     store: ResumeStore | None = None
     block_costs: Mapping[str, float] | None = None
     base_latency: float | None = None
@@ -537,7 +548,7 @@ def _iterative(run: _Run, model: nn.Module, result: PruneResult, target: Target)
         record.seconds = time.perf_counter() - t0
         if run.hooks.store is not None:
             run.hooks.store.save_iterative(current, result)
-        if record.recovery and record.recovery.get("cancelled"):
+        if record.recovery is not None and record.recovery.cancelled:
             raise Cancelled("pruning was cancelled during a recovery step")
 
 

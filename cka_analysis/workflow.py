@@ -40,6 +40,7 @@ from .pruning import (
     check_reachable,
     prune,
 )
+from .records import LatencyRecord, RecoveryRecord
 
 if TYPE_CHECKING:
     from .recovery import RecoveryConfig
@@ -263,7 +264,7 @@ class PruneRequest:
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         if kw.get("target") is not None and isinstance(kw["target"], Mapping):
-            kw["target"] = Target(kw["target"]["kind"], kw["target"]["value"])
+            kw["target"] = Target.from_dict(kw["target"])
         if kw.get("blocks") is not None:
             kw["blocks"] = tuple(kw["blocks"])
         if isinstance(kw.get("recovery"), Mapping):
@@ -306,16 +307,15 @@ class PruneRecord:
 
     Attributes:
         request: the request's :meth:`PruneRequest.to_dict`.
-        arch, criterion (None: blocks by hand), iterative, target (``{"kind", "value"}`` or None).
+        arch, criterion (None: blocks by hand), iterative, target (a :class:`~cka_analysis.pruning.Target` or None).
         removed: the blocks removed, in order. steps: :class:`~cka_analysis.pruning.PruneStep` per removal
             (step 0 = unpruned; per-step recovery records in ``steps[i].recovery``).
         base, after_removal, final: the unpruned model, the pruned one before the final recovery, and the result.
-        recovery: the final recovery's record (config, images seen, history, ...), None when there was none.
+        recovery: the final recovery's :class:`~cka_analysis.records.RecoveryRecord` (config, images seen,
+            history, ...; ``further``: extra recoveries from :func:`recover_further`), None when there was none.
         images_seen: training images drawn by all recoveries together (≤ the recovery budget).
-        latency_ms: ``{"base", "pruned", "batch_size", "device"}`` (median ms), None when not measured; for a
-            latency target also the predicted values (``predicted``, ``predicted_reduction``, ``measured_reduction``,
-            ``error`` = measured − predicted reduction, ``relative_error``, ``quantile`` from
-            :func:`cka_analysis.latency.check_prediction`).
+        latency_ms: a :class:`~cka_analysis.records.LatencyRecord` (median ms of the unpruned and pruned model, and
+            for a latency target the prediction and its error), None when not measured.
         robustness: optional robustness results added by the caller.
         cancelled: the run was cancelled; what it finished is kept. seconds: wall time of the run.
     """
@@ -324,15 +324,15 @@ class PruneRecord:
     arch: str
     criterion: str | None
     iterative: bool
-    target: dict[str, Any] | None
+    target: Target | None
     removed: list[str]
     steps: list[PruneStep]
     base: Measurement
     after_removal: Measurement
     final: Measurement
-    recovery: dict[str, Any] | None = None
+    recovery: RecoveryRecord | None = None
     images_seen: int = 0
-    latency_ms: dict[str, Any] | None = None
+    latency_ms: LatencyRecord | None = None
     robustness: dict[str, Any] | None = None
     cancelled: bool = False
     seconds: float = 0.0
@@ -348,12 +348,14 @@ class PruneRecord:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": RECORD_FORMAT, "request": self.request, "arch": self.arch, "criterion": self.criterion,
-            "iterative": self.iterative, "target": self.target, "removed": list(self.removed),
+            "iterative": self.iterative, "target": None if self.target is None else self.target.to_dict(),
+            "removed": list(self.removed),
             "steps": [s.to_dict() for s in self.steps], "base": self.base.to_dict(),
             "after_removal": self.after_removal.to_dict(),
             "final": {**self.final.to_dict(), "macs_reduction": self.macs_reduction,
                       "params_reduction": self.params_reduction, "removed": list(self.removed)},
-            "recovery": self.recovery, "images_seen": self.images_seen, "latency_ms": self.latency_ms,
+            "recovery": None if self.recovery is None else self.recovery.to_dict(), "images_seen": self.images_seen,
+            "latency_ms": None if self.latency_ms is None else self.latency_ms.to_dict(),
             "robustness": self.robustness, "cancelled": self.cancelled, "seconds": self.seconds,
         }
 
@@ -364,10 +366,13 @@ class PruneRecord:
             raise ConfigError(f"not a pruning record (format {d.get('format')!r}, expected {RECORD_FORMAT!r})")
         return cls(
             request=dict(d["request"]), arch=d["arch"], criterion=d["criterion"], iterative=bool(d["iterative"]),
-            target=d["target"], removed=list(d["removed"]), steps=[PruneStep.from_dict(s) for s in d["steps"]],
+            target=None if d["target"] is None else Target.from_dict(d["target"]), removed=list(d["removed"]),
+            steps=[PruneStep.from_dict(s) for s in d["steps"]],
             base=Measurement.from_dict(d["base"]), after_removal=Measurement.from_dict(d["after_removal"]),
-            final=Measurement.from_dict(d["final"]), recovery=d.get("recovery"),
-            images_seen=int(d.get("images_seen", 0)), latency_ms=d.get("latency_ms"),
+            final=Measurement.from_dict(d["final"]),
+            recovery=None if d.get("recovery") is None else RecoveryRecord.from_dict(d["recovery"]),
+            images_seen=int(d.get("images_seen", 0)),
+            latency_ms=None if d.get("latency_ms") is None else LatencyRecord.from_dict(d["latency_ms"]),
             robustness=d.get("robustness"), cancelled=bool(d.get("cancelled")), seconds=float(d.get("seconds", 0)),
         )
 
@@ -378,24 +383,24 @@ class PruneRecord:
             f"{self.criterion} {'iterative' if self.iterative else 'one-shot'}"
         if self.target is None:
             return f"{how}, {len(self.removed)} chosen block(s)"
-        return f"{how}, {Target(self.target['kind'], self.target['value']).describe()}"
+        return f"{how}, {self.target.describe()}"
 
     def recovery_name(self) -> str:
         """The recovery asked for, in words (``quick``, ``12,000 images``, ``none``)."""
         cfg = self.request.get("recovery") or {}
         name = (cfg.get("name") or f"{cfg['images']:,} images") if cfg.get("images") else "none"
-        further = [f.get("config", {}) for f in (self.recovery or {}).get("further", [])]
-        return name + "".join(f" + {f.get('name') or format(f.get('images', 0), ',') + ' images'}" for f in further)
+        further = [] if self.recovery is None else [f.config for f in self.recovery.further]
+        return name + "".join(f" + {f.name or format(f.images, ',') + ' images'}" for f in further)
 
     def summary(self) -> str:
         """The plain-text table the CLI prints: accuracy, MACs, parameters and latency before and after."""
         def acc(v: float | None) -> str:
             return "-" if v is None else f"{v:.2f} %"
 
-        lat = self.latency_ms or {}
+        lat = self.latency_ms
 
         def ms(key: str) -> str:
-            return f"{lat[key]:.2f} ms" if lat.get(key) is not None else "-"
+            return "-" if lat is None else f"{getattr(lat, key):.2f} ms"
 
         rows = [("original", self.base, ms("base")), ("removed", self.after_removal, ""),
                 ("pruned", self.final, ms("pruned"))]
@@ -406,10 +411,9 @@ class PruneRecord:
         lines.append(f"MACs −{100 * self.macs_reduction:.1f} %, parameters −{100 * self.params_reduction:.1f} %; "
                      f"recovery {self.recovery_name()}: {self.images_seen:,} training images"
                      + (" (cancelled: what finished was kept)" if self.cancelled else ""))
-        if lat.get("predicted_reduction") is not None:
-            lines.append(f"latency −{100 * lat['measured_reduction']:.1f} % measured at batch {lat['batch_size']} "
-                         f"(predicted −{100 * lat['predicted_reduction']:.1f} %, error "
-                         f"{100 * lat['error']:+.1f} points)")
+        if lat is not None and lat.predicted_reduction is not None:
+            lines.append(f"latency −{100 * lat.measured_reduction:.1f} % measured at batch {lat.batch_size} "
+                         f"(predicted −{100 * lat.predicted_reduction:.1f} %, error {100 * lat.error:+.1f} points)")
         return "\n".join(lines)
 
     def markdown(self) -> str:
@@ -615,7 +619,7 @@ class _Runner:
         token = self.cancel if cancellable and not (self.cancel and self.cancel.cancelled) else None
         return evaluate(model, self.test_loader, device=self.device, amp=self.amp, cancel=token).top1
 
-    def recover(self, model: nn.Module, config: RecoveryConfig, *, final: bool) -> dict[str, Any]:
+    def recover(self, model: nn.Module, config: RecoveryConfig, *, final: bool) -> RecoveryRecord:
         """Recover ``model`` in place with ``config``; the record of what it did."""
         from .recovery import recover
 
@@ -627,9 +631,9 @@ class _Runner:
                       cancel=self.cancel, checkpoint_path=ckpt,
                       resume=bool(final and self.store is not None and self.store.resume))
         self.images_seen += int(res.images_seen)
-        return {"config": config.to_dict(), **res.to_dict()}
+        return RecoveryRecord.from_result(res)
 
-    def after_removal(self, model: nn.Module, step: int) -> dict[str, Any] | None:
+    def after_removal(self, model: nn.Module, step: int) -> RecoveryRecord | None:
         if self.per_step is None or self.per_step.images <= 0:
             return None
         return self.recover(model, self.per_step, final=False)
@@ -645,7 +649,7 @@ class _Runner:
                                          device=self.device, progress=self.progress, cancel=self.cancel)
         return self.costs
 
-    def latency(self, pruned: nn.Module) -> dict[str, Any] | None:
+    def latency(self, pruned: nn.Module) -> LatencyRecord | None:
         """Base and pruned latency timed interleaved (and, for a latency target, predicted vs measured)."""
         from .distributed import is_main_process
         from .latency import check_prediction, compare_latency
@@ -655,14 +659,14 @@ class _Runner:
         self.progress(0, None, "timing the original and the pruned model")
         if self.costs is not None:
             c = check_prediction(self.base, pruned, self.costs, device=self.device)
-            return {"base": c.base_ms, "pruned": c.pruned_ms, "batch_size": c.batch_size, "device": c.device,
-                    "predicted": c.predicted_ms, "predicted_reduction": c.predicted_reduction,
-                    "measured_reduction": c.measured_reduction, "error": c.error,
-                    "relative_error": c.relative_error, "quantile": c.quantile, "repeats": c.repeats}
+            return LatencyRecord(c.base_ms, c.pruned_ms, c.batch_size, c.device, predicted=c.predicted_ms,
+                                 predicted_reduction=c.predicted_reduction, measured_reduction=c.measured_reduction,
+                                 error=c.error, relative_error=c.relative_error, quantile=c.quantile,
+                                 repeats=c.repeats)
         t = compare_latency({"base": self.base, "pruned": pruned}, batch_size=self.request.latency_batch_size,
                             device=self.device)
-        return {"base": t["base"].median_ms, "pruned": t["pruned"].median_ms,
-                "batch_size": self.request.latency_batch_size, "device": t["base"].device}
+        return LatencyRecord(t["base"].median_ms, t["pruned"].median_ms, self.request.latency_batch_size,
+                             t["base"].device)
 
 
 def _prune_step(runner: _Runner) -> PruneResult:
@@ -683,17 +687,17 @@ def _prune_step(runner: _Runner) -> PruneResult:
                    iterative=req.iterative, scoring=scoring, hooks=hooks, progress=runner.progress,
                    cancel=runner.cancel)
     # steps restored from a resume directory recovered before this process started
-    runner.images_seen = sum(int((s.recovery or {}).get("images_seen", 0)) for s in result.steps)
+    runner.images_seen = sum(s.recovery.images_seen for s in result.steps if s.recovery is not None)
     return result
 
 
-def _final_recovery(runner: _Runner, result: PruneResult) -> tuple[dict[str, Any] | None, bool]:
+def _final_recovery(runner: _Runner, result: PruneResult) -> tuple[RecoveryRecord | None, bool]:
     cfg = runner.request.recovery
     left = cfg.images - runner.images_seen
     if result.cancelled or not result.removed or left <= 0:
         return None, False
     rec = runner.recover(result.model, cfg.with_images(left) if left != cfg.images else cfg, final=True)
-    return rec, bool(rec.get("cancelled"))
+    return rec, rec.cancelled
 
 
 def run_prune(
@@ -726,14 +730,14 @@ def run_prune(
     recovery, cancelled = _final_recovery(runner, result)
     final_acc = after.accuracy if recovery is None else runner.evaluate(result.model, cancellable=False)
     final_macs, final_params = after.macs, after.params
-    if any((s.recovery or {}).get("adaptors") for s in result.steps) or (recovery or {}).get("adaptors"):
+    if any(r is not None and r.adaptors for r in (*(s.recovery for s in result.steps), recovery)):
         from .metrics import count_macs, count_params  # fitted adaptors stay in the model and cost MACs
 
         final_macs = count_macs(result.model, result.model.cka_preset.input_size)
         final_params = count_params(result.model)
     record = PruneRecord(
         request=request.to_dict(), arch=result.arch, criterion=result.criterion, iterative=result.iterative,
-        target=None if result.target is None else result.target.to_dict(), removed=list(result.removed),
+        target=result.target, removed=list(result.removed),
         steps=result.steps, base=Measurement(result.steps[0].macs, result.steps[0].params, result.steps[0].accuracy),
         after_removal=Measurement(after.macs, after.params, after.accuracy),
         final=Measurement(final_macs, final_params, final_acc), recovery=recovery, images_seen=runner.images_seen,
@@ -773,7 +777,7 @@ def recover_further(
     ``model`` is not modified: a copy is recovered with ``base`` (the unpruned model) as the teacher, on the data
     and device of ``record``'s request, and evaluated on the same test images. The new record is ``record`` with
     the final accuracy, the costs (adaptors may be added), the images seen (the sum) and the recovery history
-    (``record.recovery["further"]``, one entry per extra recovery) updated.
+    (``record.recovery.further``, one entry per extra recovery) updated.
     """
     from dataclasses import replace as dc_replace
 
@@ -792,8 +796,8 @@ def recover_further(
     res = recover(work, data.train_augmented, config, teacher=base, device=runner.device, progress=progress,
                   cancel=cancel)
     accuracy = runner.evaluate(work, cancellable=False)
-    previous = dict(record.recovery or {})
-    previous["further"] = [*previous.get("further", []), {"config": config.to_dict(), **res.to_dict()}]
+    previous = dc_replace(record.recovery) if record.recovery is not None else RecoveryRecord(request.recovery)
+    previous.further = [*previous.further, RecoveryRecord.from_result(res)]
     size = work.cka_preset.input_size
     new = dc_replace(record, final=Measurement(count_macs(work, size), count_params(work), accuracy),
                      recovery=previous, images_seen=record.images_seen + res.images_seen,

@@ -306,13 +306,13 @@ def test_prune_run_with_latency_target_records_predicted_and_measured(demo, tmp_
     lat = outcome.record.latency_ms
     costs = measure_block_costs(demo, device="cpu")  # what the run measured, from the cache
     assert costs.from_cache
-    assert lat["predicted"] == pytest.approx(predict_latency(costs, outcome.record.removed))
-    assert lat["predicted_reduction"] >= 0.3 - 1e-9
-    assert lat["error"] == pytest.approx(lat["measured_reduction"] - lat["predicted_reduction"])
+    assert lat.predicted == pytest.approx(predict_latency(costs, outcome.record.removed))
+    assert lat.predicted_reduction >= 0.3 - 1e-9
+    assert lat.error == pytest.approx(lat.measured_reduction - lat.predicted_reduction)
     # measured: its sign is a timing (a loaded machine can make the smaller model slower), so only the bound that
     # holds for any timing is checked; the prediction is what the run is about
-    assert math.isfinite(lat["measured_reduction"]) and lat["measured_reduction"] < 1
-    assert (lat["batch_size"], lat["quantile"]) == (1, 0.5)
+    assert math.isfinite(lat.measured_reduction) and lat.measured_reduction < 1
+    assert (lat.batch_size, lat.quantile) == (1, 0.5)
     report = json.loads(json.dumps(outcome.record.to_dict()))
     assert report["target"] == {"kind": "latency", "value": 0.3}
     assert PruneRecord.from_dict(report).latency_ms == lat

@@ -54,9 +54,9 @@ def test_recovery_runs_with_the_request_seed(demo) -> None:
                                                                          seed=2))).record
     other = run_prune(_request(demo, seed=2, recovery=RecoveryConfig(images=400, bn_images=64, batch_size=32,
                                                                       seed=0))).record
-    assert implicit.recovery["config"]["seed"] == 2 and other.recovery["config"]["seed"] == 0
+    assert implicit.recovery.config.seed == 2 and other.recovery.config.seed == 0
     assert implicit.final.accuracy == explicit.final.accuracy
-    assert implicit.recovery["history"] == explicit.recovery["history"]
+    assert implicit.recovery.history == explicit.recovery.history
 
 
 def test_recover_further_goes_on_with_the_runs_recipe(demo) -> None:
@@ -66,8 +66,8 @@ def test_recover_further_goes_on_with_the_runs_recipe(demo) -> None:
     assert (cfg.images, cfg.method, cfg.lr, cfg.batch_size, cfg.seed) == (1_000, "kd", 0.02, 32, 4)
     assert further_recovery(run.record.to_dict(), "quick").name == "quick"
     more = recover_further(run.model, run.record, demo, 500)
-    assert more.record.recovery["further"][0]["config"]["method"] == "kd"
-    assert more.record.recovery["further"][0]["config"]["seed"] == 4
+    assert more.record.recovery.further[0].method == "kd"
+    assert more.record.recovery.further[0].config.seed == 4
 
 
 @pytest.mark.parametrize("text", ["0.5", "50%", "50", "37.5 %", "0.25"])
@@ -141,3 +141,24 @@ def test_adaptors_are_block_surgery_and_export_does_not_need_recovery() -> None:
     code = "import sys, cka_analysis.export; print('cka_analysis.recovery' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_stored_reports_load_as_typed_records_and_write_the_same_json() -> None:
+    """report.json keeps its format: the committed CLI runs (older recipes included) load into typed records and
+    write back exactly the JSON they were read from."""
+    import json
+
+    from cka_analysis.pruning import Target
+    from cka_analysis.records import LatencyRecord, RecoveryRecord
+    from cka_analysis.workflow import PruneRecord
+
+    reports = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cli_runs")
+                     .glob("*.report.json"))
+    assert reports
+    for path in reports:
+        stored = json.loads(path.read_text())
+        record = PruneRecord.from_dict(stored)
+        assert isinstance(record.target, Target) and isinstance(record.recovery, RecoveryRecord)
+        assert isinstance(record.latency_ms, LatencyRecord)
+        assert json.loads(json.dumps(record.to_dict())) == stored, path.name
+        assert Target.from_dict(stored["target"]) == record.target

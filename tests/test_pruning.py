@@ -23,6 +23,7 @@ from cka_analysis.progress import CancelToken
 from cka_analysis.pruning import (
     PruneHooks,
     PruneResult,
+    PruneStep,
     ResumeStore,
     ScoringOptions,
     Target,
@@ -30,6 +31,8 @@ from cka_analysis.pruning import (
     plan,
     prune,
 )
+from cka_analysis.records import RecoveryRecord
+from cka_analysis.recovery import RecoveryConfig
 from cka_analysis.scoring import Scores, score_blocks
 
 
@@ -295,9 +298,9 @@ def test_unreachable_target_is_refused_before_any_scoring(demo) -> None:
 def test_iterative_prune_rescores_after_each_removal(demo, loaders, base_costs) -> None:
     calls: list[tuple[int, list[str]]] = []
 
-    def recover(model: nn.Module, step: int) -> dict:
+    def recover(model: nn.Module, step: int) -> RecoveryRecord:
         calls.append((step, removed_blocks(model)))
-        return {"images_seen": 10 * step}
+        return RecoveryRecord(RecoveryConfig(images=10 * step), images_seen=10 * step)
 
     hooks = PruneHooks(evaluate=_accuracy_hook(loaders["test"]).evaluate, after_removal=recover)
     result = prune(demo, loaders["calib"], target="2 blocks", criterion="cka", iterative=True, hooks=hooks,
@@ -320,7 +323,8 @@ def test_iterative_prune_rescores_after_each_removal(demo, loaders, base_costs) 
     assert second.scores == pytest.approx(again.scores, abs=1e-9)
     # the recovery hook ran after each removal, on the model with that step's blocks gone, and is recorded
     assert calls == [(1, first.removed), (2, result.removed)]
-    assert first.recovery == {"images_seen": 10} and second.recovery == {"images_seen": 20}
+    assert first.recovery.images_seen == 10 and second.recovery.images_seen == 20
+    assert PruneStep.from_dict(first.to_dict()) == first  # the step's JSON keeps its typed recovery
     assert all(s.accuracy is not None for s in result.steps)
     assert first.macs > second.macs and first.params > second.params
     assert result.steps[0].macs - first.macs == base_costs[2][first.removed[0]].macs
@@ -346,10 +350,10 @@ def test_cancel_keeps_what_finished(demo, loaders) -> None:
     # iterative: a cancel during step 2's recovery keeps step 2's removal
     token = CancelToken()
 
-    def recover(model: nn.Module, step: int) -> dict:
+    def recover(model: nn.Module, step: int) -> RecoveryRecord:
         if step == 2:
             token.cancel()
-        return {"cancelled": step == 2}
+        return RecoveryRecord(RecoveryConfig(images=100), cancelled=step == 2)
 
     result = prune(demo, None, target="3", criterion="weight_norm", iterative=True,
                    hooks=PruneHooks(after_removal=recover), cancel=token)

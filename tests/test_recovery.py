@@ -281,7 +281,7 @@ def test_workflow_counts_the_adaptors_in_the_final_costs(demo) -> None:
     out = run_prune(PruneRequest(model=demo, data="digits", blocks=tuple(REMOVED), recovery=cfg, latency=False,
                                  device="cpu"))
     rec = out.record
-    assert rec.recovery["adaptors"] and rec.images_seen <= cfg.images
+    assert rec.recovery.adaptors and rec.images_seen <= cfg.images
     size = demo.cka_preset.input_size
     assert rec.final.macs == count_macs(out.model, size) > rec.after_removal.macs
     assert rec.final.params == count_params(out.model) > rec.after_removal.params
@@ -297,7 +297,7 @@ def test_recover_further_continues_a_run_without_pruning_again(demo) -> None:
     assert all(torch.equal(before[k], v) for k, v in out.model.state_dict().items()), "the input is not modified"
     rec = more.record
     assert rec.removed == out.record.removed and removed_blocks(more.model) == REMOVED
-    assert rec.images_seen == out.record.images_seen + rec.recovery["further"][0]["images_seen"] <= 1_500
+    assert rec.images_seen == out.record.images_seen + rec.recovery.further[0].images_seen <= 1_500
     assert rec.final.accuracy == pytest.approx(top1(more.model, load_dataset("digits", "test", demo.cka_preset)))
     assert rec.final.accuracy > out.record.final.accuracy + 10
     with pytest.raises(ConfigError, match="no images"):

@@ -133,8 +133,8 @@ def test_one_shot_run_counts_every_image_exactly(demo) -> None:
     cfg = RecoveryConfig(images=1_000, bn_images=100, batch_size=64)
     rec = run_prune(PruneRequest(model=demo, data="digits", blocks=tuple(REMOVED), recovery=cfg, latency=False,
                                  device="cpu")).record
-    assert rec.recovery["bn_images"] == 100
-    assert rec.recovery["images_seen"] == rec.images_seen == 100 + (1_000 - 100) // 64 * 64
+    assert rec.recovery.bn_images == 100
+    assert rec.recovery.images_seen == rec.images_seen == 100 + (1_000 - 100) // 64 * 64
 
 
 def test_iterative_run_gives_each_of_k_steps_its_share_and_counts_every_image(demo) -> None:
@@ -144,11 +144,11 @@ def test_iterative_run_gives_each_of_k_steps_its_share_and_counts_every_image(de
     train = 1_437  # the digits training split
     per_step = cfg.with_images(int(cfg.images * 0.3) // 2)  # 30 % of the budget shared by the k = 2 steps
     steps = [s.recovery for s in rec.steps[1:]]
-    assert len(steps) == 2 and all(s["config"]["images"] == per_step.images == 150 for s in steps)
-    assert all(s["images_seen"] == _spent(per_step, train) for s in steps)
+    assert len(steps) == 2 and all(s.config.images == per_step.images == 150 for s in steps)
+    assert all(s.images_seen == _spent(per_step, train) for s in steps)
     final = cfg.with_images(cfg.images - 2 * _spent(per_step, train))  # what the steps left unspent goes on
-    assert rec.recovery["config"]["images"] == final.images
-    assert rec.recovery["images_seen"] == _spent(final, train)
+    assert rec.recovery.config.images == final.images
+    assert rec.recovery.images_seen == _spent(final, train)
     assert rec.images_seen == 2 * _spent(per_step, train) + _spent(final, train) <= cfg.images
 
 

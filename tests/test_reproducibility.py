@@ -53,7 +53,7 @@ def run_once(seed: int = 0) -> dict[str, Any]:
         "scores": {c: {k: repr(v) for k, v in s.items()} for c, s in scores.items()},
         "removed": result.record.removed,
         "accuracy": repr(result.record.final.accuracy),
-        "history": json.dumps(result.record.recovery["history"] if result.record.recovery else None),
+        "history": json.dumps(result.record.recovery.history if result.record.recovery else None),
         "weights": _state_digest(result.model),
         "base_weights": _state_digest(model),
     }

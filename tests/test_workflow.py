@@ -135,7 +135,7 @@ def test_recovery_spends_at_most_the_budget(demo, data) -> None:
     request = PruneRequest(**DEMO, target="2", calibration_samples=64, eval_samples=100, recovery="512")
     rec = run_prune(request, data=data).record
     assert rec.recovery is not None and 0 < rec.images_seen <= 512
-    assert rec.recovery["config"] == request.recovery.to_dict()
+    assert rec.recovery.config == request.recovery
     assert rec.final.accuracy is not None and rec.after_removal.accuracy is not None
 
 
@@ -145,9 +145,9 @@ def test_iterative_run_shares_one_budget_between_steps_and_the_end(demo, data) -
     messages: list[str] = []
     rec = run_prune(request, data=data, progress=lambda d, t, m: messages.append(m)).record
     assert [len(s.removed) for s in rec.steps] == [0, 1, 1, 1]
-    per_step = [s.recovery["images_seen"] for s in rec.steps[1:] if s.recovery]
+    per_step = [s.recovery.images_seen for s in rec.steps[1:] if s.recovery]
     assert len(per_step) == 3
-    assert rec.images_seen == sum(per_step) + (rec.recovery or {}).get("images_seen", 0) <= 768
+    assert rec.images_seen == sum(per_step) + (rec.recovery.images_seen if rec.recovery else 0) <= 768
     assert any("step 2: scoring" in m for m in messages)
 
 

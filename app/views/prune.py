@@ -250,19 +250,18 @@ if runs:
     c3.metric("Parameters", count(final.params), f"-{100 * rec.params_reduction:.1f} %", delta_color="inverse")
     c4.metric("Time", f"{rec.seconds:.1f} s")
     st.markdown("Removed, in order: " + ", ".join(f"`{b}`" for b in rec.removed))
-    lat = rec.latency_ms or {}
-    if lat.get("predicted_reduction") is not None:
-        st.markdown(f"**Latency** at batch {lat['batch_size']}: −{100 * lat['measured_reduction']:.1f} % measured "
-                    f"({lat['base']:.2f} → {lat['pruned']:.2f} ms, timed interleaved), −"
-                    f"{100 * lat['predicted_reduction']:.1f} % predicted: error {100 * lat['error']:+.1f} points")
+    lat = rec.latency_ms
+    if lat is not None and lat.predicted_reduction is not None:
+        st.markdown(f"**Latency** at batch {lat.batch_size}: −{100 * lat.measured_reduction:.1f} % measured "
+                    f"({lat.base:.2f} → {lat.pruned:.2f} ms, timed interleaved), −"
+                    f"{100 * lat.predicted_reduction:.1f} % predicted: error {100 * lat.error:+.1f} points")
     if len(rec.steps) > 1:
         tuned = final.accuracy if rec.recovery else None
         plotly(pruning_trajectory([s.to_dict() for s in rec.steps], finetuned_accuracy=tuned), key="pr_trajectory")
     if rec.recovery:
         r = rec.recovery
-        st.markdown(f"**Recovery** ({r.get('method', r['config'].get('name'))}): {rec.images_seen:,} training "
-                    f"images in {r.get('seconds', 0):.1f} s")
-        hist = pd.DataFrame(r.get("history") or [])
+        st.markdown(f"**Recovery** ({r.method}): {rec.images_seen:,} training images in {r.seconds:.1f} s")
+        hist = pd.DataFrame(r.history)
         if {"step", "eval_top1"} <= set(hist.columns):
             st.line_chart(hist.dropna(subset=["eval_top1"]).set_index("step")["eval_top1"], height=220)
     st.caption("Compare runs on the **Compare** page; download the pruned model on the **Export** page.")

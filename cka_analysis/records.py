@@ -1,0 +1,127 @@
+"""Typed records at the seams between the library, its front ends and ``report.json``.
+
+One result type per layer:
+
+* :class:`~cka_analysis.recovery.RecoveryResult` — what :func:`~cka_analysis.recovery.recover` returns: the
+  recovered model and what it did. Its JSON-ready part is a :class:`RecoveryRecord`.
+* :class:`~cka_analysis.pruning.PruneResult` — what :func:`~cka_analysis.pruning.prune` returns: the pruned model
+  and its :class:`~cka_analysis.pruning.PruneStep` trajectory (each step's recovery a :class:`RecoveryRecord`).
+* :class:`~cka_analysis.workflow.PruneOutcome` — what :func:`~cka_analysis.workflow.run_prune` returns: the model
+  and its :class:`~cka_analysis.workflow.PruneRecord` (the model-free record a front end keeps and
+  ``report.json`` holds), whose ``recovery`` is a :class:`RecoveryRecord` and ``latency_ms`` a
+  :class:`LatencyRecord`.
+
+Every record has ``to_dict``/``from_dict``; the JSON they write is the format ``report.json`` always had, so older
+reports load unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .recovery import RecoveryConfig, RecoveryResult
+
+__all__ = ["LatencyRecord", "RecoveryRecord"]
+
+
+@dataclass
+class RecoveryRecord:
+    """What one recovery did (no model): the recipe it ran with (its seed resolved), the images it drew (batch-norm
+    re-estimation and adaptor fits included), optimiser steps, wall time, the final accuracy when it measured one,
+    the accuracy-vs-images history, the adaptors it inserted, whether it was cancelled, the precision it trained in,
+    and — for a run recovered further afterwards (the dashboard's Compare page) — those extra recoveries."""
+
+    config: RecoveryConfig
+    images_seen: int = 0
+    bn_images: int = 0
+    adaptor_images: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    accuracy: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    adaptors: list[str] = field(default_factory=list)
+    cancelled: bool = False
+    amp: str | None = None
+    further: list[RecoveryRecord] = field(default_factory=list)
+    #: the recipe as an older report.json wrote it (fields added to RecoveryConfig since are not in it): written
+    #: back unchanged, so that a default that did not exist then is not put into the record
+    config_as_read: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def images_with_further(self) -> int:
+        """Images drawn by this recovery and every further one."""
+        return self.images_seen + sum(f.images_seen for f in self.further)
+
+    @classmethod
+    def from_result(cls, result: RecoveryResult) -> RecoveryRecord:
+        return cls(config=result.config, images_seen=int(result.images_seen), bn_images=int(result.bn_images),
+                   adaptor_images=int(result.adaptor_images), steps=int(result.steps), seconds=float(result.seconds),
+                   accuracy=result.accuracy, history=list(result.history), adaptors=list(result.adaptors),
+                   cancelled=bool(result.cancelled), amp=result.amp)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"config": dict(self.config_as_read or self.config.to_dict()), "method": self.method, "images_seen": self.images_seen,
+               "bn_images": self.bn_images, "adaptor_images": self.adaptor_images, "steps": self.steps,
+               "seconds": self.seconds, "accuracy": self.accuracy, "history": self.history,
+               "adaptors": self.adaptors, "cancelled": self.cancelled, "amp": self.amp}
+        if self.further:
+            out["further"] = [f.to_dict() for f in self.further]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RecoveryRecord:
+        config = RecoveryConfig.from_dict(d.get("config") or {})
+        as_read = dict(d.get("config") or {})
+        return cls(config=config, config_as_read=None if as_read == config.to_dict() else as_read, images_seen=int(d.get("images_seen", 0)),
+                   bn_images=int(d.get("bn_images", 0)), adaptor_images=int(d.get("adaptor_images", 0)),
+                   steps=int(d.get("steps", 0)), seconds=float(d.get("seconds", 0.0)), accuracy=d.get("accuracy"),
+                   history=list(d.get("history") or []), adaptors=list(d.get("adaptors") or []),
+                   cancelled=bool(d.get("cancelled", False)), amp=d.get("amp"),
+                   further=[cls.from_dict(f) for f in d.get("further") or []])
+
+
+#: The fields a latency record has only for a latency target (predicted from per-block costs, then measured).
+_PREDICTION = ("predicted", "predicted_reduction", "measured_reduction", "error", "relative_error", "quantile",
+               "repeats")
+
+
+@dataclass
+class LatencyRecord:
+    """The unpruned and pruned model's median latency (ms) at ``batch_size`` on ``device``, timed interleaved; for
+    a latency target also the prediction and how it fared (``error`` = measured − predicted reduction, see
+    :func:`cka_analysis.latency.check_prediction`)."""
+
+    base: float
+    pruned: float
+    batch_size: int
+    device: str
+    predicted: float | None = None
+    predicted_reduction: float | None = None
+    measured_reduction: float | None = None
+    error: float | None = None
+    relative_error: float | None = None
+    quantile: float | None = None
+    repeats: int | None = None
+
+    @property
+    def reduction(self) -> float:
+        """1 − pruned / base, from the medians."""
+        return 1 - self.pruned / self.base if self.base else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"base": self.base, "pruned": self.pruned, "batch_size": self.batch_size,
+                               "device": self.device}
+        if self.predicted is not None:
+            out.update({k: getattr(self, k) for k in _PREDICTION})
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LatencyRecord:
+        return cls(base=float(d["base"]), pruned=float(d["pruned"]), batch_size=int(d["batch_size"]),
+                   device=str(d["device"]), **{k: d.get(k) for k in _PREDICTION})
