@@ -204,3 +204,63 @@ def test_a_session_whose_job_waits_sees_its_queue_position():
     assert job.status == "done"
     at.run()
     assert not at.exception
+
+
+_EXIT_DURING_A_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from app_session import settle
+from streamlit.testing.v1 import AppTest
+
+at = AppTest.from_file({app!r}, default_timeout=240)
+at.session_state["device_choice"] = "cpu"
+settle(at)
+at.button(key="md_load").click()
+settle(at)
+settle(at.switch_page("views/prune.py"))
+at.segmented_control(key="pr_recovery").set_value("custom")
+at.run()
+at.number_input(key="pr_recovery_images").set_value(50_000_000)  # still running when the script ends
+at.run()
+at.button(key="pr_run").click()
+at.run()
+job = at.session_state["_job"]
+assert job.running, job.status
+print("exiting with the job", job.status, flush=True)
+"""
+
+
+def test_the_process_exits_cleanly_while_a_dashboard_run_is_in_progress(tmp_path):
+    """A run still in its worker thread when the process ends (a test, the server stopping) is cancelled and
+    joined at exit; a daemon thread left inside torch would abort the process ("terminate called without an
+    active exception", exit code 134)."""
+    import os
+    import subprocess
+
+    tests = Path(__file__).resolve().parent
+    script = tmp_path / "exit_during_run.py"
+    script.write_text(_EXIT_DURING_A_RUN.format(tests=str(tests), app=str(tests.parent / "app" / "streamlit_app.py")))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("CKA_PRUNE_TEST_THREADS", "1"),
+           "PYTHONPATH": os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=WAIT)
+    assert "exiting with the job" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and "terminate called" not in out.stderr, (out.returncode, out.stderr[-2000:])
+
+
+def test_stop_all_cancels_and_joins_running_jobs():
+    release, started = threading.Event(), threading.Event()
+    seen = []
+
+    def work(progress=None, cancel=None):
+        started.set()
+        while not cancel.cancelled:
+            threading.Event().wait(0.01)
+        seen.append("cancelled")
+        return "stopped"
+
+    job = jobs.submit("w", 1, "work that runs until cancelled", work, queue=jobs.JobQueue(1))
+    assert started.wait(WAIT)
+    assert jobs.stop_all(timeout=WAIT) == []
+    assert not job.thread.is_alive() and seen == ["cancelled"] and job.result == "stopped"
+    release.set()

@@ -14,14 +14,20 @@ estimates honest) run at once, the others wait in order and see their position. 
 ``queued`` (it counts as running for its session, and Cancel takes it out of the queue).
 
 Nothing here runs in the thread except the library call itself: the thread never touches ``st.*``.
+
+When the process exits (the server stops, a test ends) while a job still runs, :func:`stop_all` cancels every
+live job and waits for its thread: a daemon thread still inside native torch code when the interpreter finalises
+is torn down mid-call, and the process aborts ("terminate called without an active exception", exit 134).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,6 +188,26 @@ def _slots_from_env() -> int:
 
 
 QUEUE = JobQueue(_slots_from_env())
+#: Jobs whose thread may still run (see :func:`stop_all`); a finished job drops out when it is collected.
+_LIVE: weakref.WeakValueDictionary[int, Job] = weakref.WeakValueDictionary()
+#: How long :func:`stop_all` waits for a cancelled job to reach its next cancel check.
+EXIT_WAIT_SECONDS = 60.0
+
+
+def stop_all(timeout: float = EXIT_WAIT_SECONDS) -> list[str]:
+    """Cancel every job that still runs and wait (up to ``timeout`` s in all) for its thread to end; returns the
+    labels of the jobs still running after that. Registered with :mod:`atexit`: it runs before the interpreter
+    tears down daemon threads, so none is left inside torch."""
+    live = [job for job in list(_LIVE.values()) if job.thread is not None and job.thread.is_alive()]
+    for job in live:
+        job.token.cancel()
+    deadline = time.monotonic() + timeout
+    for job in live:
+        job.thread.join(max(0.0, deadline - time.monotonic()))
+    return [job.label for job in live if job.thread.is_alive()]
+
+
+atexit.register(stop_all)
 
 
 def _run(job: Job, fn: Callable[..., Any], args: tuple, kwargs: dict, queue: JobQueue) -> None:
@@ -234,6 +260,7 @@ def submit(name: str, key: Any, label: str, fn: Callable[..., Any], *args: Any, 
     if get_script_run_ctx(suppress_warning=True) is not None:
         add_script_run_ctx(thread)  # lets st.cache_data inside fn use this session's runtime
     job.thread = thread
+    _LIVE[id(job)] = job
     thread.start()
     return job
 
