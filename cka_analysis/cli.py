@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -289,13 +290,14 @@ def _add_finetune(sub: Any) -> None:
     _common(p)
 
 
-def _recovery_args(p: argparse.ArgumentParser, default: str) -> None:
+def _recovery_args(p: argparse.ArgumentParser, default: str, *, method_default: str | None = DEFAULT_RECOVERY_METHOD,
+                   method_note: str = f"default {DEFAULT_RECOVERY_METHOD}") -> None:
     p.add_argument("--recovery", default=default, metavar="R",
                    help="recovery budget in training images: quick (25,000), standard (250,000), none, or a "
                         f"number (default {default}); the expected time is said before it starts")
-    p.add_argument("--recovery-method", default=DEFAULT_RECOVERY_METHOD, choices=list(RECOVERY_METHODS),
+    p.add_argument("--recovery-method", default=method_default, choices=list(RECOVERY_METHODS),
                    help="how to recover: " + "; ".join(f"{k}: {v}" for k, v in RECOVERY_METHODS.items())
-                        + f" (default {DEFAULT_RECOVERY_METHOD})")
+                        + f" ({method_note})")
 
 
 def _add_recover(sub: Any) -> None:
@@ -306,7 +308,8 @@ def _add_recover(sub: Any) -> None:
                                    "and test images; writes a new directory with the updated record (the "
                                    "dashboard's Compare page does the same).")
     p.add_argument("model", metavar="DIR", help="a directory written by cka-prune prune")
-    _recovery_args(p, "standard")
+    _recovery_args(p, "standard", method_default=None,
+                   method_note="default: the run's own recipe, method included, from its report")
     p.add_argument("--original", metavar="MODEL", help="the unpruned model (default: the one its record names)")
     p.add_argument("--original-weights", metavar="W", help="weights of --original")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -695,8 +698,8 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
 def cmd_recover(args: argparse.Namespace, bar: StderrProgress) -> int:
     from .errors import CheckpointError, ConfigError
     from .export import load_pruned, open_model, save_pruned
-    from .recovery import RecoveryConfig, estimate_recovery
-    from .workflow import PruneRecord, recover_further
+    from .recovery import estimate_recovery
+    from .workflow import PruneRecord, further_recovery, recover_further
 
     out = Path(args.out)
     if (out / "manifest.json").exists():
@@ -717,7 +720,9 @@ def cmd_recover(args: argparse.Namespace, bar: StderrProgress) -> int:
     except (ConfigError, CheckpointError) as exc:
         raise ConfigError(f"cannot reopen the original model of {args.model} ({exc}); name it with --original "
                           "(and --original-weights)") from exc
-    config = RecoveryConfig.parse(args.recovery, method=args.recovery_method, seed=int(req.get("seed", 0)))
+    config = further_recovery(record, args.recovery)  # the run's own recipe and seed, with this budget
+    if args.recovery_method is not None:
+        config = replace(config, method=args.recovery_method)
     _announce_recovery(config, bar, lambda: estimate_recovery(config, model, base, device=req.get("device", "auto"),
                                                               macs_reduction=record.macs_reduction))
     outcome = recover_further(model, record, base, config, progress=bar)

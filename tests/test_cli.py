@@ -125,7 +125,6 @@ def test_prune_writes_a_loadable_model_and_report(pruned_dir):
 
 
 def test_recover_continues_a_pruned_run_like_the_dashboard(capsys, tmp_path, pruned_dir):
-    from cka_analysis.recovery import RecoveryConfig
     from cka_analysis.workflow import recover_further
 
     code, _, err = run(capsys, "recover", pruned_dir, "--recovery", "1500", "--out", tmp_path / "more")
@@ -138,8 +137,15 @@ def test_recover_continues_a_pruned_run_like_the_dashboard(capsys, tmp_path, pru
     assert report["request"]["origin"] == {"model": "digits_resnet", "weights": "demo", "num_classes": None}
     # the same numbers as the library call the dashboard's Compare page makes
     lib = recover_further(load_pruned(pruned_dir), PruneRecord.from_dict(first),
-                          open_model("digits_resnet", weights="demo"), RecoveryConfig.parse("1500"))
+                          open_model("digits_resnet", weights="demo"), "1500")
     assert lib.record.final.accuracy == report["final"]["accuracy"]
+    # without --recovery-method the run's own recipe goes on (as on the Compare page); with it, that method
+    assert report["recovery"]["further"][0]["config"] == {**first["request"]["recovery"], "images": 1500,
+                                                           "name": None}
+    code, _, err = run(capsys, "recover", pruned_dir, "--recovery", "300", "--recovery-method", "bn",
+                       "--out", tmp_path / "bn")
+    assert code == 0, err
+    assert json.loads((tmp_path / "bn" / "report.json").read_text())["recovery"]["further"][0]["method"] == "bn"
     code, _, err = run(capsys, "recover", pruned_dir, "--recovery", "none", "--out", tmp_path / "none")
     assert code == 2 and "no images" in err
 
