@@ -6,6 +6,8 @@ already there, so a killed run goes on where it stopped):
 * ``methods`` — the recovery methods side by side on ONE pruned model (ResNet-56 ``cifar10jpeg``, CKA one-shot,
   −52.6 % MACs) with the same budget. Methods and recipes are chosen here, on a **validation split carved from the
   training images** (5,000 held out, seeded; recovery trains on the other 45,000). The test split is not used.
+  Each row is a ``PruneRequest(eval_split="validation")`` run by ``run_prune`` (rows recorded before ``code_path``
+  was: the same split, calibration and pruned model, by hand; see :data:`METHOD_CODE_PATH`).
 * ``tune`` — the default recipe and variations of it (``TUNE_VARIANTS``) at the ``standard`` budget on the same
   validation split, on CKA one-shot models at −50 % and −75 % MACs; the winner's test rows join ``report``.
 * ``report`` — the reproduction rows through :func:`cka_analysis.workflow.run_prune`, the code path the CLI and
@@ -14,7 +16,9 @@ already there, so a killed run goes on where it stopped):
   ResNet-20 at ≥ 25 / 50 %; and the accuracy-vs-images curve (CKA vs random, 0 → ``standard``).
 
 ``python -m benchmarks.recovery --list`` shows the rows and which are done; ``--rows ID,ID`` runs a subset in that
-order; ``--stage methods|recipe|tune|report|all``; ``--write`` only rebuilds ``results/recovery.md`` and the plot.
+order; ``--stage methods|recipe|tune|report|all``; ``--write`` only rebuilds ``results/recovery.md``, the plot and
+(from the committed rows) the recovery estimate's reference curve, ``cka_analysis/data_files/reference_curve.json``,
+which every run also rewrites at its end.
 """
 
 from __future__ import annotations
