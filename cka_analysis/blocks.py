@@ -20,9 +20,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import MobileNetV2, ResNet, VisionTransformer
 
 from .device import eval_mode
 from .errors import BlockError, ConfigError
+from .metrics import module_macs
+from .models.cifar_resnet import CifarResNet
 
 __all__ = [
     "ADAPTORS_ATTR",
@@ -262,9 +265,7 @@ def topology(model: nn.Module, blocks: Sequence[str] | str | None = None) -> Top
     declared = getattr(model, PATTERNS_ATTR, None)
     if declared:
         return GenericTopology(model, declared)
-    from torchvision.models import MobileNetV2, ResNet, VisionTransformer
 
-    from .models.cifar_resnet import CifarResNet
 
     if isinstance(model, CifarResNet):
         return CifarResNetTopology(model)
@@ -350,7 +351,6 @@ def find_blocks(
 
     Blocks already removed (replaced by the identity) are not listed; see :func:`removed_blocks`.
     """
-    from .metrics import module_macs
 
     topo = topology(model, blocks)
     generic = isinstance(topo, GenericTopology)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .capture import ActivationCapture
 from .device import accumulation_device, autocast, resolve_device
 from .errors import ConfigError
 from .progress import CancelToken, ProgressFn, check_cancel, no_progress
@@ -567,7 +568,6 @@ def cka_matrix(
         :class:`CKAMatrix` with the matrix (float64, CPU) and the layer names in forward order. A module called
         several times in one forward pass appears once per call (``name#1``, ``name#2``, ...).
     """
-    from .capture import ActivationCapture
 
     opts = options if options is not None else CKAOptions()
     dev = resolve_device(opts.device)

@@ -24,6 +24,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
+from scipy.stats import kendalltau
 
 from .errors import ConfigError
 from .robustness.results import CorruptionResult, RobustnessResult, as_results
@@ -548,7 +549,6 @@ def kendall_tau_b(x: Any, y: Any) -> float:
     ``scipy.stats.kendalltau`` (variant b): (concordant − discordant) / sqrt(pairs not tied in x · pairs not tied
     in y). It is undefined (NaN) with fewer than two values or when one vector is constant.
     """
-    from scipy.stats import kendalltau
 
     a, b = _float_array(x, "x", 1), _float_array(y, "y", 1)
     if a.shape != b.shape:

@@ -37,10 +37,12 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from . import distributed as dist_utils
 from .blocks import Topology, find_blocks, topology
 from .choices import CRITERIA, CRITERION_INFO, CriterionInfo, criterion_info
 from .cka import linear_cka
@@ -274,7 +276,6 @@ class _Accumulator:
 
     def merge_ranks(self) -> None:
         """Combine the shards of all ranks (under torchrun): sum the sample counts, then :meth:`_merge`."""
-        import torch.distributed as dist
 
         n = torch.tensor([self.samples], dtype=torch.float64, device=self.setup.device)
         dist.all_reduce(n)
@@ -282,7 +283,6 @@ class _Accumulator:
         self._merge()
 
     def _merge(self) -> None:
-        import torch.distributed as dist
 
         dist.all_reduce(self.sums)
 
@@ -408,7 +408,6 @@ class _LossAccumulator(_RemovalAccumulator):
         self.base_loss.copy_(saved[1])
 
     def _merge(self) -> None:
-        import torch.distributed as dist
 
         super()._merge()
         dist.all_reduce(self.base_loss)
@@ -700,7 +699,6 @@ def _score_on_data(crit: Criterion, setup: _Setup, calibration: Any, batch_size:
     (features gathered, sums reduced), so the scores equal a one-process run. Records ``world_size`` and
     ``samples_expected`` in ``options``.
     """
-    from . import distributed as dist_utils
 
     shard = dist_utils.is_distributed() and not isinstance(calibration, DataLoader)
     if shard:
@@ -730,7 +728,6 @@ def _score_on_data(crit: Criterion, setup: _Setup, calibration: Any, batch_size:
 
 def _shard(calibration: Any, rank: int, world: int) -> Any:
     """Every ``world``-th item of the calibration data, starting at ``rank`` (no padding, no duplicates)."""
-    from torch.utils.data import Subset
 
     if isinstance(calibration, Dataset):
         return Subset(calibration, list(range(rank, len(calibration), world)))  # type: ignore[arg-type]
@@ -743,7 +740,6 @@ def _shard(calibration: Any, rank: int, world: int) -> Any:
 
 def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Concatenate the rows of ``t`` from every rank (ranks may hold different numbers of rows)."""
-    import torch.distributed as dist
 
     world = dist.get_world_size()
     sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world)]

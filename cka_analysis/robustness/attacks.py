@@ -16,10 +16,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from captum.robust import FGSM, PGD
 from torch import Tensor, nn
 
 from ..device import eval_mode
 from ..errors import ConfigError, DataError
+from ..models.preset import get_preset
 from ._common import check_seed, device_generator
 
 __all__ = [
@@ -130,7 +132,6 @@ def normalisation_of(
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The normalisation to undo/redo around attacks: ``mean``/``std`` if given, else the model preset's."""
     if mean is None and std is None:
-        from ..models.preset import get_preset
 
         try:
             preset = get_preset(model)
@@ -190,7 +191,6 @@ def _pgd_step_size(eps: float, steps: int, step_size: float | None) -> float:
 
 def run_fgsm(wrapper: nn.Module, pixels: Tensor, labels: Tensor, eps: float) -> Tensor:
     """FGSM images for validated arguments: ``wrapper`` is a :class:`PixelSpaceModel` in eval mode."""
-    from captum.robust import FGSM
 
     attack = FGSM(wrapper, loss_func=_per_sample_cross_entropy, lower_bound=0.0, upper_bound=1.0)
     # captum skips pixels whose |gradient| ≤ 1e-6; a confidently classified sample has tiny but informative
@@ -214,7 +214,6 @@ def _linf_random_point(generator: torch.Generator, center: Tensor, radius: float
 def run_pgd(wrapper: nn.Module, pixels: Tensor, labels: Tensor, eps: float, *, steps: int, step_size: float | None,
         seed: int) -> Tensor:
     """PGD images for validated arguments (see :func:`run_fgsm`); the random start is seeded by ``seed``."""
-    from captum.robust import PGD
 
     attack = PGD(wrapper, loss_func=_per_sample_cross_entropy, lower_bound=0.0, upper_bound=1.0)
     attack.fgsm.zero_thresh = 0.0  # see run_fgsm

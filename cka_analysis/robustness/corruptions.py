@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from ..errors import ConfigError, DataError
 from ._common import check_names, check_seed, device_generator
@@ -239,7 +240,6 @@ def _pixelate(images: Tensor, factor: float) -> Tensor:
 
 
 def _jpeg(images: Tensor, quality: int) -> Tensor:
-    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
     if images.shape[1] not in (1, 3):
         raise DataError(f"jpeg_compression needs 1 or 3 channels, got {images.shape[1]}")
