@@ -3,7 +3,7 @@
 Issue 21 found that each of these changes to the library passed the whole suite; the tests named beside each
 now fail on it. Rerun after changing the recovery, the accounting, the planning or the figures:
 
-    OMP_NUM_THREADS=1 python tests/mutations.py            # every mutation (about 2 minutes on 2 cores)
+    OMP_NUM_THREADS=1 python tests/mutations.py            # every mutation (about 4 minutes on 2 cores)
     python tests/mutations.py --only distillation          # the mutations whose name contains a word
     python tests/mutations.py --list
 
