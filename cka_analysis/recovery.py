@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from .choices import DEFAULT_RECOVERY_METHOD
+from .choices import DEFAULT_RECOVERY_METHOD, RECOVERY_PRESET_MAX_EPOCHS
 from .choices import RECOVERY_METHODS as _METHODS
 from .choices import RECOVERY_PRESETS as _PRESETS
 from .errors import ConfigError
@@ -61,6 +61,8 @@ DEFAULT_METHOD = DEFAULT_RECOVERY_METHOD
 
 
 MIMIC_POINTS = ("stages", "blocks")
+#: The recovery estimate's probe batch is the recipe's, up to this many multiply-accumulates per batch.
+PROBE_MACS = 8e9
 FEATURE_SCHEDULES = ("constant", "cosine")
 
 
@@ -91,6 +93,8 @@ class RecoveryConfig:
             with AMX: about 2× faster steps there), ``"none"``, ``"fp16"`` or ``"bf16"``.
         seed: data order and augmentation.
         name: the preset this came from (``quick``, ``standard``) or None for an explicit number.
+        preset_images: set by :meth:`fit_to` when a preset's budget was capped to a few epochs of a small
+            training split: the preset's full budget (``images`` is then the capped one). None otherwise.
     """
 
     images: int = RECOVERY_PRESETS["quick"]
@@ -110,6 +114,7 @@ class RecoveryConfig:
     amp: str = "auto"
     seed: int = 0
     name: str | None = None
+    preset_images: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.images, bool) or not isinstance(self.images, int) or self.images < 0:
@@ -158,7 +163,28 @@ class RecoveryConfig:
 
     def with_images(self, images: int) -> RecoveryConfig:
         """The same recipe with another budget (the preset name is dropped unless the budget is the same)."""
-        return replace(self, images=int(images), name=self.name if images == self.images else None)
+        same = images == self.images
+        return replace(self, images=int(images), name=self.name if same else None,
+                       preset_images=self.preset_images if same else None)
+
+    def fit_to(self, train_images: int) -> RecoveryConfig:
+        """This budget for a training split of ``train_images`` images: a named preset is capped at
+        :data:`~cka_analysis.choices.RECOVERY_PRESET_MAX_EPOCHS` passes over the split (``quick`` on the digits
+        demo's 1,437 images: 3 epochs = 4,311 images instead of 25,000, 17 epochs of a network that needs far
+        fewer), the preset's own budget kept in :attr:`preset_images`. A budget given as a number, a split large
+        enough (CIFAR-10's 50,000 images for ``quick``) or a config already fitted is returned unchanged."""
+        epochs = RECOVERY_PRESET_MAX_EPOCHS.get(self.name or "")
+        if epochs is None or self.preset_images is not None or train_images < 1:
+            return self
+        cap = int(epochs * train_images)
+        if cap >= self.images:
+            return self
+        return replace(self, images=cap, preset_images=self.images)
+
+    @property
+    def capped(self) -> bool:
+        """True when :meth:`fit_to` capped a preset to a few epochs of a small training split."""
+        return self.preset_images is not None
 
     def split_iterative(self, steps: int, share: float = 0.3) -> tuple[int, int]:
         """(images per pruning step, images for the final recovery) for iterative pruning with ``steps``
@@ -179,6 +205,10 @@ class RecoveryConfig:
 
     def describe(self) -> str:
         what = self.name or f"{self.images:,} images"
+        if self.capped:
+            epochs = RECOVERY_PRESET_MAX_EPOCHS[self.name or ""]
+            what += (f", capped at {epochs:g} epochs of the training split: {self.images:,} images instead of "
+                     f"{self.preset_images:,}")
         return f"{what} ({self.method}: {RECOVERY_METHODS[self.method]})" if self.images else "none"
 
     def to_dict(self) -> dict[str, Any]:
@@ -646,7 +676,12 @@ def estimate_recovery(config: RecoveryConfig | str | int, model: nn.Module, teac
     forward_images = min(cfg.bn_images, cfg.images) + (cfg.adaptor_images if cfg.method == "adaptor" else 0)
     from .training import train_in_channels_last, training_autocast, training_dtype
 
-    n = min(cfg.batch_size, 32)
+    # the recipe's own batch (throughput per image depends on it), fewer images only where a batch would cost
+    # more than PROBE_MACS multiply-accumulates (large ImageNet models on a CPU)
+    from .metrics import count_macs
+
+    per_image_macs = max(1, count_macs(model, model.cka_preset.input_size))
+    n = int(min(cfg.batch_size, max(8, PROBE_MACS // per_image_macs)))
     x = torch.randn(n, *model.cka_preset.input_size, device=dev)
     y = torch.zeros(n, dtype=torch.long, device=dev)
     student = copy.deepcopy(model).to(dev)

@@ -21,14 +21,11 @@ from dataclasses import dataclass
 import streamlit as st
 from torch import nn
 
-from cka_analysis.metrics import TRAIN_STEP_PASSES, Estimate, estimate_seconds, format_duration
+from cka_analysis.metrics import TRAIN_STEP_PASSES, Estimate, format_duration
+from cka_analysis.workflow import forward_seconds_per_image
 
 LONG_SECONDS = 10.0  # actions expected to take longer than this show the estimate before they start
 SLOW_SECONDS = 60.0  # ... and a warning with the sizes to lower above this
-# The probe runs batches like the real work's (CPU throughput at batch 16 is a quarter of that at 128 for
-# ResNet-56), as large as fits in PROBE_MACS multiply-accumulates: 64 images of ResNet-56, 4 of a ResNet-50.
-PROBE_MACS = 8e9
-PROBE_BATCH_RANGE = (4, 64)
 
 HEATMAP_PASSES = 1.5
 CROSS_HEATMAP_PASSES = 2 * HEATMAP_PASSES  # two networks over the same images
@@ -69,19 +66,12 @@ def seconds_per_image(model: nn.Module, model_key: str, device: str) -> float:
     with _lock:
         if key in _rates:
             return _rates[key]
-    from cka_analysis.metrics import count_macs
-    from cka_analysis.models import get_preset
-
     from .compute import private_copy
 
-    copy = private_copy(model)
-    macs = max(1, count_macs(copy, get_preset(copy).input_size))
-    low, high = PROBE_BATCH_RANGE
-    batch = int(min(high, max(low, PROBE_MACS // macs)))
-    probe = estimate_seconds(copy, batch, 1.0, device, batch_size=batch, repeats=1)
+    rate = forward_seconds_per_image(private_copy(model), device)
     with _lock:
-        _rates[key] = probe.per_image_s
-    return probe.per_image_s
+        _rates[key] = rate
+    return rate
 
 
 def estimate(work: Work, device: str) -> Estimate:
@@ -127,8 +117,8 @@ def robustness_passes(kinds: Sequence[str], n_eps: int, pgd_steps: int = 10) -> 
 
 
 def latency_images(batch: int, repeats: int) -> int:
-    """Images the latency measurement pushes through: (warm-up = min(10, repeats)) + repeats batches."""
-    return (min(10, repeats) + repeats) * batch
+    """Images the latency measurement pushes through per model: (3 warm-up + ``repeats``) batches."""
+    return (3 + repeats) * batch
 
 
 def compare_work(models: Sequence[tuple[str, nn.Module]], *, kinds: Sequence[str], n_eps: int, samples: int,
