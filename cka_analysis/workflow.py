@@ -922,7 +922,8 @@ def recover_further(
 
 
 def records_equal(a: PruneRecord | Mapping[str, Any], b: PruneRecord | Mapping[str, Any],
-                  ignore: Sequence[str] = ("seconds", "latency_ms", "device")) -> bool:
+                  ignore: Sequence[str] = ("seconds", "estimated_seconds", "total_seconds", "latency_ms",
+                                           "device")) -> bool:
     """Whether two records agree on everything but wall-clock fields (``ignore`` keys at any depth)."""
     def strip(x: Any) -> Any:
         if isinstance(x, Mapping):
