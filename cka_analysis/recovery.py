@@ -674,11 +674,10 @@ def estimate_recovery(config: RecoveryConfig | str | int, model: nn.Module, teac
     dev = resolve_device(device)
     steps = cfg.train_steps if cfg.images else 0
     forward_images = min(cfg.bn_images, cfg.images) + (cfg.adaptor_images if cfg.method == "adaptor" else 0)
-    from .training import train_in_channels_last, training_autocast, training_dtype
-
     # the recipe's own batch (throughput per image depends on it), fewer images only where a batch would cost
     # more than PROBE_MACS multiply-accumulates (large ImageNet models on a CPU)
     from .metrics import count_macs
+    from .training import train_in_channels_last, training_autocast, training_dtype
 
     per_image_macs = max(1, count_macs(model, model.cka_preset.input_size))
     n = int(min(cfg.batch_size, max(8, PROBE_MACS // per_image_macs)))
