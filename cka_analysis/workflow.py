@@ -617,7 +617,7 @@ def load_seconds_per_image(dataset: Dataset, images: int = 32) -> float:
 
 
 def estimate_run(request: PruneRequest, model: nn.Module, data: PruneData, *,
-                 per_image_s: float | None = None, contention: float | None = None) -> RunEstimate:
+                 per_image_s: float | None = None) -> RunEstimate:
     """What :func:`run_prune` of ``request`` will take on its device, before it starts: the one time estimate of
     a run, which the CLI announces, the dashboard shows and the ``estimates`` benchmark checks against the truth.
 
@@ -625,8 +625,7 @@ def estimate_run(request: PruneRequest, model: nn.Module, data: PruneData, *,
     :meth:`PruneData.filled`). Scoring, the accuracy evaluations and the latency timing are forward passes at the
     probed rate (``per_image_s``: a rate already measured for this model and device, else probed here); the
     recovery is :func:`~cka_analysis.recovery.estimate_recovery` of the budget that will be spent, timed on
-    :func:`recovery_stand_in`. CPU work is scaled by ``contention`` (default: the share of the CPU it will get
-    now, :func:`~cka_analysis.metrics.cpu_contention`; 1.0 gives the idle machine's time).
+    :func:`recovery_stand_in`.
     """
     from .blocks import find_blocks
     from .metrics import count_macs, estimate_seconds
@@ -664,19 +663,16 @@ def estimate_run(request: PruneRequest, model: nn.Module, data: PruneData, *,
     start = time.perf_counter()
     count_macs(model, model.cka_preset.input_size)
     phases["bookkeeping"] = (time.perf_counter() - start) * (4 + steps)
-    return _shared(RunEstimate(seconds=0.0, phases=phases, recovery=rec, request=request), contention)
+    return _shared(RunEstimate(seconds=0.0, phases=phases, recovery=rec, request=request))
 
 
-def _shared(est: RunEstimate, contention: float | None = None) -> RunEstimate:
+def _shared(est: RunEstimate) -> RunEstimate:
     """``est`` scaled by :func:`~cka_analysis.metrics.cpu_contention` for CPU work (the probes measured an idle
     core); the factor is kept in ``contention``."""
     from .device import resolve_device
     from .metrics import cpu_contention
 
-    if contention is not None:
-        factor = float(contention)
-    else:
-        factor = cpu_contention() if resolve_device(est.request.device).type == "cpu" else 1.0
+    factor = cpu_contention() if resolve_device(est.request.device).type == "cpu" else 1.0
     est.phases = {k: v * factor for k, v in est.phases.items()}
     if est.recovery is not None:
         est.recovery = {**est.recovery, "seconds": float(est.recovery["seconds"]) * factor}
@@ -686,8 +682,7 @@ def _shared(est: RunEstimate, contention: float | None = None) -> RunEstimate:
 
 
 def estimate_further(record: PruneRecord, model: nn.Module, base: nn.Module, recovery: RecoveryConfig | str | int,
-                     data: PruneData, *, per_image_s: float | None = None,
-                     contention: float | None = None) -> RunEstimate:
+                     data: PruneData, *, per_image_s: float | None = None) -> RunEstimate:
     """What :func:`recover_further` will take: the same recovery estimate as :func:`estimate_run` (timed on the
     pruned ``model`` itself, distilling from ``base``) plus its one evaluation on the run's test images."""
     from .recovery import RecoveryConfig, estimate_recovery
@@ -703,8 +698,7 @@ def estimate_further(record: PruneRecord, model: nn.Module, base: nn.Module, rec
     load_train = load_seconds_per_image(data.train_augmented) if data.train_augmented is not None else load_test
     phases = {"evaluation": (rate + load_test) * n_test,
               "recovery": float(rec["seconds"]) + load_train * config.images}
-    return _shared(RunEstimate(seconds=0.0, phases=phases, recovery=rec, request=replace(request, recovery=config)),
-                   contention)
+    return _shared(RunEstimate(seconds=0.0, phases=phases, recovery=rec, request=replace(request, recovery=config)))
 
 
 def _max_steps(request: PruneRequest, model: nn.Module, costs: Any = None) -> int:

@@ -26,7 +26,7 @@ from cka_analysis.cka import CKAOptions, cka_matrix
 from cka_analysis.errors import CKAPruneError
 from cka_analysis.export import export_onnx, export_pt2, save_pruned
 from cka_analysis.latency import TimingOptions, compare_latency
-from cka_analysis.metrics import cpu_contention, evaluate
+from cka_analysis.metrics import evaluate
 from cka_analysis.robustness import RobustnessResult, evaluate_robustness
 from cka_analysis.scoring import ScoringOptions, score_blocks
 from cka_analysis.workflow import estimate_further, estimate_run
@@ -209,11 +209,10 @@ def build_exports(model: nn.Module, name: str, report: dict, formats: tuple[str,
 @st.cache_data(show_spinner=False, max_entries=64)
 def run_estimate(model_key: str, request_key: str, *, _request: Any, _model: nn.Module, _data: Any,
                  _per_image_s: float | None = None) -> dict:
-    """How long ``_request``'s run will take here on an idle machine (``workflow.estimate_run``, what the CLI
-    announces; :func:`on_this_machine_now` scales it to the load), with the recovery's reference accuracy drop and
-    the budget as it will be spent; once per model and request (``request_key`` names the request's target,
-    blocks, recovery, test images and device)."""
-    est = estimate_run(_request, private_copy(_model), _data, per_image_s=_per_image_s, contention=1.0)
+    """How long ``_request``'s run will take here (``workflow.estimate_run``, what the CLI announces), with the
+    recovery's reference accuracy drop and the budget as it will be spent; once per model and request
+    (``request_key`` names the request's target, blocks, recovery, test images and device)."""
+    est = estimate_run(_request, private_copy(_model), _data, per_image_s=_per_image_s)
     return {**est.to_dict(), "recovery_config": est.request.recovery.to_dict(),
             "recovery_text": est.request.recovery.describe()}
 
@@ -224,18 +223,9 @@ def further_estimate(run_id: str, budget: str, *, _record: Any, _model: nn.Modul
     """How long recovering run ``run_id`` further with ``budget`` will take (``workflow.estimate_further``: the
     same recovery estimate as a run's)."""
     est = estimate_further(_record, private_copy(_model), private_copy(_base), _config, _data,
-                           per_image_s=_per_image_s, contention=1.0)
+                           per_image_s=_per_image_s)
     return {**est.to_dict(), "recovery_config": est.request.recovery.to_dict(),
             "recovery_text": est.request.recovery.describe()}
-
-
-def on_this_machine_now(est: dict, device: str) -> dict:
-    """A cached estimate (made for an idle machine: ``contention=1``) scaled by the share of the CPU the work
-    will get now (``metrics.cpu_contention``; unchanged on a GPU), as the estimate shown and recorded."""
-    factor = cpu_contention() if str(device).startswith("cpu") else 1.0
-    rec = est.get("recovery")
-    return {**est, "seconds": est["seconds"] * factor, "contention": factor,
-            "recovery": None if rec is None else {**rec, "seconds": rec["seconds"] * factor}}
 
 
 def cached_job(fn: Any, *args: Any, **kwargs: Any) -> Any:

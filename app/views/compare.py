@@ -189,7 +189,6 @@ if runs:
         fest = compute.further_estimate(further_id, budget, _record=PruneRecord.from_dict(chosen["record"]),
                                         _model=chosen["model"], _base=a.model, _config=config, _data=data,
                                         _per_image_s=estimate.seconds_per_image(a.model, a.model_key, dev))
-        fest = compute.on_this_machine_now(fest, dev)
         f1.caption(f"{fest['recovery_text']}: about {format_duration(fest['seconds'])} on this device.")
 
     def _further_job():

@@ -109,9 +109,8 @@ def _run_estimate(req: PruneRequest) -> dict:
     key = json.dumps({"target": str(req.target), "blocks": req.blocks, "device": str(req.device),
                       "recovery": req.recovery.to_dict(), "eval": req.eval_samples, "iterative": req.iterative,
                       "criterion": req.criterion, "data": a.data_key}, sort_keys=True)
-    est = compute.run_estimate(a.model_key, key, _request=req, _model=a.model, _data=_run_data(req),
-                               _per_image_s=estimate.seconds_per_image(a.model, a.model_key, dev))
-    return compute.on_this_machine_now(est, dev)
+    return compute.run_estimate(a.model_key, key, _request=req, _model=a.model, _data=_run_data(req),
+                                _per_image_s=estimate.seconds_per_image(a.model, a.model_key, dev))
 
 
 request: PruneRequest | None = None
