@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -40,7 +39,6 @@ __all__ = [
     "Latency",
     "count_macs",
     "count_params",
-    "cpu_contention",
     "estimate_seconds",
     "evaluate",
     "measure_latency",
@@ -433,24 +431,6 @@ class Estimate:
 
     def __str__(self) -> str:
         return f"about {format_duration(self.seconds)} on {self.device}"
-
-
-def cpu_contention(threads: int | None = None) -> float:
-    """How many times slower sustained CPU work runs now than on an idle machine: the 1-minute load average (the
-    processes wanting a core) plus the work's own ``threads`` (default: torch's), over the cores — at least 1.
-
-    A short probe gets a core to itself for a moment even on a busy machine, so it measures the idle speed; work of
-    minutes gets its share. On the 2-core machine with four other jobs running (load ≈ 9.5) the dashboard's
-    ResNet-56 actions took 5–7× their probe-based estimates, and (9.5 + 1) / 2 ≈ 5. Idle, it is 1. Not for GPU
-    work (the callers apply it to the CPU only).
-    """
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return 1.0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    t = torch.get_num_threads() if threads is None else threads
-    return max(1.0, (load + t) / max(1, cores))
 
 
 def format_duration(seconds: float) -> str:

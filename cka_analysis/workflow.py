@@ -573,19 +573,15 @@ class RunEstimate:
             ``latency``, ``bookkeeping``). recovery: :func:`~cka_analysis.recovery.estimate_recovery`'s answer for the budget that
             will be spent (after :func:`fit_recovery`), with the reference benchmark's accuracy drop; None
             without recovery. request: the request as it will run (its budget fitted to the training split).
-        contention: how much slower than on an idle machine the CPU work is expected to run now
-            (:func:`~cka_analysis.metrics.cpu_contention`; 1 on a GPU or an idle machine); every phase includes it.
     """
 
     seconds: float
     phases: dict[str, float]
     recovery: dict[str, Any] | None
     request: PruneRequest
-    contention: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seconds": self.seconds, "phases": dict(self.phases), "recovery": self.recovery,
-                "contention": self.contention}
+        return {"seconds": self.seconds, "phases": dict(self.phases), "recovery": self.recovery}
 
 
 def forward_seconds_per_image(model: nn.Module, device: str | Any = "auto") -> float:
@@ -663,22 +659,7 @@ def estimate_run(request: PruneRequest, model: nn.Module, data: PruneData, *,
     start = time.perf_counter()
     count_macs(model, model.cka_preset.input_size)
     phases["bookkeeping"] = (time.perf_counter() - start) * (4 + steps)
-    return _shared(RunEstimate(seconds=0.0, phases=phases, recovery=rec, request=request))
-
-
-def _shared(est: RunEstimate) -> RunEstimate:
-    """``est`` scaled by :func:`~cka_analysis.metrics.cpu_contention` for CPU work (the probes measured an idle
-    core); the factor is kept in ``contention``."""
-    from .device import resolve_device
-    from .metrics import cpu_contention
-
-    factor = cpu_contention() if resolve_device(est.request.device).type == "cpu" else 1.0
-    est.phases = {k: v * factor for k, v in est.phases.items()}
-    if est.recovery is not None:
-        est.recovery = {**est.recovery, "seconds": float(est.recovery["seconds"]) * factor}
-    est.contention = factor
-    est.seconds = sum(est.phases.values())
-    return est
+    return RunEstimate(seconds=sum(phases.values()), phases=phases, recovery=rec, request=request)
 
 
 def estimate_further(record: PruneRecord, model: nn.Module, base: nn.Module, recovery: RecoveryConfig | str | int,
@@ -698,7 +679,8 @@ def estimate_further(record: PruneRecord, model: nn.Module, base: nn.Module, rec
     load_train = load_seconds_per_image(data.train_augmented) if data.train_augmented is not None else load_test
     phases = {"evaluation": (rate + load_test) * n_test,
               "recovery": float(rec["seconds"]) + load_train * config.images}
-    return _shared(RunEstimate(seconds=0.0, phases=phases, recovery=rec, request=replace(request, recovery=config)))
+    return RunEstimate(seconds=sum(phases.values()), phases=phases, recovery=rec,
+                       request=replace(request, recovery=config))
 
 
 def _max_steps(request: PruneRequest, model: nn.Module, costs: Any = None) -> int:

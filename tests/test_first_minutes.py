@@ -125,15 +125,3 @@ def test_compare_rows_come_from_the_same_test_images(demo) -> None:
     assert table.iloc[0]["speed-up"].startswith("1.00×")
     assert table["latency ms"].notna().all() and table.iloc[1]["speed-up"].endswith(")")
     assert not at.exception
-
-
-def test_estimates_scale_with_the_share_of_the_cpu_the_work_will_get(monkeypatch) -> None:
-    import os
-
-    from cka_analysis import metrics
-
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))
-    assert metrics.cpu_contention(threads=1) == 1.0  # idle: the probe's speed
-    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
-    assert metrics.cpu_contention(threads=1) == pytest.approx(5.0)  # four other jobs' worth of load on 2 cores

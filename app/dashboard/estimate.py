@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import streamlit as st
 from torch import nn
 
-from cka_analysis.metrics import TRAIN_STEP_PASSES, Estimate, cpu_contention, format_duration
+from cka_analysis.metrics import TRAIN_STEP_PASSES, Estimate, format_duration
 from cka_analysis.workflow import forward_seconds_per_image
 
 LONG_SECONDS = 10.0  # actions expected to take longer than this show the estimate before they start
@@ -79,10 +79,8 @@ def estimate(work: Work, device: str) -> Estimate:
     per_image = seconds_per_image(work.model, work.model_key, device)
     from cka_analysis.device import describe_device, resolve_device
 
-    dev = resolve_device(device)
-    factor = cpu_contention() if dev.type == "cpu" else 1.0  # the probe measured an idle core: the share now
-    return Estimate(seconds=per_image * work.images * work.passes * factor, per_image_s=per_image,
-                    images=work.images, passes=work.passes, device=describe_device(dev), probe_s=0.0)
+    return Estimate(seconds=per_image * work.images * work.passes, per_image_s=per_image, images=work.images,
+                    passes=work.passes, device=describe_device(resolve_device(device)), probe_s=0.0)
 
 
 def show(est: Estimate, work: Work, *, more: str = "") -> None:
