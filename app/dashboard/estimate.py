@@ -122,16 +122,18 @@ def latency_images(batch: int, repeats: int) -> int:
 
 
 def compare_work(models: Sequence[tuple[str, nn.Module]], *, kinds: Sequence[str], n_eps: int, samples: int,
-                 batch: int, repeats: int, pgd_steps: int = 10) -> Work:
+                 batch: int, repeats: int, pgd_steps: int = 10, macs: Sequence[float] | None = None) -> Work:
     """The Compare page's measurement: latency (warm-up + timed batches) and robustness of every model.
 
-    Expressed as forward passes of the first model (pruned models are cheaper, so this errs on the safe side).
+    Expressed as forward passes of the first model; ``macs`` (one per model) weighs each model's passes by its
+    MACs relative to the first's (a pruned model's pass is cheaper; without them every model costs as much).
     """
     if not models:
         raise ValueError("compare_work needs at least one model")
     key, model = models[0]
     latency = latency_images(batch, repeats)
     per_model = latency + (samples * robustness_passes(kinds, n_eps, pgd_steps) if kinds else 0)
+    weight = len(models) if not macs else sum(m / macs[0] for m in macs)
     what = (f"{len(models)} model(s): latency ({repeats} timed batches of {batch})"
             + (f" and {', '.join(kinds)} on {samples} test images" if kinds else ""))
-    return Work(model=model, model_key=key, images=max(1, int(len(models) * per_model)), passes=1.0, what=what)
+    return Work(model=model, model_key=key, images=max(1, int(weight * per_model)), passes=1.0, what=what)

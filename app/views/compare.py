@@ -107,8 +107,9 @@ if selected:
         help="Latency: every model timed interleaved, round by round, on the same input (as the CLI's report); "
              "robustness on a seeded, class-balanced sample of test images (the same N images as the Prune "
              "page and the CLI)",
-        work=compare_work([(k, by_key[k]["model"]) for k in selected], kinds=kinds_t, n_eps=len(DEFAULT_EPS),
-                          samples=int(samples), batch=int(batch), repeats=int(repeats)),
+        work=compare_work([(k, by_key[k]["model"]) for k in order], kinds=kinds_t, n_eps=len(DEFAULT_EPS),
+                          samples=int(samples), batch=int(batch), repeats=int(repeats),
+                          macs=[rows[k]["macs"] for k in order]),
         more="Fewer test images for robustness, fewer kinds or fewer timed passes are faster.",
     )
 
