@@ -67,7 +67,8 @@ def job_result(kind: str, key: Any, label: str, make: Callable[[], Callable[...,
                         help=help)
     if (clicked or (auto and not failed)) and not busy:
         jobs.start(kind, key, label, make(), estimate=seconds)
-        jobs.show_running(kind)
+        if not jobs.show_running(kind):  # it finished already (a cached result): show it now, not at the next click
+            st.rerun()
     return None
 
 

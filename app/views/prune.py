@@ -226,7 +226,8 @@ if not jobs.show_running("prune"):
         seconds = None if run_est is None else float(run_est["seconds"])
         jobs.start("prune", pkey, "pruning" + (" and recovering" if request.recovery.images > 0 else ""),
                    _make_job(request, seconds), estimate=seconds)
-        jobs.show_running("prune")
+        if not jobs.show_running("prune"):  # finished already: collect it now
+            st.rerun()
 
 # ---------------------------------------------------------------------------------------------- results
 runs = state.runs()
