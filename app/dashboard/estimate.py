@@ -2,10 +2,12 @@
 
 Every page describes its long actions as :class:`Work` — N images × P forward-pass equivalents of a model — and
 hands it to :func:`~dashboard.ui.job_result` (or calls :func:`estimate` and :func:`show` itself). The seconds per
-image come from a short measured probe (:func:`cka_analysis.metrics.estimate_seconds`) of this model on this
-device, run once per model and device and then kept for the whole server process, so a page rerun costs
-nothing. The job's progress bar then counts down from the estimate (``Job.estimate``) until the work reports
-its own progress.
+image come from the library's probe (:func:`cka_analysis.workflow.forward_seconds_per_image`, the same one a
+run's estimate uses) of this model on this device, run once per model and device and then kept for the whole
+server process, so a page rerun costs nothing. A pruning run and a further recovery are estimated by
+:func:`cka_analysis.workflow.estimate_run` / :func:`~cka_analysis.workflow.estimate_further` instead (timed
+training steps; what the CLI announces). The job's progress bar then counts down from the estimate
+(``Job.estimate``) until the work reports its own progress.
 
 The pass counts below are forward-pass equivalents per image: a training or attack step (forward + backward) is
 :data:`~cka_analysis.metrics.TRAIN_STEP_PASSES`; a CKA heatmap is one forward pass plus the Gram matrices of
