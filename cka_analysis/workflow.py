@@ -11,6 +11,10 @@
   :meth:`~PruneRecord.to_dict`/:meth:`~PruneRecord.from_dict`: what ``report.json`` holds, what the dashboard keeps
   in its session and what the figures take.
 
+* :func:`estimate_run` / :func:`estimate_further` — how long a run (or a further recovery) will take on its device,
+  said before it starts by the CLI and the dashboard and kept in the record (``estimated_seconds``) beside the
+  actual ``seconds``.
+
 "N test images" means the same images everywhere: :func:`eval_subset` (a class-balanced, seeded subset, see
 :func:`~cka_analysis.data.calibration_subset`).
 """
