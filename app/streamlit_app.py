@@ -63,6 +63,7 @@ def _sidebar() -> None:
 
 
 st.set_page_config(page_title="CKA Prune", page_icon="✂️", layout="wide")
+state.configure_threads()
 _persist_widgets()
 state.ensure_default()
 

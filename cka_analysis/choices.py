@@ -86,6 +86,10 @@ DEFAULT_CALIBRATION_IMAGES = 500
 #: The dashboard's default, lower on purpose: its heatmaps and scores recompute whenever the model or data change,
 #: and it says so beside the field (the command line and the library use :data:`DEFAULT_CALIBRATION_IMAGES`).
 DASHBOARD_CALIBRATION_IMAGES = 256
+#: A named budget is at most this many passes over the training split (epochs): on a small split (the digits demo's
+#: 1,437 images) ``quick`` means 3 epochs rather than 17; on CIFAR-10 (50,000 images) and larger the cap is above
+#: the budget and changes nothing. A budget given as a number of images is never capped.
+RECOVERY_PRESET_MAX_EPOCHS: Mapping[str, float] = MappingProxyType({"quick": 3.0, "standard": 10.0})
 #: Measures of :func:`cka_analysis.robustness.evaluate_robustness`.
 ROBUSTNESS_KINDS: tuple[str, ...] = ("fgsm", "pgd", "corruptions")
 

@@ -429,13 +429,11 @@ def _dataset(args: argparse.Namespace, model, split: str, *, augment: bool = Fal
 
 
 def _subset(args: argparse.Namespace, dataset, n: int | None):
-    """A class-balanced, seeded subset of n images (all of them when n is None or not smaller): image folders
-    list their files class by class, so the first n images would all be of one class."""
-    from .data import calibration_subset
+    """The "n test images" of every accuracy (:func:`~cka_analysis.workflow.eval_subset`: class-balanced, seeded;
+    all of them when n is None or not smaller): the same images as the dashboard's and a pruning run's."""
+    from .workflow import eval_subset
 
-    if n is None or n >= len(dataset):
-        return dataset
-    return calibration_subset(dataset, n, seed=getattr(args, "seed", 0))
+    return eval_subset(dataset, n, getattr(args, "seed", 0))
 
 
 def _loader(args: argparse.Namespace, dataset, *, shuffle: bool = False, batch_size: int | None = None,
@@ -670,7 +668,8 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
     from . import distributed as dist_utils
     from .errors import ConfigError
     from .export import save_pruned
-    from .workflow import check_feasible, estimate_request_recovery, run_prune
+    from .metrics import format_duration
+    from .workflow import PruneData, check_feasible, estimate_run, run_prune
 
     dev = dist_utils.init_from_env(args.device)
     out = Path(args.out)
@@ -679,9 +678,15 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
     model = _open(args.model, args.weights, args.num_classes)
     request = _prune_request(args, model, dev)
     check_feasible(request, model)  # bad blocks or an unreachable target: refused before the estimate's probe
+    data = PruneData().filled(request, model.cka_preset, recovery=request.recovery.images > 0, progress=bar)
+    estimated = None
     if dist_utils.is_main_process():
-        _announce_recovery(request.recovery, bar, lambda: estimate_request_recovery(request, model))
-    outcome = run_prune(request, progress=bar, checkpoint_dir=out / ".resume", resume=args.resume)
+        est = estimate_run(request, model, data)
+        estimated = est.seconds
+        _announce_recovery(est.request.recovery, bar, lambda: est.recovery)
+        bar.info(f"the whole run: about {format_duration(est.seconds)} on this device")
+    outcome = run_prune(request, data=data, progress=bar, checkpoint_dir=out / ".resume", resume=args.resume,
+                        estimated_seconds=estimated)
     bar.newline()
     if dist_utils.is_main_process():
         report = outcome.record.to_dict()
@@ -698,8 +703,14 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
 def cmd_recover(args: argparse.Namespace, bar: StderrProgress) -> int:
     from .errors import CheckpointError, ConfigError
     from .export import load_pruned, open_model, save_pruned
-    from .recovery import estimate_recovery
-    from .workflow import PruneRecord, further_recovery, recover_further
+    from .workflow import (
+        PruneData,
+        PruneRecord,
+        PruneRequest,
+        estimate_further,
+        further_recovery,
+        recover_further,
+    )
 
     out = Path(args.out)
     if (out / "manifest.json").exists():
@@ -723,9 +734,18 @@ def cmd_recover(args: argparse.Namespace, bar: StderrProgress) -> int:
     config = further_recovery(record, args.recovery)  # the run's own recipe and seed, with this budget
     if args.recovery_method is not None:
         config = replace(config, method=args.recovery_method)
-    _announce_recovery(config, bar, lambda: estimate_recovery(config, model, base, device=req.get("device", "auto"),
-                                                              macs_reduction=record.macs_reduction))
-    outcome = recover_further(model, record, base, config, progress=bar)
+    estimated = None
+    data = None
+    if config.images > 0:
+        request = PruneRequest.from_dict(req, model=base)
+        data = PruneData().filled(request, base.cka_preset, recovery=True, progress=bar)
+        est = estimate_further(record, model, base, config, data)
+        estimated = est.seconds
+        config = est.request.recovery
+        _announce_recovery(config, bar, lambda: est.recovery)
+    else:
+        _announce_recovery(config, bar, lambda: {})
+    outcome = recover_further(model, record, base, config, data=data, progress=bar, estimated_seconds=estimated)
     bar.newline()
     new = outcome.record.to_dict()
     save_pruned(outcome.model, out, report=new)
@@ -778,7 +798,8 @@ def cmd_finetune(args: argparse.Namespace, bar: StderrProgress) -> int:
 def cmd_evaluate(args: argparse.Namespace, bar: StderrProgress) -> int:
     from .blocks import removed_blocks
     from .device import describe_device, resolve_device
-    from .metrics import count_macs, count_params, evaluate, measure_latency
+    from .latency import compare_latency
+    from .metrics import count_macs, count_params, evaluate
 
     dev = resolve_device(args.device)
     model = _open(args.model, args.weights, args.num_classes)
@@ -793,7 +814,7 @@ def cmd_evaluate(args: argparse.Namespace, bar: StderrProgress) -> int:
         "samples": acc.samples, "macs": count_macs(model, preset.input_size), "params": count_params(model),
     }
     if not args.no_latency:
-        lat = measure_latency(model, preset.input_size, batch_size=1, device=dev, warmup=3, repeats=20)
+        lat = compare_latency({"model": model}, batch_size=1, device=dev)["model"]
         result["latency_ms"] = {"median": lat.median_ms, "p10": lat.p10_ms, "p90": lat.p90_ms, "batch_size": 1}
     print(f"{args.model}: {acc}")
     print(f"MACs {_fmt_int(result['macs'])}, parameters {_fmt_int(result['params'])}"

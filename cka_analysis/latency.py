@@ -638,21 +638,32 @@ def compare_latency(
     batch_size: int = 1,
     device: str | torch.device = "auto",
     options: TimingOptions = COMPARE_TIMING,
+    reference: str | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> dict[str, Latency]:
-    """Latency of several models (e.g. base and pruned) timed interleaved on the same input, same threads.
+    """Latency of several models (e.g. base and pruned) timed interleaved on the same input, same threads: the one
+    latency measurement of the CLI's ``report.json``, the dashboard's Compare page and the benchmarks.
 
     ``options``: dtype, threads, rounds, input size and seed (default :data:`COMPARE_TIMING`: 3 warm-up and 20
-    timed rounds; the records hold the median whatever ``options.quantile`` says). The models are not modified
-    (copies are moved to the device). Returns ``{label: Latency}``.
+    timed rounds; the records hold the median whatever ``options.quantile`` says). ``reference`` names one of
+    ``models``: every model's :class:`~cka_analysis.metrics.Latency` then also holds its time relative to the
+    reference's in the same round (median and 10th/90th percentile of the per-round ratios: a speed-up with its
+    spread, steadier than a ratio of two medians). The models are not modified (copies are moved to the device).
+    Returns ``{label: Latency}``.
     """
+    if reference is not None and reference not in models:
+        raise ConfigError(f"reference={reference!r} is not one of the models to time ({', '.join(models)})")
     times, desc = _model_times(models, batch_size, device, options, progress, cancel)
     out = {}
     for k, t in times.items():
         p10, p50, p90 = _percentiles(t)
+        ratio: dict[str, Any] = {}
+        if reference is not None:
+            r10, r50, r90 = _percentiles([a / b for a, b in zip(t, times[reference], strict=True)])
+            ratio = {"reference": reference, "ratio": r50, "ratio_p10": r10, "ratio_p90": r90}
         out[k] = Latency(median_ms=p50, p10_ms=p10, p90_ms=p90, batch_size=batch_size, device=desc,
-                         repeats=options.repeats)
+                         repeats=options.repeats, **ratio)
     return out
 
 

@@ -314,6 +314,10 @@ class Latency:
         batch_size: images per forward pass.
         device: where it ran, e.g. ``"cpu (2 threads)"`` or ``"cuda (NVIDIA H100 80GB HBM3)"``.
         repeats: number of timed forward passes.
+        reference, ratio, ratio_p10, ratio_p90: for a model timed interleaved with a reference model
+            (:func:`cka_analysis.latency.compare_latency` with ``reference=``): the reference's label and the
+            median, 10th and 90th percentile over the rounds of this model's time / the reference's time in the
+            same round (a model compared with itself gives 1 within that spread). None otherwise.
     """
 
     median_ms: float
@@ -322,6 +326,10 @@ class Latency:
     batch_size: int
     device: str
     repeats: int
+    reference: str | None = None
+    ratio: float | None = None
+    ratio_p10: float | None = None
+    ratio_p90: float | None = None
 
     @property
     def throughput(self) -> float:

@@ -45,6 +45,10 @@ class RecoveryRecord:
     cancelled: bool = False
     amp: str | None = None
     further: list[RecoveryRecord] = field(default_factory=list)
+    #: for a further recovery: the time estimated before it started and the whole call's wall time (recovery,
+    #: data and evaluation), so that estimates can be checked against what they announced
+    estimated_seconds: float | None = None
+    total_seconds: float | None = None
     #: the recipe as an older report.json wrote it (fields added to RecoveryConfig since are not in it): written
     #: back unchanged, so that a default that did not exist then is not put into the record
     config_as_read: dict[str, Any] | None = field(default=None, repr=False, compare=False)
@@ -72,6 +76,9 @@ class RecoveryRecord:
                "adaptors": self.adaptors, "cancelled": self.cancelled, "amp": self.amp}
         if self.further:
             out["further"] = [f.to_dict() for f in self.further]
+        for k in ("estimated_seconds", "total_seconds"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
         return out
 
     @classmethod
@@ -83,12 +90,16 @@ class RecoveryRecord:
                    steps=int(d.get("steps", 0)), seconds=float(d.get("seconds", 0.0)), accuracy=d.get("accuracy"),
                    history=list(d.get("history") or []), adaptors=list(d.get("adaptors") or []),
                    cancelled=bool(d.get("cancelled", False)), amp=d.get("amp"),
-                   further=[cls.from_dict(f) for f in d.get("further") or []])
+                   further=[cls.from_dict(f) for f in d.get("further") or []],
+                   estimated_seconds=d.get("estimated_seconds"), total_seconds=d.get("total_seconds"))
 
 
 #: The fields a latency record has only for a latency target (predicted from per-block costs, then measured).
 _PREDICTION = ("predicted", "predicted_reduction", "measured_reduction", "error", "relative_error", "quantile",
                "repeats")
+#: The paired speed-up of the pruned model over the base (median and 10th–90th percentile of pruned / base time
+#: within a timing round, :func:`cka_analysis.latency.compare_latency` with ``reference=``), when measured.
+_RATIO = ("ratio", "ratio_p10", "ratio_p90")
 
 
 @dataclass
@@ -108,6 +119,9 @@ class LatencyRecord:
     relative_error: float | None = None
     quantile: float | None = None
     repeats: int | None = None
+    ratio: float | None = None
+    ratio_p10: float | None = None
+    ratio_p90: float | None = None
 
     @property
     def reduction(self) -> float:
@@ -119,9 +133,11 @@ class LatencyRecord:
                                "device": self.device}
         if self.predicted is not None:
             out.update({k: getattr(self, k) for k in _PREDICTION})
+        if self.ratio is not None:
+            out.update({k: getattr(self, k) for k in _RATIO})
         return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LatencyRecord:
         return cls(base=float(d["base"]), pruned=float(d["pruned"]), batch_size=int(d["batch_size"]),
-                   device=str(d["device"]), **{k: d.get(k) for k in _PREDICTION})
+                   device=str(d["device"]), **{k: d.get(k) for k in (*_PREDICTION, *_RATIO)})

@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from .blocks import BlockAdaptor, adaptor_slots, insert_adaptors  # re-exported: they lived here first
-from .choices import DEFAULT_RECOVERY_METHOD
+from .choices import DEFAULT_RECOVERY_METHOD, RECOVERY_PRESET_MAX_EPOCHS
 from .choices import RECOVERY_METHODS as _METHODS
 from .choices import RECOVERY_PRESETS as _PRESETS
 from .errors import ConfigError
@@ -65,6 +65,8 @@ DEFAULT_METHOD = DEFAULT_RECOVERY_METHOD
 
 
 MIMIC_POINTS = ("stages", "blocks")
+#: The recovery estimate's probe batch is the recipe's, up to this many multiply-accumulates per batch.
+PROBE_MACS = 8e9
 FEATURE_SCHEDULES = ("constant", "cosine")
 
 
@@ -97,6 +99,8 @@ class RecoveryConfig:
             default): the caller's seed — a :class:`~cka_analysis.workflow.PruneRequest`'s ``seed`` (which seeds
             everything in a run unless this is set explicitly), 0 when :func:`recover` is called directly.
         name: the preset this came from (``quick``, ``standard``) or None for an explicit number.
+        preset_images: set by :meth:`fit_to` when a preset's budget was capped to a few epochs of a small
+            training split: the preset's full budget (``images`` is then the capped one). None otherwise.
     """
 
     images: int = RECOVERY_PRESETS["quick"]
@@ -116,6 +120,7 @@ class RecoveryConfig:
     amp: str = "auto"
     seed: int | None = None
     name: str | None = None
+    preset_images: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.images, bool) or not isinstance(self.images, int) or self.images < 0:
@@ -172,7 +177,28 @@ class RecoveryConfig:
 
     def with_images(self, images: int) -> RecoveryConfig:
         """The same recipe with another budget (the preset name is dropped unless the budget is the same)."""
-        return replace(self, images=int(images), name=self.name if images == self.images else None)
+        same = images == self.images
+        return replace(self, images=int(images), name=self.name if same else None,
+                       preset_images=self.preset_images if same else None)
+
+    def fit_to(self, train_images: int) -> RecoveryConfig:
+        """This budget for a training split of ``train_images`` images: a named preset is capped at
+        :data:`~cka_analysis.choices.RECOVERY_PRESET_MAX_EPOCHS` passes over the split (``quick`` on the digits
+        demo's 1,437 images: 3 epochs = 4,311 images instead of 25,000, 17 epochs of a network that needs far
+        fewer), the preset's own budget kept in :attr:`preset_images`. A budget given as a number, a split large
+        enough (CIFAR-10's 50,000 images for ``quick``) or a config already fitted is returned unchanged."""
+        epochs = RECOVERY_PRESET_MAX_EPOCHS.get(self.name or "")
+        if epochs is None or self.preset_images is not None or train_images < 1:
+            return self
+        cap = int(epochs * train_images)
+        if cap >= self.images:
+            return self
+        return replace(self, images=cap, preset_images=self.images)
+
+    @property
+    def capped(self) -> bool:
+        """True when :meth:`fit_to` capped a preset to a few epochs of a small training split."""
+        return self.preset_images is not None
 
     def split_iterative(self, steps: int, share: float = 0.3) -> tuple[int, int]:
         """(images per pruning step, images for the final recovery) for iterative pruning with ``steps``
@@ -193,6 +219,10 @@ class RecoveryConfig:
 
     def describe(self) -> str:
         what = self.name or f"{self.images:,} images"
+        if self.capped:
+            epochs = RECOVERY_PRESET_MAX_EPOCHS[self.name or ""]
+            what += (f", capped at {epochs:g} epochs of the training split: {self.images:,} images instead of "
+                     f"{self.preset_images:,}")
         return f"{what} ({self.method}: {RECOVERY_METHODS[self.method]})" if self.images else "none"
 
     def to_dict(self) -> dict[str, Any]:
@@ -621,9 +651,13 @@ def estimate_recovery(config: RecoveryConfig | str | int, model: nn.Module, teac
     dev = resolve_device(device)
     steps = cfg.train_steps if cfg.images else 0
     forward_images = min(cfg.bn_images, cfg.images) + (cfg.adaptor_images if cfg.method == "adaptor" else 0)
+    # the recipe's own batch (throughput per image depends on it), fewer images only where a batch would cost
+    # more than PROBE_MACS multiply-accumulates (large ImageNet models on a CPU)
+    from .metrics import count_macs
     from .training import train_in_channels_last, training_autocast, training_dtype
 
-    n = min(cfg.batch_size, 32)
+    per_image_macs = max(1, count_macs(model, model.cka_preset.input_size))
+    n = int(min(cfg.batch_size, max(8, PROBE_MACS // per_image_macs)))
     x = torch.randn(n, *model.cka_preset.input_size, device=dev)
     y = torch.zeros(n, dtype=torch.long, device=dev)
     student = copy.deepcopy(model).to(dev)

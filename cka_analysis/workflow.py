@@ -11,6 +11,10 @@
   :meth:`~PruneRecord.to_dict`/:meth:`~PruneRecord.from_dict`: what ``report.json`` holds, what the dashboard keeps
   in its session and what the figures take.
 
+* :func:`estimate_run` / :func:`estimate_further` — how long a run (or a further recovery) will take on its device,
+  said before it starts by the CLI and the dashboard and kept in the record (``estimated_seconds``) beside the
+  actual ``seconds``.
+
 "N test images" means the same images everywhere: :func:`eval_subset` (a class-balanced, seeded subset, see
 :func:`~cka_analysis.data.calibration_subset`).
 """
@@ -52,10 +56,16 @@ __all__ = [
     "PruneOutcome",
     "PruneRecord",
     "PruneRequest",
+    "RunEstimate",
     "check_feasible",
+    "estimate_further",
     "estimate_request_recovery",
+    "estimate_run",
     "eval_subset",
+    "fit_recovery",
+    "forward_seconds_per_image",
     "further_recovery",
+    "load_seconds_per_image",
     "records_equal",
     "recover_further",
     "recovery_stand_in",
@@ -318,6 +328,8 @@ class PruneRecord:
             for a latency target the prediction and its error), None when not measured.
         robustness: optional robustness results added by the caller.
         cancelled: the run was cancelled; what it finished is kept. seconds: wall time of the run.
+        estimated_seconds: what :func:`estimate_run` said the run would take before it started (None when no
+            estimate was made), kept beside ``seconds`` so that every estimate can be checked against the truth.
     """
 
     request: dict[str, Any]
@@ -336,6 +348,7 @@ class PruneRecord:
     robustness: dict[str, Any] | None = None
     cancelled: bool = False
     seconds: float = 0.0
+    estimated_seconds: float | None = None
 
     @property
     def macs_reduction(self) -> float:
@@ -346,7 +359,7 @@ class PruneRecord:
         return 1 - self.final.params / self.base.params if self.base.params else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": RECORD_FORMAT, "request": self.request, "arch": self.arch, "criterion": self.criterion,
             "iterative": self.iterative, "target": None if self.target is None else self.target.to_dict(),
             "removed": list(self.removed),
@@ -358,6 +371,9 @@ class PruneRecord:
             "latency_ms": None if self.latency_ms is None else self.latency_ms.to_dict(),
             "robustness": self.robustness, "cancelled": self.cancelled, "seconds": self.seconds,
         }
+        if self.estimated_seconds is not None:  # absent from reports written before estimates were recorded
+            out["estimated_seconds"] = self.estimated_seconds
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PruneRecord:
@@ -374,6 +390,7 @@ class PruneRecord:
             images_seen=int(d.get("images_seen", 0)),
             latency_ms=None if d.get("latency_ms") is None else LatencyRecord.from_dict(d["latency_ms"]),
             robustness=d.get("robustness"), cancelled=bool(d.get("cancelled")), seconds=float(d.get("seconds", 0)),
+            estimated_seconds=d.get("estimated_seconds"),
         )
 
     # ------------------------------------------------------------------------------------------------ views
@@ -389,6 +406,8 @@ class PruneRecord:
         """The recovery asked for, in words (``quick``, ``12,000 images``, ``none``)."""
         cfg = self.request.get("recovery") or {}
         name = (cfg.get("name") or f"{cfg['images']:,} images") if cfg.get("images") else "none"
+        if cfg.get("preset_images"):
+            name += f" (capped at {cfg['images']:,} images: a few epochs of the training split)"
         further = [] if self.recovery is None else [f.config for f in self.recovery.further]
         return name + "".join(f" + {f.name or format(f.images, ',') + ' images'}" for f in further)
 
@@ -567,6 +586,143 @@ def estimate_request_recovery(request: PruneRequest, model: nn.Module) -> dict[s
                              macs_reduction=request.macs_target)
 
 
+def fit_recovery(request: PruneRequest, train: Dataset | int) -> PruneRequest:
+    """``request`` with its recovery budget fitted to the training split ``train`` (a dataset or its size): a
+    named preset is capped to a few epochs of a small split (:meth:`RecoveryConfig.fit_to
+    <cka_analysis.recovery.RecoveryConfig.fit_to>`); anything else is returned as it is."""
+    n = train if isinstance(train, int) else len(train)  # type: ignore[arg-type]
+    fitted = request.recovery.fit_to(n)
+    return request if fitted == request.recovery else replace(request, recovery=fitted)
+
+
+#: Forward-pass probes batch as many images as fit in this many multiply-accumulates (64 of ResNet-56, 4 of a
+#: ResNet-50), within PROBE_BATCH: CPU throughput at batch 16 is a quarter of that at 128 on ResNet-56.
+PROBE_MACS = 8e9
+PROBE_BATCH = (4, 64)
+#: Rounds of the latency timing in a run (:data:`cka_analysis.latency.COMPARE_TIMING`: 3 warm-up + 20 timed).
+_LATENCY_ROUNDS = 23
+
+
+@dataclass
+class RunEstimate:
+    """How long a run (or a further recovery) will take here, said before it starts: :func:`estimate_run`.
+
+    Attributes:
+        seconds: the whole run. phases: seconds by phase (``scoring``, ``evaluation``, ``recovery``,
+            ``latency``, ``bookkeeping``). recovery: :func:`~cka_analysis.recovery.estimate_recovery`'s answer for the budget that
+            will be spent (after :func:`fit_recovery`), with the reference benchmark's accuracy drop; None
+            without recovery. request: the request as it will run (its budget fitted to the training split).
+    """
+
+    seconds: float
+    phases: dict[str, float]
+    recovery: dict[str, Any] | None
+    request: PruneRequest
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "phases": dict(self.phases), "recovery": self.recovery}
+
+
+def forward_seconds_per_image(model: nn.Module, device: str | Any = "auto") -> float:
+    """Measured seconds of one forward pass per image of ``model`` on ``device``, at a batch like real work's
+    (:data:`PROBE_MACS`); the probe of every time estimate (:func:`~cka_analysis.metrics.estimate_seconds`)."""
+    from .metrics import count_macs, estimate_seconds
+
+    macs = max(1, count_macs(model, model.cka_preset.input_size))
+    low, high = PROBE_BATCH
+    batch = int(min(high, max(low, PROBE_MACS // macs)))
+    return estimate_seconds(model, batch, 1.0, device, batch_size=batch, repeats=1).per_image_s
+
+
+def load_seconds_per_image(dataset: Dataset, images: int = 32) -> float:
+    """Measured seconds to read and transform one image of ``dataset`` (``images`` of them, spread over the
+    split): what a data loader pays per image besides the model's arithmetic (on the digits demo as much as the
+    forward pass itself)."""
+    from .data import make_loader
+
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        return 0.0
+    count = min(images, n)
+    probe = Subset(dataset, [(i * n) // count for i in range(count)])
+    start = time.perf_counter()
+    for _ in make_loader(probe, batch_size=count, shuffle=False, num_workers=0):
+        pass
+    return (time.perf_counter() - start) / count
+
+
+def estimate_run(request: PruneRequest, model: nn.Module, data: PruneData, *,
+                 per_image_s: float | None = None) -> RunEstimate:
+    """What :func:`run_prune` of ``request`` will take on its device, before it starts: the one time estimate of
+    a run, which the CLI announces, the dashboard shows and the ``estimates`` benchmark checks against the truth.
+
+    ``model`` is the unpruned model; ``data`` holds the splits the run will read (their sizes set the work:
+    :meth:`PruneData.filled`). Scoring, the accuracy evaluations and the latency timing are forward passes at the
+    probed rate (``per_image_s``: a rate already measured for this model and device, else probed here); the
+    recovery is :func:`~cka_analysis.recovery.estimate_recovery` of the budget that will be spent, timed on
+    :func:`recovery_stand_in`.
+    """
+    from .blocks import find_blocks
+    from .metrics import count_macs, estimate_seconds
+    from .recovery import estimate_recovery
+
+    recovering = request.recovery.images > 0
+    if recovering and data.train_augmented is not None:
+        request = fit_recovery(request, data.train_augmented)
+    rate = per_image_s if per_image_s is not None else forward_seconds_per_image(model, request.device)
+    n_test = len(eval_subset(data.test, request.eval_samples, request.eval_seed))  # type: ignore[arg-type]
+    steps = 1
+    if request.blocks is None and request.iterative:
+        steps = _max_steps(request, model)
+    phases: dict[str, float] = {}
+    load_test = load_seconds_per_image(data.test)  # type: ignore[arg-type]
+    if request.needs_calibration:
+        removable = sum(b.removable for b in find_blocks(model))
+        load_train = load_seconds_per_image(data.train) if data.train is not None else load_test
+        # one pass over the calibration images, then the rest of the network after each candidate (about half)
+        phases["scoring"] = (rate * (1 + removable / 2) + load_train) * request.calibration_samples * steps
+    # the unpruned model and after each removal; with recovery, its start and end inside it, and for the record
+    phases["evaluation"] = (rate + load_test) * n_test * (1 + steps + (3 if recovering else 0))
+    rec = None
+    if recovering:
+        rec = dict(estimate_recovery(request.recovery, recovery_stand_in(request, model), model,
+                                     device=request.device, macs_reduction=request.macs_target))
+        train = data.train_augmented if data.train_augmented is not None else data.train
+        load = load_seconds_per_image(train) if train is not None else load_test
+        phases["recovery"] = float(rec["seconds"]) + load * request.recovery.images
+    if request.latency:
+        one = estimate_seconds(model, 1, 1.0, request.device, batch_size=1, repeats=3).per_image_s
+        phases["latency"] = 2 * _LATENCY_ROUNDS * one * request.latency_batch_size
+    # bookkeeping: the run counts MACs and parameters of the model before, at every step and after (a traced pass
+    # each: 50 ms on the demo, more on deep networks)
+    start = time.perf_counter()
+    count_macs(model, model.cka_preset.input_size)
+    phases["bookkeeping"] = (time.perf_counter() - start) * (4 + steps)
+    return RunEstimate(seconds=sum(phases.values()), phases=phases, recovery=rec, request=request)
+
+
+def estimate_further(record: PruneRecord, model: nn.Module, base: nn.Module, recovery: RecoveryConfig | str | int,
+                     data: PruneData, *, per_image_s: float | None = None) -> RunEstimate:
+    """What :func:`recover_further` will take: the same recovery estimate as :func:`estimate_run` (timed on the
+    pruned ``model`` itself, distilling from ``base``) plus its one evaluation on the run's test images."""
+    from .recovery import estimate_recovery
+
+    request = PruneRequest.from_dict(record.request, model=base)
+    config = further_recovery(record, recovery) if isinstance(recovery, (str, int)) else \
+        recovery.seeded(request.seed)
+    if data.train_augmented is not None:
+        config = config.fit_to(len(data.train_augmented))  # type: ignore[arg-type]
+    rate = per_image_s if per_image_s is not None else forward_seconds_per_image(base, request.device)
+    n_test = len(eval_subset(data.test, request.eval_samples, request.eval_seed))  # type: ignore[arg-type]
+    rec = dict(estimate_recovery(config, model, base, device=request.device, macs_reduction=record.macs_reduction))
+    load_test = load_seconds_per_image(data.test)  # type: ignore[arg-type]
+    load_train = load_seconds_per_image(data.train_augmented) if data.train_augmented is not None else load_test
+    phases = {"evaluation": (rate + load_test) * n_test,
+              "recovery": float(rec["seconds"]) + load_train * config.images}
+    return RunEstimate(seconds=sum(phases.values()), phases=phases, recovery=rec,
+                       request=replace(request, recovery=config))
+
+
 def _max_steps(request: PruneRequest, model: nn.Module, costs: Any = None) -> int:
     """The most removals an iterative run can take for its target (cheapest blocks first): the per-step share
     of the recovery budget is computed for this many steps, so the steps never spend more than the budget."""
@@ -664,9 +820,10 @@ class _Runner:
                                  error=c.error, relative_error=c.relative_error, quantile=c.quantile,
                                  repeats=c.repeats)
         t = compare_latency({"base": self.base, "pruned": pruned}, batch_size=self.request.latency_batch_size,
-                            device=self.device)
-        return LatencyRecord(t["base"].median_ms, t["pruned"].median_ms, self.request.latency_batch_size,
-                             t["base"].device)
+                            device=self.device, reference="base")
+        p = t["pruned"]
+        return LatencyRecord(t["base"].median_ms, p.median_ms, self.request.latency_batch_size, t["base"].device,
+                             ratio=p.ratio, ratio_p10=p.ratio_p10, ratio_p90=p.ratio_p90)
 
 
 def _prune_step(runner: _Runner) -> PruneResult:
@@ -708,6 +865,7 @@ def run_prune(
     cancel: CancelToken | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    estimated_seconds: float | None = None,
 ) -> PruneOutcome:
     """Run ``request``: prune, recover, evaluate, time; returns the pruned model and its :class:`PruneRecord`.
 
@@ -716,6 +874,9 @@ def run_prune(
     ``checkpoint_dir`` keeps the finished parts (scores, iterative steps, the recovery state) so that a killed run
     goes on with ``resume=True``; it is created only once there is something to keep. A cancel keeps what
     finished (the blocks removed so far, the recovered weights) and sets ``record.cancelled``.
+    A named recovery budget is capped to a few epochs of a small training split (:meth:`RecoveryConfig.fit_to
+    <cka_analysis.recovery.RecoveryConfig.fit_to>`); the record's request holds the budget that was spent.
+    ``estimated_seconds`` (what :func:`estimate_run` said beforehand) is kept in the record beside the actual time.
     """
     progress = progress or no_progress
     start = time.perf_counter()
@@ -723,6 +884,8 @@ def run_prune(
     check_feasible(request, base)
     recovering = request.recovery.images > 0
     data = (data or PruneData()).filled(request, base.cka_preset, recovery=recovering, progress=progress)
+    if recovering:
+        request = fit_recovery(request, data.train_augmented)
     store = None if checkpoint_dir is None else ResumeStore(checkpoint_dir, request.resume_key(), resume=resume)
     runner = _Runner(request, base, data, progress, cancel, store)
     result = _prune_step(runner)
@@ -742,6 +905,7 @@ def run_prune(
         after_removal=Measurement(after.macs, after.params, after.accuracy),
         final=Measurement(final_macs, final_params, final_acc), recovery=recovery, images_seen=runner.images_seen,
         latency_ms=runner.latency(result.model), cancelled=result.cancelled or cancelled,
+        estimated_seconds=estimated_seconds,
     )
     record.seconds = time.perf_counter() - start
     return PruneOutcome(result.model, record)
@@ -769,6 +933,7 @@ def recover_further(
     data: PruneData | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    estimated_seconds: float | None = None,
 ) -> PruneOutcome:
     """Spend another recovery budget on a pruned model without pruning again (the dashboard's Compare page).
 
@@ -777,7 +942,9 @@ def recover_further(
     ``model`` is not modified: a copy is recovered with ``base`` (the unpruned model) as the teacher, on the data
     and device of ``record``'s request, and evaluated on the same test images. The new record is ``record`` with
     the final accuracy, the costs (adaptors may be added), the images seen (the sum) and the recovery history
-    (``record.recovery.further``, one entry per extra recovery) updated.
+    (``record.recovery.further``, one entry per extra recovery) updated. A named budget is capped as in
+    :func:`run_prune`; ``estimated_seconds`` (from :func:`estimate_further`) is kept in the new entry of
+    ``further`` beside the seconds it took.
     """
     from dataclasses import replace as dc_replace
 
@@ -792,12 +959,15 @@ def recover_further(
         raise ConfigError(f"recovery={recovery!r} spends no images; give a budget such as 'quick' or 25000")
     work = copy.deepcopy(model)
     data = (data or PruneData()).filled(request, base.cka_preset, recovery=True, progress=progress)
+    config = config.fit_to(len(data.train_augmented))  # type: ignore[arg-type]
     runner = _Runner(request, base, data, progress or no_progress, cancel, None)
     res = recover(work, data.train_augmented, config, teacher=base, device=runner.device, progress=progress,
                   cancel=cancel)
     accuracy = runner.evaluate(work, cancellable=False)
     previous = dc_replace(record.recovery) if record.recovery is not None else RecoveryRecord(request.recovery)
-    previous.further = [*previous.further, RecoveryRecord.from_result(res)]
+    extra = dc_replace(RecoveryRecord.from_result(res), estimated_seconds=estimated_seconds,
+                       total_seconds=time.perf_counter() - start)
+    previous.further = [*previous.further, extra]
     size = work.cka_preset.input_size
     new = dc_replace(record, final=Measurement(count_macs(work, size), count_params(work), accuracy),
                      recovery=previous, images_seen=record.images_seen + res.images_seen,
@@ -807,7 +977,8 @@ def recover_further(
 
 
 def records_equal(a: PruneRecord | Mapping[str, Any], b: PruneRecord | Mapping[str, Any],
-                  ignore: Sequence[str] = ("seconds", "latency_ms", "device")) -> bool:
+                  ignore: Sequence[str] = ("seconds", "estimated_seconds", "total_seconds", "latency_ms",
+                                           "device")) -> bool:
     """Whether two records agree on everything but wall-clock fields (``ignore`` keys at any depth)."""
     def strip(x: Any) -> Any:
         if isinstance(x, Mapping):

@@ -8,10 +8,12 @@ of the heatmap page there (``scripts/screenshots.py`` takes the full set).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,3 +146,54 @@ def test_heatmap_renders_in_chromium(server: tuple[str, ServerLog], browser) -> 
         raise AssertionError(f"{exc}\n--- streamlit output ---\n{log.text()}") from exc
     finally:
         page.close()
+
+
+def test_default_demo_flow_end_to_end(server: tuple[str, ServerLog], browser) -> None:
+    """Issue 22: a new user's first minutes, each page's main action with its defaults — the demo loads, its
+    accuracy, the heatmap and the scores appear by themselves, Prune (≥ 30 % fewer MACs, quick recovery), Compare
+    ("Measure latency and robustness"), Export (every format) — with no exception shown or thrown in the page.
+    The time of each step is printed (under a minute in all on an idle 2-core machine)."""
+    url, log = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(PAGE_TIMEOUT)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    marks: list[tuple[str, float]] = []
+    start = time.perf_counter()
+
+    def step(name: str) -> None:
+        marks.append((name, time.perf_counter() - start))
+        assert page.locator("[data-testid='stException']").count() == 0, f"an exception is shown after {name}"
+        assert not errors, f"{name}: {errors}"
+
+    try:
+        page.goto(url, wait_until="domcontentloaded")
+        page.get_by_text("Test accuracy (top-1)").wait_for()
+        step("model & data")
+        sidebar = page.get_by_test_id("stSidebar")
+        sidebar.get_by_role("link", name="CKA heatmap").click()
+        page.get_by_role("heading", name="CKA heatmap").wait_for()
+        page.locator(".js-plotly-plot").first.wait_for(state="visible")
+        step("heatmap")
+        sidebar.get_by_role("link", name="Removal scores").click()
+        page.get_by_role("heading", name="Removal scores").wait_for()
+        page.get_by_text(re.compile(r"calibration images, [0-9.]+ s\.")).wait_for()  # under the ranking
+        step("scores")
+        sidebar.get_by_role("link", name="Prune").click()
+        page.get_by_text("The run: about").wait_for()  # the request and its estimate are ready
+        page.get_by_role("button", name="Prune", exact=True).click()
+        page.get_by_role("heading", name="Result").wait_for()
+        step("prune")
+        sidebar.get_by_role("link", name="Compare").click()
+        page.get_by_role("button", name="Measure latency and robustness").click()
+        page.get_by_text(re.compile(r"Robustness on \d+ test images, the seeded")).wait_for()  # under the plots
+        step("compare")
+        sidebar.get_by_role("link", name="Export").click()
+        page.get_by_role("button", name="Prepare the files").click()
+        page.get_by_role("button", name=re.compile(r"Download .*\.onnx")).wait_for()
+        step("export")
+    except Exception as exc:
+        raise AssertionError(f"{exc}\nsteps done: {marks}\n--- streamlit output ---\n{log.text()}") from exc
+    finally:
+        page.close()
+    print("demo flow (s since the page opened): " + ", ".join(f"{n} {t:.1f}" for n, t in marks))

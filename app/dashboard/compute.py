@@ -15,6 +15,7 @@ import io
 import shutil
 import tempfile
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,14 @@ from torch import nn
 from cka_analysis.cka import CKAOptions, cka_matrix
 from cka_analysis.errors import CKAPruneError
 from cka_analysis.export import export_onnx, export_pt2, save_pruned
-from cka_analysis.metrics import evaluate, measure_latency
+from cka_analysis.latency import TimingOptions, compare_latency
+from cka_analysis.metrics import evaluate
 from cka_analysis.robustness import RobustnessResult, evaluate_robustness
 from cka_analysis.scoring import ScoringOptions, score_blocks
+from cka_analysis.workflow import estimate_further, estimate_run
+
+#: Untimed rounds before the Compare page's timed ones (as :data:`cka_analysis.latency.COMPARE_TIMING`).
+LATENCY_WARMUP = 3
 
 
 def private_copy(model: nn.Module) -> nn.Module:
@@ -35,11 +41,11 @@ def private_copy(model: nn.Module) -> nn.Module:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def test_accuracy(model_key: str, data_key: str, device: str, max_samples: int | None, *,
+def test_accuracy(model_key: str, data_key: str, device: str, samples: int, *,
                   _model: nn.Module, _loader: Any, _progress=None, _cancel=None) -> dict:
-    """Top-1 (top-5) accuracy and loss on the test split."""
-    acc = evaluate(private_copy(_model), _loader, device=device, max_samples=max_samples,
-                   progress=_progress, cancel=_cancel)
+    """Top-1 (top-5) accuracy and loss on ``_loader``: the "N test images" of ``state.test_loader(a, samples)``
+    (``workflow.eval_subset``), the images a pruning run with ``eval_samples=samples`` is measured on."""
+    acc = evaluate(private_copy(_model), _loader, device=device, progress=_progress, cancel=_cancel)
     return {"top1": acc.top1, "top5": acc.top5, "loss": acc.loss, "samples": acc.samples}
 
 
@@ -105,13 +111,15 @@ def robustness(model_key: str, data_key: str, kinds: tuple[str, ...], eps: tuple
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def latency(model_key: str, batch_size: int, repeats: int, device: str, *, _model: nn.Module,
-            _input_size: tuple) -> dict:
-    """Median forward latency of one batch (``measure_latency``)."""
-    lat = measure_latency(private_copy(_model), _input_size, batch_size=batch_size, device=device,
-                          warmup=min(10, repeats), repeats=repeats)
-    return {"median_ms": lat.median_ms, "p10_ms": lat.p10_ms, "p90_ms": lat.p90_ms, "batch_size": lat.batch_size,
-            "device": lat.device, "throughput": lat.throughput}
+def latency(model_keys: tuple[str, ...], batch_size: int, repeats: int, device: str, *,
+            _models: dict[str, nn.Module], _progress=None, _cancel=None) -> dict[str, dict]:
+    """Latency of every model at one batch size, timed interleaved round by round on the same input
+    (``cka_analysis.latency.compare_latency``, the measurement of the CLI's ``report.json``), each relative to the
+    first model (``ratio``: time / the first model's time in the same round, with its 10th–90th percentile)."""
+    options = TimingOptions(warmup=LATENCY_WARMUP, repeats=repeats)
+    lat = compare_latency({k: _models[k] for k in model_keys}, batch_size=batch_size, device=device,
+                          options=options, reference=model_keys[0], progress=_progress, cancel=_cancel)
+    return {k: {**asdict(v), "throughput": v.throughput} for k, v in lat.items()}
 
 
 def compare_runs(entries: list[dict], *, robustness_kinds: tuple[str, ...], eps: tuple[float, ...],
@@ -119,23 +127,31 @@ def compare_runs(entries: list[dict], *, robustness_kinds: tuple[str, ...], eps:
                  mean: tuple, std: tuple, progress=None, cancel=None) -> dict[str, dict]:
     """Latency and robustness of several models: ``{key: {"latency": ..., "robustness": ...}}``.
 
-    ``entries`` are ``{"key", "model", "label"}`` dicts; each measurement is cached on its own.
+    ``entries`` are ``{"key", "model", "label"}`` dicts, the reference (the original) first. Latency is one
+    interleaved measurement of all of them (cached for that set of models); robustness is measured, and cached,
+    model by model on ``loader``'s images (the seeded, class-balanced "N test images").
     """
     out: dict[str, dict] = {}
-    n = len(entries)
+    n = len(entries) + 1
+
+    def lat_step(done: int, total: int | None, message: str) -> None:
+        if progress is not None:
+            progress(0, n, f"latency of {len(entries)} model(s), interleaved: {message}")
+
+    lat_step(0, None, "warming up")
+    keys = tuple(e["key"] for e in entries)
+    lat = latency(keys, batch_size, repeats, device, _models={e["key"]: e["model"] for e in entries},
+                  _progress=lat_step, _cancel=cancel)
     for i, e in enumerate(entries):
         def step(done: int, total: int | None, message: str, i: int = i, label: str = e["label"]) -> None:
             if progress is not None:
-                progress(i, n, f"{label}: {message}")
+                progress(i + 1, n, f"{label}: {message}")
 
-        step(0, None, "latency")
-        model = e["model"]
-        lat = latency(e["key"], batch_size, repeats, device, _model=model, _input_size=tuple(model.cka_preset.input_size))
         rob = None
         if robustness_kinds:
-            rob = robustness(e["key"], data_key, robustness_kinds, eps, max_samples, device, _model=model,
+            rob = robustness(e["key"], data_key, robustness_kinds, eps, max_samples, device, _model=e["model"],
                              _loader=loader, _mean=mean, _std=std, _progress=step, _cancel=cancel)
-        out[e["key"]] = {"latency": lat, "robustness": rob}
+        out[e["key"]] = {"latency": lat[e["key"]], "robustness": rob}
     if progress is not None:
         progress(n, n, "done")
     return out
@@ -191,13 +207,25 @@ def build_exports(model: nn.Module, name: str, report: dict, formats: tuple[str,
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def recovery_estimate(model_key: str, request_key: str, *, _request: Any, _model: nn.Module) -> dict:
-    """What the recovery of ``_request`` is expected to cost on its device and what the same recipe left on the
-    reference benchmark (``estimate_request_recovery``, as the CLI announces it), once per model and request
-    (``request_key`` names the request's target, blocks, recovery and device)."""
-    from cka_analysis.workflow import estimate_request_recovery
+def run_estimate(model_key: str, request_key: str, *, _request: Any, _model: nn.Module, _data: Any,
+                 _per_image_s: float | None = None) -> dict:
+    """How long ``_request``'s run will take here (``workflow.estimate_run``, what the CLI announces), with the
+    recovery's reference accuracy drop and the budget as it will be spent; once per model and request
+    (``request_key`` names the request's target, blocks, recovery, test images and device)."""
+    est = estimate_run(_request, private_copy(_model), _data, per_image_s=_per_image_s)
+    return {**est.to_dict(), "recovery_config": est.request.recovery.to_dict(),
+            "recovery_text": est.request.recovery.describe()}
 
-    return dict(estimate_request_recovery(_request, private_copy(_model)))
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def further_estimate(run_id: str, budget: str, *, _record: Any, _model: nn.Module, _base: nn.Module, _config: Any,
+                     _data: Any, _per_image_s: float | None = None) -> dict:
+    """How long recovering run ``run_id`` further with ``budget`` will take (``workflow.estimate_further``: the
+    same recovery estimate as a run's)."""
+    est = estimate_further(_record, private_copy(_model), private_copy(_base), _config, _data,
+                           per_image_s=_per_image_s)
+    return {**est.to_dict(), "recovery_config": est.request.recovery.to_dict(),
+            "recovery_text": est.request.recovery.describe()}
 
 
 def cached_job(fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -2,10 +2,12 @@
 
 Every page describes its long actions as :class:`Work` — N images × P forward-pass equivalents of a model — and
 hands it to :func:`~dashboard.ui.job_result` (or calls :func:`estimate` and :func:`show` itself). The seconds per
-image come from a short measured probe (:func:`cka_analysis.metrics.estimate_seconds`) of this model on this
-device, run once per model and device and then kept for the whole server process, so a page rerun costs
-nothing. The job's progress bar then counts down from the estimate (``Job.estimate``) until the work reports
-its own progress.
+image come from the library's probe (:func:`cka_analysis.workflow.forward_seconds_per_image`, the same one a
+run's estimate uses) of this model on this device, run once per model and device and then kept for the whole
+server process, so a page rerun costs nothing. A pruning run and a further recovery are estimated by
+:func:`cka_analysis.workflow.estimate_run` / :func:`~cka_analysis.workflow.estimate_further` instead (timed
+training steps; what the CLI announces). The job's progress bar then counts down from the estimate
+(``Job.estimate``) until the work reports its own progress.
 
 The pass counts below are forward-pass equivalents per image: a training or attack step (forward + backward) is
 :data:`~cka_analysis.metrics.TRAIN_STEP_PASSES`; a CKA heatmap is one forward pass plus the Gram matrices of
@@ -21,14 +23,11 @@ from dataclasses import dataclass
 import streamlit as st
 from torch import nn
 
-from cka_analysis.metrics import TRAIN_STEP_PASSES, Estimate, estimate_seconds, format_duration
+from cka_analysis.metrics import TRAIN_STEP_PASSES, Estimate, format_duration
+from cka_analysis.workflow import forward_seconds_per_image
 
 LONG_SECONDS = 10.0  # actions expected to take longer than this show the estimate before they start
 SLOW_SECONDS = 60.0  # ... and a warning with the sizes to lower above this
-# The probe runs batches like the real work's (CPU throughput at batch 16 is a quarter of that at 128 for
-# ResNet-56), as large as fits in PROBE_MACS multiply-accumulates: 64 images of ResNet-56, 4 of a ResNet-50.
-PROBE_MACS = 8e9
-PROBE_BATCH_RANGE = (4, 64)
 
 HEATMAP_PASSES = 1.5
 CROSS_HEATMAP_PASSES = 2 * HEATMAP_PASSES  # two networks over the same images
@@ -69,19 +68,12 @@ def seconds_per_image(model: nn.Module, model_key: str, device: str) -> float:
     with _lock:
         if key in _rates:
             return _rates[key]
-    from cka_analysis.metrics import count_macs
-    from cka_analysis.models import get_preset
-
     from .compute import private_copy
 
-    copy = private_copy(model)
-    macs = max(1, count_macs(copy, get_preset(copy).input_size))
-    low, high = PROBE_BATCH_RANGE
-    batch = int(min(high, max(low, PROBE_MACS // macs)))
-    probe = estimate_seconds(copy, batch, 1.0, device, batch_size=batch, repeats=1)
+    rate = forward_seconds_per_image(private_copy(model), device)
     with _lock:
-        _rates[key] = probe.per_image_s
-    return probe.per_image_s
+        _rates[key] = rate
+    return rate
 
 
 def estimate(work: Work, device: str) -> Estimate:
@@ -127,21 +119,23 @@ def robustness_passes(kinds: Sequence[str], n_eps: int, pgd_steps: int = 10) -> 
 
 
 def latency_images(batch: int, repeats: int) -> int:
-    """Images the latency measurement pushes through: (warm-up = min(10, repeats)) + repeats batches."""
-    return (min(10, repeats) + repeats) * batch
+    """Images the latency measurement pushes through per model: (3 warm-up + ``repeats``) batches."""
+    return (3 + repeats) * batch
 
 
 def compare_work(models: Sequence[tuple[str, nn.Module]], *, kinds: Sequence[str], n_eps: int, samples: int,
-                 batch: int, repeats: int, pgd_steps: int = 10) -> Work:
+                 batch: int, repeats: int, pgd_steps: int = 10, macs: Sequence[float] | None = None) -> Work:
     """The Compare page's measurement: latency (warm-up + timed batches) and robustness of every model.
 
-    Expressed as forward passes of the first model (pruned models are cheaper, so this errs on the safe side).
+    Expressed as forward passes of the first model; ``macs`` (one per model) weighs each model's passes by its
+    MACs relative to the first's (a pruned model's pass is cheaper; without them every model costs as much).
     """
     if not models:
         raise ValueError("compare_work needs at least one model")
     key, model = models[0]
     latency = latency_images(batch, repeats)
     per_model = latency + (samples * robustness_passes(kinds, n_eps, pgd_steps) if kinds else 0)
+    weight = len(models) if not macs else sum(m / macs[0] for m in macs)
     what = (f"{len(models)} model(s): latency ({repeats} timed batches of {batch})"
             + (f" and {', '.join(kinds)} on {samples} test images" if kinds else ""))
-    return Work(model=model, model_key=key, images=max(1, int(len(models) * per_model)), passes=1.0, what=what)
+    return Work(model=model, model_key=key, images=max(1, int(weight * per_model)), passes=1.0, what=what)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -228,6 +229,34 @@ def small_work(a: Active, images: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ device
+THREADS_ENV = "CKA_PRUNE_DASHBOARD_THREADS"
+
+
+def compute_threads() -> int:
+    """Torch threads for the dashboard's work: ``$CKA_PRUNE_DASHBOARD_THREADS``, else ``$OMP_NUM_THREADS``, else
+    every core but one. The server and the browser need a core: OpenMP threads that share theirs wait for each
+    other at every operator (on a 2-core machine with other processes running, the demo's robustness measurement
+    took 21 s with two threads, 3.9 s with one), which also made every time estimate wrong."""
+    for env in (THREADS_ENV, "OMP_NUM_THREADS"):
+        raw = os.environ.get(env, "").strip()
+        if raw:
+            try:
+                return max(1, int(raw))
+            except ValueError:
+                raise ValueError(f"{env}={raw!r} must be a positive integer (torch threads)") from None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
+def configure_threads() -> int:
+    """Set the process's torch threads to :func:`compute_threads` (every later thread, the jobs' included,
+    starts with it); returns the number."""
+    n = compute_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 def device_options() -> list[str]:
     opts = ["auto", "cpu"]
     if torch.cuda.is_available():
@@ -266,6 +295,13 @@ def store(kind: str, key: Any, value: Any) -> None:
 
 def _k(key: Any) -> str:
     return json.dumps(key, sort_keys=True, default=str)
+
+
+def log_timing(action: str, label: str, estimate: float | None, seconds: float) -> None:
+    """Keep what an action was estimated to take and what it took (``st.session_state["timings"]``, newest last):
+    every estimate the pages show can be checked against the truth (``benchmarks/estimates.py`` does)."""
+    st.session_state.setdefault("timings", []).append(
+        {"action": action, "label": label, "estimated_seconds": estimate, "seconds": seconds})
 
 
 def runs() -> list[dict]:

@@ -30,14 +30,16 @@ def pct(x: float | None, digits: int = 1) -> str:
 
 def job_result(kind: str, key: Any, label: str, make: Callable[[], Callable[..., Any]], *,
                button: str, auto: bool = False, help: str | None = None, work: Work | None = None,
-               more: str = "") -> Any:
+               more: str = "", seconds: float | None = None) -> Any:
     """The stored result of ``kind`` for ``key``, or the controls to compute it in a background job.
 
     Shows, in order: the stored result (returned); a finished job's outcome (stored and returned when it
     succeeded, else its error with a retry button); the running job with progress, time left and Cancel; the
     estimated time of ``work`` when it may exceed ~10 s (``more`` says which setting trades time for
     precision) and a button (or, with ``auto``, the job starts by itself — never when the estimate says it is
-    long). ``make()`` returns the callable the job runs.
+    long). ``seconds`` is an estimate made elsewhere (``workflow.estimate_run``), shown by the page itself, when
+    there is no ``work``. ``make()`` returns the callable the job runs. A finished job's estimate and actual time
+    are kept in the session's timing log (:func:`dashboard.state.log_timing`).
     """
     res = state.result(kind, key)
     if res is not None:
@@ -45,6 +47,7 @@ def job_result(kind: str, key: Any, label: str, make: Callable[[], Callable[...,
     job = jobs.take(kind, key)
     if job is not None and job.status == "done":
         state.store(kind, key, job.result)
+        state.log_timing(kind, job.label, job.estimate, job.seconds)
         return job.result
     if jobs.show_running(kind):
         return None
@@ -54,7 +57,6 @@ def job_result(kind: str, key: Any, label: str, make: Callable[[], Callable[...,
     busy = jobs.busy()
     if busy:
         jobs.show_busy_note(kind)
-    seconds = None
     if work is not None and not busy:
         est = _estimate(work)
         if est is not None:
@@ -65,7 +67,8 @@ def job_result(kind: str, key: Any, label: str, make: Callable[[], Callable[...,
                         help=help)
     if (clicked or (auto and not failed)) and not busy:
         jobs.start(kind, key, label, make(), estimate=seconds)
-        jobs.show_running(kind)
+        if not jobs.show_running(kind):  # it finished already (a cached result): show it now, not at the next click
+            st.rerun()
     return None
 
 
@@ -88,16 +91,19 @@ def plotly(fig: Any, key: str, *, own_size: bool = False) -> None:
 DEFAULT_ACTION_SECONDS = 45.0  # default sample sizes keep a default action under about a minute
 
 
+COMPARE_ACTION_SECONDS = 10.0  # the Compare page's default measurement (every model): a click, not a wait
+
+
 def fit_samples(a: state.Active, device: str, passes: float, *, low: int, high: int, step: int,
-                overhead_images: int = 0) -> int:
+                overhead_images: int = 0, seconds: float = DEFAULT_ACTION_SECONDS) -> int:
     """The most images (a multiple of ``step`` within [``low``, ``high``]) whose work of ``passes`` forward-pass
     equivalents each, after ``overhead_images`` single forward passes of fixed work (e.g. latency timing), fits in
-    :data:`DEFAULT_ACTION_SECONDS` on ``device`` (``high`` when the probe fails)."""
+    ``seconds`` on ``device`` (``high`` when the probe fails)."""
     try:
         rate = estimate.seconds_per_image(a.model, a.model_key, device)
     except (CKAPruneError, RuntimeError):
         return high
-    budget = max(0.0, DEFAULT_ACTION_SECONDS - rate * overhead_images)
+    budget = max(0.0, seconds - rate * overhead_images)
     fits = int(budget / max(rate * passes, 1e-12))
     return high if fits >= high else min(high, max(low, fits // step * step))
 
@@ -112,6 +118,13 @@ def default_test_samples(a: state.Active, device: str) -> int:
 def accuracy_key(a: state.Active, device: str, samples: int) -> dict:
     """The result key of the test accuracy over ``samples`` test images (also read by the Compare page)."""
     return {"model": a.model_key, "data": a.test_key, "device": device, "samples": int(samples)}
+
+
+def test_images(record: dict, split_size: int) -> tuple[int, int]:
+    """(N, seed) of the test images a pruning record's accuracies were measured on (``workflow.eval_subset``)."""
+    req = record["request"]
+    n = req.get("eval_samples") or split_size
+    return min(int(n), split_size), int(req.get("eval_seed", req.get("seed", 0)) or 0)
 
 
 def test_samples(a: state.Active) -> int:

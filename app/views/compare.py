@@ -6,16 +6,30 @@ import time
 
 import pandas as pd
 import streamlit as st
-from dashboard import compute, state
-from dashboard.estimate import Work, compare_work, latency_images, robustness_passes
-from dashboard.ui import MACS_NOTE, accuracy_key, fit_samples, job_result, plotly, test_samples
+from dashboard import compute, estimate, state
+from dashboard.estimate import compare_work, latency_images, robustness_passes
+from dashboard.ui import (
+    COMPARE_ACTION_SECONDS,
+    MACS_NOTE,
+    accuracy_key,
+    fit_samples,
+    job_result,
+    plotly,
+    test_images,
+    test_samples,
+)
 
 from cka_analysis.figures import adversarial_curves, corruption_curves, pareto
-from cka_analysis.metrics import TRAIN_STEP_PASSES
+from cka_analysis.metrics import format_duration
 from cka_analysis.robustness import DEFAULT_EPS, ROBUSTNESS_KINDS, RobustnessResult
 from cka_analysis.workflow import PruneData, PruneRecord, further_recovery, recover_further
 
 FURTHER_BUDGETS = {"quick": "quick (25,000 images)", "standard": "standard (250,000 images)"}
+
+
+def speedup_text(lat: dict) -> str:
+    """The original's time / this model's, per round: median (10th–90th percentile), e.g. ``1.42× (1.31–1.55)``."""
+    return f"{1 / lat['ratio']:.2f}× ({1 / lat['ratio_p90']:.2f}–{1 / lat['ratio_p10']:.2f})"
 
 st.title("Compare")
 a = state.require_active()
@@ -27,28 +41,39 @@ if not runs:
     st.info("No pruning run yet: the table shows the original network only. Prune on the **Prune** page, then "
             "come back to compare.")
 
-# Accuracy of the original: the full test split from the first page, else the base of the first run.
-acc_key = accuracy_key(a, dev, test_samples(a))
-orig_acc = state.result("accuracy", acc_key)
-orig_top1 = orig_acc["top1"] if orig_acc else (runs[0]["record"]["base"].get("accuracy") if runs else None)
+# Every accuracy on this page is on "N test images": the seeded, class-balanced subset of workflow.eval_subset.
+# A run's record holds the original's accuracy on the run's own images (measured by run_prune), so the original
+# row uses that when every run was measured on the same images; else the Model & data page's measurement.
+seed = int(a.data_spec.get("seed", 0))
+run_images = {test_images(r["record"], len(a.test)) for r in runs}
+if len(run_images) == 1 and runs[0]["record"]["base"].get("accuracy") is not None:
+    orig_images = next(iter(run_images))
+    orig_top1 = runs[0]["record"]["base"]["accuracy"]
+else:
+    orig_images = (test_samples(a), seed)
+    orig_acc = state.result("accuracy", accuracy_key(a, dev, test_samples(a)))
+    orig_top1 = orig_acc["top1"] if orig_acc else None
 
 
 def _row(c: dict) -> dict:
     if c["run"] is None:
-        return {"model": "original", "criterion": "original", "accuracy": orig_top1, "macs": a.macs,
-                "params": a.params, "removed": 0}
+        return {"model": "original", "criterion": "original", "accuracy": orig_top1, "test images": orig_images[0],
+                "macs": a.macs, "params": a.params, "removed": 0}
     rec = c["run"]["record"]
     return {"model": c["label"], "criterion": rec["criterion"] or "by hand", "accuracy": rec["final"]["accuracy"],
-            "macs": rec["final"]["macs"], "params": rec["final"]["params"], "removed": len(rec["removed"])}
+            "test images": test_images(rec, len(a.test))[0], "macs": rec["final"]["macs"],
+            "params": rec["final"]["params"], "removed": len(rec["removed"])}
 
 
 rows = {c["key"]: _row(c) for c in choices}
 
 st.session_state.setdefault("cmp_kinds", list(ROBUSTNESS_KINDS))
-if "cmp_samples" not in st.session_state:  # as many as fit in about 45 s with the default kinds (≤ 256)
-    st.session_state["cmp_samples"] = fit_samples(a, dev, robustness_passes(ROBUSTNESS_KINDS, len(DEFAULT_EPS)),
-                                                  low=min(16, len(a.test)), high=min(256, len(a.test)), step=16,
-                                                  overhead_images=latency_images(32, 30))
+if "cmp_samples" not in st.session_state:  # every model with the default kinds in about 10 s (16 to 256 images)
+    n_models = len(choices)
+    st.session_state["cmp_samples"] = fit_samples(
+        a, dev, n_models * robustness_passes(ROBUSTNESS_KINDS, len(DEFAULT_EPS)), low=min(16, len(a.test)),
+        high=min(256, len(a.test)), step=16, overhead_images=n_models * latency_images(32, 30),
+        seconds=COMPARE_ACTION_SECONDS)
 st.session_state.setdefault("cmp_batch", 32)
 st.session_state.setdefault("cmp_repeats", 30)
 if not set(st.session_state.get("cmp_models") or []) <= set(by_key):
@@ -60,13 +85,15 @@ kinds = c1.multiselect("Robustness", list(ROBUSTNESS_KINDS), key="cmp_kinds",
                        help="FGSM and PGD (L∞, ε in pixel units of [0, 1]) and 8 common corruptions at severities 1–5")
 samples = c2.number_input("Test images for robustness", 8, len(a.test), key="cmp_samples")
 batch = c3.number_input("Latency batch size", 1, 4096, key="cmp_batch")
-repeats = c4.number_input("Timed forward passes", 1, 1000, key="cmp_repeats",
-                          help="The median of these is reported (after as many warm-up passes, at most 10)")
+repeats = c4.number_input("Timed rounds", 1, 1000, key="cmp_repeats",
+                          help="Each round times every model once, in a shuffled order, on the same input (after "
+                               "3 untimed rounds); the median over the rounds is reported")
 
 measured = None
 if selected:
     kinds_t = tuple(k for k in ROBUSTNESS_KINDS if k in kinds)
-    entries = [{"key": k, "label": by_key[k]["label"], "model": by_key[k]["model"]} for k in selected]
+    order = sorted(selected, key=lambda k: by_key[k]["run"] is not None)  # the original first: the reference
+    entries = [{"key": k, "label": by_key[k]["label"], "model": by_key[k]["model"]} for k in order]
     mkey = {"models": selected, "data": a.data_key, "kinds": kinds_t, "samples": int(samples), "batch": int(batch),
             "repeats": int(repeats), "device": dev}
     measured = job_result(
@@ -76,10 +103,12 @@ if selected:
             batch_size=int(batch), repeats=int(repeats), device=dev, data_key=a.data_key, loader=state.test_loader(a, int(samples)),
             mean=tuple(a.preset.mean), std=tuple(a.preset.std), progress=progress, cancel=cancel),
         button="Measure latency and robustness",
-        help="Latency: median of the timed forward passes; robustness on a fixed class-balanced sample of test "
-             "images (the same N images as the Prune page and the CLI)",
-        work=compare_work([(k, by_key[k]["model"]) for k in selected], kinds=kinds_t, n_eps=len(DEFAULT_EPS),
-                          samples=int(samples), batch=int(batch), repeats=int(repeats)),
+        help="Latency: every model timed interleaved, round by round, on the same input (as the CLI's report); "
+             "robustness on a seeded, class-balanced sample of test images (the same N images as the Prune "
+             "page and the CLI)",
+        work=compare_work([(k, by_key[k]["model"]) for k in order], kinds=kinds_t, n_eps=len(DEFAULT_EPS),
+                          samples=int(samples), batch=int(batch), repeats=int(repeats),
+                          macs=[rows[k]["macs"] for k in order]),
         more="Fewer test images for robustness, fewer kinds or fewer timed passes are faster.",
     )
 
@@ -90,6 +119,8 @@ for k in selected or list(by_key):
     lat = m.get("latency")
     rob = RobustnessResult.from_dict(m["robustness"]) if m.get("robustness") else None
     r["latency ms"] = None if lat is None else lat["median_ms"]
+    r["p10–p90 ms"] = None if lat is None else f"{lat['p10_ms']:.3f}–{lat['p90_ms']:.3f}"
+    r["speed-up"] = None if lat is None or not lat.get("ratio") else speedup_text(lat)
     r["images/s"] = None if lat is None else lat["throughput"]
     for curve in (rob.fgsm, rob.pgd) if rob is not None else ():
         if curve is not None and curve.has(8 / 255):
@@ -105,8 +136,14 @@ st.dataframe(df, hide_index=True, key="cmp_table", column_config={
     "latency ms": st.column_config.NumberColumn(format="%.3f"),
     "images/s": st.column_config.NumberColumn(format="%.0f"),
 })
-st.caption(f"Accuracy: top-1 on the test split (pruned runs: on the number of test images chosen on the Prune "
-           f"page). Latency on {state.device_description()}. {MACS_NOTE}")
+same = all(r["test images"] == orig_images[0] for r in rows.values())
+st.caption(f"Accuracy: top-1 on the **test images** of each row: a seeded, class-balanced subset of the test split "
+           f"(seed {seed}; all {len(a.test):,} when N is the whole split), "
+           + ("the same images for every row. " if same else "**not the same N for every row**: compare "
+              "accuracies only between rows with the same N (set it on the Prune page). ")
+           + f"Latency on {state.device_description()}: every model timed interleaved, round by round, on the same "
+           "input; the speed-up is the original's time / the model's in the same round (median and 10th–90th "
+           f"percentile over the rounds: a model compared with itself gives 1 within that range). {MACS_NOTE}")
 
 points = [{"label": r["model"], "macs": r["macs"], "accuracy": r["accuracy"], "criterion": r["criterion"],
            "params": r["params"]} for r in rows.values()]
@@ -127,7 +164,8 @@ if measured:
     if cor:
         plotly(corruption_curves(cor), key="cmp_corr")
     if adv or cor:
-        st.caption(f"Robustness on the first {int(samples)} test images; ε in pixel units (8/255 = eight grey "
+        st.caption(f"Robustness on {int(samples)} test images, the seeded, class-balanced subset (seed {seed}) that "
+                   f"the accuracy of a run on {int(samples)} test images uses; ε in pixel units (8/255 = eight grey "
                    f"levels). Corruptions: mean over 8 types (CIFAR-10-C / ImageNet-C parameters).")
 
 # ---------------------------------------------------------------------------------------- recover further
@@ -143,20 +181,28 @@ if runs:
     budget = f2.segmented_control("Budget", list(FURTHER_BUDGETS), format_func=FURTHER_BUDGETS.get,
                                   key="cmp_further_budget", default="quick", required=True) or "quick"
     chosen = next(r for r in runs if r["id"] == further_id)
+    fest = None
     config = further_recovery(chosen["record"], budget)  # the run's own recipe (method, ...) with this budget
     further_key = {"run": further_id, "budget": budget, "device": dev}
 
+    data = PruneData(train=a.train, test=a.test, train_augmented=state.train_augmented(a))
+    with state.guard("estimating the recovery's time"):
+        fest = compute.further_estimate(further_id, budget, _record=PruneRecord.from_dict(chosen["record"]),
+                                        _model=chosen["model"], _base=a.model, _config=config, _data=data,
+                                        _per_image_s=estimate.seconds_per_image(a.model, a.model_key, dev))
+        f1.caption(f"{fest['recovery_text']}: about {format_duration(fest['seconds'])} on this device.")
+
     def _further_job():
         record = PruneRecord.from_dict(chosen["record"])
-        data = PruneData(train=a.train, test=a.test, train_augmented=state.train_augmented(a))
+        seconds = fest["seconds"] if fest else None
         return lambda progress=None, cancel=None: recover_further(
-            chosen["model"], record, a.model, config, data=data, progress=progress, cancel=cancel)
+            chosen["model"], record, a.model, config, data=data, progress=progress, cancel=cancel,
+            estimated_seconds=seconds)
 
     outcome = job_result(
         "recover_further", further_key, f"recovering {run_labels[further_id]} further ({budget})", _further_job,
         button="Recover further", help=config.describe(),
-        work=Work(chosen["model"], state.run_key(a, chosen), config.images, TRAIN_STEP_PASSES,
-                  f"{config.images:,} training images of recovery"),
+        seconds=fest["seconds"] if fest else None,
     )
     if outcome is not None and not any(r.get("further_of") == (further_id, budget) for r in runs):
         rec = outcome.record

@@ -168,16 +168,16 @@ if st.session_state.get("md_test_for") != (a.model_key, a.test_key, dev):  # a n
     st.session_state["md_test_samples"] = default_test_samples(a, dev)
 n_test = st.number_input(
     f"Test images (of {len(a.test):,})", 1, len(a.test), key="md_test_samples",
-    help="A fixed, seeded sample of the test split. The default is all of it when that takes under about 45 s "
-         "on this device, else as many as fit (the sampling error of top-1 is about ±1.5 points at 1,000 "
-         "images); more on demand.",
+    help="A seeded, class-balanced sample of the test split: the same N images (and seed) as a pruning run's "
+         "accuracies and the Compare page's, in the CLI too. The default is all of it when that takes under "
+         "about 45 s on this device, else as many as fit (the sampling error of top-1 is about ±1.5 points at "
+         "1,000 images); more on demand.",
 )
 n_test = int(n_test)
 acc = job_result(
     "accuracy", accuracy_key(a, dev, n_test), f"evaluating on {n_test:,} test images",
-    lambda: compute.cached_job(compute.test_accuracy, a.model_key, a.test_key, dev,
-                               None if n_test >= len(a.test) else n_test,
-                               _model=a.model, _loader=state.test_loader(a)),
+    lambda: compute.cached_job(compute.test_accuracy, a.model_key, a.test_key, dev, n_test,
+                               _model=a.model, _loader=state.test_loader(a, n_test)),
     button="Evaluate on the test split", auto=state.small_work(a, n_test),
     work=Work(a.model, a.model_key, n_test, EVALUATE_PASSES, f"{n_test:,} test images, one forward pass each"),
     more="Fewer test images are faster (set above).",

@@ -12,11 +12,11 @@ import time
 import pandas as pd
 import streamlit as st
 from dashboard import compute, estimate, jobs, state
-from dashboard.estimate import Work
 from dashboard.ui import MACS_NOTE, count, job_result, pct, plotly
 
 from cka_analysis.choices import CRITERIA, CRITERION_INFO, DEFAULT_RECOVERY_METHOD, RECOVERY_METHODS
 from cka_analysis.figures import pruning_trajectory, score_bars
+from cka_analysis.metrics import format_duration
 from cka_analysis.pruning import Target, plan
 from cka_analysis.recovery import RECOVERY_PRESETS, RecoveryConfig
 from cka_analysis.workflow import PruneData, PruneRecord, PruneRequest, run_prune
@@ -104,23 +104,42 @@ def _request() -> PruneRequest:
     )
 
 
-def _recovery_estimate(req: PruneRequest) -> dict:
-    """The recovery estimate of ``req`` (the CLI announces the same), cached per model and request."""
+def _run_data(req: PruneRequest) -> PruneData:
+    """The splits the run reads: those the session holds (the same the estimate sizes its work by)."""
+    return PruneData(train=a.train, test=a.test,
+                     train_augmented=state.train_augmented(a) if req.recovery.images > 0 else None)
+
+
+def _run_estimate(req: PruneRequest) -> dict:
+    """How long ``req``'s run will take here (``workflow.estimate_run``, as the CLI announces it; the record keeps
+    it beside the actual time), cached per model and request."""
     key = json.dumps({"target": str(req.target), "blocks": req.blocks, "device": str(req.device),
-                      "recovery": req.recovery.to_dict()}, sort_keys=True)
-    return compute.recovery_estimate(a.model_key, key, _request=req, _model=a.model)
+                      "recovery": req.recovery.to_dict(), "eval": req.eval_samples, "iterative": req.iterative,
+                      "criterion": req.criterion, "data": a.data_key}, sort_keys=True)
+    return compute.run_estimate(a.model_key, key, _request=req, _model=a.model, _data=_run_data(req),
+                                _per_image_s=estimate.seconds_per_image(a.model, a.model_key, dev))
 
 
 request: PruneRequest | None = None
 if mode == "target" or chosen:
     with state.guard("checking the settings") as g:
         request = _request()
-if request is not None and request.recovery.images > 0:
-    est = _recovery_estimate(request)
-    drop = est.get("reference_drop_pp")
-    right.caption(f"Recovery {request.recovery.describe()}: about {est['seconds']:.0f} s on this device"
-                  + (f"; on {est['reference']} it ended {drop:.1f} points below the unpruned model"
+run_est: dict | None = None
+if request is not None:
+    with state.guard("estimating the run's time"):
+        run_est = _run_estimate(request)
+if request is not None and run_est is not None and request.recovery.images > 0:
+    rec_est = run_est["recovery"] or {}
+    drop = rec_est.get("reference_drop_pp")
+    right.caption(f"Recovery {run_est['recovery_text']}. The run: about {format_duration(run_est['seconds'])} on "
+                  f"this device ({format_duration(rec_est.get('seconds', 0.0))} of it recovery)"
+                  + (f"; on {rec_est['reference']} this recipe ended {drop:.1f} points below the unpruned model"
                      if drop is not None else "") + ".")
+    if run_est["recovery_config"].get("preset_images"):
+        right.caption(f"A named budget is at most a few passes over the training split: here "
+                      f"{run_est['recovery_config']['images']:,} training images instead of "
+                      f"{run_est['recovery_config']['preset_images']:,} ({len(a.train):,} in the split). "
+                      "Choose **custom** to spend more.")
 
 # ---------------------------------------------------------------------------------------------- live preview
 st.subheader("Preview")
@@ -175,27 +194,13 @@ if preview is not None:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def _make_job(req: PruneRequest):
-    data = PruneData(train=a.train, test=a.test,
-                     train_augmented=state.train_augmented(a) if req.recovery.images > 0 else None)
+def _make_job(req: PruneRequest, estimated: float | None):
+    data = _run_data(req)
 
     def run(progress=None, cancel=None):
-        return run_prune(req, data=data, progress=progress, cancel=cancel)
+        return run_prune(req, data=data, progress=progress, cancel=cancel, estimated_seconds=estimated)
 
     return run
-
-
-def _prune_estimate(req: PruneRequest) -> float:
-    """Seconds the run should take here: scoring (the calibration images, a prefix pass and the rest after each
-    candidate), the recovery's measured estimate and the evaluations before and after."""
-    n_eval = req.eval_samples or len(a.test)
-    work = [Work(a.model, a.model_key, n_eval, 3 if req.recovery.images else 2, "evaluation")]
-    if req.needs_calibration:
-        work.append(Work(a.model, a.model_key, len(a.calib), 1 + len(a.removable) / 2, "scoring"))
-    seconds = sum(estimate.estimate(w, dev).seconds for w in work)
-    if req.recovery.images > 0:
-        seconds += _recovery_estimate(req)["seconds"]
-    return seconds
 
 
 can_run = request is not None and (preview is not None or (mode == "target" and iterative))
@@ -212,6 +217,7 @@ elif job is not None and job.result is not None:
     state.runs().append({"id": run_id, "label": label, "model": outcome.model, "record": record.to_dict(),
                          "created": time.strftime("%H:%M:%S")})
     st.session_state["pr_show_run"] = run_id
+    state.log_timing("prune", job.label, record.estimated_seconds, record.seconds)
     if record.cancelled:
         st.warning("Cancelled: the blocks removed and the recovered weights so far are kept as "
                    f"“{label}”.")
@@ -224,9 +230,11 @@ if not jobs.show_running("prune"):
     if busy:
         jobs.show_busy_note("prune")
     if st.button("Prune", type="primary", key="pr_run", disabled=busy or not can_run):
+        seconds = None if run_est is None else float(run_est["seconds"])
         jobs.start("prune", pkey, "pruning" + (" and recovering" if request.recovery.images > 0 else ""),
-                   _make_job(request), estimate=_prune_estimate(request))
-        jobs.show_running("prune")
+                   _make_job(request, seconds), estimate=seconds)
+        if not jobs.show_running("prune"):  # finished already: collect it now
+            st.rerun()
 
 # ---------------------------------------------------------------------------------------------- results
 runs = state.runs()
@@ -248,7 +256,8 @@ if runs:
                    f"on {n_eval:,} test images")
     c2.metric("MACs", count(final.macs), f"-{100 * rec.macs_reduction:.1f} %", delta_color="inverse")
     c3.metric("Parameters", count(final.params), f"-{100 * rec.params_reduction:.1f} %", delta_color="inverse")
-    c4.metric("Time", f"{rec.seconds:.1f} s")
+    c4.metric("Time", f"{rec.seconds:.1f} s", help=None if rec.estimated_seconds is None else
+              f"estimated {rec.estimated_seconds:.1f} s before it started")
     st.markdown("Removed, in order: " + ", ".join(f"`{b}`" for b in rec.removed))
     lat = rec.latency_ms
     if lat is not None and lat.predicted_reduction is not None:

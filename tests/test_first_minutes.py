@@ -1,0 +1,127 @@
+"""The dashboard's first ten minutes (issue 22) and its "one definition" parts (issue 21), library side first:
+
+* a named recovery budget is capped to a few epochs of a small training split (the digits demo), recorded, and
+  unchanged on CIFAR-10's size;
+* one time estimate of a run (:func:`~cka_analysis.workflow.estimate_run`), kept in the record beside the actual time;
+* one latency measurement, interleaved and paired, with the ratio to a reference and its spread: a model compared
+  with itself gives 1 within the spread;
+* the Compare page's original and pruned rows come from the same test images, and its latency is that measurement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from app_session import TIMEOUT, settle
+from streamlit.testing.v1 import AppTest
+
+from cka_analysis.choices import RECOVERY_PRESETS
+from cka_analysis.data import load_dataset
+from cka_analysis.latency import TimingOptions, compare_latency
+from cka_analysis.metrics import evaluate
+from cka_analysis.recovery import RecoveryConfig
+from cka_analysis.workflow import PruneData, PruneRecord, PruneRequest, estimate_run, eval_subset, run_prune
+
+DEMO = {"model": "digits_resnet", "weights": "demo", "data": "digits", "device": "cpu", "latency": False}
+APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
+
+
+@pytest.fixture(scope="module")
+def data(demo) -> PruneData:
+    preset = demo.cka_preset
+    return PruneData(train=load_dataset("digits", "train", preset), test=load_dataset("digits", "test", preset),
+                     train_augmented=load_dataset("digits", "train", preset, augment=True))
+
+
+# ---------------------------------------------------------------------------------------- budgets and the data
+def test_quick_is_capped_to_a_few_epochs_of_a_small_split_only() -> None:
+    quick = RecoveryConfig.parse("quick")
+    demo = quick.fit_to(1_437)
+    assert demo.images == 3 * 1_437 and demo.preset_images == RECOVERY_PRESETS["quick"] and demo.capped
+    assert "capped at 3 epochs" in demo.describe() and "4,311 images instead of 25,000" in demo.describe()
+    assert demo.fit_to(1_437) == demo  # fitting twice changes nothing
+    assert quick.fit_to(50_000) == quick and quick.fit_to(45_000) == quick  # CIFAR-10: still 25,000 images
+    assert RecoveryConfig.parse("standard").fit_to(50_000).images == 250_000
+    assert RecoveryConfig.parse("3000").fit_to(100).images == 3_000  # a number is what the user asked for
+    assert RecoveryConfig.from_dict(demo.to_dict()) == demo
+
+
+def test_a_run_spends_the_capped_budget_and_says_so(demo, data) -> None:
+    request = PruneRequest(**{**DEMO, "model": demo}, target="macs:30%", calibration_samples=64, eval_samples=100,
+                           recovery="quick")
+    est = estimate_run(request, demo, data)
+    assert est.request.recovery.images == 3 * len(data.train_augmented)
+    assert set(est.phases) >= {"scoring", "evaluation", "recovery"} and est.seconds == sum(est.phases.values())
+    out = run_prune(request, data=data, estimated_seconds=est.seconds)
+    rec = out.record
+    assert rec.request["recovery"]["images"] == 3 * len(data.train_augmented)
+    assert rec.request["recovery"]["preset_images"] == RECOVERY_PRESETS["quick"]
+    assert 0 < rec.images_seen <= 3 * len(data.train_augmented)
+    assert "capped" in rec.recovery_name()
+    assert rec.final.accuracy > rec.after_removal.accuracy  # the short budget still recovers
+    assert rec.estimated_seconds == est.seconds and rec.seconds > 0
+    again = PruneRecord.from_dict(rec.to_dict())
+    assert again.estimated_seconds == est.seconds
+
+
+def test_the_run_estimate_follows_the_work(demo, data) -> None:
+    small = PruneRequest(**{**DEMO, "model": demo}, target="macs:30%", eval_samples=100, recovery="1000")
+    large = PruneRequest(**{**DEMO, "model": demo}, target="macs:30%", eval_samples=100, recovery="8000")
+    rate = 1e-3  # a fixed forward rate: only the recovery probe varies
+    a = estimate_run(small, demo, data, per_image_s=rate)
+    b = estimate_run(large, demo, data, per_image_s=rate)
+    assert b.phases["recovery"] > 3 * a.phases["recovery"]
+    assert a.phases["evaluation"] == pytest.approx(b.phases["evaluation"], rel=0.5)
+    none = estimate_run(PruneRequest(**{**DEMO, "model": demo}, blocks=("layer1.1",), recovery="none"), demo, data,
+                        per_image_s=rate)
+    assert "recovery" not in none.phases and "scoring" not in none.phases
+
+
+# ---------------------------------------------------------------------------------------- one latency measurement
+def test_a_model_compared_with_itself_is_one_within_the_spread(demo) -> None:
+    lat = compare_latency({"a": demo, "b": demo}, batch_size=8, device="cpu", reference="a",
+                          options=TimingOptions(warmup=2, repeats=15))
+    b = lat["b"]
+    assert b.reference == "a" and b.ratio_p10 <= 1.0 <= b.ratio_p90
+    assert lat["a"].ratio == lat["a"].ratio_p10 == 1.0  # the reference against itself, round by round
+    with pytest.raises(Exception, match="reference='c'"):
+        compare_latency({"a": demo}, reference="c")
+
+
+# ---------------------------------------------------------------------------------------- the Compare page
+def test_compare_rows_come_from_the_same_test_images(demo) -> None:
+    """Model & data measures the original on 120 test images, the run on 100: the Compare page's original row
+    must be the run's images' number (the record's base accuracy on them), not the other page's."""
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    settle(at)
+    at.number_input(key="md_test_samples").set_value(120)
+    settle(at)
+    settle(at.switch_page("views/prune.py"))
+    at.segmented_control(key="pr_recovery").set_value("none")
+    at.number_input(key="pr_eval_samples").set_value(100)
+    settle(at)
+    at.button(key="pr_run").click()
+    settle(at)
+    rec = at.session_state["runs"][0]["record"]
+    settle(at.switch_page("views/compare.py"))
+    at.multiselect(key="cmp_kinds").set_value([])
+    at.number_input(key="cmp_repeats").set_value(5)
+    settle(at)
+    table = at.dataframe[0].value
+    original, pruned = table.iloc[0], table.iloc[1]
+    assert original["test images"] == pruned["test images"] == 100
+    a = at.session_state["active"]
+    from cka_analysis.data import make_loader
+
+    same = evaluate(demo, make_loader(eval_subset(a.test, 100, 0), batch_size=256), device="cpu").top1
+    assert original["accuracy"] == pytest.approx(same) == pytest.approx(rec["base"]["accuracy"])
+    assert any("the same images for every row" in c.value for c in at.caption)
+
+    # the latency: one interleaved measurement of both, the original the reference (speed-up 1 for itself)
+    at.button(key="run_compare").click()
+    settle(at)
+    table = at.dataframe[0].value
+    assert table.iloc[0]["speed-up"].startswith("1.00×")
+    assert table["latency ms"].notna().all() and table.iloc[1]["speed-up"].endswith(")")
+    assert not at.exception
