@@ -6,6 +6,10 @@ A pruned model is a directory:
 * ``manifest.json`` — the base architecture, its preset, the removed blocks in order, scores and metrics, and the
   library and torch versions. :func:`load_pruned` validates it, rebuilds the base architecture, removes the same
   blocks and loads the weights with strict matching, so the reloaded model gives identical logits.
+* for ``hf:`` and ``timm:`` models (:mod:`cka_analysis.models.external`), also ``huggingface/`` or ``timm/``: the
+  pruned model in its own library's format (:mod:`cka_analysis.native`), which reloads without this project.
+  Their manifest records the source (timm name and arguments, the Hugging Face config, or the factory) and the
+  declared blocks instead of a registry name.
 
 :func:`export_pt2` (``torch.export``) and :func:`export_onnx` (checked against onnxruntime when installed) write
 self-contained files for serving.
@@ -29,6 +33,7 @@ from ._version import __version__
 from .blocks import find_blocks, remove_blocks, removed_blocks
 from .errors import BlockError, CheckpointError, ConfigError
 from .models import available_models, build_model
+from .models.external import SOURCE_ATTR, is_external, open_external, rebuild_external
 from .models.preset import Preset, attach_preset, get_preset
 from .recovery import adaptor_slots, insert_adaptors
 
@@ -101,8 +106,12 @@ def save_pruned(model: nn.Module, path: str | Path, *, report: dict[str, Any] | 
     """
     from safetensors.torch import save_file
 
+    from .blocks import PATTERNS_ATTR
+    from .native import NativeUnsupported, export_native, native_dir_name
+
     preset = get_preset(model)
-    if preset.arch not in available_models():
+    source = getattr(model, SOURCE_ATTR, None)
+    if preset.arch not in available_models() and source is None:
         raise ConfigError(f"{preset.arch!r} is not a registry architecture, so the pruned model cannot be rebuilt")
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -128,6 +137,15 @@ def save_pruned(model: nn.Module, path: str | Path, *, report: dict[str, Any] | 
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if source is not None:
+        manifest["source"] = jsonable(source)
+        manifest["blocks"] = list(getattr(model, PATTERNS_ATTR, ()))
+        folder = native_dir_name(model)
+        if folder is not None:
+            try:
+                manifest["native"] = export_native(model, out / folder)
+            except NativeUnsupported as exc:
+                manifest["native"] = {"format": None, "reason": str(exc)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
 
@@ -153,7 +171,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{mpath} has format {manifest['format']!r}; this version of cka-prune reads {FORMAT!r}"
         )
-    if manifest["arch"] not in available_models():
+    if "source" in manifest:
+        if not isinstance(manifest["source"], dict) or not isinstance(manifest.get("blocks"), list):
+            raise CheckpointError(f"{mpath}: 'source' must be an object and 'blocks' a list of block names")
+    elif manifest["arch"] not in available_models():
         raise CheckpointError(f"{mpath} names an unknown architecture {manifest['arch']!r}")
     if isinstance(manifest["num_classes"], bool) or manifest["num_classes"] < 1:
         raise CheckpointError(f"{mpath}: num_classes must be a positive integer, got {manifest['num_classes']!r}")
@@ -175,14 +196,28 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_pruned(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save_pruned`: validated manifest, same blocks removed, strict weights."""
+def load_pruned(path: str | Path, *, device: str | torch.device = "cpu", allow_factory: bool = True) -> nn.Module:
+    """Rebuild a model saved by :func:`save_pruned`: validated manifest, same blocks removed, strict weights.
+
+    ``allow_factory=False`` refuses a manifest whose model comes from a factory function (it would import and run
+    the code the manifest names): what a server does with a directory someone uploaded.
+    """
+    from .blocks import declare_blocks
     from .checkpoints import load_weights, read_state_dict
 
     p = Path(path)
     root = p if p.is_dir() else p.parent
     manifest = read_manifest(p)
-    model = build_model(manifest["arch"], num_classes=manifest["num_classes"])
+    source = manifest.get("source")
+    if source is not None:
+        if source.get("kind") == "factory" and not allow_factory:
+            raise ConfigError(f"{root} was built by the factory function {source.get('spec')!r}; opening it would "
+                              "run that code, which is refused here (start the dashboard with --model-factory, or "
+                              "use the library)")
+        model = rebuild_external(source, Preset.from_dict(manifest["preset"]))
+        declare_blocks(model, manifest["blocks"])
+    else:
+        model = build_model(manifest["arch"], num_classes=manifest["num_classes"])
     removed = manifest["removed"]
     known = {b.name: b for b in find_blocks(model)}
     unknown = [n for n in removed if n not in known]
@@ -222,13 +257,27 @@ def open_model(
     num_classes: int | None = None,
     allow_download: bool = True,
     device: str | torch.device = "cpu",
+    block_patterns: list[str] | str | None = None,
+    allow_factory: bool = True,
 ) -> nn.Module:
     """The one way every entry point (CLI, dashboard, benchmarks) opens a model.
 
     ``source`` is a registry name (then ``weights`` is None, a checkpoint file or a named source, see
-    :func:`~cka_analysis.models.build_model`) or a directory written by :func:`save_pruned` (then ``weights`` and
-    ``num_classes`` must not be given: the directory carries both).
+    :func:`~cka_analysis.models.build_model`), ``timm:NAME``, ``hf:DIR_OR_ID`` or ``factory:MODULE:FUNCTION``
+    (:mod:`cka_analysis.models.external`: ``block_patterns`` names their blocks, else they are discovered), or a
+    directory written by :func:`save_pruned` (then ``weights`` and ``num_classes`` must not be given: the
+    directory carries both). ``allow_factory=False`` refuses anything that would import code named by the
+    source (a factory, or a saved factory model): the dashboard's rule for what comes from users.
     """
+    if is_external(source):
+        if str(source).startswith("factory:") and not allow_factory:
+            raise ConfigError(f"model {source!r}: factory functions are not accepted here; the person who starts "
+                              "the server passes one with `streamlit run app -- --model-factory MODULE:FUNCTION`")
+        model = open_external(str(source), weights=weights, num_classes=num_classes, allow_download=allow_download,
+                              block_patterns=block_patterns)
+        return model.to(device).eval()
+    if block_patterns:
+        raise ConfigError("block patterns are for timm:, hf: and factory: models; registry models know their blocks")
     p = Path(source).expanduser()
     if str(source) in available_models():
         model = build_model(str(source), num_classes=num_classes, weights=weights, allow_download=allow_download)
@@ -239,7 +288,7 @@ def open_model(
                 f"{source} is a saved model directory: it carries its own weights and classes; "
                 "drop --weights/--num-classes"
             )
-        return load_pruned(p, device=device)
+        return load_pruned(p, device=device, allow_factory=allow_factory)
     if "/" in str(source) or p.exists():
         raise CheckpointError(f"{source} is not a saved model directory ({MANIFEST} not found)")
     # not a registry name: build_model's error names the closest ones and lists the registry
