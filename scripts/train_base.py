@@ -41,7 +41,7 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 #: the recipes (epochs sized for about 20-30 minutes each on one CPU core of a shared machine)
 RECIPES = {
     "convnext": {"epochs": 4, "lr": 0.05, "weight_decay": 5e-4, "batch_size": 64, "label_smoothing": 0.1},
-    "vit": {"epochs": 4, "lr": 0.05, "weight_decay": 1e-4, "batch_size": 64, "label_smoothing": 0.1},
+    "vit": {"epochs": 2, "lr": 0.05, "weight_decay": 1e-4, "batch_size": 64, "label_smoothing": 0.1},
 }
 TIMM_KWARGS = {"patch_size": 2, "num_classes": 10}
 VIT_CONFIG = {"image_size": 32, "patch_size": 4, "hidden_size": 96, "num_hidden_layers": 6,
