@@ -391,3 +391,31 @@ def test_uploaded_archive_of_a_factory_model_is_refused(factory_file: Path, tmp_
             zf.write(f, arcname=f"saved/{f.name}")
     with pytest.raises(CKAPruneError, match="factory"):
         uploads.model_from_archive("saved.zip", buf.getvalue())
+
+
+def test_dashboard_shows_the_factory_models_proposed_blocks_and_refuses_a_url_factory(
+        monkeypatch, factory_file: Path) -> None:
+    """Started with a factory, the Model & data page offers it and shows the blocks found by probing; a ``?model=``
+    URL parameter naming a factory is refused with a message, and the session keeps its model."""
+    from app_session import settle
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CKA_PRUNE_MODEL_FACTORY", f"{factory_file}:build")
+    at = AppTest.from_file(str(ROOT / "app" / "streamlit_app.py"), default_timeout=240)
+    settle(at)
+    at.radio(key="md_source").set_value("factory")
+    at.run()
+    at.button(key="md_load").click()
+    settle(at)
+    assert not at.exception, [e.value for e in at.exception]
+    active = at.session_state["active"]
+    assert active.model_spec["kind"] == "factory"
+    assert [b.name for b in active.blocks] == [f"trunk.{i}" for i in range(4)]
+    assert any("Proposed blocks" in m.value for m in at.markdown)
+    proposal = at.dataframe[-1].value
+    assert list(proposal["block"]) == [f"trunk.{i}" for i in range(4)] and proposal["use"].all()
+
+    at.query_params["model"] = f"factory:{factory_file}:build"
+    at.run()
+    assert any("URL cannot choose" in e.value for e in at.error)
+    assert at.session_state["active"].model_key == active.model_key
