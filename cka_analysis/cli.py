@@ -721,7 +721,9 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
         save_pruned(outcome.model, out, report=report)
         _write_json(str(out / "report.json"), report)
         print(outcome.record.summary())
-        print(f"wrote {out}/ (model.safetensors, manifest.json, report.json)")
+        native = [d for d in ("huggingface", "timm") if (out / d).is_dir()]
+        print(f"wrote {out}/ (model.safetensors, manifest.json, report.json"
+              + "".join(f", {d}/: the native format" for d in native) + ")")
         if not outcome.record.cancelled:
             _clear_resume(out / ".resume")
     dist_utils.barrier()
