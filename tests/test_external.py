@@ -419,3 +419,32 @@ def test_dashboard_shows_the_factory_models_proposed_blocks_and_refuses_a_url_fa
     at.run()
     assert any("URL cannot choose" in e.value for e in at.error)
     assert at.session_state["active"].model_key == active.model_key
+
+
+def test_export_page_writes_the_native_format(hf_dirs, tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    sys.path.insert(0, str(ROOT / "app"))
+    try:
+        from dashboard import compute
+    finally:
+        sys.path.remove(str(ROOT / "app"))
+    model = open_model(f"hf:{hf_dirs['vit']}")
+    pruned = remove_blocks(model, [b.name for b in find_blocks(model, count_macs=False)][:1])
+    out = compute.build_exports(pruned, "vit-pruned", {}, ("native",))
+    assert not out["errors"], out["errors"]
+    name, data = out["files"]["native"]
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        zf.extractall(tmp_path)
+    folder = tmp_path / name.removesuffix(".zip")
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 3
+    native = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
+    x = torch.randn(2, *model.cka_preset.input_size)
+    with torch.no_grad():
+        torch.testing.assert_close(native(pixel_values=x).logits, pruned(x), atol=1e-5, rtol=1e-4)
+    # a registry model has no native format: a message, not a crash
+    from cka_analysis.models import build_model
+
+    out = compute.build_exports(build_model("digits_resnet", weights="random"), "d", {}, ("native",))
+    assert "only timm: and hf:" in out["errors"]["native"]
