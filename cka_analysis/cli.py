@@ -161,7 +161,8 @@ def _model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None
                    help="checkpoint file (.pt/.pth/.th loaded with weights_only=True, or .safetensors), a named "
                         "source (e.g. DEFAULT, cifar10, cifar10jpeg, demo), or 'random' for random initialisation "
                         "on purpose. Without it a registry model gets its default named weights (said on stderr); "
-                        "one without defaults is refused. Not with a saved directory")
+                        "one without defaults is refused. Not with a saved directory. timm: models need it (a file, a timm "
+                        "tag such as in1k where the hub can be reached, or random); hf: directories bring their own")
     p.add_argument("--num-classes", type=_positive_int, default=None, metavar="K",
                    help="output classes when they differ from the architecture's default")
 
