@@ -144,6 +144,10 @@ def read_json_file(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _method(row: dict[str, Any]) -> str:
+    return row.get("recovery_method") or DEFAULT_RECOVERY_METHOD  # rows written before the field: the default
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """The README table: one line per model and recovery."""
     def pct(v: float | None) -> str:
@@ -153,7 +157,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lat = r.get("latency_ms") or {}
         body.append([
-            r["label"], f"{r['recovery']} ({r.get('recovery_method')})", pct(r["base_top1"]), pct(r["pruned_top1"]), pct(r["native_top1"]),
+            r["label"], f"{r['recovery']} ({_method(r)})", pct(r["base_top1"]), pct(r["pruned_top1"]),
+            pct(r["native_top1"]),
             f"{r['base_macs'] / 1e6:.1f} M → {r['pruned_macs'] / 1e6:.1f} M (−{100 * r['macs_reduction']:.1f} %)",
             f"{lat.get('base', float('nan')):.2f} → {lat.get('pruned', float('nan')):.2f}",
             f"{len(r['removed'])}/{len(r['blocks_found'])}",
@@ -184,10 +189,10 @@ def main() -> None:
                           args.recovery_method)
             same = (key, args.recovery, args.recovery_method)
             stored["rows"] = [r for r in stored["rows"]
-                              if (r["model"], r["recovery"], (r.get("recovery_method") or DEFAULT_RECOVERY_METHOD)) != same] + [row]
+                              if (r["model"], r["recovery"], _method(r)) != same] + [row]
             stored["env"] = env_info(args.device)
             write_json(RESULT, stored)
-    print(table(sorted(stored["rows"], key=lambda r: (r["model"], r["recovery"], (r.get("recovery_method") or DEFAULT_RECOVERY_METHOD)))))
+    print(table(sorted(stored["rows"], key=lambda r: (r["model"], r["recovery"], _method(r)))))
 
 
 if __name__ == "__main__":
