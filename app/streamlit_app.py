@@ -22,6 +22,7 @@ from dashboard.ui import count  # noqa: E402
 # Widget values that must survive page switches (Streamlit forgets a widget's value when its page is not shown).
 PERSISTENT = (
     "device_choice", "md_source", "md_registry", "md_weights", "md_classes", "md_ckpt_arch", "md_ckpt_classes",
+    "md_timm_name", "md_ext_weights", "md_hf_dir", "md_hf_random", "md_ext_classes", "md_ext_patterns",
     "md_data_kind", "md_data_root", "md_download", "md_weights_download", "md_n_calib", "md_seed",
     "hm_kernel", "hm_debiased", "hm_cross_run", "hm_size", "md_test_samples",
     "sc_criterion", "sc_debiased", "sc_compare",
@@ -66,6 +67,7 @@ st.set_page_config(page_title="CKA Prune", page_icon="✂️", layout="wide")
 state.configure_threads()
 _persist_widgets()
 state.ensure_default()
+state.apply_query_model()
 
 PAGES = [
     st.Page("views/model_data.py", title="Model & data", icon=":material/inventory_2:", default=True),

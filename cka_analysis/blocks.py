@@ -7,7 +7,8 @@ shape); blocks with a downsampling or projection shortcut are listed but marked 
 Known families (CIFAR ResNets, torchvision ResNets, MobileNetV2, ViT) are also decomposed into
 ``stem → blocks → head → classifier`` (:class:`Topology`), which lets scoring run the shared prefix once and only
 the part of the network after each candidate. Any other model works when the user names its blocks (qualified
-module names or glob patterns); their shapes are checked with one probe forward.
+module names or glob patterns); their shapes are checked with one probe forward. :func:`discover_blocks` proposes
+those blocks for a network the library has never seen, by probing it (see its docstring for what counts).
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ __all__ = [
     "ADAPTORS_ATTR",
     "Block",
     "BlockAdaptor",
+    "Candidate",
+    "Removed",
     "Topology",
     "adaptor_slots",
     "declare_blocks",
+    "discover_blocks",
     "find_blocks",
     "insert_adaptors",
     "model_input_size",
@@ -44,6 +48,14 @@ __all__ = [
 
 REMOVED_ATTR = "cka_removed"
 PATTERNS_ATTR = "cka_block_patterns"
+
+
+class Removed(nn.Identity):
+    """What a removed block becomes: the identity on its first input. Unlike ``nn.Identity`` it accepts (and
+    ignores) further arguments, which transformer layers are called with (e.g. an attention mask)."""
+
+    def forward(self, input: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return input
 
 
 @dataclass(frozen=True)
@@ -364,11 +376,11 @@ def find_blocks(
             continue
         stage, removable, reason = topo.describe(model, name, module)
         if generic:
-            in_shape, out_shape, nargs = shapes.get(name, (None, None, 0))
+            in_shape, out_shape, _ = shapes.get(name, (None, None, 0))
             if in_shape is None and out_shape is None:
                 removable, reason = False, "not called in the forward pass"
-            elif nargs != 1 or in_shape is None or out_shape is None:
-                removable, reason = False, "takes or returns something other than one tensor"
+            elif in_shape is None or out_shape is None:
+                removable, reason = False, "its first input or its output is not a tensor"
             elif in_shape != out_shape:
                 removable, reason = False, f"input shape {in_shape[1:]} differs from output shape {out_shape[1:]}"
         out.append(Block(
@@ -409,7 +421,7 @@ def remove_blocks(
             raise BlockError(f"block {n!r} cannot be removed: {current[n].reason}")
     pruned = copy.deepcopy(model)
     for n in names:
-        pruned.set_submodule(n, nn.Identity())
+        pruned.set_submodule(n, Removed())
     object.__setattr__(pruned, REMOVED_ATTR, (*removed_blocks(model), *names))
     return pruned
 
@@ -452,3 +464,145 @@ def insert_adaptors(model: nn.Module, slots: dict[str, int]) -> nn.Module:
         model.set_submodule(name, BlockAdaptor(int(channels)))
     object.__setattr__(model, ADAPTORS_ATTR, {**adaptor_slots(model), **{k: int(v) for k, v in slots.items()}})
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Discovering the blocks of an unknown network
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A residual block proposed by :func:`discover_blocks`.
+
+    Attributes:
+        name: qualified module name.
+        kind: the module's class name.
+        shape: the shape of its input and output (without the batch dimension).
+        params: parameters of the block.
+        output_change: relative change of the model's output when the block alone is replaced by the identity
+            (``‖f_without − f‖ / ‖f‖`` on the probe batch): small for a residual block, which is what makes
+            removing it plausible; large values flag blocks that matter a lot (or a probe far from real data).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    params: int
+    output_change: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def _first_tensor_shapes(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, list]:
+    """For each named module: one [input shape, output shape] pair per call in one forward pass (None where
+    the first positional input or the output is not a tensor)."""
+    calls: dict[str, list] = {n: [] for n in names}
+    handles = []
+
+    def hook(name: str) -> Callable:
+        def fn(mod: nn.Module, args: tuple, out: object) -> None:
+            a = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            o = out if isinstance(out, torch.Tensor) else None
+            calls[name].append((None if a is None else tuple(a.shape), None if o is None else tuple(o.shape)))
+        return fn
+
+    for n in names:
+        handles.append(model.get_submodule(n).register_forward_hook(hook(n)))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _passes_through_when_zeroed(model: nn.Module, name: str, x: torch.Tensor) -> bool:
+    """True when the module, with every one of its own parameters set to zero, returns its input unchanged:
+    the branch is gone and only a parameter-free path from input to output remains, i.e. a residual connection
+    (``x + F(x)``, with or without an activation after the sum) wraps everything the block computes."""
+    module = model.get_submodule(name)
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(mod: nn.Module, args: tuple, out: object) -> None:
+        if "in" not in seen:
+            seen["in"], seen["out"] = args[0].detach().clone(), out.detach().clone()
+
+    saved = [p.detach().clone() for p in module.parameters()]
+    handle = module.register_forward_hook(hook)
+    try:
+        for p in module.parameters():
+            p.data.zero_()
+        model(x)
+    finally:
+        handle.remove()
+        for p, s in zip(module.parameters(), saved, strict=True):
+            p.data.copy_(s)
+    a, o = seen["in"], seen["out"]
+    tol = 1e-5 * (float(a.abs().max()) or 1.0)
+    # a ReLU after the sum (ResNets) leaves the input as it is when the input is the previous block's ReLU output
+    return bool(torch.allclose(o, a, atol=tol)) or bool((a >= 0).all() and torch.allclose(o, torch.relu(a), atol=tol))
+
+
+def discover_blocks(
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    *,
+    input_size: Sequence[int] | None = None,
+    seed: int = 0,
+) -> list[Candidate]:
+    """Propose the residual blocks of any network by probing it, not by class names.
+
+    A module counts as a block when, in one forward pass of ``example_input`` (default: a seeded random batch of
+    two images of ``input_size`` or of the model's preset):
+
+    1. it holds parameters and submodules (single layers are never blocks), is called exactly once, and its first
+       input and its output are tensors of the same shape;
+    2. a residual connection wraps it: with all of its own parameters set to zero it returns its input unchanged
+       (``x + F(x)`` with ``F`` gone; a ReLU after the sum is allowed when the input is non-negative), which no
+       plain stack of layers does;
+    3. replaced by the identity (:class:`Removed`, what removing it does), the network still runs and returns the same shape.
+
+    Among nested modules that all qualify (a stage made only of identity-shortcut blocks is itself one), the
+    innermost are kept: they are the units that can be removed one by one. Each candidate carries the relative
+    change of the output when it alone is removed. Pass the names to :func:`declare_blocks` (or edit them first).
+    """
+    if example_input is None:
+        size = model_input_size(model, input_size, purpose="so that the network can be probed")
+        generator = torch.Generator().manual_seed(seed)
+        example_input = torch.randn((2, *size), generator=generator)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = example_input.to(device)
+    named = dict(model.named_modules())
+    composite = [n for n, m in named.items()
+                 if n and any(True for _ in m.children()) and any(True for _ in m.parameters())
+                 and not isinstance(m, (nn.ModuleList, nn.ModuleDict))]
+    with eval_mode(model), torch.no_grad():
+        base = model(x)
+        if not isinstance(base, torch.Tensor):
+            raise BlockError(f"{type(model).__name__} does not return a tensor: wrap it so that forward(x) returns "
+                             "the logits")
+        calls = _first_tensor_shapes(model, composite, x)
+        same = [n for n in composite
+                if len(calls[n]) == 1 and calls[n][0][0] is not None and calls[n][0][0] == calls[n][0][1]]
+        residual = [n for n in same if _passes_through_when_zeroed(model, n, x)]
+        innermost = [n for n in residual if not any(o.startswith(n + ".") for o in residual)]
+        found = []
+        for n in innermost:
+            module = named[n]
+            model.set_submodule(n, Removed())
+            try:
+                out = model(x)
+            except Exception:  # the network does not run without it: not a removable block
+                continue
+            finally:
+                model.set_submodule(n, module)
+            if not isinstance(out, torch.Tensor) or out.shape != base.shape:
+                continue
+            change = float((out - base).norm() / base.norm().clamp_min(1e-12))
+            found.append(Candidate(name=n, kind=type(module).__name__, shape=tuple(calls[n][0][0][1:]),
+                                   params=sum(p.numel() for p in module.parameters()), output_change=change))
+    return found

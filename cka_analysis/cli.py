@@ -33,7 +33,8 @@ EXIT_USAGE = 2
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
 
-_MODEL_HELP = "a registry name (see `cka-prune models`) or a directory written by `cka-prune prune/finetune`"
+_MODEL_HELP = ("a registry name (see `cka-prune models`), timm:NAME (a timm model, the timm extra), hf:DIR_OR_ID (a "
+               "Hugging Face image classifier, the hf extra), or a directory written by `cka-prune prune/finetune`")
 _DATA_HELP = "digits | cifar10[:ROOT] | cifar100[:ROOT] | imagefolder:ROOT (ROOT holds train/ and test/ or val/)"
 
 
@@ -154,14 +155,21 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
     if positional:
-        p.add_argument("model", metavar="MODEL_OR_DIR", help=_MODEL_HELP)
+        p.add_argument("model", metavar="MODEL_OR_DIR", help=_MODEL_HELP + "; or factory:MODULE:FUNCTION")
     else:
-        p.add_argument("--model", required=True, metavar="M", help=_MODEL_HELP)
+        p.add_argument("--model", metavar="M", help=_MODEL_HELP + " (this or --model-factory is required)")
+        p.add_argument("--model-factory", metavar="MODULE:FUNCTION", default=None,
+                       help="your own model: package.module:function or path/to/file.py:function returning the "
+                            "nn.Module (with a preset attached); its residual blocks are found automatically")
+    p.add_argument("--block-pattern", metavar="PATTERNS", default=None,
+                   help="timm:, hf: and factory: models: the residual blocks as comma-separated module names or "
+                        "glob patterns (e.g. 'encoder.layer.*'), instead of the blocks found automatically")
     p.add_argument("--weights", metavar="W", default=None,
                    help="checkpoint file (.pt/.pth/.th loaded with weights_only=True, or .safetensors), a named "
                         "source (e.g. DEFAULT, cifar10, cifar10jpeg, demo), or 'random' for random initialisation "
                         "on purpose. Without it a registry model gets its default named weights (said on stderr); "
-                        "one without defaults is refused. Not with a saved directory")
+                        "one without defaults is refused. Not with a saved directory. timm: models need it (a file, a timm "
+                        "tag such as in1k where the hub can be reached, or random); hf: directories bring their own")
     p.add_argument("--num-classes", type=_positive_int, default=None, metavar="K",
                    help="output classes when they differ from the architecture's default")
 
@@ -379,15 +387,41 @@ def _write_json(target: str, payload: Any) -> None:
     path.write_text(text + "\n")
 
 
-def _open(source: str, weights: str | None, num_classes: int | None = None):
+def _model_source(args: argparse.Namespace) -> str:
+    """What ``--model`` / ``--model-factory`` name (exactly one of them)."""
+    from .errors import ConfigError
+
+    factory = getattr(args, "model_factory", None)
+    if factory and args.model:
+        raise ConfigError("give either --model or --model-factory, not both")
+    if factory:
+        return f"factory:{factory}"
+    if not args.model:
+        raise ConfigError("--model (a registry name, timm:NAME, hf:DIR or a saved directory) or --model-factory "
+                          "MODULE:FUNCTION is required")
+    return args.model
+
+
+def _open_args(args: argparse.Namespace):
+    """The model the command's ``--model``/``--model-factory``, ``--weights``, ``--num-classes`` and
+    ``--block-pattern`` name (see :func:`_open`)."""
+    return _open(_model_source(args), args.weights, args.num_classes, getattr(args, "block_pattern", None))
+
+
+def _open(source: str, weights: str | None, num_classes: int | None = None, block_patterns: str | None = None):
     """Open ``--model``/``--weights``; never random weights unless the user wrote ``--weights random``.
 
     Without ``--weights`` a registry model gets its default named weights (one line on stderr says which, and
-    what else exists); an architecture without fitting defaults is a usage error naming the choices.
+    what else exists); an architecture without fitting defaults is a usage error naming the choices. A timm model
+    needs ``--weights`` (a file, a timm tag, or random); a Hugging Face directory brings its own weights.
     """
     from .errors import ConfigError
     from .export import open_model
     from .models import available_models, default_weights, describe_weight_choices, model_entry
+
+    if weights is None and source.startswith("timm:"):
+        raise ConfigError(f"--weights is required for {source}: a weights file (.safetensors, .pth), a timm "
+                          "pretrained tag where the hub can be reached (e.g. pretrained, in1k), or random")
 
     if weights is None and source in available_models():
         weights = default_weights(source, num_classes)
@@ -404,7 +438,16 @@ def _open(source: str, weights: str | None, num_classes: int | None = None):
         if is_main_process():
             print(f"note: no --weights given: using {source}'s default weights {weights!r} ({choices})",
                   file=sys.stderr)
-    return open_model(source, weights=weights, num_classes=num_classes)  # carries cka_origin: what reopens it
+    # open_model sets cka_origin (what reopens it: cka-prune recover reopens the original named in a record)
+    model = open_model(source, weights=weights, num_classes=num_classes, block_patterns=block_patterns)
+    found = getattr(model, "cka_candidates", None)
+    if found:
+        from .distributed import is_main_process
+
+        if is_main_process():
+            print(f"note: {len(found)} residual blocks found in {source} ({found[0].name} ... {found[-1].name}); "
+                  "name them yourself with --block-pattern", file=sys.stderr)
+    return model
 
 
 def _amp(args: argparse.Namespace):
@@ -523,7 +566,7 @@ def cmd_heatmap(args: argparse.Namespace, bar: StderrProgress) -> int:
     from . import distributed as dist_utils
 
     dev = dist_utils.init_from_env(args.device)
-    model = _open(args.model, args.weights, args.num_classes)
+    model = _open_args(args)
     other = _open(args.compare, args.compare_weights) if args.compare else None
     ds = _dataset(args, model, args.split, bar=bar, whole=False)
     ds = _subset(args, ds, args.samples)
@@ -568,7 +611,7 @@ def cmd_score(args: argparse.Namespace, bar: StderrProgress) -> int:
     from .scoring import ScoringOptions, score_blocks
 
     dev = dist_utils.init_from_env(args.device)  # under torchrun the ranks share the calibration images
-    model = _open(args.model, args.weights, args.num_classes)
+    model = _open_args(args)
     calib = _calibration(args, model, bar) if CRITERION_INFO[args.criterion].needs_data else None
     options = ScoringOptions(debiased=args.debiased, batch_size=args.batch_size, device=dev, amp=_amp(args),
                              seed=args.seed)
@@ -675,7 +718,7 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
     out = Path(args.out)
     if (out / "manifest.json").exists() and not args.resume:
         raise ConfigError(f"--out {out} already holds a saved model; choose another --out or pass --resume")
-    model = _open(args.model, args.weights, args.num_classes)
+    model = _open_args(args)
     request = _prune_request(args, model, dev)
     check_feasible(request, model)  # bad blocks or an unreachable target: refused before the estimate's probe
     data = PruneData().filled(request, model.cka_preset, recovery=request.recovery.images > 0, progress=bar)
@@ -693,7 +736,9 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
         save_pruned(outcome.model, out, report=report)
         _write_json(str(out / "report.json"), report)
         print(outcome.record.summary())
-        print(f"wrote {out}/ (model.safetensors, manifest.json, report.json)")
+        native = [d for d in ("huggingface", "timm") if (out / d).is_dir()]
+        print(f"wrote {out}/ (model.safetensors, manifest.json, report.json"
+              + "".join(f", {d}/: the native format" for d in native) + ")")
         if not outcome.record.cancelled:
             _clear_resume(out / ".resume")
     dist_utils.barrier()
@@ -727,7 +772,8 @@ def cmd_recover(args: argparse.Namespace, bar: StderrProgress) -> int:
     if args.original:
         origin = {"model": args.original, "weights": args.original_weights, "num_classes": origin["num_classes"]}
     try:
-        base = open_model(origin["model"], weights=origin["weights"], num_classes=origin["num_classes"])
+        base = open_model(origin["model"], weights=origin["weights"], num_classes=origin["num_classes"],
+                          block_patterns=origin.get("block_patterns"))
     except (ConfigError, CheckpointError) as exc:
         raise ConfigError(f"cannot reopen the original model of {args.model} ({exc}); name it with --original "
                           "(and --original-weights)") from exc
@@ -768,7 +814,7 @@ def cmd_finetune(args: argparse.Namespace, bar: StderrProgress) -> int:
     from .training import finetune
 
     dev = dist_utils.init_from_env(args.device)
-    model = _open(args.model, args.weights, args.num_classes)
+    model = _open_args(args)
     teacher = _open(args.distill_from, args.distill_weights) if args.distill_from else None
     train, test = _world_loaders(args, model, dev, train_needed=True)
     cfg = _finetune_config(args, args.epochs, args.steps, teacher is not None)
@@ -802,7 +848,7 @@ def cmd_evaluate(args: argparse.Namespace, bar: StderrProgress) -> int:
     from .metrics import count_macs, count_params, evaluate
 
     dev = resolve_device(args.device)
-    model = _open(args.model, args.weights, args.num_classes)
+    model = _open_args(args)
     preset = model.cka_preset
     ds = _subset(args, _dataset(args, model, "test", bar=bar, whole=args.samples is None), args.samples)
     loader = _loader(args, ds, batch_size=max(args.batch_size, 1), device=dev)

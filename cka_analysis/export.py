@@ -6,6 +6,10 @@ A pruned model is a directory:
 * ``manifest.json`` — the base architecture, its preset, the removed blocks in order, scores and metrics, and the
   library and torch versions. :func:`load_pruned` validates it, rebuilds the base architecture, removes the same
   blocks and loads the weights with strict matching, so the reloaded model gives identical logits.
+* for ``hf:`` and ``timm:`` models (:mod:`cka_analysis.models.external`), also ``huggingface/`` or ``timm/``: the
+  pruned model in its own library's format (:mod:`cka_analysis.native`), which reloads without this project.
+  Their manifest records the source (timm name and arguments, the Hugging Face config, or the factory) and the
+  declared blocks instead of a registry name.
 
 :func:`export_pt2` (``torch.export``) and :func:`export_onnx` (checked against onnxruntime when installed) write
 self-contained files for serving.
@@ -29,6 +33,7 @@ from ._version import __version__
 from .blocks import adaptor_slots, find_blocks, insert_adaptors, remove_blocks, removed_blocks
 from .errors import BlockError, CheckpointError, ConfigError
 from .models import available_models, build_model
+from .models.external import SOURCE_ATTR, is_external, open_external, rebuild_external
 from .models.preset import Preset, attach_preset, get_preset
 
 __all__ = [
@@ -100,8 +105,12 @@ def save_pruned(model: nn.Module, path: str | Path, *, report: dict[str, Any] | 
     """
     from safetensors.torch import save_file
 
+    from .blocks import PATTERNS_ATTR
+    from .native import NativeUnsupported, export_native, native_dir_name
+
     preset = get_preset(model)
-    if preset.arch not in available_models():
+    source = getattr(model, SOURCE_ATTR, None)
+    if preset.arch not in available_models() and source is None:
         raise ConfigError(f"{preset.arch!r} is not a registry architecture, so the pruned model cannot be rebuilt")
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -127,6 +136,17 @@ def save_pruned(model: nn.Module, path: str | Path, *, report: dict[str, Any] | 
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if source is not None:
+        manifest["source"] = jsonable(source)
+        manifest["blocks"] = list(getattr(model, PATTERNS_ATTR, ()))
+        folder = native_dir_name(model)
+        if folder is not None:
+            try:
+                manifest["native"] = export_native(model, out / folder)
+            except NativeUnsupported as exc:
+                manifest["native"] = {"format": None, "reason": str(exc)}
+            except Exception as exc:  # an unforeseen family: the project's own format above still holds it
+                manifest["native"] = {"format": None, "reason": f"{type(exc).__name__}: {exc}"}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
 
@@ -152,7 +172,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{mpath} has format {manifest['format']!r}; this version of cka-prune reads {FORMAT!r}"
         )
-    if manifest["arch"] not in available_models():
+    if "source" in manifest:
+        if not isinstance(manifest["source"], dict) or not isinstance(manifest.get("blocks"), list):
+            raise CheckpointError(f"{mpath}: 'source' must be an object and 'blocks' a list of block names")
+    elif manifest["arch"] not in available_models():
         raise CheckpointError(f"{mpath} names an unknown architecture {manifest['arch']!r}")
     if isinstance(manifest["num_classes"], bool) or manifest["num_classes"] < 1:
         raise CheckpointError(f"{mpath}: num_classes must be a positive integer, got {manifest['num_classes']!r}")
@@ -174,14 +197,28 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_pruned(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save_pruned`: validated manifest, same blocks removed, strict weights."""
+def load_pruned(path: str | Path, *, device: str | torch.device = "cpu", allow_factory: bool = True) -> nn.Module:
+    """Rebuild a model saved by :func:`save_pruned`: validated manifest, same blocks removed, strict weights.
+
+    ``allow_factory=False`` refuses a manifest whose model comes from a factory function (it would import and run
+    the code the manifest names): what a server does with a directory someone uploaded.
+    """
+    from .blocks import declare_blocks
     from .checkpoints import load_weights, read_state_dict
 
     p = Path(path)
     root = p if p.is_dir() else p.parent
     manifest = read_manifest(p)
-    model = build_model(manifest["arch"], num_classes=manifest["num_classes"])
+    source = manifest.get("source")
+    if source is not None:
+        if source.get("kind") == "factory" and not allow_factory:
+            raise ConfigError(f"{root} was built by the factory function {source.get('spec')!r}; opening it would "
+                              "run that code, which is refused here (start the dashboard with --model-factory, or "
+                              "use the library)")
+        model = rebuild_external(source, Preset.from_dict(manifest["preset"]))
+        declare_blocks(model, manifest["blocks"])
+    else:
+        model = build_model(manifest["arch"], num_classes=manifest["num_classes"])
     removed = manifest["removed"]
     known = {b.name: b for b in find_blocks(model)}
     unknown = [n for n in removed if n not in known]
@@ -221,17 +258,31 @@ def open_model(
     num_classes: int | None = None,
     allow_download: bool = True,
     device: str | torch.device = "cpu",
+    block_patterns: list[str] | str | None = None,
+    allow_factory: bool = True,
 ) -> nn.Module:
     """The one way every entry point (CLI, dashboard, benchmarks) opens a model.
 
     ``source`` is a registry name (then ``weights`` is None, a checkpoint file or a named source, see
-    :func:`~cka_analysis.models.build_model`) or a directory written by :func:`save_pruned` (then ``weights`` and
-    ``num_classes`` must not be given: the directory carries both).
+    :func:`~cka_analysis.models.build_model`), ``timm:NAME``, ``hf:DIR_OR_ID`` or ``factory:MODULE:FUNCTION``
+    (:mod:`cka_analysis.models.external`: ``block_patterns`` names their blocks, else they are discovered), or a
+    directory written by :func:`save_pruned` (then ``weights`` and ``num_classes`` must not be given: the
+    directory carries both). ``allow_factory=False`` refuses anything that would import code named by the
+    source (a factory, or a saved factory model): the dashboard's rule for what comes from users.
 
-    The model carries its provenance as ``cka_origin`` (``{"model", "weights", "num_classes"}``: the arguments
-    that open it again), which a pruning record keeps (``request["origin"]``) so that ``cka-prune recover`` and
-    the dashboard can reopen the original.
+    The model carries its provenance as ``cka_origin`` (``{"model", "weights", "num_classes"}`` and the
+    ``block_patterns`` when given: the arguments that open it again), which a pruning record keeps
+    (``request["origin"]``) so that ``cka-prune recover`` and the dashboard can reopen the original.
     """
+    if is_external(source):
+        if str(source).startswith("factory:") and not allow_factory:
+            raise ConfigError(f"model {source!r}: factory functions are not accepted here; the person who starts "
+                              "the server passes one with `streamlit run app -- --model-factory MODULE:FUNCTION`")
+        model = open_external(str(source), weights=weights, num_classes=num_classes, allow_download=allow_download,
+                              block_patterns=block_patterns)
+        return _with_origin(model.to(device).eval(), source, weights, num_classes, block_patterns)
+    if block_patterns:
+        raise ConfigError("block patterns are for timm:, hf: and factory: models; registry models know their blocks")
     p = Path(source).expanduser()
     if str(source) in available_models():
         model = build_model(str(source), num_classes=num_classes, weights=weights, allow_download=allow_download)
@@ -242,7 +293,7 @@ def open_model(
                 f"{source} is a saved model directory: it carries its own weights and classes; "
                 "drop --weights/--num-classes"
             )
-        return _with_origin(load_pruned(p, device=device), source, None, None)
+        return _with_origin(load_pruned(p, device=device, allow_factory=allow_factory), source, None, None)
     if "/" in str(source) or p.exists():
         raise CheckpointError(f"{source} is not a saved model directory ({MANIFEST} not found)")
     # not a registry name: build_model's error names the closest ones and lists the registry
@@ -250,10 +301,12 @@ def open_model(
                                     allow_download=allow_download), source, weights, num_classes)
 
 
-def _with_origin(model: nn.Module, source: str | Path, weights: str | Path | None, num_classes: int | None
-                 ) -> nn.Module:
+def _with_origin(model: nn.Module, source: str | Path, weights: str | Path | None, num_classes: int | None,
+                 block_patterns: list[str] | str | None = None) -> nn.Module:
     """``model`` with ``cka_origin`` set to what :func:`open_model` was given (what opens it again)."""
     origin = {"model": str(source), "weights": None if weights is None else str(weights), "num_classes": num_classes}
+    if block_patterns:
+        origin["block_patterns"] = [block_patterns] if isinstance(block_patterns, str) else list(block_patterns)
     object.__setattr__(model, "cka_origin", origin)
     return model
 

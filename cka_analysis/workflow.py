@@ -111,8 +111,11 @@ class PruneRequest:
     """Everything one pruning run depends on; validated when built (ConfigError naming the argument and the fix).
 
     Attributes:
-        model: a registry name or a directory written by ``save_pruned`` (opened with ``weights`` and
-            ``num_classes``), or a model already built (a registry model carrying its preset; not modified).
+        model: a registry name, ``timm:NAME``, ``hf:DIR_OR_ID``, ``factory:MODULE:FUNCTION`` or a directory
+            written by ``save_pruned`` (opened with ``weights``, ``num_classes`` and ``block_patterns``), or a
+            model already built (carrying its preset; not modified).
+        block_patterns: for ``timm:``/``hf:``/``factory:`` models, the residual blocks as names or glob patterns
+            (default: the blocks :func:`~cka_analysis.blocks.discover_blocks` finds).
         data: the data spec (``digits``, ``cifar10[:ROOT]``, ``imagefolder:ROOT``, ...); ``download`` allows
             fetching CIFAR.
         calibration_samples, calibration_seed: class-balanced calibration images from the training split.
@@ -139,6 +142,7 @@ class PruneRequest:
     data: str = "digits"
     weights: str | None = None
     num_classes: int | None = None
+    block_patterns: tuple[str, ...] | None = None
     download: bool = False
     calibration_samples: int = DEFAULT_CALIBRATION_IMAGES
     calibration_seed: int | None = None
@@ -178,6 +182,10 @@ class PruneRequest:
 
         if isinstance(self.target, str):
             self._set("target", Target.parse(self.target))
+        if isinstance(self.block_patterns, str):
+            self._set("block_patterns", tuple(b.strip() for b in self.block_patterns.split(",") if b.strip()) or None)
+        elif self.block_patterns is not None:
+            self._set("block_patterns", tuple(self.block_patterns) or None)
         if isinstance(self.blocks, str):
             self._set("blocks", tuple(b.strip() for b in self.blocks.split(",") if b.strip()))
         elif self.blocks is not None:
@@ -238,7 +246,8 @@ class PruneRequest:
     def describe_model(self) -> dict[str, Any]:
         """The model as JSON: its name and weights (a built model: its architecture, weights and removed blocks)."""
         if isinstance(self.model, str):
-            return {"model": self.model, "weights": self.weights, "num_classes": self.num_classes}
+            out = {"model": self.model, "weights": self.weights, "num_classes": self.num_classes}
+            return {**out, "block_patterns": list(self.block_patterns)} if self.block_patterns else out
         from .blocks import removed_blocks
 
         preset = self.model.cka_preset
@@ -254,7 +263,7 @@ class PruneRequest:
             v = getattr(self, f.name)
             if f.name == "model":
                 out.update(self.describe_model())
-            elif f.name in ("weights", "num_classes"):
+            elif f.name in ("weights", "num_classes", "block_patterns"):
                 continue
             elif f.name == "target":
                 out["target"] = None if v is None else v.to_dict()
@@ -538,7 +547,8 @@ def _open(request: PruneRequest) -> nn.Module:
         return copy.deepcopy(request.model).eval()
     from .export import open_model
 
-    return open_model(request.model, weights=request.weights, num_classes=request.num_classes)
+    return open_model(request.model, weights=request.weights, num_classes=request.num_classes,
+                      block_patterns=list(request.block_patterns) if request.block_patterns else None)
 
 
 def check_feasible(request: PruneRequest, model: nn.Module) -> None:

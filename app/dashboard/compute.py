@@ -27,6 +27,7 @@ from cka_analysis.errors import CKAPruneError
 from cka_analysis.export import export_onnx, export_pt2, save_pruned
 from cka_analysis.latency import TimingOptions, compare_latency
 from cka_analysis.metrics import evaluate
+from cka_analysis.native import NativeUnsupported, export_native, native_dir_name
 from cka_analysis.robustness import RobustnessResult, evaluate_robustness
 from cka_analysis.scoring import ScoringOptions, score_blocks
 from cka_analysis.workflow import estimate_further, estimate_run
@@ -169,7 +170,8 @@ def build_exports(model: nn.Module, name: str, report: dict, formats: tuple[str,
                   progress=None, cancel=None) -> dict[str, Any]:
     """Write the requested exports into a private temporary folder and return their bytes.
 
-    ``formats`` ⊆ ``("safetensors", "pt2", "onnx")``. Returns ``{"files": {format: (file name, bytes)},
+    ``formats`` ⊆ ``("safetensors", "native", "pt2", "onnx")``; ``native`` is the model in its own library's
+    format (a Hugging Face directory, or a timm state dict + kwargs: :func:`cka_analysis.native.export_native`). Returns ``{"files": {format: (file name, bytes)},
     "errors": {format: message}, "onnx": info}``: one format failing (an architecture ``torch.export`` cannot
     trace, say) does not lose the others. The temporary folder is removed before returning.
     """
@@ -179,7 +181,7 @@ def build_exports(model: nn.Module, name: str, report: dict, formats: tuple[str,
     tmp = Path(tempfile.mkdtemp(prefix="cka-prune-export-"))
     out: dict[str, Any] = {"files": {}, "errors": {}, "onnx": None}
     try:
-        steps = [f for f in ("safetensors", "pt2", "onnx") if f in formats]
+        steps = [f for f in ("safetensors", "native", "pt2", "onnx") if f in formats]
         for i, fmt in enumerate(steps):
             check_cancel(cancel, "the export")
             if progress is not None:
@@ -188,6 +190,14 @@ def build_exports(model: nn.Module, name: str, report: dict, formats: tuple[str,
                 if fmt == "safetensors":
                     folder = save_pruned(model, tmp / name, report=report)
                     out["files"][fmt] = (f"{name}.zip", _zip_dir(folder))
+                elif fmt == "native":
+                    dirname = native_dir_name(model)
+                    if dirname is None:
+                        raise NativeUnsupported("only timm: and hf: models have a native format; the safetensors "
+                                                "+ manifest export holds this one")
+                    folder = tmp / f"{name}-{dirname}"
+                    export_native(model, folder)
+                    out["files"][fmt] = (f"{folder.name}.zip", _zip_dir(folder))
                 elif fmt == "pt2":
                     path = export_pt2(model, tmp / f"{name}.pt2")
                     out["files"][fmt] = (path.name, path.read_bytes())

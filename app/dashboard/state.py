@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,6 +84,66 @@ def _registry_model(name: str, weights: str | None, num_classes: int | None, all
     return open_model(name, weights=weights, num_classes=num_classes, allow_download=allow_download, device="cpu")
 
 
+FACTORY_ENV = "CKA_PRUNE_MODEL_FACTORY"
+EXTERNAL_KINDS = ("timm", "hf", "factory")
+
+
+def server_factory(argv: list[str] | None = None) -> str | None:
+    """The model factory the person who started the server allowed: ``streamlit run app -- --model-factory
+    MODULE:FUNCTION`` (the script's own arguments), else ``$CKA_PRUNE_MODEL_FACTORY``; None when neither.
+
+    This is the only way a factory reaches the dashboard: code is never taken from an upload or a URL."""
+    args = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(args):
+        if arg == "--model-factory" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--model-factory="):
+            return arg.split("=", 1)[1]
+    return os.environ.get(FACTORY_ENV) or None
+
+
+def external_source(spec: dict) -> str:
+    """The ``timm:``/``hf:``/``factory:`` source string of a model spec; a factory only when it is the server's."""
+    kind = spec["kind"]
+    if kind == "factory":
+        allowed = server_factory()
+        if not allowed or spec.get("factory") != allowed:
+            raise CKAPruneError("a model factory can only be chosen when the server is started with it "
+                                "(`streamlit run app -- --model-factory MODULE:FUNCTION`); code never comes from "
+                                "an upload or a URL")
+        return f"factory:{allowed}"
+    ref = str(spec.get("name", "")).strip()
+    if not ref:
+        raise CKAPruneError("enter a timm model name" if kind == "timm" else "enter a Hugging Face model directory")
+    return f"{kind}:{ref}"
+
+
+def model_spec_from_query(value: str) -> dict:
+    """The model spec a ``?model=`` URL parameter asks for: a registry name, ``timm:NAME`` or ``hf:DIR``.
+    A factory is refused (CKAPruneError): a URL must not make the server import code."""
+    from cka_analysis.models import available_models
+
+    value = value.strip()
+    if value.startswith("factory:"):
+        raise CKAPruneError(f"?model={value}: a URL cannot choose a model factory or other code; the person who "
+                            "starts the server passes one with `streamlit run app -- --model-factory ...`")
+    if value.startswith(("timm:", "hf:")):
+        kind, _, name = value.partition(":")
+        return {"kind": kind, "name": name, "weights": "random" if kind == "timm" else None, "num_classes": None,
+                "allow_download": False, "block_patterns": None}
+    if value not in available_models():
+        raise CKAPruneError(f"?model={value} is not a registry model, timm:NAME or hf:DIR")
+    return {**DEMO_MODEL, "name": value, "weights": None}
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _external_model(source: str, weights: str | None, num_classes: int | None, patterns: tuple[str, ...] | None,
+                    allow_download: bool) -> nn.Module:
+    model = open_model(source, weights=weights, num_classes=num_classes, allow_download=allow_download,
+                       device="cpu", block_patterns=list(patterns) if patterns else None)
+    return model  # open_model set its provenance (cka_origin), block patterns included
+
+
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _checkpoint_model(arch: str, content: str, num_classes: int | None, *, _name: str, _data: bytes) -> nn.Module:
     return uploads.model_from_checkpoint(_name, _data, arch, num_classes)
@@ -127,6 +188,12 @@ def model_key_and_label(spec: dict) -> tuple[str, str]:
     if spec["kind"] == "checkpoint":
         return (f"checkpoint:{spec['arch']}:{spec['digest']}:{spec.get('num_classes')}",
                 f"{spec['arch']} + {spec['file_name']}")
+    if spec["kind"] in EXTERNAL_KINDS:
+        source = external_source(spec)
+        patterns = spec.get("block_patterns")
+        w = spec.get("weights")
+        return (f"{source}|{w}|{spec.get('num_classes')}|{patterns}",
+                f"{source} ({'own' if w is None else w} weights{', blocks chosen by hand' if patterns else ''})")
     return f"archive:{spec['digest']}", f"saved model {spec['file_name']}"
 
 
@@ -135,6 +202,10 @@ def load_model(spec: dict, upload: tuple[str, bytes] | None = None) -> nn.Module
     if spec["kind"] == "registry":
         return _registry_model(spec["name"], spec.get("weights"), spec.get("num_classes"),
                                bool(spec.get("allow_download")))
+    if spec["kind"] in EXTERNAL_KINDS:
+        patterns = spec.get("block_patterns")
+        return _external_model(external_source(spec), spec.get("weights"), spec.get("num_classes"),
+                               tuple(patterns) if patterns else None, bool(spec.get("allow_download")))
     if upload is None:
         raise CKAPruneError("choose a file to upload first")
     name, data = upload
@@ -148,7 +219,7 @@ def activate(model_spec: dict, data_spec: dict, upload: tuple[str, bytes] | None
 
     Raises CKAPruneError (shown by the page) and leaves the previous selection untouched on failure.
     """
-    if upload is not None and model_spec["kind"] != "registry":
+    if upload is not None and model_spec["kind"] not in ("registry", *EXTERNAL_KINDS):
         model_spec = {**model_spec, "digest": uploads.digest(upload[1]), "file_name": upload[0]}
     model = load_model(model_spec, upload)
     model_key, model_label = model_key_and_label(model_spec)
@@ -188,6 +259,18 @@ def ensure_default() -> Active | None:
     return st.session_state.get("active")
 
 
+def apply_query_model() -> None:
+    """Open the model a ``?model=`` URL parameter names (once per value and session), with the demo data; a
+    factory or anything else the URL may not choose is refused with a message (see :func:`model_spec_from_query`)."""
+    value = st.query_params.get("model")
+    if not value or st.session_state.get("query_model_done") == value:
+        return
+    st.session_state["query_model_done"] = value
+    with guard(f"opening ?model={value}"):
+        a = active()
+        activate(model_spec_from_query(value), dict(a.data_spec) if a else dict(DEMO_DATA))
+
+
 def active() -> Active | None:
     return st.session_state.get("active")
 
@@ -202,6 +285,10 @@ def require_active() -> Active:
 
 
 def describe_model(a: Active) -> str:
+    source = getattr(a.model, "cka_source", None)
+    if source is not None:
+        return {"timm": "a timm model", "hf": "a Hugging Face image classifier",
+                "factory": "a model built by the server's factory function"}[source["kind"]]
     return model_entry(a.preset.arch).description
 
 

@@ -128,7 +128,7 @@ def model_from_archive(name: str, data: bytes, device: str | torch.device = "cpu
                 f"{name!r} holds no {MANIFEST}; upload the .zip of a folder written by the exporter "
                 "(manifest.json + model.safetensors)"
             )
-        return open_model(tmp, device=device)
+        return open_model(tmp, device=device, allow_factory=False)  # code never comes from an upload
     except zipfile.BadZipFile as exc:
         raise CheckpointError(f"{name!r} is a damaged .zip archive ({exc})") from exc
     finally:

@@ -9,12 +9,16 @@ import streamlit as st
 from dashboard import compute, report, state
 from dashboard.ui import job_result
 
+from cka_analysis.native import native_dir_name
+
 FORMATS = {
     "safetensors": "safetensors + manifest (.zip; reload with cka_analysis.export.load_pruned or this app)",
+    "native": "native format of timm: / hf: models (.zip: a Hugging Face directory for from_pretrained, or a timm "
+              "state dict + config.json)",
     "pt2": "torch.export program (.pt2)",
     "onnx": "ONNX (checked against onnxruntime when installed)",
 }
-MIME = {"safetensors": "application/zip", "pt2": "application/octet-stream", "onnx": "application/octet-stream"}
+MIME = {"safetensors": "application/zip", "native": "application/zip", "pt2": "application/octet-stream", "onnx": "application/octet-stream"}
 
 st.title("Export")
 a = state.require_active()
@@ -24,7 +28,8 @@ if not state.runs():
     st.info("No pruning run yet: you can export the original network and the report, or prune first.")
 if st.session_state.get("ex_model") not in by_key:
     st.session_state["ex_model"] = choices[-1]["key"]
-st.session_state.setdefault("ex_formats", list(FORMATS))
+native_ok = native_dir_name(a.model) is not None
+st.session_state.setdefault("ex_formats", [f for f in FORMATS if f != "native" or native_ok])
 key = st.selectbox("Model to export", list(by_key), format_func=lambda k: by_key[k]["label"], key="ex_model")
 choice = by_key[key]
 formats = st.multiselect("Formats", list(FORMATS), format_func=FORMATS.get, key="ex_formats")

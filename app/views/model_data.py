@@ -20,9 +20,14 @@ st.caption(
 
 SOURCES = {
     "registry": "Model from the registry",
+    "timm": "timm model by name (timm extra)",
+    "hf": "Hugging Face image classifier (a directory on the server, or a hub id)",
     "checkpoint": "Upload a checkpoint (.pt/.pth/.th/.safetensors)",
     "archive": "Upload a saved pruned model (.zip of manifest.json + model.safetensors)",
 }
+FACTORY = state.server_factory()
+if FACTORY:  # only when the person who started the server passed it (never from an upload or a URL)
+    SOURCES = {"factory": f"Your model: {FACTORY} (the server's --model-factory)", **SOURCES}
 DATA_LABELS = {"digits": "digits (bundled, offline)", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
                "imagefolder": "ImageFolder (train/ and test/ or val/)"}
 
@@ -62,6 +67,37 @@ with left:
                           help="Named weights that are not cached yet are downloaded once into the torch hub cache")
         model_spec = {"kind": "registry", "name": name, "weights": w, "num_classes": int(classes) or None,
                       "allow_download": allow}
+    elif source in ("timm", "hf", "factory"):
+        if source == "timm":
+            st.session_state.setdefault("md_timm_name", "convnext_atto")
+            name = st.text_input("timm model name", key="md_timm_name", help="Any name timm.list_models() shows; "
+                                 "the preset (input size, mean/std) comes from timm's pretrained config or the "
+                                 "weights file's metadata")
+            st.session_state.setdefault("md_ext_weights", "random")
+            w = st.text_input("Weights: a file on the server (.safetensors/.pth), a timm tag, or random",
+                              key="md_ext_weights")
+        elif source == "hf":
+            st.session_state.setdefault("md_hf_dir", "")
+            name = st.text_input("Directory holding config.json (or a hub id where the hub can be reached)",
+                                 key="md_hf_dir", help="Loaded with AutoModelForImageClassification; "
+                                 "trust_remote_code is never turned on")
+            st.session_state.setdefault("md_hf_random", False)
+            w = "random" if st.toggle("Random initialisation (its config only)", key="md_hf_random") else None
+        else:
+            name, w = FACTORY, None
+            st.caption("Built by the function the server was started with; weights: what the function loads.")
+        if w == "random":
+            st.warning("Random initialisation: accuracy will be at chance level.", icon=":material/casino:")
+        st.session_state.setdefault("md_ext_classes", 0)
+        classes = st.number_input("Number of classes (0 = the model's own)", 0, 100_000, key="md_ext_classes")
+        st.session_state.setdefault("md_ext_patterns", "")
+        patterns = st.text_input("Blocks (optional): module names or patterns, comma-separated", key="md_ext_patterns",
+                                 help="Empty: the residual blocks are found by probing the network; the proposal "
+                                      "is shown below, where you can edit it")
+        model_spec = {"kind": source, "name": name, "factory": FACTORY if source == "factory" else None,
+                      "weights": (w or None) if source != "hf" else w, "num_classes": int(classes) or None,
+                      "allow_download": False,
+                      "block_patterns": [x.strip() for x in patterns.split(",") if x.strip()] or None}
     elif source == "checkpoint":
         st.session_state.setdefault("md_ckpt_arch", "digits_resnet")
         arch = st.selectbox("Architecture of the checkpoint", models, key="md_ckpt_arch")
@@ -105,7 +141,7 @@ with right:
     data_spec = {"kind": kind, "root": root, "download": download, "n_calib": int(n_calib), "seed": int(seed)}
 
 if st.button("Load model and data", type="primary", key="md_load"):
-    if model_spec["kind"] != "registry" and upload is None:
+    if model_spec["kind"] in ("checkpoint", "archive") and upload is None:
         st.error("Choose a file to upload first.")
     elif kind == "imagefolder" and not root.strip():
         st.error("Enter the ImageFolder path (a folder holding train/ and test/ or val/).")
@@ -160,6 +196,27 @@ st.dataframe(table, hide_index=True, key="md_blocks", column_config={
     "latency ms": st.column_config.NumberColumn(format="%.3f"),
     "latency %": st.column_config.NumberColumn(format="%.1f %%"),
 })
+
+candidates = getattr(a.model, "cka_candidates", None)
+if a.model_spec.get("kind") in state.EXTERNAL_KINDS:
+    st.markdown("**Proposed blocks.** Found by probing the network: modules whose input and output have the same "
+                "shape, with a residual connection around them (zeroing their weights leaves their input), that the "
+                "network runs without. Untick a row (or type patterns above) and apply to score other blocks.")
+    if candidates:
+        proposal = pd.DataFrame([{"use": True, "block": c.name, "kind": c.kind, "shape": "×".join(map(str, c.shape)),
+                                  "params": c.params, "output change without it": c.output_change}
+                                 for c in candidates])
+        edited = st.data_editor(proposal, hide_index=True, key="md_proposal", disabled=[
+            "block", "kind", "shape", "params", "output change without it"], column_config={
+            "output change without it": st.column_config.NumberColumn(format="%.3f")})
+        chosen = [r["block"] for r in edited.to_dict("records") if r["use"]]
+        if chosen != [c.name for c in candidates] and st.button("Apply the chosen blocks", key="md_apply_blocks"):
+            with state.guard("declaring the blocks") as g:
+                state.activate({**a.model_spec, "block_patterns": chosen}, a.data_spec)
+            if not g.failed:
+                st.rerun()
+    else:
+        st.caption(f"Blocks named by hand: {', '.join(a.model_spec.get('block_patterns') or [])}.")
 
 st.markdown("**Accuracy on the test split**")
 dev = state.device()
