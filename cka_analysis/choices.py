@@ -45,6 +45,10 @@ class CriterionInfo:
 _INFOS = (
     CriterionInfo("cka", "the paper's criterion: 1 − linear CKA between the final features with and without the "
                   "block (optionally debiased)", needs_data=True, needs_labels=False),
+    CriterionInfo("cka_capacity", "capacity-aware CKA, aimed at the network after recovery: the cka score times "
+                  "(block parameters / mean removable block parameters)^capacity_weight, so that among blocks of "
+                  "equal MACs the small, low-score ones go first and the weights that long recovery needs stay",
+                  needs_data=True, needs_labels=False),
     CriterionInfo("random", "seeded random numbers: the floor every criterion must beat",
                   needs_data=False, needs_labels=False),
     CriterionInfo("weight_norm", "mean |w| of the block's conv/linear weights (data-free)",
@@ -65,6 +69,11 @@ CRITERION_INFO: Mapping[str, CriterionInfo] = MappingProxyType({c.name: c for c 
 CRITERIA: tuple[str, ...] = tuple(CRITERION_INFO)
 #: Criteria that read only the weights: no calibration images, ``samples == 0`` in their scores.
 DATA_FREE_CRITERIA: tuple[str, ...] = tuple(c.name for c in _INFOS if not c.needs_data)
+#: The knob of ``cka_capacity``: the exponent of the parameter ratio (0 = plain ``cka``).
+DEFAULT_CAPACITY_WEIGHT = 1.0
+#: From this fraction of MACs removed on, the CLI and the dashboard recommend a plan for the recovered network
+#: (see :func:`recommended_criterion`).
+DEEP_TARGET = 0.6
 #: Recovery methods of :func:`cka_analysis.recovery.recover`, cheapest first (every one starts with batch-norm
 #: re-estimation), and the default.
 RECOVERY_METHODS: Mapping[str, str] = MappingProxyType({
@@ -76,7 +85,9 @@ RECOVERY_METHODS: Mapping[str, str] = MappingProxyType({
 })
 DEFAULT_RECOVERY_METHOD = "feature"
 #: Named recovery budgets in training images drawn (``none``: no recovery, not even batch-norm re-estimation).
-RECOVERY_PRESETS: Mapping[str, int] = MappingProxyType({"none": 0, "quick": 25_000, "standard": 250_000})
+#: ``long`` is about 50 epochs of CIFAR-10's training split (the paper fine-tunes for 200).
+RECOVERY_PRESETS: Mapping[str, int] = MappingProxyType({"none": 0, "quick": 25_000, "standard": 250_000,
+                                                        "long": 2_500_000})
 #: Measures of :func:`cka_analysis.robustness.evaluate_robustness`.
 ROBUSTNESS_KINDS: tuple[str, ...] = ("fgsm", "pgd", "corruptions")
 

@@ -136,12 +136,12 @@ class RecoveryConfig:
 
     @classmethod
     def parse(cls, spec: str | int | RecoveryConfig, **overrides: Any) -> RecoveryConfig:
-        """``"quick"``, ``"standard"``, ``"none"`` or a number of images (``"12000"``, ``"12k"``), with keyword
+        """``"quick"``, ``"standard"``, ``"long"``, ``"none"`` or a number of images (``"12000"``, ``"12k"``), with keyword
         overrides of the recipe (``method="kd"``, ``seed=1``)."""
         if isinstance(spec, RecoveryConfig):
             return replace(spec, **overrides)
         if isinstance(spec, bool):
-            raise ConfigError(f"recovery={spec!r}: use 'quick', 'standard', 'none' or a number of images")
+            raise ConfigError(f"recovery={spec!r}: use 'quick', 'standard', 'long', 'none' or a number of images")
         if isinstance(spec, int):
             return cls(images=spec, **overrides)
         text = str(spec).strip().lower().replace("_", "").replace(",", "")
@@ -153,7 +153,8 @@ class RecoveryConfig:
             return cls(images=int(digits) * scale, **overrides)
         raise ConfigError(
             f"recovery={spec!r} is not understood; use 'quick' (≤ {RECOVERY_PRESETS['quick']:,} images), "
-            f"'standard' (≤ {RECOVERY_PRESETS['standard']:,}), 'none', or a number of training images"
+            f"'standard' (≤ {RECOVERY_PRESETS['standard']:,}), 'long' (≤ {RECOVERY_PRESETS['long']:,}), 'none', "
+            "or a number of training images"
         )
 
     def with_images(self, images: int) -> RecoveryConfig:
