@@ -45,10 +45,6 @@ class CriterionInfo:
 _INFOS = (
     CriterionInfo("cka", "the paper's criterion: 1 − linear CKA between the final features with and without the "
                   "block (optionally debiased)", needs_data=True, needs_labels=False),
-    CriterionInfo("cka_capacity", "capacity-aware CKA, aimed at the network after recovery: the cka score times "
-                  "(block parameters / mean removable block parameters)^capacity_weight, so that among blocks of "
-                  "equal MACs the small, low-score ones go first and the weights that long recovery needs stay",
-                  needs_data=True, needs_labels=False),
     CriterionInfo("random", "seeded random numbers: the floor every criterion must beat",
                   needs_data=False, needs_labels=False),
     CriterionInfo("weight_norm", "mean |w| of the block's conv/linear weights (data-free)",
@@ -61,6 +57,10 @@ _INFOS = (
                   needs_data=True, needs_labels=True),
     CriterionInfo("loss", "oracle: increase of the calibration cross-entropy when the block is removed",
                   needs_data=True, needs_labels=True),
+    CriterionInfo("cka_capacity", "capacity-aware CKA, aimed at the network after recovery: the cka score times "
+                  "(block parameters / mean removable block parameters)^capacity_weight, so that among blocks of "
+                  "equal MACs the small, low-score ones go first and the weights that long recovery needs stay",
+                  needs_data=True, needs_labels=False),
 )
 
 #: Every removal criterion by name, in the order help texts list them (the paper's ``"cka"`` first); read-only.

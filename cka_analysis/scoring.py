@@ -638,8 +638,8 @@ class TaylorCriterion(Criterion):
 
 #: The implementation of every criterion of :data:`~cka_analysis.choices.CRITERION_INFO`, under the same names.
 REGISTRY: Mapping[str, Criterion] = MappingProxyType({c.name: c for c in (
-    CKACriterion(), CKACapacityCriterion(), RandomCriterion(), WeightNormCriterion(), BlockInfluenceCriterion(), AngularCriterion(),
-    TaylorCriterion(), LossCriterion(),
+    CKACriterion(), RandomCriterion(), WeightNormCriterion(), BlockInfluenceCriterion(), AngularCriterion(),
+    TaylorCriterion(), LossCriterion(), CKACapacityCriterion(),
 )})
 if tuple(REGISTRY) != CRITERIA:  # a criterion declared in choices.py without an implementation, or the reverse
     raise ImportError(f"scoring.REGISTRY {tuple(REGISTRY)} does not match choices.CRITERIA {CRITERIA}")
