@@ -22,6 +22,7 @@ __all__ = [
     "ROBUSTNESS_KINDS",
     "CriterionInfo",
     "criterion_info",
+    "plan_advice",
 ]
 
 
@@ -71,9 +72,13 @@ CRITERIA: tuple[str, ...] = tuple(CRITERION_INFO)
 DATA_FREE_CRITERIA: tuple[str, ...] = tuple(c.name for c in _INFOS if not c.needs_data)
 #: The knob of ``cka_capacity``: the exponent of the parameter ratio (0 = plain ``cka``).
 DEFAULT_CAPACITY_WEIGHT = 1.0
-#: From this fraction of MACs removed on, the CLI and the dashboard recommend a plan for the recovered network
-#: (see :func:`recommended_criterion`).
+#: From this fraction of MACs removed on, a cut is "deep": the blocks kept decide the accuracy after recovery, and
+#: the CLI and the dashboard say which plan is recommended there (:func:`plan_advice`).
 DEEP_TARGET = 0.6
+#: The criterion recommended for deep cuts, and why (measured on the validation split, ``benchmarks/deep.py``).
+DEEP_CRITERION = "cka"
+DEEP_REASON = ("at −75 % MACs the accuracy after recovery follows the weights kept; cka_capacity (which keeps "
+               "them) has not beaten cka on the validation split yet, so cka stays the recommendation")
 #: Recovery methods of :func:`cka_analysis.recovery.recover`, cheapest first (every one starts with batch-norm
 #: re-estimation), and the default.
 RECOVERY_METHODS: Mapping[str, str] = MappingProxyType({
@@ -90,6 +95,22 @@ RECOVERY_PRESETS: Mapping[str, int] = MappingProxyType({"none": 0, "quick": 25_0
                                                         "long": 2_500_000})
 #: Measures of :func:`cka_analysis.robustness.evaluate_robustness`.
 ROBUSTNESS_KINDS: tuple[str, ...] = ("fgsm", "pgd", "corruptions")
+
+
+def plan_advice(criterion: str, macs_reduction: float | None) -> str | None:
+    """One sentence to show beside a plan: why ``cka_capacity`` chooses differently, or, for a deep cut
+    (``macs_reduction`` ≥ :data:`DEEP_TARGET`), which criterion is recommended there and why; None otherwise."""
+    deep = macs_reduction is not None and macs_reduction >= DEEP_TARGET - 1e-9
+    if criterion == "cka_capacity":
+        text = ("cka_capacity plans for the network after recovery: it multiplies each block's cka score by its "
+                "share of the parameters, so that small, low-score blocks go first and the weights a long "
+                "recovery needs stay")
+        return text + (f"; for deep cuts: {DEEP_REASON}" if deep and criterion != DEEP_CRITERION else "")
+    if deep and criterion != DEEP_CRITERION:
+        return f"recommended for ≥ {100 * DEEP_TARGET:.0f} % fewer MACs: {DEEP_CRITERION} ({DEEP_REASON})"
+    if deep:
+        return f"{criterion} is the recommendation for deep cuts: {DEEP_REASON}"
+    return None
 
 
 def criterion_info(name: str) -> CriterionInfo:

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .choices import CRITERIA, CRITERION_INFO, DEFAULT_RECOVERY_METHOD, RECOVERY_METHODS, ROBUSTNESS_KINDS
+from .choices import (
+    CRITERIA,
+    CRITERION_INFO,
+    DEFAULT_CAPACITY_WEIGHT,
+    DEFAULT_RECOVERY_METHOD,
+    RECOVERY_METHODS,
+    ROBUSTNESS_KINDS,
+    plan_advice,
+)
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -173,6 +181,9 @@ def _criterion_args(p: argparse.ArgumentParser, criteria: Sequence[str]) -> None
     p.add_argument("--criterion", choices=criteria, default="cka",
                    help=f"removal criterion, lower score = safer to remove (default cka). {described}")
     p.add_argument("--debiased", action="store_true", help="debiased linear CKA for the cka criterion")
+    p.add_argument("--capacity-weight", type=_non_negative_float, default=DEFAULT_CAPACITY_WEIGHT, metavar="A",
+                   help="the knob of the cka_capacity criterion: its score is the cka score × (block parameters / "
+                        f"mean block parameters)^A (default {DEFAULT_CAPACITY_WEIGHT:g}; 0 = plain cka order)")
 
 
 def _add_models(sub: Any) -> None:
@@ -283,8 +294,9 @@ def _add_finetune(sub: Any) -> None:
 
 def _recovery_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--recovery", default=default, metavar="R",
-                   help="recovery budget in training images: quick (25,000), standard (250,000), none, or a "
-                        f"number (default {default}); the expected time is said before it starts")
+                   help="recovery budget in training images: quick (25,000), standard (250,000), long "
+                        "(2,500,000: about 50 epochs of CIFAR-10, GPU work), none, or a number (default "
+                        f"{default}); the expected time is said before it starts")
     p.add_argument("--recovery-method", default=DEFAULT_RECOVERY_METHOD, choices=list(RECOVERY_METHODS),
                    help="how to recover: " + "; ".join(f"{k}: {v}" for k, v in RECOVERY_METHODS.items())
                         + f" (default {DEFAULT_RECOVERY_METHOD})")
@@ -565,7 +577,7 @@ def cmd_score(args: argparse.Namespace, bar: StderrProgress) -> int:
     model = _open(args.model, args.weights, args.num_classes)
     calib = _calibration(args, model, bar) if CRITERION_INFO[args.criterion].needs_data else None
     options = ScoringOptions(debiased=args.debiased, batch_size=args.batch_size, device=dev, amp=_amp(args),
-                             seed=args.seed)
+                             seed=args.seed, capacity_weight=args.capacity_weight)
     scores = score_blocks(model, calib, args.criterion, options=options, progress=bar)
     bar.newline()
     if not dist_utils.is_main_process():
@@ -637,7 +649,8 @@ def _prune_request(args: argparse.Namespace, model, device):
     blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip()) if args.blocks else None
     return PruneRequest(
         model=model, data=args.data, download=args.download, calibration_samples=args.samples,
-        criterion=args.criterion, debiased=args.debiased, target=target, blocks=blocks, iterative=args.iterative,
+        criterion=args.criterion, debiased=args.debiased, capacity_weight=args.capacity_weight, target=target,
+        blocks=blocks, iterative=args.iterative,
         recovery=RecoveryConfig.parse(args.recovery, method=args.recovery_method, seed=args.seed),
         eval_samples=args.eval_samples, device=str(device), amp=args.amp,
         batch_size=args.batch_size, seed=args.seed, latency_batch_size=getattr(args, "latency_batch_size", 1),
@@ -672,6 +685,9 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
     request = _prune_request(args, model, dev)
     check_feasible(request, model)  # bad blocks or an unreachable target: refused before the estimate's probe
     if dist_utils.is_main_process():
+        advice = plan_advice(request.criterion, request.macs_target) if request.target is not None else None
+        if advice:
+            bar.info("plan: " + advice)
         _announce_recovery(request.recovery, bar, lambda: estimate_request_recovery(request, model))
     outcome = run_prune(request, progress=bar, checkpoint_dir=out / ".resume", resume=args.resume)
     bar.newline()

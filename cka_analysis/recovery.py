@@ -608,6 +608,11 @@ def _train(model: nn.Module, teacher: nn.Module | None, cfg: RecoveryConfig, spe
     workers = 0 if augment is not None else default_num_workers(plain)
     loader = make_loader_for_world(plain, global_batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
                                    drop_last=True, num_workers=workers, device=dev)
+    if augment is not None:  # in-memory small images: held on the device, batches gathered there
+        from .training import TensorBatches
+
+        loader = TensorBatches.from_dataset(plain, model.cka_preset, batch_size=loader.batch_size,
+                                            sampler=loader.sampler, drop_last=True, device=dev) or loader
     # a private copy of the teacher: feature mimicking hooks it, and it runs in the trainer's memory format
     tap_teacher = None if teacher is None or cfg.method == "ce" else copy.deepcopy(teacher).eval()
     if tap_teacher is not None and dev.type in ("cpu", "cuda"):

@@ -15,7 +15,7 @@ from dashboard import compute, estimate, jobs, state
 from dashboard.estimate import Work
 from dashboard.ui import MACS_NOTE, count, job_result, pct, plotly
 
-from cka_analysis.choices import CRITERIA, CRITERION_INFO
+from cka_analysis.choices import CRITERIA, CRITERION_INFO, plan_advice
 from cka_analysis.figures import pruning_trajectory, score_bars
 from cka_analysis.pruning import Target, plan
 from cka_analysis.recovery import RECOVERY_PRESETS
@@ -114,6 +114,9 @@ if request is not None and request.recovery.images > 0:
     right.caption(f"Recovery {request.recovery.describe()}: about {est['seconds']:.0f} s on this device"
                   + (f"; on {est['reference']} it ended {drop:.1f} points below the unpruned model"
                      if drop is not None else "") + ".")
+    if request.recovery.name == "long" and str(dev).startswith("cpu"):
+        right.warning(f"`long` draws {request.recovery.images:,} training images: about "
+                      f"{est['seconds'] / 3600:.1f} h on this CPU. It is meant for a GPU.")
 
 # ---------------------------------------------------------------------------------------------- live preview
 st.subheader("Preview")
@@ -152,6 +155,9 @@ if preview is not None:
     c3.metric("Parameters", count(preview.params), f"-{100 * preview.params_reduction:.1f} %",
               delta_color="inverse")
     st.markdown("Would remove: " + ", ".join(f"`{b}`" for b in preview.blocks))
+    advice = plan_advice(criterion, preview.macs_reduction) if mode == "target" else None
+    if advice:
+        st.info(advice[0].upper() + advice[1:] + ".")
     if preview.latency is not None:
         st.caption(f"Predicted batch-1 latency {preview.latency:.2f} ms (−{100 * preview.latency_reduction:.1f} %), "
                    "from per-block latency measured on this device.")
