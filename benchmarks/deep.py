@@ -11,10 +11,12 @@ Two stages:
 * ``plan`` — the plan for the recovered network (``cka_capacity``) against ``cka`` and ``block_influence`` at
   ``standard``, measured on the **validation split** (5,000 training images held out of calibration and
   recovery, ``eval_split="validation"``); then the test-split row of the plan (the test split only reports).
+* ``long-recipe`` — ``long``'s batch size and learning rate (``LONG_RECIPES``) on the validation split at −75 %.
 * ``long`` — the rows of the issue's point 4: at −52.6 % (``macs:50%``) and −75.2 % (``macs:75%``) after
   ``long`` (2,500,000 images): CKA one-shot and iterative, ``cka_capacity``, block influence, random (3 seeds),
   on all 10,000 test images. Hours on the 2-core CPU each; meant for a GPU::
 
+      for i in 1 2 3 4; do python -m benchmarks.deep --stage long-recipe --device cuda & done; wait
       for i in 1 2 3 4; do python -m benchmarks.deep --stage long --device cuda & done; wait
 
 ``--list`` shows the rows and which are done; ``--rows ID,ID`` runs those; ``--budget N`` (with
@@ -43,11 +45,24 @@ ARCH = "cifar_resnet56"
 TARGETS = {"macs50": "macs:50%", "macs75": "macs:75%"}
 
 
-def _row(criterion: str, target: str, recovery: str, split: str, seed: int = 0, iterative: bool = False
-         ) -> dict[str, Any]:
-    rid = f"r56-{criterion}{'-it' if iterative else ''}-{target}-{recovery}-{split}-s{seed}"
+def _row(criterion: str, target: str, recovery: str, split: str, seed: int = 0, iterative: bool = False,
+         recipe: str | None = None) -> dict[str, Any]:
+    rid = f"r56-{criterion}{'-it' if iterative else ''}-{target}-{recovery}{'-' + recipe if recipe else ''}-" \
+          f"{split}-s{seed}"
     return {"id": rid, "criterion": criterion, "target": TARGETS[target], "recovery": recovery, "split": split,
-            "seed": seed, "iterative": iterative}
+            "seed": seed, "iterative": iterative,
+            **({"recipe_name": recipe, "recipe": LONG_RECIPES[recipe]} if recipe else {})}
+
+
+#: Candidate recipes for ``long`` (the library's default is ``bs64-lr0.01``), compared on the validation split at
+#: −75 % MACs (the ``long-recipe`` stage, GPU work: larger batches are what make a GPU fast, with the learning rate
+#: scaled linearly). The winner becomes ``long``'s recipe only once these rows exist; none has run yet.
+LONG_RECIPES: dict[str, dict[str, Any]] = {
+    "bs64-lr0.01": {"batch_size": 64, "lr": 0.01},
+    "bs256-lr0.04": {"batch_size": 256, "lr": 0.04},
+    "bs512-lr0.08": {"batch_size": 512, "lr": 0.08},
+    "bs512-lr0.04": {"batch_size": 512, "lr": 0.04},
+}
 
 
 #: The plan stage, most informative first: the new plan on validation at −75 %, the baselines through the same
@@ -67,7 +82,10 @@ LONG_ROWS = [
       for c, it, s in (("cka_capacity", False, 0), ("cka", False, 0), ("block_influence", False, 0),
                        ("cka", True, 0), ("random", False, 0), ("random", False, 1), ("random", False, 2))],
 ]
-ROWS = {r["id"]: r for r in PLAN_ROWS + LONG_ROWS}
+#: The recipe of ``long`` chosen on the validation split (at −75 % MACs, CKA one-shot blocks); GPU work.
+LONG_RECIPE_ROWS = [_row("cka", "macs75", "long", "validation", recipe=name) for name in LONG_RECIPES]
+STAGES = {"plan": PLAN_ROWS, "long-recipe": LONG_RECIPE_ROWS, "long": LONG_ROWS}
+ROWS = {r["id"]: r for rows in STAGES.values() for r in rows}
 
 
 def _path() -> Path:
@@ -95,11 +113,14 @@ def save_row(row: dict[str, Any]) -> None:
 def run_row(spec: dict[str, Any], device: str, checkpoints: Path) -> dict[str, Any]:
     """One row through run_prune; the recovery checkpoint lives in ``checkpoints/<id>`` until the row is saved."""
     from cka_analysis.config import shared_data_dir
+    from cka_analysis.recovery import RecoveryConfig
     from cka_analysis.workflow import PruneRequest, run_prune
 
     request = PruneRequest(model=ARCH, weights="cifar10jpeg", data=DATA.format(root=shared_data_dir()),
                            criterion=spec["criterion"], target=spec["target"], iterative=spec["iterative"],
-                           recovery=spec["recovery"], seed=spec["seed"], eval_split=spec["split"],
+                           recovery=RecoveryConfig.parse(spec["recovery"], seed=spec["seed"],
+                                                         **spec.get("recipe", {})),
+                           seed=spec["seed"], eval_split=spec["split"],
                            device=device, latency=False)
     ckpt = checkpoints / spec["id"]
     t0 = time.perf_counter()
@@ -129,7 +150,8 @@ def write_report() -> Path:
              "| images seen | wall time | device |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        plan = r["criterion"] + (" iterative" if r["iterative"] else "")
+        plan = r["criterion"] + (" iterative" if r["iterative"] else "") + \
+            (f" ({r['recipe_name']})" if r.get("recipe_name") else "")
         lines.append(f"| {r['split']} | {r['target']} | {r['recovery']} | {plan} | {r['seed']} | "
                      f"{100 * r['macs_reduction']:.1f} % | {100 * (1 - r['params_reduction']):.0f} % | "
                      f"{r['acc']:.2f} | {r['base_acc']:.2f} | {r['images_seen']:,} | {r['seconds'] / 60:.1f} min | "
@@ -141,7 +163,9 @@ def write_report() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=["plan", "long", "all"], default="plan")
+    ap.add_argument("--stage", choices=[*STAGES, "all"], default="plan",
+                    help="plan: the plan rows (validation, standard; CPU hours); long-recipe: long's batch size and "
+                         "learning rate on the validation split; long: the issue's rows after long (GPU work)")
     ap.add_argument("--rows", help="comma-separated row ids to run, in this order (see --list)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--list", action="store_true", help="list the rows and whether they are done")
@@ -157,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--budget writes rows that are not the benchmark's: set CKA_BENCH_RESULTS to another folder")
     if args.threads:
         torch.set_num_threads(args.threads)
-    todo = (PLAN_ROWS if args.stage in ("plan", "all") else []) + (LONG_ROWS if args.stage in ("long", "all") else [])
+    todo = [r for name, rows in STAGES.items() if args.stage in (name, "all") for r in rows]
     if args.rows:
         unknown = [i for i in args.rows.split(",") if i not in ROWS]
         if unknown:

@@ -749,8 +749,8 @@ def _drop_at(curve: dict[int, float], images: int) -> float | None:
         return curve[images]
     if images <= budgets[0]:
         return curve[budgets[0]]
-    if images >= budgets[-1]:
-        return curve[budgets[-1]]
+    if images > budgets[-1]:  # beyond the longest recovery measured (e.g. ``long``): nothing honest to quote
+        return None
     hi = next(b for b in budgets if b >= images)
     lo = budgets[budgets.index(hi) - 1]
     if lo == 0:  # nothing between no recovery and the first budget: no honest interpolation
