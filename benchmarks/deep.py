@@ -139,14 +139,11 @@ def run_row(spec: dict[str, Any], device: str, checkpoints: Path) -> dict[str, A
     }
 
 
-def write_report() -> Path:
-    """``results/deep.md``: one table of every finished row."""
-    rows = sorted(load_results()["rows"], key=lambda r: (r["split"] != "validation", r["recovery"], r["target"],
-                                                         r["criterion"], r["seed"]))
-    lines = ["# Deep cuts: ResNet-56 `cifar10jpeg`, plans and recoveries (benchmarks/deep.py)", "",
-             "Every row: `run_prune` with the default recovery recipe; validation = 5,000 training images held out "
-             "of calibration and recovery, test = all 10,000 test images.", "",
-             "| split | target | recovery | plan | seed | MACs removed | parameters kept | top-1 % | base % "
+def table_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """A markdown table of finished rows (validation first)."""
+    rows = sorted(rows, key=lambda r: (r["split"] != "validation", r["recovery"], r["target"], r["criterion"],
+                                       r["seed"]))
+    lines = ["| split | target | recovery | plan | seed | MACs removed | parameters kept | top-1 % | base % "
              "| images seen | wall time | device |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -156,6 +153,33 @@ def write_report() -> Path:
                      f"{100 * r['macs_reduction']:.1f} % | {100 * (1 - r['params_reduction']):.0f} % | "
                      f"{r['acc']:.2f} | {r['base_acc']:.2f} | {r['images_seen']:,} | {r['seconds'] / 60:.1f} min | "
                      f"{r['device']} |")
+    return lines
+
+
+def report_lines() -> list[str]:
+    """The deep-cut section of REPORT.md: the finished rows and the rows still to run (empty without results)."""
+    rows = load_results()["rows"]
+    done = {r["id"] for r in rows}
+    missing = [r["id"] for r in PLAN_ROWS + LONG_RECIPE_ROWS + LONG_ROWS if r["id"] not in done]
+    if not rows and not missing:
+        return []
+    lines = ["## Deep cuts (`python -m benchmarks.deep`)\n",
+             "ResNet-56 `cifar10jpeg`, every row one `run_prune` request with the default recovery recipe; "
+             "validation = 5,000 training images held out of calibration and recovery, test = all 10,000 test "
+             "images.\n"]
+    lines += table_lines(rows) if rows else ["No row has finished yet."]
+    if missing:
+        lines.append(f"\nNot measured yet ({len(missing)} rows; the `long` ones are GPU work, see "
+                     "`benchmarks/README.md`): " + ", ".join(f"`{m}`" for m in missing) + ".")
+    return [*lines, ""]
+
+
+def write_report() -> Path:
+    """``results/deep.md``: one table of every finished row."""
+    lines = ["# Deep cuts: ResNet-56 `cifar10jpeg`, plans and recoveries (benchmarks/deep.py)", "",
+             "Every row: `run_prune` with the default recovery recipe; validation = 5,000 training images held out "
+             "of calibration and recovery, test = all 10,000 test images.", "",
+             *table_lines(load_results()["rows"])]
     out = results_dir() / "deep.md"
     out.write_text("\n".join(lines) + "\n")
     return out

@@ -351,6 +351,10 @@ def write_report(run_info: dict[str, Any] | None = None) -> Path:
                  "after removal, not what a user ends up holding.\n")
         L.extend(headline(recovered["rows"]))
         L.append("")
+    from benchmarks import deep, throughput
+
+    L.extend(deep.report_lines())
+    L.extend(throughput.report_lines())
     if crit:
         b = crit["budget"]
         L.append("## 1. Which blocks to remove: accuracy vs MACs reduction\n")
