@@ -157,7 +157,7 @@ if preview is not None:
     st.markdown("Would remove: " + ", ".join(f"`{b}`" for b in preview.blocks))
     advice = plan_advice(criterion, preview.macs_reduction) if mode == "target" else None
     if advice:
-        st.info(advice[0].upper() + advice[1:] + ".")
+        st.info(f"Plan: {advice}.")
     if preview.latency is not None:
         st.caption(f"Predicted batch-1 latency {preview.latency:.2f} ms (−{100 * preview.latency_reduction:.1f} %), "
                    "from per-block latency measured on this device.")
