@@ -71,6 +71,34 @@ def real(student: torch.nn.Module, teacher: torch.nn.Module, data: Any, steps: i
             "steps_timed": s1 - s0, "amp": res.amp, "seconds": res.seconds}
 
 
+def data_path(data: Any, preset: Any, batch_size: int, device: str, batches: int = 50) -> dict[str, float]:
+    """Milliseconds per augmented batch on the device: the DataLoader over the dataset (per-image transform,
+    collate, copy), as recovery drew batches before, against :class:`~cka_analysis.training.TensorBatches`."""
+    from cka_analysis.device import resolve_device, synchronize
+    from cka_analysis.distributed import make_loader_for_world
+    from cka_analysis.recovery import plain_and_augment
+    from cka_analysis.training import TensorBatches
+
+    dev = resolve_device(device)
+    plain, augment = plain_and_augment(data, preset, 0)
+    loader = make_loader_for_world(plain, global_batch_size=batch_size, shuffle=True, seed=0, drop_last=True,
+                                   device=dev)
+    fast = TensorBatches.from_dataset(plain, preset, batch_size=batch_size,
+                                      sampler=loader.sampler, device=dev)
+    out = {}
+    for name, source in (("loader_ms", loader), ("tensor_batches_ms", fast)):
+        it = iter(source)
+        next(it)
+        synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            x, _y = next(it)
+            augment(x.to(dev, non_blocking=True))
+        synchronize(dev)
+        out[name] = 1000 * (time.perf_counter() - t0) / batches
+    return out
+
+
 def floor(student: torch.nn.Module, teacher: torch.nn.Module, steps: int, batch_size: int,
           device: str) -> dict[str, Any]:
     """Images/s of teacher forward + student forward/backward + update on one batch already on the device."""
@@ -135,11 +163,15 @@ def report_lines() -> list[str]:
              "over the timed steps and the best 10-step window (the machine may be shared: load average at start "
              "in the last column).\n",
              "| device | threads | MACs removed | batch | real images/s | floor images/s | ratio | best windows: real "
-             "/ floor (ratio) | precision | load |", "|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
+             "/ floor (ratio) | data + augmentation, ms/batch: DataLoader → TensorBatches | precision | load |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['device']} | {r['threads']} | {100 * r['macs_reduction']:.1f} % | {r['batch_size']} | "
                      f"{r['real_images_per_s']:.0f} | {r['floor_images_per_s']:.0f} | {r['ratio']:.2f} | "
                      f"{r['real_best_window']:.0f} / {r['floor_best_window']:.0f} ({r['ratio_best_windows']:.2f}) | "
+                     + (f"{r['data_path_ms_per_batch']['loader_ms']:.1f} → "
+                        f"{r['data_path_ms_per_batch']['tensor_batches_ms']:.1f} | "
+                        if r.get("data_path_ms_per_batch") else "– | ") +
                      f"{r['amp'] or 'float32'} | {r['env'].get('loadavg_at_start')} |")
     return [*lines, ""]
 
@@ -164,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
     for n in threads:
         torch.set_num_threads(n)
+        log(f"{dev} threads={n}: data path")
+        dp = data_path(data, teacher.cka_preset, args.batch_size, str(dev))
+        log(f"data path: DataLoader {dp['loader_ms']:.1f} ms/batch, TensorBatches {dp['tensor_batches_ms']:.1f} "
+            "ms/batch (augmentation included)")
         for target, row_id in TARGETS.items():
             student = remove_blocks(teacher, _removed(row_id))
             macs = 1 - count_macs(student, student.cka_preset.input_size) / base_macs
@@ -176,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                    "macs_reduction": macs, "batch_size": args.batch_size, "threads": n, "device": env["device"],
                    "real_images_per_s": re["images_per_s"], "floor_images_per_s": fl["images_per_s"],
                    "ratio": re["images_per_s"] / fl["images_per_s"],
-                   "real_best_window": re["best_window"], "floor_best_window": fl["best_window"],
+                   "data_path_ms_per_batch": dp, "real_best_window": re["best_window"], "floor_best_window": fl["best_window"],
                    "ratio_best_windows": re["best_window"] / fl["best_window"], "amp": re["amp"],
                    "steps_timed": re["steps_timed"], "env": env, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
             log(f"{row['id']}: real {row['real_images_per_s']:.0f} images/s, floor "

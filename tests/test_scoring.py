@@ -171,6 +171,17 @@ def test_capacity_knob() -> None:
             capacity_adjusted(s, p, bad)
 
 
+def test_plan_advice_names_the_reason_and_the_deep_recommendation() -> None:
+    from cka_analysis.choices import DEEP_CRITERION, DEEP_TARGET, plan_advice
+
+    assert plan_advice("cka", 0.3) is None  # nothing to say about a shallow cut with the paper's criterion
+    assert "parameters" in plan_advice("cka_capacity", 0.3)
+    other = next(c for c in ("block_influence", "random") if c != DEEP_CRITERION)
+    deep = plan_advice(other, DEEP_TARGET)
+    assert deep is not None and f"recommended for ≥ {100 * DEEP_TARGET:.0f} % fewer MACs: {DEEP_CRITERION}" in deep
+    assert plan_advice(other, None) is None  # no MACs target: no deep-cut advice
+
+
 def test_debiased_cka(demo, calib, xy, removable) -> None:
     x, _ = xy
     debiased = ScoringOptions(debiased=True, device="cpu")
