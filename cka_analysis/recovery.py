@@ -136,8 +136,8 @@ class RecoveryConfig:
 
     @classmethod
     def parse(cls, spec: str | int | RecoveryConfig, **overrides: Any) -> RecoveryConfig:
-        """``"quick"``, ``"standard"``, ``"long"``, ``"none"`` or a number of images (``"12000"``, ``"12k"``), with keyword
-        overrides of the recipe (``method="kd"``, ``seed=1``)."""
+        """``"quick"``, ``"standard"``, ``"long"``, ``"none"`` or a number of images (``"12000"``, ``"12k"``),
+        with keyword overrides of the recipe (``method="kd"``, ``seed=1``)."""
         if isinstance(spec, RecoveryConfig):
             return replace(spec, **overrides)
         if isinstance(spec, bool):
@@ -523,7 +523,8 @@ def recover(
 
     Args:
         model: the pruned network (a copy of ``teacher`` with blocks removed).
-        train_data: the training split (augmented or not: small-image data is augmented per batch here).
+        train_data: the training split (augmented or not: small-image data is augmented per batch here; held
+            in memory, it is moved to the device once and batched there, :class:`~cka_analysis.training.TensorBatches`).
         config: a :class:`RecoveryConfig` or what :meth:`RecoveryConfig.parse` reads (``"quick"``).
         teacher: the unpruned network (every method but ``ce`` and ``bn`` distils from it).
         eval_data, eval_samples: measure top-1 at the end (and at ``eval_points`` evenly spaced points for an
