@@ -622,7 +622,8 @@ def _train(model: nn.Module, teacher: nn.Module | None, cfg: RecoveryConfig, spe
     try:
         trainer = Trainer(model, loader, objective, spec, device=dev, eval_loader=io.eval_loader,
                           eval_samples=io.eval_samples, augment=augment, progress=io.progress, cancel=io.cancel,
-                          checkpoint_path=io.checkpoint_path)
+                          checkpoint_path=io.checkpoint_path,
+                          checkpoint_seconds=30.0 if dev.type == "cuda" else 0.0)
         objective.progress = lambda: trainer.step / max(1, spec.total_steps)
         tr = trainer.run(resume=io.resume)
     finally:

@@ -307,7 +307,10 @@ class Trainer:
     """Minimise ``objective`` over ``loader`` for ``spec.total_steps`` steps; see the module docstring.
 
     The model is trained in place and ends with the best weights seen at an evaluation point (the starting
-    weights included) when ``eval_loader`` is given, else with the last ones — also after a cancel.
+    weights included) when ``eval_loader`` is given, else with the last ones — also after a cancel. The checkpoint
+    is written every ``checkpoint_every`` steps, but not sooner than ``checkpoint_seconds`` after the last one
+    (writing it synchronises with the device and copies every weight to the host: on a fast GPU, every 50 steps
+    would be several times a second).
     ``images_per_step`` is counted from the batches drawn (times the number of processes under torchrun).
     """
 
@@ -315,7 +318,8 @@ class Trainer:
                  device: str | torch.device = "auto", eval_loader: DataLoader | None = None,
                  eval_samples: int | None = None, augment: BatchAugment | None = None,
                  progress: ProgressFn | None = None, cancel: CancelToken | None = None,
-                 checkpoint_path: str | Path | None = None, checkpoint_every: int = 50) -> None:
+                 checkpoint_path: str | Path | None = None, checkpoint_every: int = 50,
+                 checkpoint_seconds: float = 0.0) -> None:
         from . import distributed as dist_utils
 
         self.model, self.loader, self.objective, self.spec = model, loader, objective, spec
@@ -326,7 +330,8 @@ class Trainer:
         self.report = (progress or no_progress) if self.is_main else no_progress
         self.cancel = cancel
         self.ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every, self.checkpoint_seconds = checkpoint_every, float(checkpoint_seconds)
+        self._last_save = time.perf_counter()
         model.to(self.dev)
         self.channels_last = train_in_channels_last(self.dev, model)
         if self.channels_last:
@@ -370,6 +375,7 @@ class Trainer:
         if self.ckpt is None or not self.is_main:
             return
         self._flush_log()
+        self._last_save = time.perf_counter()
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.ckpt.with_name(self.ckpt.name + ".tmp")
         torch.save(self._payload(in_epoch), tmp)
@@ -494,7 +500,8 @@ class Trainer:
             if eval_every and self.step % eval_every == 0 and self.step < total:
                 self.evaluate()
                 self.net.train()
-            if self.ckpt is not None and self.step % self.checkpoint_every == 0 and self.step < total:
+            if self.ckpt is not None and self.step % self.checkpoint_every == 0 and self.step < total \
+                    and time.perf_counter() - self._last_save >= self.checkpoint_seconds:
                 self.save(in_epoch)
         self.skip = 0
         self.epoch += 1

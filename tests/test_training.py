@@ -331,3 +331,17 @@ def test_tensor_batches_refuse_what_they_cannot_hold(demo) -> None:
     assert TensorBatches.from_dataset(list(range(5)), preset, batch_size=4, sampler=range(5)) is None
     other = get_preset(build_model("cifar_resnet20"))  # images of another size: the loader path
     assert TensorBatches.from_dataset(data, other, batch_size=4, sampler=range(len(data))) is None
+
+
+@pytest.mark.parametrize(("seconds", "written"), [(0.0, True), (3600.0, False)])
+def test_checkpoints_wait_checkpoint_seconds(demo, data, tmp_path, seconds: float, written: bool) -> None:
+    """A checkpoint every step unless the last one is younger than ``checkpoint_seconds`` (a fast GPU would
+    otherwise stop to write one several times a second)."""
+    from cka_analysis.training import Trainer, classification_objective
+
+    path = tmp_path / "ckpt.pt"
+    trainer = Trainer(copy.deepcopy(demo), train_loader(data, "small", 32), classification_objective(None),
+                      TrainSpec(total_steps=3, amp="none"), device="cpu", checkpoint_path=path,
+                      checkpoint_every=1, checkpoint_seconds=seconds)
+    trainer.run()
+    assert path.is_file() == written
