@@ -76,9 +76,10 @@ DEFAULT_CAPACITY_WEIGHT = 1.0
 #: the CLI and the dashboard say which plan is recommended there (:func:`plan_advice`).
 DEEP_TARGET = 0.6
 #: The criterion recommended for deep cuts, and why (measured on the validation split, ``benchmarks/deep.py``).
-DEEP_CRITERION = "cka"
-DEEP_REASON = ("at −75 % MACs the accuracy after recovery follows the weights kept; cka_capacity (which keeps "
-               "them) has not beaten cka on the validation split yet, so cka stays the recommendation")
+DEEP_CRITERION = "cka_capacity"
+DEEP_REASON = ("at −75 % MACs the accuracy after recovery follows the weights kept; on ResNet-56 after `standard` "
+               "recovery, on 5,000 held-out training images, cka_capacity's blocks recovered to 91.22 % against "
+               "90.84 % for block_influence's and 88.20 % for cka's (one run each; ±0.4 points)")
 #: Recovery methods of :func:`cka_analysis.recovery.recover`, cheapest first (every one starts with batch-norm
 #: re-estimation), and the default.
 RECOVERY_METHODS: Mapping[str, str] = MappingProxyType({
@@ -98,19 +99,16 @@ ROBUSTNESS_KINDS: tuple[str, ...] = ("fgsm", "pgd", "corruptions")
 
 
 def plan_advice(criterion: str, macs_reduction: float | None) -> str | None:
-    """One sentence to show beside a plan: why ``cka_capacity`` chooses differently, or, for a deep cut
+    """One sentence to show beside a plan: why ``cka_capacity`` chooses differently, and, for a deep cut
     (``macs_reduction`` ≥ :data:`DEEP_TARGET`), which criterion is recommended there and why; None otherwise."""
     deep = macs_reduction is not None and macs_reduction >= DEEP_TARGET - 1e-9
+    recommended = f"recommended for ≥ {100 * DEEP_TARGET:.0f} % fewer MACs: {DEEP_CRITERION} ({DEEP_REASON})"
     if criterion == "cka_capacity":
         text = ("cka_capacity plans for the network after recovery: it multiplies each block's cka score by its "
                 "share of the parameters, so that small, low-score blocks go first and the weights a long "
                 "recovery needs stay")
-        return text + (f"; for deep cuts: {DEEP_REASON}" if deep and criterion != DEEP_CRITERION else "")
-    if deep and criterion != DEEP_CRITERION:
-        return f"recommended for ≥ {100 * DEEP_TARGET:.0f} % fewer MACs: {DEEP_CRITERION} ({DEEP_REASON})"
-    if deep:
-        return f"{criterion} is the recommendation for deep cuts: {DEEP_REASON}"
-    return None
+        return f"{text}; {recommended}" if deep else text
+    return recommended if deep and criterion != DEEP_CRITERION else None
 
 
 def criterion_info(name: str) -> CriterionInfo:

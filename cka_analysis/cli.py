@@ -20,6 +20,8 @@ from ._version import __version__
 from .choices import (
     CRITERIA,
     CRITERION_INFO,
+    DEEP_CRITERION,
+    DEEP_TARGET,
     DEFAULT_CAPACITY_WEIGHT,
     DEFAULT_RECOVERY_METHOD,
     RECOVERY_METHODS,
@@ -179,7 +181,9 @@ def _data_args(p: argparse.ArgumentParser, *, samples_help: str, samples_default
 def _criterion_args(p: argparse.ArgumentParser, criteria: Sequence[str]) -> None:
     described = "; ".join(f"{c}: {CRITERION_INFO[c].description}" for c in criteria)
     p.add_argument("--criterion", choices=criteria, default="cka",
-                   help=f"removal criterion, lower score = safer to remove (default cka). {described}")
+                   help="removal criterion, lower score = safer to remove (default cka; for deep cuts of "
+                        f"≥ {100 * DEEP_TARGET:.0f} %% fewer MACs {DEEP_CRITERION} is recommended: it kept the most "
+                        f"accuracy after recovery on the validation split). {described}")
     p.add_argument("--debiased", action="store_true", help="debiased linear CKA for the cka criterion")
     p.add_argument("--capacity-weight", type=_non_negative_float, default=DEFAULT_CAPACITY_WEIGHT, metavar="A",
                    help="the knob of the cka_capacity criterion: its score is the cka score × (block parameters / "
