@@ -90,7 +90,7 @@ class RecoveryConfig:
         amp: ``"auto"`` (bfloat16 autocast on CUDA and on CPUs with native bfloat16 arithmetic, such as Xeons
             with AMX: about 2× faster steps there), ``"none"``, ``"fp16"`` or ``"bf16"``.
         seed: data order and augmentation.
-        name: the preset this came from (``quick``, ``standard``) or None for an explicit number.
+        name: the preset this came from (``quick``, ``standard``, ``long``) or None for an explicit number.
     """
 
     images: int = RECOVERY_PRESETS["quick"]
