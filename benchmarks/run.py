@@ -123,6 +123,8 @@ def readme_table(crit: dict[str, Any]) -> str:
     bases = {r["model"]: r["acc_no_ft"] for r in rows if r["criterion"] == "base"}
     lines.append("| unpruned | " + " | ".join(f"{bases[m]:.2f}" for m, _ in keys) + " |")
     for c in CRITERION_ORDER:
+        if not any(c in groups[k] for k in keys):
+            continue  # a criterion this run did not measure (e.g. added after it)
         cells = []
         for k in keys:
             g = groups[k].get(c)
