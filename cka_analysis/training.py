@@ -123,6 +123,7 @@ class BatchAugment:
 
     def __init__(self, padding: int, hflip: bool, fill: torch.Tensor, seed: int = 0) -> None:
         self.padding, self.hflip, self.fill = int(padding), bool(hflip), fill.float().view(1, -1, 1, 1)
+        self._fills: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.generator = torch.Generator().manual_seed(int(seed))
 
     @classmethod
@@ -160,7 +161,10 @@ class BatchAugment:
             r = r.pin_memory().to(x.device, non_blocking=True)
         dy, dx, flip = r[0], r[1], r[2].bool()
         if p > 0:
-            padded = self.fill.to(x.device, x.dtype).expand(n, c, h + 2 * p, w + 2 * p).clone()
+            key = (x.device, x.dtype)  # the fill on the batch's device, copied there once (not once per batch)
+            if key not in self._fills:
+                self._fills[key] = self.fill.to(x.device, x.dtype)
+            padded = self._fills[key].expand(n, c, h + 2 * p, w + 2 * p).clone()
             padded[:, :, p:p + h, p:p + w] = x
             rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
             cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
