@@ -123,6 +123,8 @@ def readme_table(crit: dict[str, Any]) -> str:
     bases = {r["model"]: r["acc_no_ft"] for r in rows if r["criterion"] == "base"}
     lines.append("| unpruned | " + " | ".join(f"{bases[m]:.2f}" for m, _ in keys) + " |")
     for c in CRITERION_ORDER:
+        if not any(c in groups[k] for k in keys):
+            continue  # a criterion this run did not measure (e.g. added after it)
         cells = []
         for k in keys:
             g = groups[k].get(c)
@@ -351,6 +353,10 @@ def write_report(run_info: dict[str, Any] | None = None) -> Path:
                  "after removal, not what a user ends up holding.\n")
         L.extend(headline(recovered["rows"]))
         L.append("")
+    from benchmarks import deep, throughput
+
+    L.extend(deep.report_lines())
+    L.extend(throughput.report_lines())
     if crit:
         b = crit["budget"]
         L.append("## 1. Which blocks to remove: accuracy vs MACs reduction\n")

@@ -21,11 +21,15 @@ from ._version import __version__
 from .choices import (
     CRITERIA,
     CRITERION_INFO,
+    DEEP_CRITERION,
+    DEEP_TARGET,
     DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_CAPACITY_WEIGHT,
     DEFAULT_RECOVERY_METHOD,
     RECOVERY_METHODS,
     ROBUSTNESS_KINDS,
     parse_reduction,
+    plan_advice,
 )
 from .errors import ConfigError
 
@@ -186,8 +190,13 @@ def _data_args(p: argparse.ArgumentParser, *, samples_help: str, samples_default
 def _criterion_args(p: argparse.ArgumentParser, criteria: Sequence[str]) -> None:
     described = "; ".join(f"{c}: {CRITERION_INFO[c].description}" for c in criteria)
     p.add_argument("--criterion", choices=criteria, default="cka",
-                   help=f"removal criterion, lower score = safer to remove (default cka). {described}")
+                   help="removal criterion, lower score = safer to remove (default cka; for deep cuts of "
+                        f"≥ {100 * DEEP_TARGET:.0f} %% fewer MACs {DEEP_CRITERION} is recommended: it kept the most "
+                        f"accuracy after recovery on the validation split). {described}")
     p.add_argument("--debiased", action="store_true", help="debiased linear CKA for the cka criterion")
+    p.add_argument("--capacity-weight", type=_non_negative_float, default=DEFAULT_CAPACITY_WEIGHT, metavar="A",
+                   help="the knob of the cka_capacity criterion: its score is the cka score × (block parameters / "
+                        f"mean block parameters)^A (default {DEFAULT_CAPACITY_WEIGHT:g}; 0 = plain cka order)")
 
 
 def _add_models(sub: Any) -> None:
@@ -301,8 +310,9 @@ def _add_finetune(sub: Any) -> None:
 def _recovery_args(p: argparse.ArgumentParser, default: str, *, method_default: str | None = DEFAULT_RECOVERY_METHOD,
                    method_note: str = f"default {DEFAULT_RECOVERY_METHOD}") -> None:
     p.add_argument("--recovery", default=default, metavar="R",
-                   help="recovery budget in training images: quick (25,000), standard (250,000), none, or a "
-                        f"number (default {default}); the expected time is said before it starts")
+                   help="recovery budget in training images: quick (25,000), standard (250,000), long "
+                        "(2,500,000: about 50 epochs of CIFAR-10, GPU work), none, or a number (default "
+                        f"{default}); the expected time is said before it starts")
     p.add_argument("--recovery-method", default=method_default, choices=list(RECOVERY_METHODS),
                    help="how to recover: " + "; ".join(f"{k}: {v}" for k, v in RECOVERY_METHODS.items())
                         + f" ({method_note})")
@@ -614,7 +624,7 @@ def cmd_score(args: argparse.Namespace, bar: StderrProgress) -> int:
     model = _open_args(args)
     calib = _calibration(args, model, bar) if CRITERION_INFO[args.criterion].needs_data else None
     options = ScoringOptions(debiased=args.debiased, batch_size=args.batch_size, device=dev, amp=_amp(args),
-                             seed=args.seed)
+                             seed=args.seed, capacity_weight=args.capacity_weight)
     scores = score_blocks(model, calib, args.criterion, options=options, progress=bar)
     bar.newline()
     if not dist_utils.is_main_process():
@@ -686,7 +696,8 @@ def _prune_request(args: argparse.Namespace, model, device):
     blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip()) if args.blocks else None
     return PruneRequest(
         model=model, data=args.data, download=args.download, calibration_samples=args.samples,
-        criterion=args.criterion, debiased=args.debiased, target=target, blocks=blocks, iterative=args.iterative,
+        criterion=args.criterion, debiased=args.debiased, capacity_weight=args.capacity_weight, target=target,
+        blocks=blocks, iterative=args.iterative,
         recovery=RecoveryConfig.parse(args.recovery, method=args.recovery_method, seed=args.seed),
         eval_samples=args.eval_samples, device=str(device), amp=args.amp,
         batch_size=args.batch_size, seed=args.seed, latency_batch_size=getattr(args, "latency_batch_size", 1),
@@ -724,6 +735,9 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
     data = PruneData().filled(request, model.cka_preset, recovery=request.recovery.images > 0, progress=bar)
     estimated = None
     if dist_utils.is_main_process():
+        advice = plan_advice(request.criterion, request.macs_target) if request.target is not None else None
+        if advice:
+            bar.info("plan: " + advice)
         est = estimate_run(request, model, data)
         estimated = est.seconds
         _announce_recovery(est.request.recovery, bar, lambda: est.recovery)

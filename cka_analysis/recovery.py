@@ -98,7 +98,7 @@ class RecoveryConfig:
         seed: data order, augmentation and the images that re-estimate batch norm and fit adaptors. None (the
             default): the caller's seed — a :class:`~cka_analysis.workflow.PruneRequest`'s ``seed`` (which seeds
             everything in a run unless this is set explicitly), 0 when :func:`recover` is called directly.
-        name: the preset this came from (``quick``, ``standard``) or None for an explicit number.
+        name: the preset this came from (``quick``, ``standard``, ``long``) or None for an explicit number.
         preset_images: set by :meth:`fit_to` when a preset's budget was capped to a few epochs of a small
             training split: the preset's full budget (``images`` is then the capped one). None otherwise.
     """
@@ -155,12 +155,12 @@ class RecoveryConfig:
 
     @classmethod
     def parse(cls, spec: str | int | RecoveryConfig, **overrides: Any) -> RecoveryConfig:
-        """``"quick"``, ``"standard"``, ``"none"`` or a number of images (``"12000"``, ``"12k"``), with keyword
-        overrides of the recipe (``method="kd"``, ``seed=1``)."""
+        """``"quick"``, ``"standard"``, ``"long"``, ``"none"`` or a number of images (``"12000"``, ``"12k"``),
+        with keyword overrides of the recipe (``method="kd"``, ``seed=1``)."""
         if isinstance(spec, RecoveryConfig):
             return replace(spec, **overrides)
         if isinstance(spec, bool):
-            raise ConfigError(f"recovery={spec!r}: use 'quick', 'standard', 'none' or a number of images")
+            raise ConfigError(f"recovery={spec!r}: use 'quick', 'standard', 'long', 'none' or a number of images")
         if isinstance(spec, int):
             return cls(images=spec, **overrides)
         text = str(spec).strip().lower().replace("_", "").replace(",", "")
@@ -172,7 +172,8 @@ class RecoveryConfig:
             return cls(images=int(digits) * scale, **overrides)
         raise ConfigError(
             f"recovery={spec!r} is not understood; use 'quick' (≤ {RECOVERY_PRESETS['quick']:,} images), "
-            f"'standard' (≤ {RECOVERY_PRESETS['standard']:,}), 'none', or a number of training images"
+            f"'standard' (≤ {RECOVERY_PRESETS['standard']:,}), 'long' (≤ {RECOVERY_PRESETS['long']:,}), 'none', "
+            "or a number of training images"
         )
 
     def with_images(self, images: int) -> RecoveryConfig:
@@ -529,7 +530,8 @@ def recover(
 
     Args:
         model: the pruned network (a copy of ``teacher`` with blocks removed).
-        train_data: the training split (augmented or not: small-image data is augmented per batch here).
+        train_data: the training split (augmented or not: small-image data is augmented per batch here; held
+            in memory, it is moved to the device once and batched there, :class:`~cka_analysis.training.TensorBatches`).
         config: a :class:`RecoveryConfig` or what :meth:`RecoveryConfig.parse` reads (``"quick"``).
         teacher: the unpruned network (every method but ``ce`` and ``bn`` distils from it).
         eval_data, eval_samples: measure top-1 at the end (and at ``eval_points`` evenly spaced points for an
@@ -614,6 +616,11 @@ def _train(model: nn.Module, teacher: nn.Module | None, cfg: RecoveryConfig, spe
     workers = 0 if augment is not None else default_num_workers(plain)
     loader = make_loader_for_world(plain, global_batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
                                    drop_last=True, num_workers=workers, device=dev)
+    if augment is not None:  # in-memory small images: held on the device, batches gathered there
+        from .training import TensorBatches
+
+        loader = TensorBatches.from_dataset(plain, model.cka_preset, batch_size=loader.batch_size,
+                                            sampler=loader.sampler, drop_last=True, device=dev) or loader
     # a private copy of the teacher: feature mimicking hooks it, and it runs in the trainer's memory format
     tap_teacher = None if teacher is None or cfg.method == "ce" else copy.deepcopy(teacher).eval()
     if tap_teacher is not None and dev.type in ("cpu", "cuda"):
@@ -622,7 +629,8 @@ def _train(model: nn.Module, teacher: nn.Module | None, cfg: RecoveryConfig, spe
     try:
         trainer = Trainer(model, loader, objective, spec, device=dev, eval_loader=io.eval_loader,
                           eval_samples=io.eval_samples, augment=augment, progress=io.progress, cancel=io.cancel,
-                          checkpoint_path=io.checkpoint_path)
+                          checkpoint_path=io.checkpoint_path,
+                          checkpoint_seconds=30.0 if dev.type == "cuda" else 0.0)
         objective.progress = lambda: trainer.step / max(1, spec.total_steps)
         tr = trainer.run(resume=io.resume)
     finally:
@@ -768,8 +776,8 @@ def _drop_at(curve: dict[int, float], images: int) -> float | None:
         return curve[images]
     if images <= budgets[0]:
         return curve[budgets[0]]
-    if images >= budgets[-1]:
-        return curve[budgets[-1]]
+    if images > budgets[-1]:  # beyond the longest recovery measured (e.g. ``long``): nothing honest to quote
+        return None
     hi = next(b for b in budgets if b >= images)
     lo = budgets[budgets.index(hi) - 1]
     if lo == 0:  # nothing between no recovery and the first budget: no honest interpolation

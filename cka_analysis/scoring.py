@@ -6,6 +6,9 @@ baselines the benchmarks compare it with:
 
 ========================  ============================================================================
 ``cka``                   1 − linear CKA(penultimate features, same without the block) (optionally debiased)
+``cka_capacity``          ``cka`` × (block parameters / mean removable block parameters) ^ ``capacity_weight``:
+                          capacity-aware, aimed at the accuracy after a long recovery (see
+                          :func:`capacity_adjusted`)
 ``random``                seeded uniform noise: the floor any criterion must beat
 ``weight_norm``           mean |w| of the block's conv/linear weights
 ``block_influence``       1 − mean cosine(pooled block input, pooled block output) (ShortGPT, Men et al. 2024)
@@ -44,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed as dist_utils
 from .blocks import Topology, find_blocks, topology
-from .choices import CRITERIA, CRITERION_INFO, CriterionInfo, criterion_info
+from .choices import CRITERIA, CRITERION_INFO, DEFAULT_CAPACITY_WEIGHT, CriterionInfo, criterion_info
 from .cka import linear_cka
 from .device import autocast, eval_mode, is_out_of_memory, resolve_device
 from .errors import ConfigError
@@ -55,6 +58,7 @@ __all__ = [
     "REGISTRY",
     "AngularCriterion",
     "BlockInfluenceCriterion",
+    "CKACapacityCriterion",
     "CKACriterion",
     "Criterion",
     "LossCriterion",
@@ -63,6 +67,7 @@ __all__ = [
     "ScoringOptions",
     "TaylorCriterion",
     "WeightNormCriterion",
+    "capacity_adjusted",
     "get_criterion",
     "score_blocks",
 ]
@@ -241,6 +246,7 @@ class _Setup:
     amp: torch.dtype | None
     prefix: bool
     debiased: bool
+    capacity_weight: float = DEFAULT_CAPACITY_WEIGHT
 
 
 class _Accumulator:
@@ -543,6 +549,54 @@ class CKACriterion(Criterion):
         return _CKAAccumulator(setup)
 
 
+#: Floor of a ``cka`` score before the capacity factor: a score of exactly 0 (or a tiny negative debiased one)
+#: would otherwise erase the factor and the order among such blocks.
+CAPACITY_SCORE_FLOOR = 1e-6
+
+
+def capacity_adjusted(scores: Mapping[str, float], params: Mapping[str, int], weight: float) -> dict[str, float]:
+    """The ``cka_capacity`` score of every block: ``max(s_b, 1e-6) · (p_b / p̄) ** weight``.
+
+    ``s_b`` is the block's ``cka`` score (the damage right after removal), ``p_b`` its parameters and ``p̄`` the
+    mean over the scored blocks. After a long recovery the accuracy follows the weights kept, while the ``cka``
+    score only sees the network right after removal; the factor makes a block that holds many weights more
+    expensive to remove, so that among blocks of equal MACs (all of a CIFAR ResNet's) the ones with few
+    parameters *and* a low score go first. ``weight`` is the one knob: 0 gives plain ``cka`` order, 1 (the
+    default) trades a factor of two in score against a factor of two in parameters.
+    """
+    if not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"capacity_weight={weight!r} must be a number ≥ 0 (0: plain cka order; default "
+                          f"{DEFAULT_CAPACITY_WEIGHT:g})")
+    mean = sum(params[n] for n in scores) / max(1, len(scores))
+    out = {}
+    for n, v in scores.items():
+        ratio = params[n] / mean if mean > 0 else 1.0
+        out[n] = max(v, CAPACITY_SCORE_FLOOR) * ratio ** weight
+    return out
+
+
+class _CKACapacityAccumulator(_CKAAccumulator):
+    """The ``cka`` accumulator whose scores are scaled by each block's share of the parameters."""
+
+    def finish(self) -> dict[str, float]:
+        model = self.setup.model
+        params = {c: sum(p.numel() for p in model.get_submodule(c).parameters()) for c in self.setup.cands}
+        return capacity_adjusted(super().finish(), params, self.setup.capacity_weight)
+
+
+class CKACapacityCriterion(CKACriterion):
+    """Capacity-aware CKA (:func:`capacity_adjusted`): the ``cka`` score times the block's parameter ratio to the
+    power ``capacity_weight``; a plan for the network after recovery rather than right after removal."""
+
+    info = CRITERION_INFO["cka_capacity"]
+
+    def options(self, *, debiased: bool, seed: int) -> dict[str, Any]:
+        return {"debiased": debiased}
+
+    def accumulator(self, setup: _Setup) -> _Accumulator:
+        return _CKACapacityAccumulator(setup)
+
+
 class LossCriterion(Criterion):
     """Oracle: mean increase of the calibration cross-entropy when the block is removed."""
 
@@ -584,7 +638,7 @@ class TaylorCriterion(Criterion):
 #: The implementation of every criterion of :data:`~cka_analysis.choices.CRITERION_INFO`, under the same names.
 REGISTRY: Mapping[str, Criterion] = MappingProxyType({c.name: c for c in (
     CKACriterion(), RandomCriterion(), WeightNormCriterion(), BlockInfluenceCriterion(), AngularCriterion(),
-    TaylorCriterion(), LossCriterion(),
+    TaylorCriterion(), LossCriterion(), CKACapacityCriterion(),
 )})
 if tuple(REGISTRY) != CRITERIA:  # a criterion declared in choices.py without an implementation, or the reverse
     raise ImportError(f"scoring.REGISTRY {tuple(REGISTRY)} does not match choices.CRITERIA {CRITERIA}")
@@ -628,6 +682,7 @@ class ScoringOptions:
         device: where to score (``"auto"``: CUDA when available).
         amp: autocast dtype on CUDA (features and CKA are still computed in float32/float64).
         seed: for ``random``.
+        capacity_weight: for ``cka_capacity``, the exponent of the parameter ratio (:func:`capacity_adjusted`).
     """
 
     debiased: bool = False
@@ -636,6 +691,7 @@ class ScoringOptions:
     device: str | torch.device = "auto"
     amp: torch.dtype | None = None
     seed: int = 0
+    capacity_weight: float = DEFAULT_CAPACITY_WEIGHT
 
 
 def score_blocks(
@@ -675,6 +731,9 @@ def score_blocks(
     cands = _candidates(model, blocks, candidates)
     options: dict[str, Any] = {"strategy": strategy, "batch_size": batch_size,
                                **crit.options(debiased=debiased, seed=seed)}
+    if isinstance(crit, CKACapacityCriterion):
+        capacity_adjusted({}, {}, opts.capacity_weight)  # a bad knob fails before any scoring
+        options["capacity_weight"] = opts.capacity_weight
     if not crit.info.needs_data:
         values = _check_finite(criterion, crit.score_weights(model, cands, seed=seed))
         return Scores(criterion, values, time.perf_counter() - start, 0, options)
@@ -685,7 +744,7 @@ def score_blocks(
     use_prefix = topo.chain and strategy != "full" and crit.removal
     options["strategy"] = "prefix" if use_prefix else ("full" if crit.removal else "single-pass")
     dev = resolve_device(opts.device)
-    setup = _Setup(model, topo, cands, dev, opts.amp, use_prefix, debiased)
+    setup = _Setup(model, topo, cands, dev, opts.amp, use_prefix, debiased, opts.capacity_weight)
     values, samples = _score_on_data(crit, setup, calibration, batch_size, options,
                                      progress or no_progress, cancel)
     return Scores(criterion, values, time.perf_counter() - start, samples, options)

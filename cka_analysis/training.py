@@ -38,6 +38,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "Objective",
+    "TensorBatches",
     "TrainSpec",
     "Trainer",
     "distillation_loss",
@@ -122,6 +123,7 @@ class BatchAugment:
 
     def __init__(self, padding: int, hflip: bool, fill: torch.Tensor, seed: int = 0) -> None:
         self.padding, self.hflip, self.fill = int(padding), bool(hflip), fill.float().view(1, -1, 1, 1)
+        self._fills: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.generator = torch.Generator().manual_seed(int(seed))
 
     @classmethod
@@ -135,19 +137,106 @@ class BatchAugment:
     def set_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
+    def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The random numbers of one batch of ``n`` images, from the generator in a fixed order (row offsets,
+        column offsets, flips): what makes two runs with the same seed augment alike."""
         p = self.padding
         if p > 0:
-            padded = self.fill.to(x.device, x.dtype).expand(n, c, h + 2 * p, w + 2 * p).clone()
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)
+        else:
+            dy = dx = torch.zeros(n, dtype=torch.long)
+        flip = (torch.rand(n, generator=self.generator) < 0.5) if self.hflip else torch.zeros(n, dtype=torch.bool)
+        return dy, dx, flip
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Augment the batch ``x`` ``[N, C, H, W]`` on its own device, without a host synchronisation: the
+        random numbers are drawn on the CPU (:meth:`draw`), sent in one pinned, non-blocking copy, and the crops
+        are one gather from the padded batch."""
+        n, c, h, w = x.shape
+        p = self.padding
+        dy, dx, flip = self.draw(n)
+        r = torch.stack([dy, dx, flip.long()])
+        if x.device.type == "cuda":
+            r = r.pin_memory().to(x.device, non_blocking=True)
+        dy, dx, flip = r[0], r[1], r[2].bool()
+        if p > 0:
+            key = (x.device, x.dtype)  # the fill on the batch's device, copied there once (not once per batch)
+            if key not in self._fills:
+                self._fills[key] = self.fill.to(x.device, x.dtype)
+            padded = self._fills[key].expand(n, c, h + 2 * p, w + 2 * p).clone()
             padded[:, :, p:p + h, p:p + w] = x
-            dy = torch.randint(0, 2 * p + 1, (n,), generator=self.generator).tolist()
-            dx = torch.randint(0, 2 * p + 1, (n,), generator=self.generator).tolist()
-            x = torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx, strict=True))])
+            rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+            cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+            x = padded[torch.arange(n, device=x.device).view(n, 1, 1, 1),
+                       torch.arange(c, device=x.device).view(1, c, 1, 1), rows, cols]
         if self.hflip:
-            flip = (torch.rand(n, generator=self.generator) < 0.5).to(x.device).view(n, 1, 1, 1)
-            x = torch.where(flip, x.flip(-1), x)
+            x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
         return x
+
+
+class TensorBatches:
+    """Training batches of an in-memory small-image dataset, held as one tensor on the training device.
+
+    What :class:`~torch.utils.data.DataLoader` over the same data gives (the same images in the same order:
+    ``sampler`` draws the indices, and the per-image transform is the evaluation transform, scaling to [0, 1] and
+    normalising), without a per-image Python call, a collate, a worker or a host-to-device copy per step: the raw
+    pixels (uint8, or [0, 1] floats) go to the device once, an epoch's order goes there once, and each batch is a
+    gather, a scale and a normalisation on the device. Augment with :class:`BatchAugment` afterwards.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, mean: Any, std: Any, batch_size: int,
+                 sampler: Any, drop_last: bool = True, device: str | torch.device = "cpu") -> None:
+        dev = resolve_device(device)
+        self.images, self.labels = images.to(dev), labels.to(dev)
+        self.mean = torch.tensor(list(mean), dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+        self.batch_size, self.sampler, self.drop_last, self.device = batch_size, sampler, drop_last, dev
+        self.generator = None  # the order is the sampler's (seed + epoch): nothing else to save for a resume
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, preset: Any, *, batch_size: int, sampler: Any, drop_last: bool = True,
+                     device: str | torch.device = "cpu") -> TensorBatches | None:
+        """The batches of ``dataset`` (an in-memory :class:`~cka_analysis.data.ImageDataset`, or a Subset of
+        one) whose images all have the preset's size; None when it is anything else (use a DataLoader)."""
+        from torch.utils.data import Subset
+
+        from .data import ImageDataset
+
+        indices: list[int] | None = None
+        base = dataset
+        while isinstance(base, Subset):
+            idx = list(base.indices)
+            indices = idx if indices is None else [idx[i] for i in indices]
+            base = base.dataset
+        if not isinstance(base, ImageDataset) or not base.in_memory:
+            return None
+        order = range(len(base)) if indices is None else indices
+        raws = [base.raw(i) for i in order]
+        size = tuple(preset.input_size)
+        if not raws or any(tuple(r.shape) != size for r in raws):
+            return None
+        labels = torch.tensor([base.targets[i] for i in order], dtype=torch.long)
+        return cls(torch.stack(raws), labels, mean=preset.mean, std=preset.std, batch_size=batch_size,
+                   sampler=sampler, drop_last=drop_last, device=device)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (scaled and normalised as the evaluation transform does) and labels at positions ``idx``."""
+        raw = self.images[idx]
+        x = raw.float() if raw.is_floating_point() else raw.to(torch.float32).mul_(1.0 / 255)
+        return x.sub_(self.mean).div_(self.std), self.labels[idx]
+
+    def __iter__(self) -> Any:
+        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        if self.device.type == "cuda":
+            order = order.pin_memory()
+        order = order.to(self.device, non_blocking=True)
+        for i in range(len(self)):
+            yield self.batch(order[i * self.batch_size:(i + 1) * self.batch_size])
 
 
 def _scheduler(opt: torch.optim.Optimizer, spec: TrainSpec) -> torch.optim.lr_scheduler.LRScheduler:
@@ -222,7 +311,10 @@ class Trainer:
     """Minimise ``objective`` over ``loader`` for ``spec.total_steps`` steps; see the module docstring.
 
     The model is trained in place and ends with the best weights seen at an evaluation point (the starting
-    weights included) when ``eval_loader`` is given, else with the last ones — also after a cancel.
+    weights included) when ``eval_loader`` is given, else with the last ones — also after a cancel. The checkpoint
+    is written every ``checkpoint_every`` steps, but not sooner than ``checkpoint_seconds`` after the last one
+    (writing it synchronises with the device and copies every weight to the host: on a fast GPU, every 50 steps
+    would be several times a second).
     ``images_per_step`` is counted from the batches drawn (times the number of processes under torchrun).
     """
 
@@ -230,7 +322,8 @@ class Trainer:
                  device: str | torch.device = "auto", eval_loader: DataLoader | None = None,
                  eval_samples: int | None = None, augment: BatchAugment | None = None,
                  progress: ProgressFn | None = None, cancel: CancelToken | None = None,
-                 checkpoint_path: str | Path | None = None, checkpoint_every: int = 50) -> None:
+                 checkpoint_path: str | Path | None = None, checkpoint_every: int = 50,
+                 checkpoint_seconds: float = 0.0) -> None:
         from . import distributed as dist_utils
 
         self.model, self.loader, self.objective, self.spec = model, loader, objective, spec
@@ -241,7 +334,8 @@ class Trainer:
         self.report = (progress or no_progress) if self.is_main else no_progress
         self.cancel = cancel
         self.ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every, self.checkpoint_seconds = checkpoint_every, float(checkpoint_seconds)
+        self._last_save = time.perf_counter()
         model.to(self.dev)
         self.channels_last = train_in_channels_last(self.dev, model)
         if self.channels_last:
@@ -261,6 +355,7 @@ class Trainer:
         self.last_eval = -1
         self.step = self.epoch = self.skip = 0
         self.epoch_state: dict[str, Any] = {}
+        self._pending: tuple | None = None
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _payload(self, in_epoch: int) -> dict[str, Any]:
@@ -283,6 +378,8 @@ class Trainer:
         """Write the whole training state atomically (rank 0 only)."""
         if self.ckpt is None or not self.is_main:
             return
+        self._flush_log()
+        self._last_save = time.perf_counter()
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.ckpt.with_name(self.ckpt.name + ".tmp")
         torch.save(self._payload(in_epoch), tmp)
@@ -347,6 +444,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> None:
         """Evaluate the current weights and keep them when they are the best so far."""
+        self._flush_log()
         if self.eval_loader is None:
             return
         from . import distributed as dist_utils
@@ -406,19 +504,44 @@ class Trainer:
             if eval_every and self.step % eval_every == 0 and self.step < total:
                 self.evaluate()
                 self.net.train()
-            if self.ckpt is not None and self.step % self.checkpoint_every == 0 and self.step < total:
+            if self.ckpt is not None and self.step % self.checkpoint_every == 0 and self.step < total \
+                    and time.perf_counter() - self._last_save >= self.checkpoint_seconds:
                 self.save(in_epoch)
         self.skip = 0
         self.epoch += 1
 
     def _log(self, running: torch.Tensor) -> None:
+        """Every 10 steps, the mean training loss of those steps. On CUDA without waiting for the device: the
+        mean is copied to the host asynchronously and reported at the next log point (or evaluation, checkpoint,
+        end), so progress lags by 10 steps there; on the CPU at once."""
         step, total = self.step, self.spec.total_steps
         if step % 10 == 0 or step == total:
-            mean_loss = float(running) / (10 if step % 10 == 0 else step % 10)
+            mean = running / (10 if step % 10 == 0 else step % 10)
             running.zero_()
-            self.report(step, total, f"training: step {step}/{total}, loss {mean_loss:.3f}")
-            self.result.history.append({"step": step, "images": self.result.images, "train_loss": mean_loss,
-                                        "lr": self.sched.get_last_lr()[0]})
+            self._flush_log()
+            event = None
+            if mean.device.type == "cuda":
+                host = torch.empty((), dtype=mean.dtype, pin_memory=True)
+                host.copy_(mean, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host = mean
+            self._pending = (step, total, self.result.images, self.sched.get_last_lr()[0], host, event)
+            if event is None:  # on the CPU the value is there already: report it now
+                self._flush_log()
+
+    def _flush_log(self) -> None:
+        """Report the loss logged last (waiting, at most, for the steps since it was logged)."""
+        if self._pending is None:
+            return
+        step, total, images, lr, host, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        mean_loss = float(host)
+        self.report(step, total, f"training: step {step}/{total}, loss {mean_loss:.3f}")
+        self.result.history.append({"step": step, "images": images, "train_loss": mean_loss, "lr": lr})
 
     def run(self, *, resume: bool = False) -> TrainResult:
         """Train to the budget (or a cancel) and return the record; the model holds the kept weights."""
@@ -443,6 +566,7 @@ class Trainer:
             if self.step > self.last_eval:
                 self.evaluate()  # the weights reached before the cancel compete with the best so far
         finally:
+            self._flush_log()
             self.result.steps = self.step
             self.model.eval()
             if self.best_state is not None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from .choices import CRITERION_INFO, DEFAULT_CALIBRATION_IMAGES, criterion_info
+from .choices import CRITERION_INFO, DEFAULT_CALIBRATION_IMAGES, DEFAULT_CAPACITY_WEIGHT, criterion_info
 from .errors import ConfigError
 from .progress import CancelToken, ProgressFn, no_progress
 from .pruning import (
@@ -120,6 +120,9 @@ class PruneRequest:
             fetching CIFAR.
         calibration_samples, calibration_seed: class-balanced calibration images from the training split.
         criterion, debiased: removal criterion (:data:`~cka_analysis.choices.CRITERIA`).
+        capacity_weight: the knob of the ``cka_capacity`` criterion (the exponent of each block's parameter
+            ratio, :func:`~cka_analysis.scoring.capacity_adjusted`; 0 = plain ``cka`` order); other criteria
+            ignore it.
         target: how much to prune (:class:`~cka_analysis.pruning.Target` or text such as ``"macs:50%"``), or
             ``blocks``: which blocks to remove by hand (exactly one of the two).
         iterative: rescore after each removal, with a share of the recovery budget after each step (the paper).
@@ -148,6 +151,7 @@ class PruneRequest:
     calibration_seed: int | None = None
     criterion: str = "cka"
     debiased: bool = False
+    capacity_weight: float = DEFAULT_CAPACITY_WEIGHT
     target: Target | str | None = None
     blocks: tuple[str, ...] | None = None
     iterative: bool = False
@@ -213,6 +217,10 @@ class PruneRequest:
                               "cka_analysis.models.build_model (it carries its preset)")
         parse_data_spec(self.data)
         criterion_info(self.criterion)
+        cw = self.capacity_weight
+        if isinstance(cw, bool) or not isinstance(cw, (int, float)) or not cw >= 0 or cw == float("inf"):
+            raise ConfigError(f"capacity_weight={cw!r} must be a number ≥ 0 (the cka_capacity knob; 0 = plain cka "
+                              f"order, default {DEFAULT_CAPACITY_WEIGHT:g})")
         if (self.target is None) == (self.blocks is None):
             raise ConfigError("give exactly one of target= (how much to prune, e.g. 'macs:50%') or blocks= "
                               "(which blocks to remove)")
@@ -848,7 +856,7 @@ def _prune_step(runner: _Runner) -> PruneResult:
                        block_costs=None if costs is None else costs.block_ms,
                        base_latency=None if costs is None else costs.base_ms)
     scoring = ScoringOptions(debiased=req.debiased, batch_size=req.batch_size, device=runner.device,
-                             amp=runner.amp, seed=req.seed)
+                             amp=runner.amp, seed=req.seed, capacity_weight=float(req.capacity_weight))
     result = prune(runner.base, runner.calibration, target=req.target,
                    blocks_to_remove=None if req.blocks is None else list(req.blocks), criterion=req.criterion,
                    iterative=req.iterative, scoring=scoring, hooks=hooks, progress=runner.progress,

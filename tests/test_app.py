@@ -285,3 +285,21 @@ def test_cli_and_dashboard_give_the_same_record(tmp_path: Path) -> None:
     assert cli["request"] == dashboard["request"]
     assert cli["images_seen"] > 0 and cli["recovery"]["history"] is not None
     assert records_equal(cli, dashboard), (cli, dashboard)
+
+
+def test_prune_page_offers_the_capacity_aware_plan_and_warns_about_long_on_the_cpu() -> None:
+    """The Prune page: ``cka_capacity`` is a criterion with its reason beside the preview, and ``long`` on the CPU
+    is announced with its estimate in hours."""
+    at = start_app()
+    page(at, "prune")
+    at.slider(key="pr_macs").set_value(30)
+    at.selectbox(key="pr_criterion").set_value("cka_capacity")
+    settle(at)
+    assert_clean(at, "cka_capacity preview")
+    assert any("cka_capacity plans for the network after recovery" in i.value for i in at.info), \
+        [i.value for i in at.info]
+    at.segmented_control(key="pr_recovery").set_value("long")
+    settle(at)
+    assert_clean(at, "long recovery")
+    assert any("`long` draws 2,500,000 training images" in w.value and "h on this CPU" in w.value
+               for w in at.warning), [w.value for w in at.warning]

@@ -167,6 +167,29 @@ def test_prune_by_hand_and_iterative(capsys, tmp_path):
     assert report["images_seen"] == per_step + report["recovery"]["images_seen"] <= 1000
 
 
+def test_prune_with_the_capacity_aware_plan(capsys, tmp_path):
+    """``--criterion cka_capacity`` with its knob: the plan, its reason on stderr and the report that names both;
+    ``--capacity-weight 0`` is plain cka order; ``--recovery long`` is a budget the CLI reads."""
+    code, out, err = run(capsys, "prune", *DEMO, "--samples", "128", "--remove", "1", "--criterion", "cka_capacity",
+                         "--recovery", "none", "--eval-samples", "100", "--out", tmp_path / "cap")
+    assert code == 0, out
+    report = json.loads((tmp_path / "cap" / "report.json").read_text())
+    assert report["criterion"] == "cka_capacity" and report["request"]["capacity_weight"] == 1.0
+    assert report["removed"] == ["layer1.2"]
+    assert "cka_capacity plans for the network after recovery" in err
+    code, out, _ = run(capsys, "prune", *DEMO, "--samples", "128", "--remove", "1", "--criterion", "cka_capacity",
+                       "--capacity-weight", "0", "--recovery", "none", "--eval-samples", "100",
+                       "--out", tmp_path / "zero")
+    assert code == 0, out
+    assert json.loads((tmp_path / "zero" / "report.json").read_text())["removed"] == ["layer3.2"]
+    from cka_analysis.cli import _prune_request, build_parser
+    from cka_analysis.models import build_model
+
+    args = build_parser().parse_args(["prune", *DEMO, "--remove", "1", "--recovery", "long"])
+    request = _prune_request(args, build_model("digits_resnet", weights="demo"), "cpu")
+    assert request.recovery.name == "long" and request.recovery.images == 2_500_000
+
+
 def test_finetune_evaluate_export(capsys, tmp_path, pruned_dir):
     out = tmp_path / "ft"
     code, text, _ = run(capsys, "finetune", pruned_dir, "--data", "digits", "--steps", "4", "--device", "cpu",

@@ -55,6 +55,10 @@ def pruned(demo: nn.Module, data) -> tuple[nn.Module, float]:
 def test_parse_presets_and_numbers() -> None:
     assert RecoveryConfig.parse("quick").images == RECOVERY_PRESETS["quick"] == 25_000
     assert RecoveryConfig.parse("Standard").name == "standard"
+    long = RecoveryConfig.parse("long")
+    assert long.images == RECOVERY_PRESETS["long"] == 2_500_000 and long.name == "long"
+    # the same accounting as the other presets: batch-norm images come out of the budget, the rest is steps
+    assert long.train_steps == (2_500_000 - long.bn_images) // long.batch_size == 39_030
     assert RecoveryConfig.parse("none").images == 0
     assert RecoveryConfig.parse("12000").images == 12_000
     assert RecoveryConfig.parse("12k").images == 12_000
@@ -260,6 +264,9 @@ def test_estimate_is_positive_and_scales_with_the_budget(demo, pruned, monkeypat
     deep = estimate_recovery("standard", pruned[0], demo, device="cpu", probe_steps=1, macs_reduction=0.75)
     assert "−52.6 % MACs" in half["reference"] and half["reference_drop_pp"] < 1
     assert "−75.2 % MACs" in deep["reference"] and deep["reference_drop_pp"] > 2
+    long = estimate_recovery("long", pruned[0], demo, device="cpu", probe_steps=1)
+    assert long["images"] == 2_500_000 and long["reference_drop_pp"] is None  # nothing measured that long
+    assert long["seconds"] > 5 * half["seconds"]
 
 
 def test_a_model_with_adaptors_saves_and_reloads(demo, data, pruned, tmp_path) -> None:
@@ -320,6 +327,7 @@ def test_reference_drop_follows_the_measured_curve() -> None:
 
             assert drop("quick") == curve[25_000]
             assert drop("standard") == curve[250_000]
+            assert drop("long") is None  # longer than anything measured: no quote
             mid = drop("60000")  # log-interpolated between the measured budgets around it
             assert curve[250_000] < mid < curve[25_000]
             assert drop("quick", lr=0.5) is None  # another recipe: nothing measured to quote

@@ -22,7 +22,15 @@ from cka_analysis.errors import Cancelled, ConfigError
 from cka_analysis.models import attach_preset, get_preset
 from cka_analysis.models.preset import Preset
 from cka_analysis.progress import CancelToken
-from cka_analysis.scoring import CRITERIA, REGISTRY, Scores, ScoringOptions, get_criterion, score_blocks
+from cka_analysis.scoring import (
+    CRITERIA,
+    REGISTRY,
+    Scores,
+    ScoringOptions,
+    capacity_adjusted,
+    get_criterion,
+    score_blocks,
+)
 
 CALIBRATION = 128
 BATCH = 64
@@ -68,7 +76,8 @@ def penultimate(model: nn.Module, x: torch.Tensor, classifier: str = "linear") -
 
 # ------------------------------------------------------------------------------------------ every criterion
 def test_criteria_list() -> None:
-    assert CRITERIA == ("cka", "random", "weight_norm", "block_influence", "angular", "taylor", "loss")
+    assert CRITERIA == ("cka", "random", "weight_norm", "block_influence", "angular", "taylor", "loss",
+                        "cka_capacity")
     assert DATA_FREE_CRITERIA == ("random", "weight_norm")
 
 
@@ -134,6 +143,45 @@ def test_cka_is_one_minus_cka_of_penultimate_features(demo, xy, scores, removabl
     assert scores["cka"].options["debiased"] is False
     # on the trained demo the first block matters most and the deep blocks least
     assert scores["cka"].ranking()[-1] == "layer1.0"
+
+
+def test_cka_capacity_is_cka_times_the_parameter_ratio(demo, scores, removable) -> None:
+    params = {b.name: b.params for b in find_blocks(demo) if b.removable}
+    mean = sum(params.values()) / len(params)
+    cap = scores["cka_capacity"]
+    for b in removable:
+        assert cap.scores[b] == pytest.approx(max(scores["cka"].scores[b], 1e-6) * params[b] / mean, rel=1e-9), b
+    assert cap.options["capacity_weight"] == 1.0
+    # the constructed case on the demo: plain cka removes the last (parameter-heavy) block first, the capacity-
+    # aware order a first-stage block of the same MACs
+    assert scores["cka"].ranking()[0] == "layer3.2"
+    assert cap.ranking()[0] == "layer1.2"
+
+
+def test_capacity_knob() -> None:
+    s = {"small": 0.10, "big": 0.08, "mid": 0.0}
+    p = {"small": 1_000, "big": 16_000, "mid": 4_000}
+    # equal MACs: the small block with a slightly higher score goes before the big one
+    one = capacity_adjusted(s, p, 1.0)
+    assert sorted(one, key=one.__getitem__) == ["mid", "small", "big"]
+    zero = capacity_adjusted(s, p, 0.0)  # weight 0 is plain cka order (scores floored at 1e-6)
+    assert zero == {"small": 0.10, "big": 0.08, "mid": 1e-6}
+    for bad in (-0.5, math.nan, math.inf):
+        with pytest.raises(ConfigError, match="capacity_weight"):
+            capacity_adjusted(s, p, bad)
+
+
+def test_plan_advice_names_the_reason_and_the_deep_recommendation() -> None:
+    from cka_analysis.choices import DEEP_CRITERION, DEEP_TARGET, plan_advice
+
+    assert DEEP_CRITERION == "cka_capacity"  # it won on the validation split at −75 % (benchmarks/deep.py)
+    assert plan_advice("cka", 0.3) is None  # nothing to say about a shallow cut with the paper's criterion
+    assert "parameters" in plan_advice("cka_capacity", 0.3) and "recommended" not in plan_advice("cka_capacity", 0.3)
+    deep = plan_advice("cka", DEEP_TARGET)
+    assert deep is not None and f"recommended for ≥ {100 * DEEP_TARGET:.0f} % fewer MACs: cka_capacity" in deep
+    assert "91.22" in deep  # the measured reason
+    assert "recommended" in plan_advice("cka_capacity", 0.75)
+    assert plan_advice("cka", None) is None  # no MACs target: no deep-cut advice
 
 
 def test_debiased_cka(demo, calib, xy, removable) -> None:

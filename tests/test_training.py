@@ -258,3 +258,90 @@ def test_finetune_config_round_trip() -> None:
     config = FinetuneConfig(steps=7, lr=0.03, schedule="onecycle", label_smoothing=0.1, distill=True)
     assert FinetuneConfig(**config.to_dict()) == config
     assert FinetuneConfig(epochs=-1, steps=3).steps == 3  # a step budget makes epochs irrelevant
+
+
+# ------------------------------------------------------------------------------------------ the fast data path
+def _reference_augment(aug, x: torch.Tensor) -> torch.Tensor:
+    """BatchAugment as it was before the gather: one slice per image, stacked (the reference the fast path must
+    reproduce image for image)."""
+    n, c, h, w = x.shape
+    p = aug.padding
+    if p > 0:
+        padded = aug.fill.to(x.device, x.dtype).expand(n, c, h + 2 * p, w + 2 * p).clone()
+        padded[:, :, p:p + h, p:p + w] = x
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=aug.generator).tolist()
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=aug.generator).tolist()
+        x = torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx, strict=True))])
+    if aug.hflip:
+        flip = (torch.rand(n, generator=aug.generator) < 0.5).view(n, 1, 1, 1)
+        x = torch.where(flip, x.flip(-1), x)
+    return x
+
+
+def _uint8_dataset():
+    """A small CIFAR-shaped in-memory dataset of uint8 images (the cifar10jpeg case) with its preset."""
+    from cka_analysis.data import ImageDataset, _TensorImages, build_transform
+
+    preset = get_preset(build_model("cifar_resnet20"))
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (300, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (300,), generator=g).tolist()
+    ds = ImageDataset(_TensorImages(images), labels, [str(i) for i in range(10)], build_transform(preset),
+                      description="synthetic uint8")
+    return ds, preset
+
+
+@pytest.mark.parametrize("kind", ["digits", "uint8"])
+def test_tensor_batches_give_the_same_batches_as_the_loader(demo, kind: str) -> None:
+    """Same seed → same images, same order and same augmentation: the device-held batches with the gathered
+    augmentation against the DataLoader with the per-image augmentation loop, over two epochs."""
+    from torch.utils.data import Subset
+
+    from cka_analysis.distributed import make_loader_for_world
+    from cka_analysis.recovery import plain_and_augment
+    from cka_analysis.training import BatchAugment, TensorBatches
+
+    if kind == "digits":
+        preset = get_preset(demo)
+        data = load_dataset("digits", "train", preset, augment=True)
+    else:
+        data, preset = _uint8_dataset()
+    data = Subset(data, list(range(7, 257)))  # a subset, as the validation split makes
+    plain, augment = plain_and_augment(data, preset, seed=3)
+    assert augment is not None
+    loader = make_loader_for_world(plain, global_batch_size=32, shuffle=True, seed=3, drop_last=True)
+    fast = TensorBatches.from_dataset(plain, preset, batch_size=32, sampler=loader.sampler, device="cpu")
+    assert fast is not None and len(fast) == len(loader) == 250 // 32
+    ref_aug, new_aug = BatchAugment.for_preset(preset, 3), BatchAugment.for_preset(preset, 3)
+    assert augment.padding > 0 or kind == "digits"
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        pairs = list(zip(loader, fast, strict=True))
+        for (x0, y0), (x1, y1) in pairs:
+            assert torch.equal(y0, y1)
+            assert torch.equal(x0, x1)  # the same images, scaled and normalised alike
+            assert torch.equal(_reference_augment(ref_aug, x0), new_aug(x1))
+
+
+def test_tensor_batches_refuse_what_they_cannot_hold(demo) -> None:
+    from cka_analysis.training import TensorBatches
+
+    preset = get_preset(demo)
+    data = load_dataset("digits", "train", preset)
+    assert TensorBatches.from_dataset(list(range(5)), preset, batch_size=4, sampler=range(5)) is None
+    other = get_preset(build_model("cifar_resnet20"))  # images of another size: the loader path
+    assert TensorBatches.from_dataset(data, other, batch_size=4, sampler=range(len(data))) is None
+
+
+@pytest.mark.parametrize(("seconds", "written"), [(0.0, True), (3600.0, False)])
+def test_checkpoints_wait_checkpoint_seconds(demo, data, tmp_path, seconds: float, written: bool) -> None:
+    """A checkpoint every step unless the last one is younger than ``checkpoint_seconds`` (a fast GPU would
+    otherwise stop to write one several times a second)."""
+    from cka_analysis.training import Trainer, classification_objective
+
+    path = tmp_path / "ckpt.pt"
+    trainer = Trainer(copy.deepcopy(demo), train_loader(data, "small", 32), classification_objective(None),
+                      TrainSpec(total_steps=3, amp="none"), device="cpu", checkpoint_path=path,
+                      checkpoint_every=1, checkpoint_seconds=seconds)
+    trainer.run()
+    assert path.is_file() == written

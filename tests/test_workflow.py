@@ -56,6 +56,7 @@ def data(demo) -> PruneData:
         ({"target": "2", "model": torch.nn.Linear(2, 2)}, ["carries its preset"]),
         ({"target": "2", "seed": -1}, ["seed=-1"]),
         ({"target": "2", "eval_split": "val"}, ["eval_split='val'", "validation"]),
+        ({"target": "2", "capacity_weight": -1.0}, ["capacity_weight=-1.0", "≥ 0"]),
     ],
 )
 def test_bad_requests_name_the_argument(kwargs, words) -> None:
@@ -214,3 +215,19 @@ def test_validation_split_holds_out_training_images_from_calibration_and_recover
     assert record.request["eval_split"] == "validation"
     loader = make_loader(filled.test, batch_size=256, num_workers=0)
     assert record.base.accuracy == pytest.approx(evaluate(demo, loader, device="cpu").top1)
+
+
+def test_capacity_aware_plan_runs_through_the_workflow(data) -> None:
+    """``cka_capacity`` through run_prune: on the demo (blocks of equal MACs, 4× the parameters per stage) it
+    removes a small first-stage block where plain ``cka`` removes the last, parameter-heavy one; the knob at 0 is
+    plain ``cka``; the record names the criterion and the knob."""
+    cap = run_prune(PruneRequest(**DEMO, target="1", criterion="cka_capacity", recovery="none",
+                                 calibration_samples=128), data=data).record
+    plain = run_prune(PruneRequest(**DEMO, target="1", criterion="cka", recovery="none",
+                                   calibration_samples=128), data=data).record
+    zero = run_prune(PruneRequest(**DEMO, target="1", criterion="cka_capacity", capacity_weight=0.0,
+                                  recovery="none", calibration_samples=128), data=data).record
+    assert plain.removed == ["layer3.2"] and zero.removed == plain.removed
+    assert cap.removed == ["layer1.2"]
+    assert cap.criterion == "cka_capacity" and cap.request["capacity_weight"] == 1.0
+    assert cap.final.params > plain.final.params  # it keeps more of the weights

@@ -14,7 +14,13 @@ import streamlit as st
 from dashboard import compute, estimate, jobs, state
 from dashboard.ui import MACS_NOTE, count, job_result, pct, plotly
 
-from cka_analysis.choices import CRITERIA, CRITERION_INFO, DEFAULT_RECOVERY_METHOD, RECOVERY_METHODS
+from cka_analysis.choices import (
+    CRITERIA,
+    CRITERION_INFO,
+    DEFAULT_RECOVERY_METHOD,
+    RECOVERY_METHODS,
+    plan_advice,
+)
 from cka_analysis.figures import pruning_trajectory, score_bars
 from cka_analysis.metrics import format_duration
 from cka_analysis.pruning import Target, plan
@@ -140,6 +146,9 @@ if request is not None and run_est is not None and request.recovery.images > 0:
                       f"{run_est['recovery_config']['images']:,} training images instead of "
                       f"{run_est['recovery_config']['preset_images']:,} ({len(a.train):,} in the split). "
                       "Choose **custom** to spend more.")
+    if request.recovery.name == "long" and str(dev).startswith("cpu"):
+        right.warning(f"`long` draws {request.recovery.images:,} training images: about "
+                      f"{run_est['seconds'] / 3600:.1f} h on this CPU. It is meant for a GPU.")
 
 # ---------------------------------------------------------------------------------------------- live preview
 st.subheader("Preview")
@@ -178,6 +187,9 @@ if preview is not None:
     c3.metric("Parameters", count(preview.params), f"-{100 * preview.params_reduction:.1f} %",
               delta_color="inverse")
     st.markdown("Would remove: " + ", ".join(f"`{b}`" for b in preview.blocks))
+    advice = plan_advice(criterion, preview.macs_reduction) if mode == "target" else None
+    if advice:
+        st.info(f"Plan: {advice}.")
     if preview.latency is not None:
         st.caption(f"Predicted batch-1 latency {preview.latency:.2f} ms (−{100 * preview.latency_reduction:.1f} %), "
                    "from per-block latency measured on this device.")

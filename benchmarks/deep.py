@@ -1,0 +1,240 @@
+"""Deep cuts (issue 19): which plan, after which recovery, keeps the accuracy at −52.6 % and −75.2 % MACs?
+
+Every row runs :func:`cka_analysis.workflow.run_prune` (the code path of ``cka-prune prune`` and the dashboard)
+on ResNet-56 ``cifar10jpeg`` with the library's default recovery recipe, and records the top-1, the images seen,
+the wall time and the device. Rows are appended to ``results/deep.json`` as they finish; a rerun skips the rows
+already there, several processes (e.g. on one GPU) share the list by claiming rows, and a killed row goes on
+from its recovery checkpoint (``--checkpoints``).
+
+Two stages:
+
+* ``plan`` — the plan for the recovered network (``cka_capacity``) against ``cka`` and ``block_influence`` at
+  ``standard``, measured on the **validation split** (5,000 training images held out of calibration and
+  recovery, ``eval_split="validation"``); then the test-split row of the plan (the test split only reports).
+* ``long-recipe`` — ``long``'s batch size and learning rate (``LONG_RECIPES``) on the validation split at −75 %.
+* ``long`` — the rows of the issue's point 4: at −52.6 % (``macs:50%``) and −75.2 % (``macs:75%``) after
+  ``long`` (2,500,000 images): CKA one-shot and iterative, ``cka_capacity``, block influence, random (3 seeds),
+  on all 10,000 test images. Hours on the 2-core CPU each; meant for a GPU::
+
+      for i in 1 2 3 4; do python -m benchmarks.deep --stage long-recipe --device cuda & done; wait
+      for i in 1 2 3 4; do python -m benchmarks.deep --stage long --device cuda & done; wait
+
+``--list`` shows the rows and which are done; ``--rows ID,ID`` runs those; ``--budget N`` (with
+``$CKA_BENCH_RESULTS`` set elsewhere) replaces every budget to try the benchmark end to end in minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import CACHE_DIR, env_info, log, results_dir
+from benchmarks.recovery import DATA, _claim, _progress
+
+ARCH = "cifar_resnet56"
+#: The issue's two compressions: ``macs:50%`` reaches −52.6 % MACs on ResNet-56 (the nearest block count to the
+#: paper's −56.3 %), ``macs:75%`` reaches −75.2 %.
+TARGETS = {"macs50": "macs:50%", "macs75": "macs:75%"}
+
+
+def _row(criterion: str, target: str, recovery: str, split: str, seed: int = 0, iterative: bool = False,
+         recipe: str | None = None) -> dict[str, Any]:
+    rid = f"r56-{criterion}{'-it' if iterative else ''}-{target}-{recovery}{'-' + recipe if recipe else ''}-" \
+          f"{split}-s{seed}"
+    return {"id": rid, "criterion": criterion, "target": TARGETS[target], "recovery": recovery, "split": split,
+            "seed": seed, "iterative": iterative,
+            **({"recipe_name": recipe, "recipe": LONG_RECIPES[recipe]} if recipe else {})}
+
+
+#: Candidate recipes for ``long`` (the library's default is ``bs64-lr0.01``), compared on the validation split at
+#: −75 % MACs (the ``long-recipe`` stage, GPU work: larger batches are what make a GPU fast, with the learning rate
+#: scaled linearly). The winner becomes ``long``'s recipe only once these rows exist; none has run yet.
+LONG_RECIPES: dict[str, dict[str, Any]] = {
+    "bs64-lr0.01": {"batch_size": 64, "lr": 0.01},
+    "bs256-lr0.04": {"batch_size": 256, "lr": 0.04},
+    "bs512-lr0.08": {"batch_size": 512, "lr": 0.08},
+    "bs512-lr0.04": {"batch_size": 512, "lr": 0.04},
+}
+
+
+#: The plan stage, most informative first: the new plan on validation at −75 %, the baselines through the same
+#: code path, then −52.6 %, then the test-split rows (which only report).
+PLAN_ROWS = [
+    _row("cka_capacity", "macs75", "standard", "validation"),
+    _row("cka_capacity", "macs75", "standard", "test"),
+    _row("cka", "macs75", "standard", "validation"),
+    _row("block_influence", "macs75", "standard", "validation"),
+    _row("cka_capacity", "macs50", "standard", "validation"),
+    _row("cka", "macs50", "standard", "validation"),
+]
+#: The rows of the issue's point 4 (after ``long``, all 10,000 test images); GPU work.
+LONG_ROWS = [
+    *[_row(c, t, "long", "test", seed=s, iterative=it)
+      for t in ("macs75", "macs50")
+      for c, it, s in (("cka_capacity", False, 0), ("cka", False, 0), ("block_influence", False, 0),
+                       ("cka", True, 0), ("random", False, 0), ("random", False, 1), ("random", False, 2))],
+]
+#: The recipe of ``long`` chosen on the validation split (at −75 % MACs, CKA one-shot blocks); GPU work.
+LONG_RECIPE_ROWS = [_row("cka", "macs75", "long", "validation", recipe=name) for name in LONG_RECIPES]
+STAGES = {"plan": PLAN_ROWS, "long-recipe": LONG_RECIPE_ROWS, "long": LONG_ROWS}
+ROWS = {r["id"]: r for rows in STAGES.values() for r in rows}
+
+
+def _path() -> Path:
+    return results_dir() / "deep.json"
+
+
+def load_results() -> dict[str, Any]:
+    p = _path()
+    return json.loads(p.read_text()) if p.is_file() else {"rows": []}
+
+
+def save_row(row: dict[str, Any]) -> None:
+    """Append (or replace) one finished row, atomically and under a lock (several processes share the file)."""
+    p = _path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load_results()
+        data["rows"] = [r for r in data["rows"] if r["id"] != row["id"]] + [row]
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(p)
+
+
+def run_row(spec: dict[str, Any], device: str, checkpoints: Path) -> dict[str, Any]:
+    """One row through run_prune; the recovery checkpoint lives in ``checkpoints/<id>`` until the row is saved."""
+    from cka_analysis.config import shared_data_dir
+    from cka_analysis.recovery import RecoveryConfig
+    from cka_analysis.workflow import PruneRequest, run_prune
+
+    request = PruneRequest(model=ARCH, weights="cifar10jpeg", data=DATA.format(root=shared_data_dir()),
+                           criterion=spec["criterion"], target=spec["target"], iterative=spec["iterative"],
+                           recovery=RecoveryConfig.parse(spec["recovery"], seed=spec["seed"],
+                                                         **spec.get("recipe", {})),
+                           seed=spec["seed"], eval_split=spec["split"],
+                           device=device, latency=False)
+    ckpt = checkpoints / spec["id"]
+    t0 = time.perf_counter()
+    outcome = run_prune(request, progress=_progress(spec["id"]), checkpoint_dir=ckpt, resume=True)
+    rec = outcome.record
+    if rec.cancelled:
+        raise RuntimeError(f"row {spec['id']} was cancelled")
+    recovery = rec.recovery or {}
+    return {
+        **spec, "acc": rec.final.accuracy, "base_acc": rec.base.accuracy, "acc_removed": rec.after_removal.accuracy,
+        "eval_images": 5_000 if spec["split"] == "validation" else 10_000,
+        "images_seen": rec.images_seen, "budget": request.recovery.images, "recipe": request.recovery.to_dict(),
+        "macs_reduction": rec.macs_reduction, "params_reduction": rec.params_reduction, "removed": rec.removed,
+        "recovery_seconds": recovery.get("seconds"), "seconds": time.perf_counter() - t0,
+        "device": env_info(device).get("device"),
+    }
+
+
+def table_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """A markdown table of finished rows (validation first)."""
+    rows = sorted(rows, key=lambda r: (r["split"] != "validation", r["recovery"], r["target"], r["criterion"],
+                                       r["seed"]))
+    lines = ["| split | target | recovery | plan | seed | MACs removed | parameters kept | top-1 % | base % "
+             "| images seen | wall time | device |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        plan = r["criterion"] + (" iterative" if r["iterative"] else "") + \
+            (f" ({r['recipe_name']})" if r.get("recipe_name") else "")
+        lines.append(f"| {r['split']} | {r['target']} | {r['recovery']} | {plan} | {r['seed']} | "
+                     f"{100 * r['macs_reduction']:.1f} % | {100 * (1 - r['params_reduction']):.0f} % | "
+                     f"{r['acc']:.2f} | {r['base_acc']:.2f} | {r['images_seen']:,} | {r['seconds'] / 60:.1f} min | "
+                     f"{r['device']} |")
+    return lines
+
+
+def report_lines() -> list[str]:
+    """The deep-cut section of REPORT.md: the finished rows and the rows still to run (empty without results)."""
+    rows = load_results()["rows"]
+    done = {r["id"] for r in rows}
+    missing = [r["id"] for r in PLAN_ROWS + LONG_RECIPE_ROWS + LONG_ROWS if r["id"] not in done]
+    if not rows and not missing:
+        return []
+    lines = ["## Deep cuts (`python -m benchmarks.deep`)\n",
+             "ResNet-56 `cifar10jpeg`, every row one `run_prune` request with the default recovery recipe; "
+             "validation = 5,000 training images held out of calibration and recovery, test = all 10,000 test "
+             "images.\n"]
+    lines += table_lines(rows) if rows else ["No row has finished yet."]
+    if missing:
+        lines.append(f"\nNot measured yet ({len(missing)} rows; the `long` ones are GPU work, see "
+                     "`benchmarks/README.md`): " + ", ".join(f"`{m}`" for m in missing) + ".")
+    return [*lines, ""]
+
+
+def write_report() -> Path:
+    """``results/deep.md``: one table of every finished row."""
+    lines = ["# Deep cuts: ResNet-56 `cifar10jpeg`, plans and recoveries (benchmarks/deep.py)", "",
+             "Every row: `run_prune` with the default recovery recipe; validation = 5,000 training images held out "
+             "of calibration and recovery, test = all 10,000 test images.", "",
+             *table_lines(load_results()["rows"])]
+    out = results_dir() / "deep.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", choices=[*STAGES, "all"], default="plan",
+                    help="plan: the plan rows (validation, standard; CPU hours); long-recipe: long's batch size and "
+                         "learning rate on the validation split; long: the issue's rows after long (GPU work)")
+    ap.add_argument("--rows", help="comma-separated row ids to run, in this order (see --list)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--list", action="store_true", help="list the rows and whether they are done")
+    ap.add_argument("--write", action="store_true", help="only rebuild results/deep.md")
+    ap.add_argument("--until", type=float, default=None, help="start no new row after this Unix time")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--checkpoints", type=Path, default=CACHE_DIR / "deep",
+                    help="where a running row keeps its recovery checkpoint (a killed row goes on from it)")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="replace every row's budget by this many images (needs $CKA_BENCH_RESULTS elsewhere)")
+    args = ap.parse_args(argv)
+    if args.budget is not None and not os.environ.get("CKA_BENCH_RESULTS"):
+        ap.error("--budget writes rows that are not the benchmark's: set CKA_BENCH_RESULTS to another folder")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    todo = [r for name, rows in STAGES.items() if args.stage in (name, "all") for r in rows]
+    if args.rows:
+        unknown = [i for i in args.rows.split(",") if i not in ROWS]
+        if unknown:
+            ap.error(f"unknown row ids {unknown}; see --list")
+        todo = [ROWS[i] for i in args.rows.split(",")]
+    done = {r["id"] for r in load_results()["rows"]}
+    if args.list:
+        for r in todo:
+            print(("done  " if r["id"] in done else "todo  ") + r["id"])
+        return 0
+    if not args.write:
+        for spec in todo:
+            if args.until is not None and time.time() > args.until:
+                log("--until reached: no new rows")
+                break
+            if spec["id"] in {r["id"] for r in load_results()["rows"]} or not _claim("deep-" + spec["id"]):
+                continue
+            if args.budget is not None:
+                spec = {**spec, "recovery": str(args.budget)}
+            log(f"row {spec['id']}")
+            row = run_row(spec, args.device, args.checkpoints)
+            row["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            save_row(row)
+            shutil.rmtree(args.checkpoints / spec["id"], ignore_errors=True)
+            log(f"row {spec['id']} done: acc={row['acc']:.2f} images_seen={row['images_seen']} "
+                f"seconds={row['seconds']:.0f}")
+    write_report()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
