@@ -7,6 +7,7 @@ not change (same arithmetic up to float32 rounding).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -162,3 +163,21 @@ def write_json(name: str, obj: Any) -> Path:
 def read_json(name: str) -> Any:
     path = results_dir() / name
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_rows(path: Path) -> dict[str, Any]:
+    """A row-by-row results file (``{"rows": [...], ...}``), empty when it does not exist yet."""
+    return json.loads(path.read_text()) if path.is_file() else {"rows": []}
+
+
+def save_row(path: Path, row: dict[str, Any]) -> None:
+    """Append (or replace, by ``id``) one finished row of a results file and write it atomically, under a lock:
+    several processes (stages, or runs sharing one GPU) may finish rows at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load_rows(path)
+        data["rows"] = [r for r in data["rows"] if r["id"] != row["id"]] + [row]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)

@@ -26,8 +26,6 @@ Two stages:
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import os
 import shutil
 import time
@@ -36,7 +34,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import CACHE_DIR, env_info, log, results_dir
+from benchmarks import common
+from benchmarks.common import CACHE_DIR, env_info, load_rows, log, results_dir
 from benchmarks.recovery import DATA, _claim, _progress
 
 ARCH = "cifar_resnet56"
@@ -93,21 +92,12 @@ def _path() -> Path:
 
 
 def load_results() -> dict[str, Any]:
-    p = _path()
-    return json.loads(p.read_text()) if p.is_file() else {"rows": []}
+    return load_rows(_path())
 
 
 def save_row(row: dict[str, Any]) -> None:
-    """Append (or replace) one finished row, atomically and under a lock (several processes share the file)."""
-    p = _path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        data = load_results()
-        data["rows"] = [r for r in data["rows"] if r["id"] != row["id"]] + [row]
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(p)
+    """Append (or replace) one finished row (several processes share the file: see common.save_row)."""
+    common.save_row(_path(), row)
 
 
 def run_row(spec: dict[str, Any], device: str, checkpoints: Path) -> dict[str, Any]:
@@ -128,13 +118,12 @@ def run_row(spec: dict[str, Any], device: str, checkpoints: Path) -> dict[str, A
     rec = outcome.record
     if rec.cancelled:
         raise RuntimeError(f"row {spec['id']} was cancelled")
-    recovery = rec.recovery or {}
     return {
         **spec, "acc": rec.final.accuracy, "base_acc": rec.base.accuracy, "acc_removed": rec.after_removal.accuracy,
         "eval_images": 5_000 if spec["split"] == "validation" else 10_000,
         "images_seen": rec.images_seen, "budget": request.recovery.images, "recipe": request.recovery.to_dict(),
         "macs_reduction": rec.macs_reduction, "params_reduction": rec.params_reduction, "removed": rec.removed,
-        "recovery_seconds": recovery.get("seconds"), "seconds": time.perf_counter() - t0,
+        "recovery_seconds": None if rec.recovery is None else rec.recovery.seconds, "seconds": time.perf_counter() - t0,
         "device": env_info(device).get("device"),
     }
 

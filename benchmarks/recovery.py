@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import env_info, log, results_dir
+from benchmarks import common
+from benchmarks.common import env_info, load_rows, log, results_dir
 from cka_analysis.data import VALIDATION_IMAGES
 
 DATA = "imagefolder:{root}/cifar10-jpeg"
@@ -189,26 +190,13 @@ def _path() -> Path:
 
 
 def load_results() -> dict[str, Any]:
-    p = _path()
-    if p.is_file():
-        return json.loads(p.read_text())
-    return {"rows": []}
+    return load_rows(_path())
 
 
 def save_row(row: dict[str, Any]) -> None:
-    """Append (or replace) one finished row and write the file atomically (locked: the two stages may run in
-    two processes at once)."""
-    import fcntl
-
-    p = _path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        data = load_results()
-        data["rows"] = [r for r in data["rows"] if r["id"] != row["id"]] + [row]
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(p)
+    """Append (or replace) one finished row (the two stages may run in two processes at once: see
+    common.save_row)."""
+    common.save_row(_path(), row)
 
 
 def _claim(row_id: str) -> bool:

@@ -34,6 +34,7 @@ from cka_analysis.choices import CRITERIA, DEFAULT_RECOVERY_METHOD, RECOVERY_MET
 from cka_analysis.data import calibration_subset, load_dataset, make_loader
 from cka_analysis.export import load_pruned, markdown_table, open_model, save_pruned
 from cka_analysis.metrics import evaluate
+from cka_analysis.models.external import HFImageClassifier
 from cka_analysis.recovery import RecoveryConfig
 from cka_analysis.scoring import score_blocks
 from cka_analysis.workflow import PruneRequest, eval_subset, run_prune
@@ -48,17 +49,6 @@ MODELS = {
 }
 
 
-class _Logits(nn.Module):
-    """``forward(x) -> logits`` for a native Hugging Face model (its forward returns an output object)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).logits
-
-
 def native_model(folder: Path, manifest: dict[str, Any]) -> nn.Module:
     """The pruned model reloaded from its native directory with timm or transformers only."""
     native = manifest["native"]
@@ -68,7 +58,7 @@ def native_model(folder: Path, manifest: dict[str, Any]) -> nn.Module:
     if native["format"] == "huggingface":
         from transformers import AutoModelForImageClassification
 
-        return _Logits(AutoModelForImageClassification.from_pretrained(where)).eval()
+        return HFImageClassifier(AutoModelForImageClassification.from_pretrained(where)).eval()
     import timm
     from safetensors.torch import load_file
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from cka_analysis.data import load_dataset, make_loader
 from cka_analysis.metrics import count_macs, count_params, evaluate
+from cka_analysis.models.external import HFImageClassifier
 from cka_analysis.models.preset import IMAGENET_MEAN, IMAGENET_STD, Preset
 from cka_analysis.training import FinetuneConfig, finetune
 
@@ -48,17 +49,6 @@ VIT_CONFIG = {"image_size": 32, "patch_size": 4, "hidden_size": 96, "num_hidden_
               "num_attention_heads": 3, "intermediate_size": 192, "num_labels": 10}
 
 
-class _Logits(nn.Module):
-    """``forward(x) -> logits`` around a Hugging Face image classifier (its forward returns an output object)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).logits
-
-
 def build(which: str, classes: list[str]) -> tuple[nn.Module, Preset]:
     """The randomly initialised model and its data preset."""
     if which == "convnext":
@@ -73,7 +63,7 @@ def build(which: str, classes: list[str]) -> tuple[nn.Module, Preset]:
     config = ViTConfig(**VIT_CONFIG, id2label=dict(enumerate(classes)),
                        label2id={c: i for i, c in enumerate(classes)})
     preset = Preset(arch="hf:vit", input_size=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10)
-    return _Logits(ViTForImageClassification(config)), preset
+    return HFImageClassifier(ViTForImageClassification(config)), preset
 
 
 def save(which: str, model: nn.Module, preset: Preset, out: Path) -> Path:
@@ -88,7 +78,7 @@ def save(which: str, model: nn.Module, preset: Preset, out: Path) -> Path:
     from transformers import ViTImageProcessor
 
     path = out / "vit_cifar10_hf"
-    model.model.save_pretrained(path)
+    model.hf.save_pretrained(path)
     ViTImageProcessor(do_resize=True, size={"height": 32, "width": 32}, image_mean=list(preset.mean),
                       image_std=list(preset.std)).save_pretrained(path)
     return path
