@@ -66,6 +66,7 @@ st.set_page_config(page_title="CKA Prune", page_icon="✂️", layout="wide")
 state.configure_threads()
 _persist_widgets()
 state.ensure_default()
+state.configure_gc()  # after the first load: see its docstring (jobs ran 4-6x slower without)
 
 PAGES = [
     st.Page("views/model_data.py", title="Model & data", icon=":material/inventory_2:", default=True),

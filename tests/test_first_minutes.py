@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
 from app_session import TIMEOUT, settle
+from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
 
 from cka_analysis.choices import RECOVERY_PRESETS
@@ -124,4 +126,28 @@ def test_compare_rows_come_from_the_same_test_images(demo) -> None:
     table = at.dataframe[0].value
     assert table.iloc[0]["speed-up"].startswith("1.00×")
     assert table["latency ms"].notna().all() and table.iloc[1]["speed-up"].endswith(")")
+    assert not at.exception
+
+
+# ---------------------------------------------------------------------------------------- reruns while a job runs
+def test_reruns_while_a_job_runs_do_not_walk_the_whole_heap() -> None:
+    """A running job's progress box reruns twice a second; Streamlit's full garbage collection after each run
+    (0.6 s with the GIL held, over ~500,000 objects once torch is imported) made jobs 4-6x slower in the browser.
+    AppTest never collects after a run (why the slowness showed only in the browser), so this checks what the
+    server honours: after the page has run with a job in progress, the option is off (whatever the config file
+    says: the first check breaks when app/dashboard/state.py's configure_gc does not switch it off) and the
+    long-lived heap is frozen, so that Python's own collections stay cheap too."""
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    st_config.set_option("runner.postScriptGC", True)  # as without .streamlit/config.toml (another launcher)
+    settle(at)
+    settle(at.switch_page("views/prune.py"))
+    at.button(key="pr_run").click()
+    at.run()
+    job = at.session_state["_job"]
+    assert job is not None
+    for _ in range(3):  # what the progress box's polling does while the job runs
+        at.run()
+    job.wait(TIMEOUT)
+    assert st_config.get_option("runner.postScriptGC") is False
+    assert gc.get_freeze_count() > len(gc.get_objects()), "the long-lived heap is not frozen"
     assert not at.exception
