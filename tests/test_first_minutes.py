@@ -11,9 +11,12 @@
 from __future__ import annotations
 
 import gc
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from app_session import TIMEOUT, settle
 from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
@@ -24,6 +27,9 @@ from cka_analysis.latency import TimingOptions, compare_latency
 from cka_analysis.metrics import evaluate
 from cka_analysis.recovery import RecoveryConfig
 from cka_analysis.workflow import PruneData, PruneRecord, PruneRequest, estimate_run, eval_subset, run_prune
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
+from dashboard.estimate import load_rate
 
 DEMO = {"model": "digits_resnet", "weights": "demo", "data": "digits", "device": "cpu", "latency": False}
 APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
@@ -78,6 +84,22 @@ def test_the_run_estimate_follows_the_work(demo, data) -> None:
     none = estimate_run(PruneRequest(**{**DEMO, "model": demo}, blocks=("layer1.1",), recovery="none"), demo, data,
                         per_image_s=rate)
     assert "recovery" not in none.phases and "scoring" not in none.phases
+
+
+class _ColdStart(torch.utils.data.Dataset):
+    """3 ms per image, and 0.3 s more for the first (index 0, which every probe reads): a loader's start-up."""
+
+    def __len__(self) -> int:
+        return 1_000
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        time.sleep(0.3 if i == 0 else 0.003)
+        return torch.zeros(3, 8, 8), 0
+
+
+def test_the_page_estimates_time_reading_an_image_without_the_loaders_start_up() -> None:
+    rate = load_rate(_ColdStart(), "cold-start test data")
+    assert 0.002 < rate < 0.0045, rate  # the per-image cost, not (0.3 s + 80 images) / 80 = 6.75 ms
 
 
 # ---------------------------------------------------------------------------------------- one latency measurement
