@@ -26,7 +26,15 @@ from cka_analysis.data import load_dataset
 from cka_analysis.latency import TimingOptions, compare_latency
 from cka_analysis.metrics import evaluate
 from cka_analysis.recovery import RecoveryConfig
-from cka_analysis.workflow import PruneData, PruneRecord, PruneRequest, estimate_run, eval_subset, run_prune
+from cka_analysis.workflow import (
+    PruneData,
+    PruneRecord,
+    PruneRequest,
+    estimate_run,
+    eval_subset,
+    further_recovery,
+    run_prune,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
 from dashboard.estimate import load_rate
@@ -53,6 +61,15 @@ def test_quick_is_capped_to_a_few_epochs_of_a_small_split_only() -> None:
     assert RecoveryConfig.parse("standard").fit_to(50_000).images == 250_000
     assert RecoveryConfig.parse("3000").fit_to(100).images == 3_000  # a number is what the user asked for
     assert RecoveryConfig.from_dict(demo.to_dict()) == demo
+
+
+def test_recovering_further_fits_the_new_budget_to_the_split_again() -> None:
+    """A run's ``quick`` recovery on the demo was capped to 3 epochs; ``quick`` further is capped the same way,
+    not spent in full because the run's recipe says it was fitted already."""
+    run = RecoveryConfig.parse("quick").fit_to(1_437)
+    further = further_recovery({"request": {"recovery": run.to_dict(), "seed": 0}}, "quick").fit_to(1_437)
+    assert further.images == run.images < RecoveryConfig.parse("quick").images
+    assert further.capped
 
 
 def test_a_run_spends_the_capped_budget_and_says_so(demo, data) -> None:
