@@ -68,6 +68,7 @@ state.configure_threads()
 _persist_widgets()
 state.ensure_default()
 state.apply_query_model()
+state.configure_gc()  # after the first load: see its docstring (jobs ran 4-6x slower without)
 
 PAGES = [
     st.Page("views/model_data.py", title="Model & data", icon=":material/inventory_2:", default=True),

@@ -932,14 +932,17 @@ def run_prune(
 def further_recovery(record: PruneRecord | Mapping[str, Any], budget: str | int) -> RecoveryConfig:
     """The recovery that "recover further" spends for a ``budget`` given as text or a number of images
     (``"quick"``, ``25000``): the run's own recipe (method, learning rate, distillation, ...) and seed, with the
-    new budget, so that a run recovered with ``kd`` goes on with ``kd``."""
+    new budget, so that a run recovered with ``kd`` goes on with ``kd``. The run's cap on a small training split
+    (:meth:`~cka_analysis.recovery.RecoveryConfig.fit_to`) is not carried over: the new budget is fitted anew
+    (with it, ``quick`` further on the digits demo spent all 25,000 images, 17 epochs, 5× the run's recovery)."""
     from .recovery import RecoveryConfig
 
     request = record.request if isinstance(record, PruneRecord) else record["request"]
     run = request.get("recovery") or {}
     recipe = RecoveryConfig.from_dict(run) if isinstance(run, Mapping) else RecoveryConfig()
     wanted = RecoveryConfig.parse(budget)
-    return replace(recipe, images=wanted.images, name=wanted.name).seeded(int(request.get("seed", 0)))
+    return replace(recipe, images=wanted.images, name=wanted.name, preset_images=None).seeded(
+        int(request.get("seed", 0)))
 
 
 def recover_further(

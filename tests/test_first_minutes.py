@@ -10,10 +10,15 @@
 
 from __future__ import annotations
 
+import gc
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from app_session import TIMEOUT, settle
+from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
 
 from cka_analysis.choices import RECOVERY_PRESETS
@@ -21,7 +26,18 @@ from cka_analysis.data import load_dataset
 from cka_analysis.latency import TimingOptions, compare_latency
 from cka_analysis.metrics import evaluate
 from cka_analysis.recovery import RecoveryConfig
-from cka_analysis.workflow import PruneData, PruneRecord, PruneRequest, estimate_run, eval_subset, run_prune
+from cka_analysis.workflow import (
+    PruneData,
+    PruneRecord,
+    PruneRequest,
+    estimate_run,
+    eval_subset,
+    further_recovery,
+    run_prune,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
+from dashboard.estimate import load_rate
 
 DEMO = {"model": "digits_resnet", "weights": "demo", "data": "digits", "device": "cpu", "latency": False}
 APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
@@ -45,6 +61,15 @@ def test_quick_is_capped_to_a_few_epochs_of_a_small_split_only() -> None:
     assert RecoveryConfig.parse("standard").fit_to(50_000).images == 250_000
     assert RecoveryConfig.parse("3000").fit_to(100).images == 3_000  # a number is what the user asked for
     assert RecoveryConfig.from_dict(demo.to_dict()) == demo
+
+
+def test_recovering_further_fits_the_new_budget_to_the_split_again() -> None:
+    """A run's ``quick`` recovery on the demo was capped to 3 epochs; ``quick`` further is capped the same way,
+    not spent in full because the run's recipe says it was fitted already."""
+    run = RecoveryConfig.parse("quick").fit_to(1_437)
+    further = further_recovery({"request": {"recovery": run.to_dict(), "seed": 0}}, "quick").fit_to(1_437)
+    assert further.images == run.images < RecoveryConfig.parse("quick").images
+    assert further.capped
 
 
 def test_a_run_spends_the_capped_budget_and_says_so(demo, data) -> None:
@@ -76,6 +101,22 @@ def test_the_run_estimate_follows_the_work(demo, data) -> None:
     none = estimate_run(PruneRequest(**{**DEMO, "model": demo}, blocks=("layer1.1",), recovery="none"), demo, data,
                         per_image_s=rate)
     assert "recovery" not in none.phases and "scoring" not in none.phases
+
+
+class _ColdStart(torch.utils.data.Dataset):
+    """3 ms per image, and 0.3 s more for the first (index 0, which every probe reads): a loader's start-up."""
+
+    def __len__(self) -> int:
+        return 1_000
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        time.sleep(0.3 if i == 0 else 0.003)
+        return torch.zeros(3, 8, 8), 0
+
+
+def test_the_page_estimates_time_reading_an_image_without_the_loaders_start_up() -> None:
+    rate = load_rate(_ColdStart(), "cold-start test data")
+    assert 0.002 < rate < 0.0045, rate  # the per-image cost, not (0.3 s + 80 images) / 80 = 6.75 ms
 
 
 # ---------------------------------------------------------------------------------------- one latency measurement
@@ -124,4 +165,28 @@ def test_compare_rows_come_from_the_same_test_images(demo) -> None:
     table = at.dataframe[0].value
     assert table.iloc[0]["speed-up"].startswith("1.00×")
     assert table["latency ms"].notna().all() and table.iloc[1]["speed-up"].endswith(")")
+    assert not at.exception
+
+
+# ---------------------------------------------------------------------------------------- reruns while a job runs
+def test_reruns_while_a_job_runs_do_not_walk_the_whole_heap() -> None:
+    """A running job's progress box reruns twice a second; Streamlit's full garbage collection after each run
+    (0.6 s with the GIL held, over ~500,000 objects once torch is imported) made jobs 4-6x slower in the browser.
+    AppTest never collects after a run (why the slowness showed only in the browser), so this checks what the
+    server honours: after the page has run with a job in progress, the option is off (whatever the config file
+    says: the first check breaks when app/dashboard/state.py's configure_gc does not switch it off) and the
+    long-lived heap is frozen, so that Python's own collections stay cheap too."""
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    st_config.set_option("runner.postScriptGC", True)  # as without .streamlit/config.toml (another launcher)
+    settle(at)
+    settle(at.switch_page("views/prune.py"))
+    at.button(key="pr_run").click()
+    at.run()
+    job = at.session_state["_job"]
+    assert job is not None
+    for _ in range(3):  # what the progress box's polling does while the job runs
+        at.run()
+    job.wait(TIMEOUT)
+    assert st_config.get_option("runner.postScriptGC") is False
+    assert gc.get_freeze_count() > len(gc.get_objects()), "the long-lived heap is not frozen"
     assert not at.exception

@@ -95,6 +95,35 @@ def test_time_left_comes_from_the_estimate_then_from_the_progress(monkeypatch):
     assert "left" in jobs.progress_text(job)
 
 
+def test_time_left_follows_a_runs_phases_and_converges_when_the_estimate_is_wrong(monkeypatch):
+    """A run estimated at 10 s before recovery, 20 s of recovery and 2 s of latency that takes twice as long:
+    the time left counts its phases, scales the later ones by the overrun seen so far, and reaches zero with the
+    work (the progress fraction restarts with every phase, so the fraction alone said "almost done" early)."""
+    now = [0.0]
+    monkeypatch.setattr(jobs, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    phases = jobs.run_phases({"scoring": 4.0, "evaluation": 5.0, "bookkeeping": 1.0, "recovery": 20.0,
+                              "latency": 2.0})
+    assert phases == [(jobs.FIRST_PHASE, 10.0), ("recovery", 20.0), ("latency", 2.0)]
+    job = jobs.Job(name="prune", key=0, label="x", estimate=32.0, started=0.0, phases=phases)
+    job.status = "running"
+    assert job.seconds_left() == pytest.approx(32.0)
+    now[0] = 8.0
+    job.progress(90, 100, "evaluating")  # an evaluation almost done: not the run
+    assert job.seconds_left() == pytest.approx(2.0 + 22.0)
+    now[0] = 20.0  # the first phase took twice its estimate
+    job.progress(0, None, "recovering the pruned model (quick: 1,000 images)")
+    assert job.phase == 1
+    assert job.seconds_left() == pytest.approx(2 * 20.0 + 2 * 2.0)
+    now[0] = 40.0
+    job.progress(50, 100, "step 50/100")  # the recovery's own rate: 20 s for half
+    assert job.seconds_left() == pytest.approx(20.0 + 2 * 2.0)
+    now[0] = 60.0
+    job.progress(0, None, "timing the original and the pruned model")
+    assert job.phase == 2 and job.seconds_left() == pytest.approx(4.0)
+    now[0] = 64.0
+    assert job.seconds_left() == pytest.approx(0.0)
+
+
 # ---------------------------------------------------------------------------------------------- seeded records
 @pytest.fixture(scope="module")
 def digits():

@@ -44,6 +44,19 @@ from cka_analysis.progress import CancelToken
 JOB_KEY = "_job"
 POLL_SECONDS = 0.5
 SLOTS_ENV = "CKA_PRUNE_DASHBOARD_JOBS"
+#: The progress messages that open a run's phases (``cka_analysis.workflow``'s ``_Runner``); the messages in
+#: between (the trainer's steps, the evaluations) belong to the phase opened last.
+PHASE_MARKERS = {"recovery": ("recovering",), "latency": ("timing the original",)}
+#: The phase before the first marker: scoring, the evaluations, the removals.
+FIRST_PHASE = "before recovery"
+
+
+def run_phases(phases: dict[str, float]) -> list[tuple[str, float]]:
+    """A run estimate's phases (``RunEstimate.phases``) in the order a run goes through them, for
+    :attr:`Job.phases`: everything before the recovery, the recovery, the latency timing (those present)."""
+    later = [(name, float(phases[name])) for name in PHASE_MARKERS if phases.get(name)]
+    first = sum(phases.values()) - sum(sec for _, sec in later)
+    return [(FIRST_PHASE, max(0.0, first)), *later]
 
 
 #: True for CUDA (or any accelerator) out-of-memory errors: the library's one detector, shared with the CLI.
@@ -63,7 +76,9 @@ class Job:
     ``status`` is ``queued`` (waiting for a slot of the process-wide queue) → ``running`` → ``done`` |
     ``cancelled`` | ``error`` (a CKAPruneError or out of memory: ``error`` holds the message for the user) |
     ``crashed`` (an unexpected exception: ``exception`` holds it). ``estimate`` is the seconds the work was
-    expected to take when it started (None when unknown); the progress bar counts down from it.
+    expected to take when it started (None when unknown); the progress bar counts down from it. ``phases`` (a
+    run's: :func:`run_phases`) splits the estimate by phase, so that the time left follows the phase the work is
+    in (progress fractions restart with every phase): see :meth:`seconds_left`.
     """
 
     name: str
@@ -83,6 +98,9 @@ class Job:
     finished: float | None = None
     thread: threading.Thread | None = None
     collected: bool = False
+    phases: list[tuple[str, float]] | None = None
+    phase: int = 0
+    phase_started: float | None = None
 
     @property
     def running(self) -> bool:
@@ -95,20 +113,54 @@ class Job:
         return (self.finished or time.perf_counter()) - self.started
 
     def seconds_left(self) -> float | None:
-        """Time left: from the progress so far once there is some, else from the estimate (None: unknown)."""
+        """Time left (None: unknown).
+
+        Without phases: from the progress so far once there is some, else from the estimate. With phases: the
+        phase the work is in, from its own progress (a marked phase: the recovery is one training loop) or its
+        estimate, plus the estimates of the phases still to come, scaled by how much longer than estimated the
+        finished phases (or the current one, once past its estimate) took. So the time left goes to zero with
+        the work whichever way the estimate was wrong, instead of counting down a wrong total.
+        """
         if self.status != "running":
             return None
         frac = self.fraction()
         elapsed = self.seconds
-        if frac and frac >= 0.02 and elapsed >= 1.0:
-            return max(0.0, elapsed * (1.0 - frac) / frac)
-        if self.estimate is not None:
-            return max(0.0, self.estimate - elapsed)
-        return None
+        if not self.phases:
+            if frac and frac >= 0.02 and elapsed >= 1.0:
+                return max(0.0, elapsed * (1.0 - frac) / frac)
+            if self.estimate is not None:
+                return max(0.0, self.estimate - elapsed)
+            return None
+        now = time.perf_counter()
+        since = self.phase_started if self.phase_started is not None else self.started
+        in_phase = now - since
+        before = sum(sec for _, sec in self.phases[:self.phase])
+        current = self.phases[self.phase][1]
+        after = sum(sec for _, sec in self.phases[self.phase + 1:])
+        scale = (since - self.started) / before if before > 0.5 else 1.0
+        if current > 0 and in_phase > scale * current:
+            scale = in_phase / current  # the current phase overran its scaled estimate already
+        scale = min(10.0, max(0.1, scale))
+        if self.phase > 0 and frac and frac >= 0.02 and in_phase >= 1.0:
+            left_here = in_phase * (1.0 - frac) / frac
+        else:
+            left_here = max(0.0, scale * current - in_phase)
+        return left_here + scale * after
 
     def progress(self, done: int, total: int | None, message: str) -> None:
         """The progress callback handed to the library (called from the worker thread)."""
+        if self.phases:
+            self._follow_phase(str(message))
         self.done, self.total, self.message = int(done), total, str(message)
+
+    def _follow_phase(self, message: str) -> None:
+        """Move to the later phase whose marker opens ``message`` (phases are never revisited)."""
+        text = message.lower()
+        names = [name for name, _ in self.phases or []]
+        for i in range(self.phase + 1, len(names)):
+            if any(text.startswith(m) for m in PHASE_MARKERS.get(names[i], ())):
+                self.phase, self.phase_started = i, time.perf_counter()
+                return
 
     def fraction(self) -> float | None:
         if self.total:
@@ -246,13 +298,13 @@ def busy() -> bool:
 
 
 def submit(name: str, key: Any, label: str, fn: Callable[..., Any], *args: Any, estimate: float | None = None,
-           queue: JobQueue | None = None, **kwargs: Any) -> Job:
+           queue: JobQueue | None = None, phases: list[tuple[str, float]] | None = None, **kwargs: Any) -> Job:
     """Queue ``fn(*args, progress=..., cancel=..., **kwargs)`` as job ``name`` in a background thread.
 
     The thread waits for a slot of ``queue`` (default: the process-wide :data:`QUEUE`), then runs. This does not
     touch the session state (:func:`start` does): scripts and tests use it directly.
     """
-    job = Job(name=name, key=key, label=label, estimate=estimate)
+    job = Job(name=name, key=key, label=label, estimate=estimate, phases=phases)
     queue = queue or QUEUE
     queue.add(job)  # in line now, in submission order: the page that submitted it can show its position at once
     thread = threading.Thread(target=_run, args=(job, fn, args, kwargs, queue), name=f"cka-prune-{name}",
@@ -266,17 +318,18 @@ def submit(name: str, key: Any, label: str, fn: Callable[..., Any], *args: Any, 
 
 
 def start(name: str, key: Any, label: str, fn: Callable[..., Any], *args: Any, estimate: float | None = None,
-          **kwargs: Any) -> Job:
+          phases: list[tuple[str, float]] | None = None, **kwargs: Any) -> Job:
     """Run ``fn(*args, progress=..., cancel=..., **kwargs)`` in a background thread as this session's job ``name``.
 
     ``key`` identifies the inputs, so that a page shows a finished job's result only for the inputs it was
     started with; ``estimate`` (seconds, see ``dashboard.estimate``) lets the progress bar show the time left
-    before the work reports progress. Refuses (RuntimeError) while another job of the session is running or
+    before the work reports progress; ``phases`` (:func:`run_phases`) lets the time left follow a run's phases.
+    Refuses (RuntimeError) while another job of the session is running or
     queued: pages disable their buttons then.
     """
     if busy():
         raise RuntimeError("another job is running")
-    job = submit(name, key, label, fn, *args, estimate=estimate, **kwargs)
+    job = submit(name, key, label, fn, *args, estimate=estimate, phases=phases, **kwargs)
     st.session_state[JOB_KEY] = job
     return job
 

@@ -10,6 +10,7 @@ and page switches. Cached models are shared between sessions and are never modif
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 
 import streamlit as st
 import torch
+from streamlit import config as st_config
 from torch import nn
 
 from cka_analysis.blocks import Block, find_blocks
@@ -342,6 +344,31 @@ def configure_threads() -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+#: Streamlit's option that runs a full ``gc.collect(2)`` after every script run, fragment reruns included.
+POST_SCRIPT_GC = "runner.postScriptGC"
+
+
+def configure_gc() -> bool:
+    """Keep Python's garbage collector off the jobs' critical path; True the first time it acts in a process.
+
+    Streamlit collects all generations after every script run (``runner.postScriptGC``), and a running job's
+    progress box is a fragment that reruns every ``jobs.POLL_SECONDS``. With torch, streamlit and plotly
+    imported, one full collection walks about 500,000 objects: 0.6 s with the GIL held on the 2-core machine,
+    so while a job ran the collector took more than half the time (py-spy on the server: 59 % of the samples
+    in ``_on_script_finished``) and jobs ran 4–6× slower in the browser than in AppTest, where nothing polls.
+    So the option is switched off here (``.streamlit/config.toml`` says so too, for ``streamlit run app`` from
+    the repository root; this covers other launchers) and everything alive after the imports and the first
+    model load is moved to the collector's permanent generation (``gc.freeze``): modules and cached models live
+    as long as the process, and the collections Python still runs by itself no longer walk them.
+    """
+    if st_config.get_option(POST_SCRIPT_GC):
+        st_config.set_option(POST_SCRIPT_GC, False, where_defined="app/dashboard/state.py (configure_gc)")
+    if gc.get_freeze_count() > 0:
+        return False
+    gc.freeze()  # no collection first: after the imports it finds about 20 objects and costs 0.4-1 s
+    return True
 
 
 def device_options() -> list[str]:

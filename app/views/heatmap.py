@@ -39,7 +39,8 @@ res = job_result(
                                _model=a.model, _loader=state.calib_loader(a)),
     button="Compute the heatmap", auto=state.small_work(a, n),
     work=Work(a.model, a.model_key, n, HEATMAP_PASSES,
-              f"{n:,} calibration images (one forward pass each, then the CKA of every pair of layers)"),
+              f"{n:,} calibration images (one forward pass each, then the CKA of every pair of layers)",
+              data=a.calib, data_key=a.data_key),
     more="Fewer calibration images (the Model & data page) are faster; the heatmap's noise grows as 1/√N.",
 )
 if res is not None:

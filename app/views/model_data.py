@@ -236,7 +236,8 @@ acc = job_result(
     lambda: compute.cached_job(compute.test_accuracy, a.model_key, a.test_key, dev, n_test,
                                _model=a.model, _loader=state.test_loader(a, n_test)),
     button="Evaluate on the test split", auto=state.small_work(a, n_test),
-    work=Work(a.model, a.model_key, n_test, EVALUATE_PASSES, f"{n_test:,} test images, one forward pass each"),
+    work=Work(a.model, a.model_key, n_test, EVALUATE_PASSES, f"{n_test:,} test images, one forward pass each",
+              data=a.test, data_key=a.test_key),
     more="Fewer test images are faster (set above).",
 )
 if acc is not None:

@@ -244,7 +244,8 @@ if not jobs.show_running("prune"):
     if st.button("Prune", type="primary", key="pr_run", disabled=busy or not can_run):
         seconds = None if run_est is None else float(run_est["seconds"])
         jobs.start("prune", pkey, "pruning" + (" and recovering" if request.recovery.images > 0 else ""),
-                   _make_job(request, seconds), estimate=seconds)
+                   _make_job(request, seconds), estimate=seconds,
+                   phases=None if run_est is None else jobs.run_phases(run_est["phases"]))
         if not jobs.show_running("prune"):  # finished already: collect it now
             st.rerun()
 

@@ -42,7 +42,8 @@ res = job_result(
                                _model=a.model, _loader=state.calib_loader(a)),
     button="Compute the scores", auto=state.small_work(a, n * len(a.removable)),
     work=Work(a.model, a.model_key, n, 1 + len(a.removable) / 2,
-              f"{n} calibration images: the shared prefix once, the rest after each of {len(a.removable)} blocks"),
+              f"{n} calibration images: the shared prefix once, the rest after each of {len(a.removable)} blocks",
+              data=a.calib, data_key=a.data_key),
     more="Fewer calibration images (Model & data page) are faster.",
 )
 if res is not None:
