@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .device import amp_dtype, resolve_device, use_channels_last
-from .errors import Cancelled, CheckpointError, ConfigError
+from .errors import Cancelled, CheckpointError, ConfigError, DivergedError
 from .progress import CancelToken, ProgressFn, no_progress
 
 __all__ = [
@@ -64,7 +64,10 @@ class TrainSpec:
     run (and restores it afterwards): only for datasets whose own transforms draw random augmentations in this
     process; :class:`BatchAugment` and seeded loaders need no global state. ``keep_best`` ends with the best
     weights seen at an evaluation (when the evaluation data is a validation split); False keeps the last ones and
-    evaluates only to report.
+    evaluates only to report. ``clip_factor`` clips every step's gradient (global L2 norm) at that multiple of the first
+    step's norm: a guard against runaway growth that a run whose gradients shrink as it learns never meets (so it
+    changes nothing there, bit for bit); None: no clipping. Whatever it is set to, a loss or gradient that becomes
+    NaN or infinite stops the run with :class:`~cka_analysis.errors.DivergedError` before that step is taken.
     """
 
     total_steps: int
@@ -79,8 +82,11 @@ class TrainSpec:
     seed: int = 0
     seed_global: bool = False
     keep_best: bool = True
+    clip_factor: float | None = None
 
     def __post_init__(self) -> None:
+        if self.clip_factor is not None and not self.clip_factor > 0:
+            raise ConfigError(f"clip_factor={self.clip_factor} must be positive (or None: no clipping)")
         if self.total_steps < 0:
             raise ConfigError(f"total_steps={self.total_steps} must be ≥ 0")
         if not self.lr > 0:
@@ -261,6 +267,8 @@ class Trainer:
         self.last_eval = -1
         self.step = self.epoch = self.skip = 0
         self.epoch_state: dict[str, Any] = {}
+        #: the first step's gradient norm, which ``spec.clip_factor`` multiplies (saved with a checkpoint)
+        self.grad_norm_ref: float | None = None
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _payload(self, in_epoch: int) -> dict[str, Any]:
@@ -270,7 +278,7 @@ class Trainer:
             "total": self.spec.total_steps, "model": _state_copy(self.model), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
             "best_state": self.best_state, "best_accuracy": r.best_accuracy, "best_step": r.best_step,
-            "last_eval": self.last_eval, "history": r.history, "images": r.images,
+            "last_eval": self.last_eval, "history": r.history, "images": r.images, "grad_norm_ref": self.grad_norm_ref,
             "augment": None if self.augment is None else self.augment.state(), "settings": self._settings(),
             **self.epoch_state,
         }
@@ -303,9 +311,9 @@ class Trainer:
                 f"{self.ckpt} was written for a {saved['total']}-step run but this run has "
                 f"{self.spec.total_steps} steps; resume with the same budget and data, or delete it to start over"
             )
-        settings = saved.get("settings")
-        if settings is not None and settings != self._settings():
-            now = self._settings()
+        settings, now = saved.get("settings"), self._settings()
+        if settings is not None and {**dict.fromkeys(now), **settings} != {**dict.fromkeys(settings), **now}:
+            # a setting missing on one side counts as None (checkpoints written before it existed)
             diff = ", ".join(f"{k} {settings.get(k)!r} → {now.get(k)!r}" for k in sorted(set(settings) | set(now))
                              if settings.get(k) != now.get(k))
             raise CheckpointError(
@@ -324,6 +332,7 @@ class Trainer:
         r.best_accuracy, r.best_step, r.history = saved["best_accuracy"], saved["best_step"], list(saved["history"])
         r.images = int(saved.get("images", 0))
         self.last_eval = saved["last_eval"]
+        self.grad_norm_ref = saved.get("grad_norm_ref")
         self.step, self.epoch, self.skip = saved["step"], saved["epoch"], saved["batch"]
         self._set_epoch_state(saved)
         if self.augment is not None and saved.get("augment") is not None:
@@ -374,13 +383,32 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         with training_autocast(self.dev, self.dtype):
             loss = self.objective(self.net, x, y)
+        if not torch.isfinite(loss.detach()):
+            self._diverged(f"the loss became {float(loss):g}")
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.spec.clip_factor is not None:
+            self.scaler.unscale_(self.opt)
+            limit = math.inf if self.grad_norm_ref is None else self.spec.clip_factor * self.grad_norm_ref
+            norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), limit))
+            if math.isfinite(norm) and self.grad_norm_ref is None:
+                self.grad_norm_ref = norm
+            elif not math.isfinite(norm) and not self.scaler.is_enabled():  # fp16's scaler skips such steps itself
+                self._diverged(f"the gradient norm became {norm:g}")
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
         self.result.images += x.shape[0] * self.world
         return loss.detach()
+
+    def _diverged(self, what: str) -> None:
+        """Stop a run whose loss or gradient is no longer finite, before the step that would spread it to every
+        weight: its weights are not a usable model, so nothing may return as if training had finished."""
+        lr = self.sched.get_last_lr()[0]
+        raise DivergedError(
+            f"training diverged at step {self.step + 1}/{self.spec.total_steps}: {what} (learning rate {lr:g}); "
+            "the weights are not usable. Lower the learning rate (lr=), or for recovery try method='kd' or a "
+            "smaller clip_factor")
 
     def _epoch(self, running: torch.Tensor) -> None:
         total, eval_every = self.spec.total_steps, self.spec.eval_every
