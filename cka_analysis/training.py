@@ -384,7 +384,7 @@ class Trainer:
         with training_autocast(self.dev, self.dtype):
             loss = self.objective(self.net, x, y)
         if not torch.isfinite(loss.detach()):
-            self._diverged(f"the loss became {float(loss):g}")
+            self._diverged(f"the loss became {float(loss.detach()):g}")
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.spec.clip_factor is not None:
