@@ -383,18 +383,21 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         with training_autocast(self.dev, self.dtype):
             loss = self.objective(self.net, x, y)
-        if not torch.isfinite(loss.detach()):
-            self._diverged(f"the loss became {float(loss.detach()):g}")
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        finite = torch.isfinite(loss.detach())
         if self.spec.clip_factor is not None:
             self.scaler.unscale_(self.opt)
             limit = math.inf if self.grad_norm_ref is None else self.spec.clip_factor * self.grad_norm_ref
-            norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), limit))
-            if math.isfinite(norm) and self.grad_norm_ref is None:
-                self.grad_norm_ref = norm
-            elif not math.isfinite(norm) and not self.scaler.is_enabled():  # fp16's scaler skips such steps itself
-                self._diverged(f"the gradient norm became {norm:g}")
+            norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), limit)
+            if self.grad_norm_ref is None and math.isfinite(float(norm)):
+                self.grad_norm_ref = float(norm)
+            if not self.scaler.is_enabled():  # fp16's scaler skips steps with non-finite gradients itself
+                finite = finite & torch.isfinite(norm)
+        if not bool(finite):  # one host sync per step, before the step that would spread NaN to every weight
+            value = float(loss.detach())
+            self._diverged(f"the loss became {value:g}" if not math.isfinite(value) else
+                           f"the gradient norm became {float(norm):g}")
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
