@@ -38,3 +38,8 @@ class TargetError(CKAPruneError, ValueError):
 
 class Cancelled(CKAPruneError):
     """Long work was stopped by the user; whatever finished before is kept by the caller."""
+
+
+class DivergedError(CKAPruneError, RuntimeError):
+    """Training's loss (or gradient) became NaN or infinite: the weights are no longer usable. The message names
+    the step and the learning rate and what to change; nothing is returned as if it had worked."""

@@ -91,6 +91,13 @@ class RecoveryConfig:
             the training steps, so that mimicking speeds up the start and plain distillation has the end (with a
             constant weight, block mimicking ended 0.2 points lower after ``standard`` on ResNet-56, one seed
             each: within the noise); or ``"constant"``.
+        clip_factor: every training step's gradient is clipped (global L2 norm) at this multiple of the first
+            step's norm; None: no clipping. Recovery's gradients shrink as the pruned network relearns (on the CIFAR
+            ResNets no later step's norm reached the first's: the clip never acts there, bit for bit), but on a
+            network whose feature points follow unnormalised layers (timm's ConvNeXt: the downsampling convolutions
+            and LayerNorm affines) the feature term's curvature exceeds what SGD at lr 0.01 can follow and the
+            norm grew 120× in 4 steps until the loss was NaN; clipped, it trains. A loss that still becomes NaN or
+            infinite stops recovery with :class:`~cka_analysis.errors.DivergedError`.
         bn_images: images that re-estimate the batch-norm statistics (capped by the budget).
         adaptor_images: images that fit the adaptors (``adaptor`` only; forward passes, counted in the budget).
         amp: ``"auto"`` (bfloat16 autocast on CUDA and on CPUs with native bfloat16 arithmetic, such as Xeons
@@ -115,6 +122,7 @@ class RecoveryConfig:
     feature_weight: float = 10.0
     mimic: str = "blocks"
     feature_schedule: str = "cosine"
+    clip_factor: float | None = 10.0
     bn_images: int = 2048
     adaptor_images: int = 1024
     amp: str = "auto"
@@ -140,6 +148,8 @@ class RecoveryConfig:
         if self.feature_schedule not in FEATURE_SCHEDULES:
             raise ConfigError(f"feature_schedule={self.feature_schedule!r} must be one of "
                               f"{', '.join(FEATURE_SCHEDULES)}")
+        if self.clip_factor is not None and not self.clip_factor > 0:
+            raise ConfigError(f"clip_factor={self.clip_factor} must be positive, or None for no gradient clipping")
         if self.mimic not in MIMIC_POINTS:
             raise ConfigError(f"mimic={self.mimic!r} must be one of {', '.join(MIMIC_POINTS)}")
         if self.feature_weight < 0 or self.kd_temperature <= 0:
@@ -563,7 +573,7 @@ def recover(
         spec = TrainSpec(total_steps=steps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                          warmup_steps=max(1, int(cfg.warmup * steps)), amp=cfg.amp, seed=cfg.seed,
                          eval_every=max(1, steps // eval_points) if eval_points else None,
-                         seed_global=augment is None, keep_best=False)
+                         seed_global=augment is None, keep_best=False, clip_factor=cfg.clip_factor)
         io = _TrainIO(plain, augment, eval_loader, eval_samples, progress, cancel, checkpoint_path, resume)
         _train(model, teacher, cfg, spec, dev, io, result)
     elif eval_loader is not None:

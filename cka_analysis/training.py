@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .device import amp_dtype, resolve_device, use_channels_last
-from .errors import Cancelled, CheckpointError, ConfigError
+from .errors import Cancelled, CheckpointError, ConfigError, DivergedError
 from .progress import CancelToken, ProgressFn, no_progress
 
 __all__ = [
@@ -65,7 +65,10 @@ class TrainSpec:
     run (and restores it afterwards): only for datasets whose own transforms draw random augmentations in this
     process; :class:`BatchAugment` and seeded loaders need no global state. ``keep_best`` ends with the best
     weights seen at an evaluation (when the evaluation data is a validation split); False keeps the last ones and
-    evaluates only to report.
+    evaluates only to report. ``clip_factor`` clips every step's gradient (global L2 norm) at that multiple of the first
+    step's norm: a guard against runaway growth that a run whose gradients shrink as it learns never meets (so it
+    changes nothing there, bit for bit); None: no clipping. Whatever it is set to, a loss or gradient that becomes
+    NaN or infinite stops the run with :class:`~cka_analysis.errors.DivergedError` before that step is taken.
     """
 
     total_steps: int
@@ -80,8 +83,11 @@ class TrainSpec:
     seed: int = 0
     seed_global: bool = False
     keep_best: bool = True
+    clip_factor: float | None = None
 
     def __post_init__(self) -> None:
+        if self.clip_factor is not None and not self.clip_factor > 0:
+            raise ConfigError(f"clip_factor={self.clip_factor} must be positive (or None: no clipping)")
         if self.total_steps < 0:
             raise ConfigError(f"total_steps={self.total_steps} must be ≥ 0")
         if not self.lr > 0:
@@ -356,6 +362,11 @@ class Trainer:
         self.step = self.epoch = self.skip = 0
         self.epoch_state: dict[str, Any] = {}
         self._pending: tuple | None = None
+        #: the first step's gradient norm, which ``spec.clip_factor`` multiplies (saved with a checkpoint)
+        self.grad_norm_ref: float | None = None
+        #: on CUDA, whether every step so far had a finite loss and gradient (a device flag, read at each log
+        #: point instead of after every step, so that the loop never waits for the GPU)
+        self._finite: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _payload(self, in_epoch: int) -> dict[str, Any]:
@@ -365,7 +376,7 @@ class Trainer:
             "total": self.spec.total_steps, "model": _state_copy(self.model), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
             "best_state": self.best_state, "best_accuracy": r.best_accuracy, "best_step": r.best_step,
-            "last_eval": self.last_eval, "history": r.history, "images": r.images,
+            "last_eval": self.last_eval, "history": r.history, "images": r.images, "grad_norm_ref": self.grad_norm_ref,
             "augment": None if self.augment is None else self.augment.state(), "settings": self._settings(),
             **self.epoch_state,
         }
@@ -378,6 +389,7 @@ class Trainer:
         """Write the whole training state atomically (rank 0 only)."""
         if self.ckpt is None or not self.is_main:
             return
+        self._check_finite()  # never checkpoint weights that diverged
         self._flush_log()
         self._last_save = time.perf_counter()
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -400,9 +412,9 @@ class Trainer:
                 f"{self.ckpt} was written for a {saved['total']}-step run but this run has "
                 f"{self.spec.total_steps} steps; resume with the same budget and data, or delete it to start over"
             )
-        settings = saved.get("settings")
-        if settings is not None and settings != self._settings():
-            now = self._settings()
+        settings, now = saved.get("settings"), self._settings()
+        if settings is not None and {**dict.fromkeys(now), **settings} != {**dict.fromkeys(settings), **now}:
+            # a setting missing on one side counts as None (checkpoints written before it existed)
             diff = ", ".join(f"{k} {settings.get(k)!r} → {now.get(k)!r}" for k in sorted(set(settings) | set(now))
                              if settings.get(k) != now.get(k))
             raise CheckpointError(
@@ -421,6 +433,7 @@ class Trainer:
         r.best_accuracy, r.best_step, r.history = saved["best_accuracy"], saved["best_step"], list(saved["history"])
         r.images = int(saved.get("images", 0))
         self.last_eval = saved["last_eval"]
+        self.grad_norm_ref = saved.get("grad_norm_ref")
         self.step, self.epoch, self.skip = saved["step"], saved["epoch"], saved["batch"]
         self._set_epoch_state(saved)
         if self.augment is not None and saved.get("augment") is not None:
@@ -474,11 +487,42 @@ class Trainer:
             loss = self.objective(self.net, x, y)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        finite = torch.isfinite(loss.detach())
+        if self.spec.clip_factor is not None:
+            self.scaler.unscale_(self.opt)
+            limit = math.inf if self.grad_norm_ref is None else self.spec.clip_factor * self.grad_norm_ref
+            norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), limit)
+            if self.grad_norm_ref is None and math.isfinite(float(norm)):
+                self.grad_norm_ref = float(norm)
+            if not self.scaler.is_enabled():  # fp16's scaler skips steps with non-finite gradients itself
+                finite = finite & torch.isfinite(norm)
+        if self.dev.type == "cuda":  # checked at the next log point (_check_finite): no host sync per step
+            self._finite = finite if self._finite is None else self._finite & finite
+        elif not bool(finite):  # on the CPU at once, before the step that would spread NaN to every weight
+            value = float(loss.detach())
+            self._diverged(f"the loss became {value:g}" if not math.isfinite(value) else
+                           f"the gradient norm became {float(norm):g}")
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
         self.result.images += x.shape[0] * self.world
         return loss.detach()
+
+    def _check_finite(self) -> None:
+        """On CUDA: stop (DivergedError) if any step since the last check had a non-finite loss or gradient. The
+        weights may already hold NaN then, but the run never returns them as a trained model."""
+        if self._finite is not None and not bool(self._finite):
+            self._finite = None
+            self._diverged("the loss or the gradient became NaN or infinite in the last 10 steps")
+
+    def _diverged(self, what: str) -> None:
+        """Stop a run whose loss or gradient is no longer finite, before the step that would spread it to every
+        weight: its weights are not a usable model, so nothing may return as if training had finished."""
+        lr = self.sched.get_last_lr()[0]
+        raise DivergedError(
+            f"training diverged at step {self.step + 1}/{self.spec.total_steps}: {what} (learning rate {lr:g}); "
+            "the weights are not usable. Lower the learning rate (lr=), or for recovery try method='kd' or a "
+            "smaller clip_factor")
 
     def _epoch(self, running: torch.Tensor) -> None:
         total, eval_every = self.spec.total_steps, self.spec.eval_every
@@ -531,10 +575,13 @@ class Trainer:
             if event is None:  # on the CPU the value is there already: report it now
                 self._flush_log()
 
-    def _flush_log(self) -> None:
-        """Report the loss logged last (waiting, at most, for the steps since it was logged)."""
+    def _flush_log(self, check: bool = True) -> None:
+        """Report the loss logged last (waiting, at most, for the steps since it was logged); ``check``: first
+        stop a run that diverged since the last check (:meth:`_check_finite`)."""
         if self._pending is None:
             return
+        if check:
+            self._check_finite()
         step, total, images, lr, host, event = self._pending
         self._pending = None
         if event is not None:
@@ -559,6 +606,7 @@ class Trainer:
         try:
             while self.step < self.spec.total_steps:
                 self._epoch(running)
+            self._check_finite()
             if self.spec.total_steps > 0 and self.step > self.last_eval:
                 self.evaluate()
         except Cancelled:
@@ -566,7 +614,7 @@ class Trainer:
             if self.step > self.last_eval:
                 self.evaluate()  # the weights reached before the cancel compete with the best so far
         finally:
-            self._flush_log()
+            self._flush_log(check=False)  # a divergence was raised above; nothing may mask another error here
             self.result.steps = self.step
             self.model.eval()
             if self.best_state is not None:
