@@ -31,6 +31,7 @@ from torch import nn
 
 from cka_analysis.blocks import discover_blocks
 from cka_analysis.choices import CRITERIA, DEFAULT_RECOVERY_METHOD, RECOVERY_METHODS
+from cka_analysis.cka import CKAOptions, cka_matrix
 from cka_analysis.data import calibration_subset, load_dataset, make_loader
 from cka_analysis.export import load_pruned, markdown_table, open_model, save_pruned
 from cka_analysis.metrics import evaluate
@@ -66,6 +67,25 @@ def native_model(folder: Path, manifest: dict[str, Any]) -> nn.Module:
     model = timm.create_model(cfg["model_name"], pretrained=False, **cfg["kwargs"])
     model.load_state_dict(load_file(str(where / "model.safetensors")))
     return model.eval()
+
+
+def heatmap(key: str, base: Path, device: str, samples: int = 1000) -> dict[str, Any]:
+    """The base model's layer × layer CKA heatmap (:func:`cka_analysis.cka.cka_matrix`, the dashboard's and
+    ``cka-prune heatmap``'s computation: the stem, every discovered block's output and the penultimate features) on
+    ``samples`` class-balanced training images, with the CKA of each block's output with the next layer's: the
+    similarity of neighbours that makes a block removable."""
+    source, weights_file, _ = MODELS[key]
+    weights = str(base / weights_file) if weights_file else None
+    model = open_model(source.format(base=base), weights=weights)
+    train = load_dataset(DATA, "train", model.cka_preset)
+    loader = make_loader(calibration_subset(train, samples, seed=0), batch_size=100, num_workers=0)
+    t0 = time.time()
+    m = cka_matrix(model, loader, options=CKAOptions(device=device))
+    seconds = time.time() - t0
+    mat = m.matrix
+    neighbours = {m.names_a[i]: round(float(mat[i, i + 1]), 4) for i in range(len(m.names_a) - 1)}
+    return {"model": key, "samples": samples, "seconds": round(seconds, 2), "layers": m.names_a,
+            "matrix": [[round(float(v), 4) for v in row] for row in mat], "neighbour_cka": neighbours}
 
 
 def run_one(key: str, recovery: str, base: Path, out_root: Path, device: str,
@@ -170,8 +190,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/work/artifacts/your_models"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--table", action="store_true", help="only print the table of the stored rows")
+    parser.add_argument("--heatmap", action="store_true",
+                        help="only compute the base models' CKA heatmaps (stored under 'heatmaps')")
     args = parser.parse_args()
     stored = read_json(RESULT) or {"rows": []}
+    if args.heatmap:
+        for key in args.models.split(","):
+            stored.setdefault("heatmaps", {})[key] = heatmap(key, args.base.resolve(), args.device)
+            log(f"{key}: heatmap of {len(stored['heatmaps'][key]['layers'])} layers in "
+                f"{stored['heatmaps'][key]['seconds']} s")
+            write_json(RESULT, stored)
+        for key, h in stored.get("heatmaps", {}).items():
+            low = sorted(h["neighbour_cka"].items(), key=lambda kv: -kv[1])[:3]
+            print(f"{key}: {len(h['layers'])} layers; most similar neighbours: "
+                  + ", ".join(f"{n} {v:.3f}" for n, v in low))
+        return
     if not args.table:
         for key in args.models.split(","):
             log(f"{key}: {args.recovery}")
