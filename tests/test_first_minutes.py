@@ -42,8 +42,10 @@ from dashboard.estimate import (
     attack_seconds_per_image,
     cka_batch_seconds,
     compare_work,
+    copy_seconds,
     estimate,
     load_rate,
+    load_startup,
     robustness_attack_steps,
     robustness_evaluations,
     seconds_per_image,
@@ -127,6 +129,8 @@ class _ColdStart(torch.utils.data.Dataset):
 def test_the_page_estimates_time_reading_an_image_without_the_loaders_start_up() -> None:
     rate = load_rate(_ColdStart(), "cold-start test data")
     assert 0.002 < rate < 0.0045, rate  # the per-image cost, not (0.3 s + 80 images) / 80 = 6.75 ms
+    startup = load_startup(_ColdStart(), "cold-start test data")
+    assert 0.2 < startup < 0.4, startup  # ... and the start-up, once per action: the 0.3 s first image
 
 
 def test_the_compare_estimate_counts_attack_steps_at_their_own_probed_rate(demo) -> None:
@@ -140,7 +144,9 @@ def test_the_compare_estimate_counts_attack_steps_at_their_own_probed_rate(demo)
     attack = attack_seconds_per_image(demo, "attack-test", "cpu")
     assert attack > forward > 0  # a step is a forward pass and a backward one
     assert work.images * work.attack_steps == 64 * 40
-    assert est.seconds == pytest.approx((forward * work.passes + attack * work.attack_steps) * work.images)
+    copy = copy_seconds(demo, "attack-test")
+    assert work.copies == 1 and copy > 0  # the job's private copy of the model, timed once
+    assert est.seconds == pytest.approx((forward * work.passes + attack * work.attack_steps) * work.images + copy)
 
 
 def test_the_heatmap_estimate_counts_the_gram_arithmetic_of_every_batch(demo) -> None:
@@ -153,9 +159,10 @@ def test_the_heatmap_estimate_counts_the_gram_arithmetic_of_every_batch(demo) ->
     last = cka_batch_seconds(demo, "gram-test", "cpu", 44)
     assert full > last > 0
     forward = seconds_per_image(demo, "gram-test", "cpu")
-    assert est.seconds == pytest.approx(forward * 300 + 2 * full + last)
-    cross = estimate(Work(demo, "gram-test", 300, 2.0, "test", cka_batch=128, cka_models=2), "cpu")
-    assert cross.seconds == pytest.approx(forward * 600 + 2 * (2 * full + last))
+    copy = copy_seconds(demo, "gram-test")
+    assert est.seconds == pytest.approx(forward * 300 + 2 * full + last + copy)
+    cross = estimate(Work(demo, "gram-test", 300, 2.0, "test", cka_batch=128, cka_models=2, copies=2), "cpu")
+    assert cross.seconds == pytest.approx(forward * 600 + 2 * (2 * full + last) + 2 * copy)
 
 
 # ---------------------------------------------------------------------------------------- one latency measurement

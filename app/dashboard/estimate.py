@@ -54,6 +54,8 @@ class Work:
     ``attack_steps`` per image are adversarial gradient steps (:func:`attack_seconds_per_image`), on top of the
     passes. ``cka_batch`` > 0 adds a CKA heatmap's Gram arithmetic of every layer over batches of that size with
     ``cka_kernel``/``cka_debiased`` (:func:`cka_batch_seconds`), ``cka_models`` times (two networks: 2).
+    ``copies`` is how many private copies of the model the job makes (one per model it runs; each copy is timed,
+    :func:`copy_seconds`).
     ``what`` says it in words for the user ("500 calibration images, one forward pass each"). ``data`` (with
     ``data_key``, what identifies it) is the dataset the work reads its ``images`` from once each: reading and
     decoding them is timed too (:func:`load_rate`), which the forward-pass probe does not see (ResNet-56's
@@ -72,6 +74,7 @@ class Work:
     cka_kernel: str = "linear"
     cka_debiased: bool = True
     cka_models: int = 1
+    copies: int = 1
 
     def __post_init__(self) -> None:
         if self.images < 1 or self.passes <= 0 or self.attack_steps < 0 or self.cka_batch < 0:
@@ -102,6 +105,7 @@ def seconds_per_image(model: nn.Module, model_key: str, device: str) -> float:
 
 
 _loads: dict[str, float] = {}
+_startups: dict[str, float] = {}
 LOAD_PROBE_IMAGES = (16, 80)
 
 
@@ -123,7 +127,37 @@ def load_rate(data: Any, data_key: str) -> float:
         rate = t_large / max(1, min(large, n))
     with _lock:
         _loads[data_key] = rate
+        _startups[data_key] = max(0.0, t_small - rate * min(small, n))
     return rate
+
+
+
+def load_startup(data: Any, data_key: str) -> float:
+    """The loader's start-up, paid once per action that reads ``data``: what the smaller of :func:`load_rate`'s
+    two probes took beyond its images at the per-image rate (probed with it, once per dataset)."""
+    load_rate(data, data_key)
+    with _lock:
+        return _startups.get(data_key, 0.0)
+
+
+_copies: dict[str, float] = {}
+
+
+def copy_seconds(model: nn.Module, model_key: str) -> float:
+    """Measured seconds of the private copy every dashboard job makes of its model before it starts
+    (:func:`~dashboard.compute.private_copy`, a deep copy); timed once per process and model. A fixed cost per
+    action that the per-image probes do not see: on the digits demo it is a quarter of a 20 ms evaluation."""
+    with _lock:
+        if model_key in _copies:
+            return _copies[model_key]
+    from .compute import private_copy
+
+    start = time.perf_counter()
+    private_copy(model)
+    seconds = time.perf_counter() - start
+    with _lock:
+        _copies[model_key] = seconds
+    return seconds
 
 
 _attacks: dict[tuple[str, str], float] = {}
@@ -213,11 +247,15 @@ def cka_batch_seconds(model: nn.Module, model_key: str, device: str, batch: int,
 def estimate(work: Work, device: str) -> Estimate:
     """The estimate of ``work`` on ``device``: the forward passes at the probed rate (a measured probe the first
     time for this model and device), its attack steps at theirs, a heatmap's Gram arithmetic per batch, plus
-    reading its images once when ``work.data`` is given."""
+    reading its images once (and the loader's start-up) when ``work.data`` is given, plus the job's private
+    copies of the model."""
     per_image = seconds_per_image(work.model, work.model_key, device)
     load = load_rate(work.data, work.data_key) if work.data is not None else 0.0
     attack = attack_seconds_per_image(work.model, work.model_key, device) if work.attack_steps else 0.0
     seconds = (per_image * work.passes + attack * work.attack_steps + load) * work.images
+    seconds += work.copies * copy_seconds(work.model, work.model_key)
+    if work.data is not None:
+        seconds += load_startup(work.data, work.data_key)
     if work.cka_batch:
         batches = math.ceil(work.images / work.cka_batch)
         full, last = divmod(work.images, work.cka_batch)
@@ -306,4 +344,4 @@ def compare_work(models: Sequence[tuple[str, nn.Module]], *, kinds: Sequence[str
             + (f" and {', '.join(kinds)} on {samples} test images" if kinds else ""))
     per_model = latency_images(batch, repeats) + (samples if kinds else 0)
     return Work(model=model, model_key=key, images=images, passes=evaluations / per_model,
-                what=what, attack_steps=steps / per_model)
+                what=what, attack_steps=steps / per_model, copies=len(models) if kinds else 0)

@@ -72,7 +72,8 @@ else:
         button="Compare original and pruned", auto=state.small_work(a, 2 * n),
         work=Work(a.model, a.model_key, n, CROSS_HEATMAP_PASSES,
                   f"{n:,} calibration images through both networks", data=a.calib, data_key=a.data_key,
-                  cka_batch=state.CALIB_BATCH, cka_kernel=kernel, cka_debiased=bool(debiased), cka_models=2),
+                  cka_batch=state.CALIB_BATCH, cka_kernel=kernel, cka_debiased=bool(debiased), cka_models=2,
+                  copies=2),
     )
     if cross is not None:
         plotly(cka_heatmap(cross["matrix"], cross["names_b"], cross["names_a"], size=int(size),
