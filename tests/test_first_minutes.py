@@ -33,6 +33,7 @@ from cka_analysis.workflow import (
     estimate_run,
     eval_subset,
     further_recovery,
+    load_probe,
     run_prune,
 )
 
@@ -131,6 +132,8 @@ def test_the_page_estimates_time_reading_an_image_without_the_loaders_start_up()
     assert 0.002 < rate < 0.0045, rate  # the per-image cost, not (0.3 s + 80 images) / 80 = 6.75 ms
     startup = load_startup(_ColdStart(), "cold-start test data")
     assert 0.2 < startup < 0.4, startup  # ... and the start-up, once per action: the 0.3 s first image
+    rate, startup = load_probe(_ColdStart())  # what a run's estimate (estimate_run) counts per image drawn
+    assert 0.002 < rate < 0.0045 and 0.2 < startup < 0.4, (rate, startup)
 
 
 def test_the_compare_estimate_counts_attack_steps_at_their_own_probed_rate(demo) -> None:

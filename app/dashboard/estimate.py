@@ -35,7 +35,7 @@ from cka_analysis.capture import ActivationCapture
 from cka_analysis.cka import MinibatchCKA
 from cka_analysis.device import describe_device, resolve_device
 from cka_analysis.metrics import TRAIN_STEP_PASSES, Estimate, count_macs, format_duration
-from cka_analysis.workflow import PROBE_BATCH, PROBE_MACS, forward_seconds_per_image, load_seconds_per_image
+from cka_analysis.workflow import PROBE_BATCH, PROBE_MACS, forward_seconds_per_image, load_probe
 
 LONG_SECONDS = 10.0  # actions expected to take longer than this show the estimate before they start
 SLOW_SECONDS = 60.0  # ... and a warning with the sizes to lower above this
@@ -106,28 +106,21 @@ def seconds_per_image(model: nn.Module, model_key: str, device: str) -> float:
 
 _loads: dict[str, float] = {}
 _startups: dict[str, float] = {}
-LOAD_PROBE_IMAGES = (16, 80)
 
 
 def load_rate(data: Any, data_key: str) -> float:
     """Measured seconds to read and transform one image of ``data`` (the library's
-    :func:`~cka_analysis.workflow.load_seconds_per_image`, as a run's estimate uses); probed once per process
+    :func:`~cka_analysis.workflow.load_probe`, as a run's estimate uses); probed once per process
     and dataset (``data_key``). The slope between two probe sizes: the loader's own start-up is paid once per
     action, not per image (one 32-image probe of CIFAR-10's JPEG test split said 2.5 ms an image, which made
     ResNet-56's accuracy on 10,000 images an estimated 50 s for 31 s)."""
     with _lock:
         if data_key in _loads:
             return _loads[data_key]
-    small, large = LOAD_PROBE_IMAGES
-    t_small = load_seconds_per_image(data, small) * small
-    t_large = load_seconds_per_image(data, large) * large
-    n = len(data)
-    rate = (t_large - t_small) / (large - small) if n > large else t_large / max(1, min(large, n))
-    if rate <= 0:
-        rate = t_large / max(1, min(large, n))
+    rate, startup = load_probe(data)
     with _lock:
         _loads[data_key] = rate
-        _startups[data_key] = max(0.0, t_small - rate * min(small, n))
+        _startups[data_key] = startup
     return rate
 
 
