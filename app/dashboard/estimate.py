@@ -56,6 +56,8 @@ class Work:
     ``cka_kernel``/``cka_debiased`` (:func:`cka_batch_seconds`), ``cka_models`` times (two networks: 2).
     ``copies`` is how many private copies of the model the job makes (one per model it runs; each copy is timed,
     :func:`copy_seconds`).
+    ``suffixes_of`` names blocks after each of which a removal score runs the rest of the network again
+    (``suffix_runs`` times: once per criterion), timed per block (:func:`suffix_passes`).
     ``what`` says it in words for the user ("500 calibration images, one forward pass each"). ``data`` (with
     ``data_key``, what identifies it) is the dataset the work reads its ``images`` from once each: reading and
     decoding them is timed too (:func:`load_rate`), which the forward-pass probe does not see (ResNet-56's
@@ -75,6 +77,8 @@ class Work:
     cka_debiased: bool = True
     cka_models: int = 1
     copies: int = 1
+    suffixes_of: tuple[str, ...] = ()
+    suffix_runs: int = 1
 
     def __post_init__(self) -> None:
         if self.images < 1 or self.passes <= 0 or self.attack_steps < 0 or self.cka_batch < 0:
@@ -237,6 +241,58 @@ def cka_batch_seconds(model: nn.Module, model_key: str, device: str, batch: int,
     return seconds
 
 
+_suffixes: dict[tuple[str, str, tuple[str, ...]], float] = {}
+
+
+def suffix_passes(model: nn.Module, model_key: str, device: str, blocks: Sequence[str]) -> float:
+    """Forward passes of the whole network that running the rest of it after each of ``blocks`` adds up to (the
+    removal scores' suffixes, :mod:`cka_analysis.scoring`'s ``prefix`` strategy), from one timed forward pass of
+    the probe's batch with every block's end marked by a hook; probed once per process, model and device.
+
+    Counted in time, not MACs: on a CPU the late stages of a CNN run faster per MAC (ResNet-56's three stages, about
+    equal in MACs, took 149, 72 and 49 ms at batch 128), and the suffixes are mostly late stages: 10.6 passes in
+    time where the MACs say 14. A block that is not found adds half a pass.
+    """
+    key = (model_key, str(device), tuple(blocks))
+    with _lock:
+        if key in _suffixes:
+            return _suffixes[key]
+    from .compute import private_copy
+
+    dev = resolve_device(device)
+    net = private_copy(model).to(dev).eval()
+    ends: dict[str, float] = {}
+    modules = dict(net.named_modules())
+
+    def mark(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            ends[name] = time.perf_counter()
+        return hook
+
+    handles = [modules[b].register_forward_hook(mark(b)) for b in blocks if b in modules]
+    x = torch.rand((_probe_batch(model), *net.cka_preset.input_size), generator=torch.Generator().manual_seed(0))
+    x = x.to(dev)
+    try:
+        with torch.inference_mode():
+            net(x)  # warm-up
+            ends.clear()
+            start = time.perf_counter()
+            net(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            end = time.perf_counter()
+    finally:
+        for h in handles:
+            h.remove()
+    total = max(end - start, 1e-12)
+    passes = sum((end - ends[b]) / total if b in ends else 0.5 for b in blocks)
+    with _lock:
+        _suffixes[key] = passes
+    return passes
+
+
 def estimate(work: Work, device: str) -> Estimate:
     """The estimate of ``work`` on ``device``: the forward passes at the probed rate (a measured probe the first
     time for this model and device), its attack steps at theirs, a heatmap's Gram arithmetic per batch, plus
@@ -247,6 +303,9 @@ def estimate(work: Work, device: str) -> Estimate:
     attack = attack_seconds_per_image(work.model, work.model_key, device) if work.attack_steps else 0.0
     seconds = (per_image * work.passes + attack * work.attack_steps + load) * work.images
     seconds += work.copies * copy_seconds(work.model, work.model_key)
+    if work.suffixes_of:
+        seconds += (per_image * work.images * work.suffix_runs
+                    * suffix_passes(work.model, work.model_key, device, work.suffixes_of))
     if work.data is not None:
         seconds += load_startup(work.data, work.data_key)
     if work.cka_batch:
