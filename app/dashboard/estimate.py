@@ -14,7 +14,9 @@ themselves, once per model and device, rather than counted in passes: an attack 
 gradient with respect to the input only, no weight gradients: about two passes on the digits demo, 1.6 on
 ResNet-56, :func:`attack_seconds_per_image`), and a CKA heatmap's Gram matrices and pair products of every layer
 (float64, quadratic in the batch; on ResNet-56 over 256 images 1.1 s beside 0.6 s of forward passes,
-:func:`cka_batch_seconds`), timed by the library's own accumulator on features of the model's real shapes.
+:func:`cka_batch_seconds`), timed by the library's own accumulator on features of the model's real shapes; and
+the removal scores' rest of the network after each candidate, timed per block (:func:`suffix_passes`). Fixed costs
+per action are timed too: the job's private copy of the model and the loader's start-up.
 """
 
 from __future__ import annotations
