@@ -33,11 +33,25 @@ from cka_analysis.workflow import (
     estimate_run,
     eval_subset,
     further_recovery,
+    load_probe,
     run_prune,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
-from dashboard.estimate import load_rate
+from dashboard.estimate import (
+    Work,
+    attack_seconds_per_image,
+    cka_batch_seconds,
+    compare_work,
+    copy_seconds,
+    estimate,
+    load_rate,
+    load_startup,
+    robustness_attack_steps,
+    robustness_evaluations,
+    seconds_per_image,
+    suffix_passes,
+)
 
 DEMO = {"model": "digits_resnet", "weights": "demo", "data": "digits", "device": "cpu", "latency": False}
 APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
@@ -117,6 +131,59 @@ class _ColdStart(torch.utils.data.Dataset):
 def test_the_page_estimates_time_reading_an_image_without_the_loaders_start_up() -> None:
     rate = load_rate(_ColdStart(), "cold-start test data")
     assert 0.002 < rate < 0.0045, rate  # the per-image cost, not (0.3 s + 80 images) / 80 = 6.75 ms
+    startup = load_startup(_ColdStart(), "cold-start test data")
+    assert 0.2 < startup < 0.4, startup  # ... and the start-up, once per action: the 0.3 s first image
+    rate, startup = load_probe(_ColdStart())  # what a run's estimate (estimate_run) counts per image drawn
+    assert 0.002 < rate < 0.0045 and 0.2 < startup < 0.4, (rate, startup)
+
+
+def test_the_compare_estimate_counts_attack_steps_at_their_own_probed_rate(demo) -> None:
+    """FGSM/PGD steps are a forward pass and an input gradient (no weight gradients): probed, not counted as
+    training steps (which made the Compare estimate 1.5x too long on the demo and on ResNet-56)."""
+    assert robustness_attack_steps(("fgsm", "pgd"), 4, 10) == 44 and robustness_attack_steps(("corruptions",), 4) == 0
+    assert robustness_evaluations(("fgsm", "pgd", "corruptions"), 4) == 1 + 4 + 4 + 40
+    work = compare_work([("attack-test", demo)], kinds=("pgd",), n_eps=4, samples=64, batch=8, repeats=1)
+    est = estimate(work, "cpu")
+    forward = seconds_per_image(demo, "attack-test", "cpu")
+    attack = attack_seconds_per_image(demo, "attack-test", "cpu")
+    assert attack > forward > 0  # a step is a forward pass and a backward one
+    assert work.images * work.attack_steps == 64 * 40
+    copy = copy_seconds(demo, "attack-test")
+    assert work.copies == 1 and copy > 0  # the job's private copy of the model, timed once
+    assert est.seconds == pytest.approx((forward * work.passes + attack * work.attack_steps) * work.images + copy)
+
+
+def test_the_heatmap_estimate_counts_the_gram_arithmetic_of_every_batch(demo) -> None:
+    """A heatmap's Gram matrices and pair products (float64, quadratic in the batch) are timed on the model's
+    real layer shapes per batch, besides the forward passes: 300 images at batch 128 are two full batches and
+    one of 44."""
+    work = Work(demo, "gram-test", 300, 1.0, "test", cka_batch=128)
+    est = estimate(work, "cpu")
+    full = cka_batch_seconds(demo, "gram-test", "cpu", 128)
+    last = cka_batch_seconds(demo, "gram-test", "cpu", 44)
+    assert full > last > 0
+    forward = seconds_per_image(demo, "gram-test", "cpu")
+    copy = copy_seconds(demo, "gram-test")
+    assert est.seconds == pytest.approx(forward * 300 + 2 * full + last + copy)
+    cross = estimate(Work(demo, "gram-test", 300, 2.0, "test", cka_batch=128, cka_models=2, copies=2), "cpu")
+    assert cross.seconds == pytest.approx(forward * 600 + 2 * (2 * full + last) + 2 * copy)
+
+
+def test_the_scores_estimate_times_the_network_after_each_candidate(demo) -> None:
+    """A removal score runs the network after its candidate again: timed per block (late stages of a CNN run faster
+    per MAC than the early ones, so half a network per candidate overestimated ResNet-56's scores by 1.5x)."""
+    from cka_analysis.blocks import find_blocks
+
+    blocks = tuple(b.name for b in find_blocks(demo) if b.removable)
+    first = suffix_passes(demo, "suffix-test", "cpu", blocks[:1])
+    last = suffix_passes(demo, "suffix-test", "cpu", blocks[-1:])
+    assert 0 < last < first < 1  # the rest of the network after a block: less after a later one
+    every = suffix_passes(demo, "suffix-test", "cpu", blocks)
+    assert 0 < every < len(blocks)
+    work = Work(demo, "suffix-test", 100, 1.0, "test", suffixes_of=blocks, suffix_runs=2)
+    forward = seconds_per_image(demo, "suffix-test", "cpu")
+    copy = copy_seconds(demo, "suffix-test")
+    assert estimate(work, "cpu").seconds == pytest.approx(forward * 100 * (1 + 2 * every) + copy)
 
 
 # ---------------------------------------------------------------------------------------- one latency measurement

@@ -40,7 +40,8 @@ res = job_result(
     button="Compute the heatmap", auto=state.small_work(a, n),
     work=Work(a.model, a.model_key, n, HEATMAP_PASSES,
               f"{n:,} calibration images (one forward pass each, then the CKA of every pair of layers)",
-              data=a.calib, data_key=a.data_key),
+              data=a.calib, data_key=a.data_key, cka_batch=state.CALIB_BATCH, cka_kernel=kernel,
+              cka_debiased=bool(debiased)),
     more="Fewer calibration images (the Model & data page) are faster; the heatmap's noise grows as 1/√N.",
 )
 if res is not None:
@@ -70,7 +71,9 @@ else:
                                    dev, _model=a.model, _pruned=run["model"], _loader=state.calib_loader(a)),
         button="Compare original and pruned", auto=state.small_work(a, 2 * n),
         work=Work(a.model, a.model_key, n, CROSS_HEATMAP_PASSES,
-                  f"{n:,} calibration images through both networks"),
+                  f"{n:,} calibration images through both networks", data=a.calib, data_key=a.data_key,
+                  cka_batch=state.CALIB_BATCH, cka_kernel=kernel, cka_debiased=bool(debiased), cka_models=2,
+                  copies=2),
     )
     if cross is not None:
         plotly(cka_heatmap(cross["matrix"], cross["names_b"], cross["names_a"], size=int(size),

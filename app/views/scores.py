@@ -41,9 +41,9 @@ res = job_result(
     lambda: compute.cached_job(compute.scores, a.model_key, a.data_key, criterion, deb, dev,
                                _model=a.model, _loader=state.calib_loader(a)),
     button="Compute the scores", auto=state.small_work(a, n * len(a.removable)),
-    work=Work(a.model, a.model_key, n, 1 + len(a.removable) / 2,
+    work=Work(a.model, a.model_key, n, 1.0,
               f"{n} calibration images: the shared prefix once, the rest after each of {len(a.removable)} blocks",
-              data=a.calib, data_key=a.data_key),
+              data=a.calib, data_key=a.data_key, suffixes_of=tuple(a.removable)),
     more="Fewer calibration images (Model & data page) are faster.",
 )
 if res is not None:
@@ -81,8 +81,8 @@ else:
             a.model_key, a.data_key, chosen, bool(debiased), dev, model=a.model, loader=state.calib_loader(a),
             progress=progress, cancel=cancel),
         button="Compare the criteria",
-        work=Work(a.model, a.model_key, n, len(chosen) * (1 + len(a.removable) / 2),
-                  f"{n} calibration images under {len(chosen)} criteria"),
+        work=Work(a.model, a.model_key, n, len(chosen), f"{n} calibration images under {len(chosen)} criteria",
+                  suffixes_of=tuple(a.removable), suffix_runs=len(chosen)),
         more="Fewer criteria or fewer calibration images are faster.",
     )
     if many is not None:
