@@ -144,7 +144,8 @@ def run_one(key: str, recovery: str, base: Path, out_root: Path, device: str,
         "native_max_logit_diff": diff,
         "base_macs": record.base.macs, "pruned_macs": record.final.macs,
         "macs_reduction": record.macs_reduction, "params_reduction": record.params_reduction,
-        "latency_ms": record.latency_ms, "prune_seconds": round(record.seconds, 1),
+        "latency_ms": None if record.latency_ms is None else record.latency_ms.to_dict(),
+        "prune_seconds": round(record.seconds, 1),
         "images_seen": record.images_seen,
     }
     return row
