@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -181,3 +182,18 @@ def save_row(path: Path, row: dict[str, Any]) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)
+
+
+def rows_to_run(todo: list[dict[str, Any]], finished: Callable[[], set[str]], claim: Callable[[str], bool],
+                until: float | None = None, budget: int | None = None) -> Iterator[dict[str, Any]]:
+    """The rows of ``todo`` this process runs now, in order: rows already finished (``finished()`` is read again
+    before each row: other processes finish rows too) or claimed by another process (``claim(id)`` False) are
+    skipped; no new row starts after the UNIX time ``until``; with ``budget`` every row spends that many training
+    images instead of its own (a quick end-to-end check of a benchmark)."""
+    for spec in todo:
+        if until is not None and time.time() > until:
+            log("--until reached: no new rows")
+            return
+        if spec["id"] in finished() or not claim(spec["id"]):
+            continue
+        yield spec if budget is None else {**spec, "recovery": str(budget)}

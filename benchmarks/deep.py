@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from benchmarks import common
-from benchmarks.common import CACHE_DIR, env_info, load_rows, log, results_dir
+from benchmarks.common import CACHE_DIR, env_info, load_rows, log, results_dir, rows_to_run
 from benchmarks.recovery import DATA, _claim, _progress
 
 ARCH = "cifar_resnet56"
@@ -93,6 +93,11 @@ def _path() -> Path:
 
 def load_results() -> dict[str, Any]:
     return load_rows(_path())
+
+
+def finished_ids() -> set[str]:
+    """The ids of the rows already in the results file."""
+    return {r["id"] for r in load_results()["rows"]}
 
 
 def save_row(row: dict[str, Any]) -> None:
@@ -206,14 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             print(("done  " if r["id"] in done else "todo  ") + r["id"])
         return 0
     if not args.write:
-        for spec in todo:
-            if args.until is not None and time.time() > args.until:
-                log("--until reached: no new rows")
-                break
-            if spec["id"] in {r["id"] for r in load_results()["rows"]} or not _claim("deep-" + spec["id"]):
-                continue
-            if args.budget is not None:
-                spec = {**spec, "recovery": str(args.budget)}
+        for spec in rows_to_run(todo, finished_ids, lambda i: _claim("deep-" + i), args.until, args.budget):
             log(f"row {spec['id']}")
             row = run_row(spec, args.device, args.checkpoints)
             row["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks import common
-from benchmarks.common import env_info, load_rows, log, results_dir
+from benchmarks.common import env_info, load_rows, log, results_dir, rows_to_run
 from cka_analysis.data import VALIDATION_IMAGES
 
 DATA = "imagefolder:{root}/cifar10-jpeg"
@@ -191,6 +191,11 @@ def _path() -> Path:
 
 def load_results() -> dict[str, Any]:
     return load_rows(_path())
+
+
+def finished_ids() -> set[str]:
+    """The ids of the rows already in the results file."""
+    return {r["id"] for r in load_results()["rows"]}
 
 
 def save_row(row: dict[str, Any]) -> None:
@@ -375,14 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             print(("done  " if r["id"] in done else "todo  ") + r["id"])
         return 0
     if not args.write:
-        for spec in todo:
-            if args.until is not None and time.time() > args.until:
-                log("--until reached: no new rows")
-                break
-            if spec["id"] in {r["id"] for r in load_results()["rows"]} or not _claim(spec["id"]):
-                continue  # finished, or being run by another process of this benchmark
-            if args.budget is not None:
-                spec = {**spec, "recovery": str(args.budget)}
+        for spec in rows_to_run(todo, finished_ids, _claim, args.until, args.budget):
             log(f"row {spec['id']}")
             if spec["id"].startswith(("methods-", "recipe-", "tune-")):
                 row = run_method_row(spec, args.device)

@@ -72,3 +72,25 @@ def test_a_validation_row_runs_end_to_end(shared_data, monkeypatch: pytest.Monke
     assert row["code_path"] == "run_prune" and row["validation_images"] == 5_000
     assert row["images_seen"] == 2_048 and row["val_acc"] > row["val_acc_removed"]
     assert 0.5 < row["macs_reduction"] < 0.55
+
+
+def test_rows_to_run_skips_finished_and_claimed_rows_and_stops_at_until() -> None:
+    """The row loop both benchmarks share: finished rows are re-read before each row (another process may have
+    finished one meanwhile), rows another process claimed are skipped, --budget replaces each row's recovery,
+    and no row starts after --until."""
+    import time
+
+    from benchmarks.common import rows_to_run
+
+    todo = [{"id": i, "recovery": "standard"} for i in "abcd"]
+    done: set[str] = {"a"}
+
+    def finished() -> set[str]:
+        return set(done)
+
+    ran = []
+    for spec in rows_to_run(todo, finished, lambda i: i != "c", budget=500):
+        ran.append(spec)
+        done.add("d")  # another process finishes d while this one runs b
+    assert [s["id"] for s in ran] == ["b"] and ran[0]["recovery"] == "500"
+    assert list(rows_to_run(todo, lambda: set(), lambda i: True, until=time.time() - 1)) == []
