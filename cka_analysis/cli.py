@@ -962,8 +962,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     bar = StderrProgress(enabled=not args.quiet and main_rank)
+    finished = False
     try:
-        return COMMANDS[args.command](args, bar)
+        status = COMMANDS[args.command](args, bar)
+        finished = True
+        return status
     except CKAPruneError as exc:
         bar.newline()
         if args.debug:
@@ -993,4 +996,4 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(run with --debug for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
     finally:
-        dist_utils.shutdown()
+        dist_utils.shutdown(synchronise=finished)

@@ -8,7 +8,9 @@ saves. Without torchrun every function here is a no-op, so single-process code p
 
 from __future__ import annotations
 
+import contextlib
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -71,9 +73,17 @@ def init_from_env(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(synchronise: bool = False) -> None:
+    """End the process group (a no-op outside torchrun). ``synchronise``: on Gloo, wait (at most a minute) until
+    every rank got here first. A rank that tears Gloo down while a peer is still exiting can abort in Gloo's native
+    threads ("terminate called without an active exception", exit code -6) although its work is done; only on the
+    success path, so that a rank that failed never waits for the others."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronise and dist.get_backend() == "gloo":
+        with contextlib.suppress(RuntimeError):  # a peer is gone or failed: nothing left to wait for
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+    dist.destroy_process_group()
 
 
 def barrier() -> None:
