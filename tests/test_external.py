@@ -194,7 +194,7 @@ _NATIVE_CHECK = textwrap.dedent("""
     import torch
     from transformers import AutoModelForImageClassification
     model = AutoModelForImageClassification.from_pretrained(sys.argv[1]).eval()
-    x = torch.load(sys.argv[2])
+    x = torch.load(sys.argv[2], weights_only=True)
     with torch.no_grad():
         torch.save(model(pixel_values=x).logits, sys.argv[3])
 """)
@@ -222,7 +222,7 @@ def test_hf_pruned_reloads_with_from_pretrained_without_this_project(kind: str, 
     assert r.returncode == 0, r.stderr[-2000:]
     with torch.no_grad():
         want = load_pruned(folder)(x)
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt", weights_only=True), want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name,kwargs,depth_key,depth", [
