@@ -268,12 +268,10 @@ class RecoveryResult:
         return self.config.method
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config.to_dict(), "method": self.method, "images_seen": self.images_seen,
-            "bn_images": self.bn_images, "adaptor_images": self.adaptor_images, "steps": self.steps,
-            "seconds": self.seconds, "accuracy": self.accuracy, "history": self.history,
-            "adaptors": self.adaptors, "cancelled": self.cancelled, "amp": self.amp,
-        }
+        """The JSON of its model-free part, :class:`~cka_analysis.records.RecoveryRecord` (one format for both)."""
+        from .records import RecoveryRecord  # records imports this module
+
+        return RecoveryRecord.from_result(self).to_dict()
 
 
 # ------------------------------------------------------------------------------------------------ data helpers
