@@ -59,7 +59,6 @@ __all__ = [
     "RunEstimate",
     "check_feasible",
     "estimate_further",
-    "estimate_request_recovery",
     "estimate_run",
     "eval_subset",
     "fit_recovery",
@@ -593,16 +592,6 @@ def recovery_stand_in(request: PruneRequest, model: nn.Module) -> nn.Module:
     chosen = plan(blocks, uniform, request.target, base_macs=count_macs(model, model.cka_preset.input_size),
                   base_params=count_params(model)).blocks
     return remove_blocks(model, chosen)
-
-
-def estimate_request_recovery(request: PruneRequest, model: nn.Module) -> dict[str, Any]:
-    """What ``request``'s recovery will cost on its device and what the same recipe and budget left on the
-    reference benchmark (:func:`~cka_analysis.recovery.estimate_recovery`), for the unpruned ``model``: timed on
-    :func:`recovery_stand_in`, distilling from ``model``."""
-    from .recovery import estimate_recovery
-
-    return estimate_recovery(request.recovery, recovery_stand_in(request, model), model, device=request.device,
-                             macs_reduction=request.macs_target)
 
 
 def fit_recovery(request: PruneRequest, train: Dataset | int) -> PruneRequest:
