@@ -8,9 +8,10 @@ from its recovery checkpoint (``--checkpoints``).
 
 Two stages:
 
-* ``plan`` — the plan for the recovered network (``cka_capacity``) against ``cka`` and ``block_influence`` at
-  ``standard``, measured on the **validation split** (5,000 training images held out of calibration and
-  recovery, ``eval_split="validation"``); then the test-split row of the plan (the test split only reports).
+* ``plan`` — the plan for the recovered network (``cka_capacity``) against ``cka``, ``block_influence`` and random
+  blocks (3 seeds, at −75 %) at ``standard``, measured on the **validation split** (5,000 training images held
+  out of calibration and recovery, ``eval_split="validation"``); then the test-split row of the plan (the test
+  split only reports).
 * ``long-recipe`` — ``long``'s batch size and learning rate (``LONG_RECIPES``) on the validation split at −75 %.
 * ``long`` — the rows of the issue's point 4: at −52.6 % (``macs:50%``) and −75.2 % (``macs:75%``) after
   ``long`` (2,500,000 images): CKA one-shot and iterative, ``cka_capacity``, block influence, random (3 seeds),
@@ -73,6 +74,8 @@ PLAN_ROWS = [
     _row("block_influence", "macs75", "standard", "validation"),
     _row("cka_capacity", "macs50", "standard", "validation"),
     _row("cka", "macs50", "standard", "validation"),
+    *[_row("random", "macs75", "standard", "validation", seed=s) for s in (0, 1, 2)],
+    _row("block_influence", "macs50", "standard", "validation"),
 ]
 #: The rows of the issue's point 4 (after ``long``, all 10,000 test images); GPU work.
 LONG_ROWS = [

@@ -100,8 +100,11 @@ def data_path(data: Any, preset: Any, batch_size: int, device: str, batches: int
 
 
 def floor(student: torch.nn.Module, teacher: torch.nn.Module, steps: int, batch_size: int,
-          device: str) -> dict[str, Any]:
-    """Images/s of teacher forward + student forward/backward + update on one batch already on the device."""
+          device: str, compile_mode: str | None = None) -> dict[str, Any]:
+    """Images/s of teacher forward + student forward/backward + update on one batch already on the device.
+
+    ``compile_mode``: run both networks through ``torch.compile`` with this mode (``"default"``, or
+    ``"reduce-overhead"`` for CUDA graphs); ``warmup_seconds`` then holds the compilation."""
     from cka_analysis.device import resolve_device, synchronize
     from cka_analysis.recovery import RecoveryConfig
     from cka_analysis.training import (
@@ -122,20 +125,24 @@ def floor(student: torch.nn.Module, teacher: torch.nn.Module, steps: int, batch_
         x = x.contiguous(memory_format=torch.channels_last)
     dtype = training_dtype(cfg.amp, dev)
     opt = torch.optim.SGD(s.parameters(), lr=1e-4, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    s_run, t_run = (s, t) if compile_mode is None else (torch.compile(s, mode=compile_mode),
+                                                        torch.compile(t, mode=compile_mode))
 
     def step() -> None:
         with training_autocast(dev, dtype):
             with torch.no_grad():
-                t_logits = t(x)
-            logits = s(x)
+                t_logits = t_run(x)
+            logits = s_run(x)
             loss = 0.5 * F.cross_entropy(logits.float(), y) + 0.5 * distillation_loss(logits, t_logits, 4.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    warm = time.perf_counter()
     for _ in range(3):
         step()
     synchronize(dev)
+    warmup_seconds = time.perf_counter() - warm
     windows = []
     start = t0 = time.perf_counter()
     for i in range(1, steps + 1):
@@ -147,7 +154,14 @@ def floor(student: torch.nn.Module, teacher: torch.nn.Module, steps: int, batch_
             t0 = now
     synchronize(dev)
     return {"images_per_s": steps * batch_size / (time.perf_counter() - start),
-            "best_window": max(windows) if windows else None, "steps_timed": steps}
+            "best_window": max(windows) if windows else None, "steps_timed": steps,
+            "warmup_seconds": warmup_seconds}
+
+
+def compile_modes(dev: torch.device) -> list[str]:
+    """The ``torch.compile`` modes worth timing on ``dev``: graph fusion everywhere, CUDA graphs on CUDA (ResNet-56's
+    small kernels leave a GPU waiting on their launches)."""
+    return ["default", "reduce-overhead"] if dev.type == "cuda" else ["default"]
 
 
 def report_lines() -> list[str]:
@@ -163,8 +177,9 @@ def report_lines() -> list[str]:
              "over the timed steps and the best 10-step window (the machine may be shared: load average at start "
              "in the last column).\n",
              "| device | threads | MACs removed | batch | real images/s | floor images/s | ratio | best windows: real "
-             "/ floor (ratio) | data + augmentation, ms/batch: DataLoader → TensorBatches | precision | load |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
+             "/ floor (ratio) | data + augmentation, ms/batch: DataLoader → TensorBatches | floor through torch.compile: "
+             "images/s (× eager, seconds to compile) | precision | load |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['device']} | {r['threads']} | {100 * r['macs_reduction']:.1f} % | {r['batch_size']} | "
                      f"{r['real_images_per_s']:.0f} | {r['floor_images_per_s']:.0f} | {r['ratio']:.2f} | "
@@ -172,6 +187,8 @@ def report_lines() -> list[str]:
                      + (f"{r['data_path_ms_per_batch']['loader_ms']:.1f} → "
                         f"{r['data_path_ms_per_batch']['tensor_batches_ms']:.1f} | "
                         if r.get("data_path_ms_per_batch") else "– | ") +
+                     ("; ".join(f"{m}: {c['images_per_s']:.0f} ({c['speedup']:.2f}×, {c['compile_seconds']:.0f} s)"
+                                for m, c in r.get("floor_compiled", {}).items()) or "–") + " | " +
                      f"{r['amp'] or 'float32'} | {r['env'].get('loadavg_at_start')} |")
     return [*lines, ""]
 
@@ -182,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default=None, help="comma-separated torch thread counts to measure (CPU)")
     ap.add_argument("--steps", type=int, default=40, help="timed training steps per measurement (default 40)")
     ap.add_argument("--batch-size", type=int, default=64, help="batch size (default 64, the recipe's)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the floor through torch.compile (default mode; on CUDA also reduce-overhead, "
+                         "i.e. CUDA graphs), compilation time included in the row")
     args = ap.parse_args(argv)
     from cka_analysis.blocks import remove_blocks
     from cka_analysis.device import resolve_device
@@ -205,6 +225,15 @@ def main(argv: list[str] | None = None) -> int:
             macs = 1 - count_macs(student, student.cka_preset.input_size) / base_macs
             log(f"{dev} threads={n} {target}: floor")
             fl = floor(student, teacher, args.steps, args.batch_size, str(dev))
+            compiled = {}
+            for mode in compile_modes(dev) if args.compile else []:
+                log(f"{dev} threads={n} {target}: floor through torch.compile(mode={mode!r})")
+                c = floor(student, teacher, args.steps, args.batch_size, str(dev), compile_mode=mode)
+                compiled[mode] = {"images_per_s": c["images_per_s"], "best_window": c["best_window"],
+                                  "compile_seconds": c["warmup_seconds"],
+                                  "speedup": c["images_per_s"] / fl["images_per_s"]}
+                log(f"  compiled ({mode}): {c['images_per_s']:.0f} images/s = {compiled[mode]['speedup']:.2f}x "
+                    f"eager, {c['warmup_seconds']:.0f} s to compile")
             log(f"{dev} threads={n} {target}: real recovery")
             re = real(student, teacher, data, args.steps, args.batch_size, str(dev))
             env = env_info(dev)
@@ -214,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                    "ratio": re["images_per_s"] / fl["images_per_s"],
                    "data_path_ms_per_batch": dp, "real_best_window": re["best_window"], "floor_best_window": fl["best_window"],
                    "ratio_best_windows": re["best_window"] / fl["best_window"], "amp": re["amp"],
-                   "steps_timed": re["steps_timed"], "env": env, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+                   "steps_timed": re["steps_timed"], **({"floor_compiled": compiled} if compiled else {}),
+                   "env": env, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
             log(f"{row['id']}: real {row['real_images_per_s']:.0f} images/s, floor "
                 f"{row['floor_images_per_s']:.0f} images/s, ratio {row['ratio']:.2f} (best 10-step windows: "
                 f"{row['real_best_window']:.0f} / {row['floor_best_window']:.0f} = {row['ratio_best_windows']:.2f})")
