@@ -153,6 +153,59 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+#: The issue's targets on the test split, in percentage points against the base (ResNet-56 ``cifar10jpeg``):
+#: (target, recovery) → the largest drop allowed (negative: the network must end above the base).
+TARGET_DROPS = {("macs:75%", "standard"): 1.5, ("macs:75%", "long"): 0.5, ("macs:50%", "long"): 0.0}
+
+
+def _pp(x: float) -> str:
+    return f"{x:+.2f}".replace("-", "−")
+
+
+def _plan_name(r: dict[str, Any]) -> str:
+    return r["criterion"] + (" iterative" if r["iterative"] else "")
+
+
+def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Plain-words findings from the finished rows, one bullet per (split, target, recovery) group: the plans
+    ranked, random's mean ± std (over its seeds) and whether each plan beats it by more than two of those standard
+    deviations, the gap to the base; on the test split, whether the issue's target (:data:`TARGET_DROPS`) is met.
+    Rows of a tuned recipe (``recipe_name``) are left out: they compare recipes, not plans."""
+    import statistics
+
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if not r.get("recipe_name"):
+            groups.setdefault((r["split"], r["target"], r["recovery"]), []).append(r)
+    out = []
+    for (split, target, recovery), group in sorted(groups.items(), key=lambda kv: (kv[0][0] != "validation",
+                                                                                  kv[0][1:])):
+        base = group[0]["base_acc"]
+        macs = max(r["macs_reduction"] for r in group)
+        rand = [r["acc"] for r in group if r["criterion"] == "random"]
+        plans = sorted((r for r in group if r["criterion"] != "random"), key=lambda r: -r["acc"])
+        parts = [f"{_plan_name(r)} {r['acc']:.2f} % ({_pp(r['acc'] - base)} pp)" for r in plans]
+        text = f"- **{split}, −{100 * macs:.1f} % MACs, `{recovery}`** (base {base:.2f} %): " + \
+            (", ".join(parts) if parts else "no plan row yet")
+        if len(rand) >= 2:
+            mean, sd = statistics.mean(rand), statistics.stdev(rand)
+            text += f"; random {mean:.2f} ± {sd:.2f} % ({len(rand)} seeds)"
+            beat = [_plan_name(r) for r in plans if r["acc"] - mean > 2 * sd]
+            text += ("; beyond two standard deviations of random: " + ", ".join(beat)) if beat else \
+                "; no plan beats random by more than two of its standard deviations"
+        elif rand:
+            text += f"; random {rand[0]:.2f} % (one seed: no noise estimate)"
+        allowed = TARGET_DROPS.get((target, recovery))
+        if split == "test" and allowed is not None and plans:
+            best = plans[0]
+            drop = base - best["acc"]
+            goal = f"at most {allowed:.1f} pp below the base" if allowed > 0 else "at or above the base"
+            text += (f". Target ({goal}): {'met' if drop <= allowed else 'not met'} — best {_plan_name(best)} at "
+                     f"{_pp(-drop)} pp")
+        out.append(text + ".")
+    return out
+
+
 def report_lines() -> list[str]:
     """The deep-cut section of REPORT.md: the finished rows and the rows still to run (empty without results)."""
     rows = load_results()["rows"]
@@ -165,6 +218,8 @@ def report_lines() -> list[str]:
              "validation = 5,000 training images held out of calibration and recovery, test = all 10,000 test "
              "images.\n"]
     lines += table_lines(rows) if rows else ["No row has finished yet."]
+    if rows:
+        lines += ["", "What the rows say:", "", *findings_lines(rows)]
     if missing:
         lines.append(f"\nNot measured yet ({len(missing)} rows; the `long` ones are GPU work, see "
                      "`benchmarks/README.md`): " + ", ".join(f"`{m}`" for m in missing) + ".")
@@ -176,7 +231,8 @@ def write_report() -> Path:
     lines = ["# Deep cuts: ResNet-56 `cifar10jpeg`, plans and recoveries (benchmarks/deep.py)", "",
              "Every row: `run_prune` with the default recovery recipe; validation = 5,000 training images held out "
              "of calibration and recovery, test = all 10,000 test images.", "",
-             *table_lines(load_results()["rows"])]
+             *table_lines(load_results()["rows"]), "", "What the rows say:", "",
+             *findings_lines(load_results()["rows"])]
     out = results_dir() / "deep.md"
     out.write_text("\n".join(lines) + "\n")
     return out
