@@ -311,7 +311,7 @@ def _recovery_args(p: argparse.ArgumentParser, default: str, *, method_default: 
                    method_note: str = f"default {DEFAULT_RECOVERY_METHOD}") -> None:
     p.add_argument("--recovery", default=default, metavar="R",
                    help="recovery budget in training images: quick (25,000), standard (250,000), long "
-                        "(2,500,000: about 50 epochs of CIFAR-10, GPU work), none, or a number (default "
+                        "(2,500,000: about 50 epochs of CIFAR-10; hours on a CPU), none, or a number (default "
                         f"{default}); the expected time is said before it starts")
     p.add_argument("--recovery-method", default=method_default, choices=list(RECOVERY_METHODS),
                    help="how to recover: " + "; ".join(f"{k}: {v}" for k, v in RECOVERY_METHODS.items())
