@@ -8,7 +8,8 @@
 #                                               (4 processes on the GPU) until SECONDS have passed; everything
 #                                               (results, logs, checkpoints) is written under $OUT
 #   bash scripts/gpu_session.sh merge DIR       here, DIR = the call's files_at: finished rows into
-#                                               benchmarks/results, checkpoints into benchmarks/.cache/deep
+#                                               benchmarks/results ($CKA_BENCH_RESULTS when set), checkpoints
+#                                               into benchmarks/.cache/deep
 #
 # Environment for run: STAGES (default "long-recipe long"), PROCS (default 4), THROUGHPUT (default 1: measure it),
 # DEVICE (default cuda), BUDGET (replace every row's budget: a dry run of this script, e.g. on the CPU).
@@ -66,9 +67,9 @@ merge)
   dir=${2:?usage: merge DIR}
   if [ -f "$dir/DRY_RUN" ]; then echo "$dir holds a dry run ($(cat "$dir/DRY_RUN")): not merged" >&2; exit 2; fi
   python3 - "$dir" <<'PY'
-import json, sys
+import json, os, sys
 from pathlib import Path
-src, dst = Path(sys.argv[1]) / "results", Path("benchmarks/results")
+src, dst = Path(sys.argv[1]) / "results", Path(os.environ.get("CKA_BENCH_RESULTS") or "benchmarks/results")
 for name in ("deep.json", "throughput.json"):
     if not (src / name).is_file():
         continue

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 from benchmarks import deep
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def row(criterion: str, acc: float, *, split: str = "test", target: str = "macs:75%", recovery: str = "long",
@@ -38,3 +45,29 @@ def test_groups_are_split_by_split_target_and_recovery_and_recipe_rows_left_out(
     lines = deep.findings_lines(rows)
     assert len(lines) == 3 and lines[0].startswith("- **validation")
     assert not any("50.00" in line for line in lines)
+
+
+def _merge(tmp_path: Path, incoming: list[dict[str, Any]], *, dry: bool) -> subprocess.CompletedProcess:
+    came_back = tmp_path / "files_at"
+    (came_back / "results").mkdir(parents=True)
+    (came_back / "results" / "deep.json").write_text(json.dumps({"rows": incoming}))
+    if dry:
+        (came_back / "DRY_RUN").write_text("rows on a budget of 320 images")
+    env = {**os.environ, "CKA_BENCH_RESULTS": str(tmp_path / "results"), "PYTHONPATH": str(ROOT)}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), "merge", str(came_back)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_gpu_session_merge_adds_the_rows_that_came_back_and_refuses_a_dry_run(tmp_path: Path) -> None:
+    ours = {**row("cka", 88.0), "id": "a", "params_reduction": 0.7, "images_seen": 1, "seconds": 60, "device": "x"}
+    theirs = {**ours, "id": "b", "criterion": "cka_capacity", "acc": 89.0}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "deep.json").write_text(json.dumps({"rows": [ours]}))
+    refused = _merge(tmp_path, [ours, theirs], dry=True)
+    assert refused.returncode == 2 and "dry run" in refused.stderr
+    assert [r["id"] for r in json.loads((tmp_path / "results" / "deep.json").read_text())["rows"]] == ["a"]
+    shutil.rmtree(tmp_path / "files_at")
+    merged = _merge(tmp_path, [ours, theirs], dry=False)
+    assert merged.returncode == 0, merged.stderr
+    assert [r["id"] for r in json.loads((tmp_path / "results" / "deep.json").read_text())["rows"]] == ["a", "b"]
+    assert "cka_capacity 89.00 %" in (tmp_path / "results" / "deep.md").read_text()
