@@ -221,8 +221,8 @@ def report_lines() -> list[str]:
     if rows:
         lines += ["", "What the rows say:", "", *findings_lines(rows)]
     if missing:
-        lines.append(f"\nNot measured yet ({len(missing)} rows; the `long` ones are GPU work, see "
-                     "`benchmarks/README.md`): " + ", ".join(f"`{m}`" for m in missing) + ".")
+        lines.append(f"\nNot measured yet ({len(missing)} rows; a `long` one takes 1.5–2.5 h on one CPU "
+                     "core, minutes of a device call through `scripts/gpu_session.sh`: see `benchmarks/README.md`): " + ", ".join(f"`{m}`" for m in missing) + ".")
     return [*lines, ""]
 
 
