@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -320,10 +320,26 @@ def model_input_size(model: nn.Module, input_size: Sequence[int] | None = None, 
     return tuple(preset.input_size)
 
 
+
+def forward_with_hooks(model: nn.Module, x: torch.Tensor, hooks: Mapping[str, Callable], *,
+                       pre: bool = False) -> object:
+    """One forward pass of ``model`` on ``x`` with ``hooks[name]`` on the submodule ``name`` (a forward hook
+    ``fn(module, args, out)``, or with ``pre`` a forward pre-hook ``fn(module, args)``), every hook removed
+    afterwards, also when the pass raises; returns the model's output. The caller chooses grad/eval modes."""
+    handles = []
+    try:
+        for name, fn in hooks.items():
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn))
+        return model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _probe_shapes(model: nn.Module, names: Iterable[str], input_size: tuple[int, ...]) -> dict[str, tuple]:
     """(input shape, output shape) of each named module in one forward pass on a zero image."""
     shapes: dict[str, tuple] = {}
-    handles = []
 
     def hook(name: str) -> Callable:
         def fn(mod: nn.Module, args: tuple, out: object) -> None:
@@ -333,15 +349,9 @@ def _probe_shapes(model: nn.Module, names: Iterable[str], input_size: tuple[int,
                                      len(args)))
         return fn
 
-    for n in names:
-        handles.append(model.get_submodule(n).register_forward_hook(hook(n)))
-    try:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with eval_mode(model), torch.no_grad():
-            model(torch.zeros((1, *input_size), device=device))
-    finally:
-        for h in handles:
-            h.remove()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with eval_mode(model), torch.no_grad():
+        forward_with_hooks(model, torch.zeros((1, *input_size), device=device), {n: hook(n) for n in names})
     return shapes
 
 
@@ -501,7 +511,6 @@ def _first_tensor_shapes(model: nn.Module, names: Sequence[str], x: torch.Tensor
     """For each named module: one [input shape, output shape] pair per call in one forward pass (None where
     the first positional input or the output is not a tensor)."""
     calls: dict[str, list] = {n: [] for n in names}
-    handles = []
 
     def hook(name: str) -> Callable:
         def fn(mod: nn.Module, args: tuple, out: object) -> None:
@@ -510,13 +519,7 @@ def _first_tensor_shapes(model: nn.Module, names: Sequence[str], x: torch.Tensor
             calls[name].append((None if a is None else tuple(a.shape), None if o is None else tuple(o.shape)))
         return fn
 
-    for n in names:
-        handles.append(model.get_submodule(n).register_forward_hook(hook(n)))
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, x, {n: hook(n) for n in names})
     return calls
 
 

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import find_blocks, model_input_size, remove_blocks, removed_blocks
+from .blocks import find_blocks, forward_with_hooks, model_input_size, remove_blocks, removed_blocks
 from .device import describe_device, resolve_device, synchronize, use_channels_last
 from .errors import ConfigError
 from .metrics import Latency
@@ -505,20 +505,13 @@ def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int
 def _capture_block_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     """The input each named block receives in one forward pass of ``model`` on ``x``."""
     inputs: dict[str, torch.Tensor] = {}
-    handles = []
 
     def hook(name: str) -> Callable:
         def fn(mod: nn.Module, args: tuple) -> None:
             inputs.setdefault(name, args[0].detach().clone())
         return fn
 
-    for n in names:
-        handles.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, x, {n: hook(n) for n in names}, pre=True)
     return inputs
 
 

@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed as dist_utils
-from .blocks import Topology, find_blocks, topology
+from .blocks import Topology, find_blocks, forward_with_hooks, topology
 from .choices import CRITERIA, CRITERION_INFO, DEFAULT_CAPACITY_WEIGHT, CriterionInfo, criterion_info
 from .cka import linear_cka
 from .device import autocast, eval_mode, is_out_of_memory, resolve_device
@@ -433,17 +433,14 @@ class _SimilarityAccumulator(_Accumulator):
     def _add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         model = self.setup.model
         store: dict[str, torch.Tensor] = {}
-        handles = []
-        for c in self.setup.cands:
-            def hook(module, args, out, c=c):
+
+        def hook(c: str) -> Callable:
+            def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
                 store[c] = self.per_sample(_cosine(args[0], out).double()).sum()
-            handles.append(model.get_submodule(c).register_forward_hook(hook))
+            return fn
+
         with torch.inference_mode(), autocast(self.setup.device, self.setup.amp):
-            try:
-                model(x)
-            finally:
-                for h in handles:
-                    h.remove()
+            forward_with_hooks(model, x, {c: hook(c) for c in self.setup.cands})
             self.sums += torch.stack([store[c] for c in self.setup.cands])
 
     def _final(self, sums: torch.Tensor, n: int) -> torch.Tensor:
