@@ -14,6 +14,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,27 @@ def save_row(path: Path, row: dict[str, Any]) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class RowStore:
+    """One row-by-row results file of a benchmark, ``results_dir() / name`` (resolved at each call, so that
+    ``$CKA_BENCH_RESULTS`` set later is followed): load it, the ids already finished, save a finished row."""
+
+    name: str
+
+    @property
+    def path(self) -> Path:
+        return results_dir() / self.name
+
+    def load(self) -> dict[str, Any]:
+        return load_rows(self.path)
+
+    def finished_ids(self) -> set[str]:
+        return {r["id"] for r in self.load()["rows"]}
+
+    def save(self, row: dict[str, Any]) -> None:
+        save_row(self.path, row)
 
 
 def rows_to_run(todo: list[dict[str, Any]], finished: Callable[[], set[str]], claim: Callable[[str], bool],

@@ -35,8 +35,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import common
-from benchmarks.common import CACHE_DIR, env_info, load_rows, log, results_dir, rows_to_run
+from benchmarks.common import CACHE_DIR, RowStore, env_info, log, results_dir, rows_to_run
 from benchmarks.recovery import DATA, _claim, _progress
 
 ARCH = "cifar_resnet56"
@@ -90,22 +89,9 @@ STAGES = {"plan": PLAN_ROWS, "long-recipe": LONG_RECIPE_ROWS, "long": LONG_ROWS}
 ROWS = {r["id"]: r for rows in STAGES.values() for r in rows}
 
 
-def _path() -> Path:
-    return results_dir() / "deep.json"
-
-
-def load_results() -> dict[str, Any]:
-    return load_rows(_path())
-
-
-def finished_ids() -> set[str]:
-    """The ids of the rows already in the results file."""
-    return {r["id"] for r in load_results()["rows"]}
-
-
-def save_row(row: dict[str, Any]) -> None:
-    """Append (or replace) one finished row (several processes share the file: see common.save_row)."""
-    common.save_row(_path(), row)
+#: The rows file (several processes may finish rows at once: see common.save_row).
+STORE = RowStore("deep.json")
+load_results, finished_ids, save_row = STORE.load, STORE.finished_ids, STORE.save
 
 
 def run_row(spec: dict[str, Any], device: str, checkpoints: Path) -> dict[str, Any]:

@@ -33,8 +33,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import common
-from benchmarks.common import env_info, load_rows, log, results_dir, rows_to_run
+from benchmarks.common import RowStore, env_info, log, results_dir, rows_to_run
 from cka_analysis.data import VALIDATION_IMAGES
 
 DATA = "imagefolder:{root}/cifar10-jpeg"
@@ -185,23 +184,9 @@ TUNE_ROWS = [{"id": f"tune-{name}-{target.replace(':', '').replace('%', '')}-sta
 
 
 # --------------------------------------------------------------------------------------------------- storage
-def _path() -> Path:
-    return results_dir() / "recovery.json"
-
-
-def load_results() -> dict[str, Any]:
-    return load_rows(_path())
-
-
-def finished_ids() -> set[str]:
-    """The ids of the rows already in the results file."""
-    return {r["id"] for r in load_results()["rows"]}
-
-
-def save_row(row: dict[str, Any]) -> None:
-    """Append (or replace) one finished row (the two stages may run in two processes at once: see
-    common.save_row)."""
-    common.save_row(_path(), row)
+#: The rows file (several processes may finish rows at once: see common.save_row).
+STORE = RowStore("recovery.json")
+load_results, finished_ids, save_row = STORE.load, STORE.finished_ids, STORE.save
 
 
 def _claim(row_id: str) -> bool:

@@ -33,8 +33,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import env_info, load_model, log, results_dir
+from benchmarks.common import RowStore, env_info, load_model, log
 
+#: The rows file (a rerun replaces its rows, by id).
+STORE = RowStore("throughput.json")
 #: The blocks CKA one-shot removes at each target (the recovery benchmark's ``resnet56-cka-*-s0`` rows).
 TARGETS = {"macs:50%": "resnet56-cka-macs50-standard-s0", "macs:75%": "resnet56-cka-macs75-standard-s0"}
 
@@ -166,10 +168,9 @@ def compile_modes(dev: torch.device) -> list[str]:
 
 def report_lines() -> list[str]:
     """The throughput section of REPORT.md (empty without results)."""
-    out = results_dir() / "throughput.json"
-    if not out.is_file():
+    rows = STORE.load()["rows"]
+    if not rows:
         return []
-    rows = json.loads(out.read_text())["rows"]
     lines = ["## Recovery throughput (`python -m benchmarks.throughput`)\n",
              "Images/s of a real recovery (data, augmentation, every loss term of the default `feature` recipe, "
              "update) against the floor (teacher forward + student forward/backward with cross-entropy and "
@@ -212,8 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     teacher = load_model("resnet56")
     data = _train_data()
     base_macs = count_macs(teacher, teacher.cka_preset.input_size)
-    out = results_dir() / "throughput.json"
-    rows = json.loads(out.read_text())["rows"] if out.is_file() else []
     for n in threads:
         torch.set_num_threads(n)
         log(f"{dev} threads={n}: data path")
@@ -248,9 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{row['id']}: real {row['real_images_per_s']:.0f} images/s, floor "
                 f"{row['floor_images_per_s']:.0f} images/s, ratio {row['ratio']:.2f} (best 10-step windows: "
                 f"{row['real_best_window']:.0f} / {row['floor_best_window']:.0f} = {row['ratio_best_windows']:.2f})")
-            rows = [r for r in rows if r["id"] != row["id"]] + [row]
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"rows": rows}, indent=1))
+            STORE.save(row)
     return 0
 
 

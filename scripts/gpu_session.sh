@@ -67,18 +67,15 @@ merge)
   dir=${2:?usage: merge DIR}
   if [ -f "$dir/DRY_RUN" ]; then echo "$dir holds a dry run ($(cat "$dir/DRY_RUN")): not merged" >&2; exit 2; fi
   python3 - "$dir" <<'PY'
-import json, os, sys
+import sys
 from pathlib import Path
-src, dst = Path(sys.argv[1]) / "results", Path(os.environ.get("CKA_BENCH_RESULTS") or "benchmarks/results")
+from benchmarks.common import RowStore, load_rows  # the results folder: $CKA_BENCH_RESULTS or benchmarks/results
 for name in ("deep.json", "throughput.json"):
-    if not (src / name).is_file():
-        continue
-    ours = json.loads((dst / name).read_text())["rows"] if (dst / name).is_file() else []
-    theirs = json.loads((src / name).read_text())["rows"]
-    known = {r["id"]: r for r in ours}
-    new = [r for r in theirs if known.get(r["id"]) != r]
-    rows = [r for r in ours if r["id"] not in {n["id"] for n in new}] + new
-    (dst / name).write_text(json.dumps({"rows": rows}, indent=1))
+    store, came_back = RowStore(name), load_rows(Path(sys.argv[1]) / "results" / name)["rows"]
+    known = {r["id"]: r for r in store.load()["rows"]}
+    new = [r for r in came_back if known.get(r["id"]) != r]
+    for row in new:
+        store.save(row)
     print(f"{name}: {len(new)} new or changed rows")
 PY
   if [ -d "$dir/ckpt" ]; then mkdir -p benchmarks/.cache/deep && cp -r "$dir/ckpt/." benchmarks/.cache/deep/; fi
