@@ -44,6 +44,15 @@ def results_dir() -> Path:
 ARCHS = {"resnet56": "cifar_resnet56", "resnet20": "cifar_resnet20"}
 
 
+def accuracy_se(acc: float, images: int) -> float:
+    """The standard error, in points, of a top-1 accuracy ``acc`` (in %) measured on ``images`` images (binomial):
+    about 0.4 at 91 % on 5,000 images, 0.3 at 89 % on 10,000."""
+    if images <= 0:
+        raise ValueError(f"images={images} must be positive")
+    p = min(max(acc / 100.0, 0.0), 1.0)
+    return 100.0 * (p * (1.0 - p) / images) ** 0.5
+
+
 def log(msg: str) -> None:
     """Progress line on stderr with a wall-clock stamp (benchmarks are long; say what they are doing)."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

@@ -1,7 +1,8 @@
 """Deep cuts (issue 19): which plan, after which recovery, keeps the accuracy at −52.6 % and −75.2 % MACs?
 
 Every row runs :func:`cka_analysis.workflow.run_prune` (the code path of ``cka-prune prune`` and the dashboard)
-on ResNet-56 ``cifar10jpeg`` with the library's default recovery recipe, and records the top-1, the images seen,
+on ResNet-56 ``cifar10jpeg`` with the library's default recovery recipe (the recipe stages: a named variation of
+it), and records the top-1, the images seen,
 the wall time and the device. Rows are appended to ``results/deep.json`` as they finish; a rerun skips the rows
 already there, several processes (e.g. on one GPU) share the list by claiming rows, and a killed row goes on
 from its recovery checkpoint (``--checkpoints``).
@@ -12,7 +13,10 @@ Two stages:
   blocks (3 seeds, at −75 %) at ``standard``, measured on the **validation split** (5,000 training images held
   out of calibration and recovery, ``eval_split="validation"``); then the test-split row of the plan (the test
   split only reports).
-* ``long-recipe`` — ``long``'s batch size and learning rate (``LONG_RECIPES``) on the validation split at −75 %.
+* ``deep-recipe`` — the default recipe against a few variations (``RECIPES``) at ``standard`` for the recommended
+  deep plan (``cka_capacity``, −75 %), on the validation split: the default was tuned on CKA's blocks, and
+  ``cka_capacity`` keeps almost nothing of the first two stages.
+* ``long-recipe`` — ``long``'s batch size and learning rate (``RECIPES``) on the validation split at −75 %.
 * ``long`` — the rows of the issue's point 4: at −52.6 % (``macs:50%``) and −75.2 % (``macs:75%``) after
   ``long`` (2,500,000 images): CKA one-shot and iterative, ``cka_capacity``, block influence, random (3 seeds),
   on all 10,000 test images. Hours on the 2-core CPU each; meant for a GPU::
@@ -35,7 +39,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import CACHE_DIR, RowStore, env_info, log, results_dir, rows_to_run
+from benchmarks.common import CACHE_DIR, RowStore, accuracy_se, env_info, log, results_dir, rows_to_run
 from benchmarks.recovery import DATA, _claim, _progress
 
 ARCH = "cifar_resnet56"
@@ -50,18 +54,27 @@ def _row(criterion: str, target: str, recovery: str, split: str, seed: int = 0, 
           f"{split}-s{seed}"
     return {"id": rid, "criterion": criterion, "target": TARGETS[target], "recovery": recovery, "split": split,
             "seed": seed, "iterative": iterative,
-            **({"recipe_name": recipe, "recipe": LONG_RECIPES[recipe]} if recipe else {})}
+            **({"recipe_name": recipe, "recipe": RECIPES[recipe]} if recipe else {})}
 
 
-#: Candidate recipes for ``long`` (the library's default is ``bs64-lr0.01``), compared on the validation split at
-#: −75 % MACs (the ``long-recipe`` stage, GPU work: larger batches are what make a GPU fast, with the learning rate
-#: scaled linearly). The winner becomes ``long``'s recipe only once these rows exist; none has run yet.
-LONG_RECIPES: dict[str, dict[str, Any]] = {
+#: Recipes compared on the validation split at −75 % MACs, as changes to the library's default (``bs64-lr0.01``).
+#: ``long``'s candidates (the ``long-recipe`` stage, GPU work: larger batches are what make a GPU fast, with the
+#: learning rate scaled linearly) become ``long``'s recipe only once their rows exist. ``DEEP_RECIPES`` (the
+#: ``deep-recipe`` stage, at ``standard``): the best variation of the earlier tuning on CKA's blocks (batch 128,
+#: lr 0.05), a higher learning rate, a stronger feature term, and mimicking only the last two stages (with the
+#: first two stages nearly gone, the student's early features need not copy the teacher's).
+RECIPES: dict[str, dict[str, Any]] = {
     "bs64-lr0.01": {"batch_size": 64, "lr": 0.01},
     "bs256-lr0.04": {"batch_size": 256, "lr": 0.04},
     "bs512-lr0.08": {"batch_size": 512, "lr": 0.08},
     "bs512-lr0.04": {"batch_size": 512, "lr": 0.04},
+    "bs128-lr0.05": {"batch_size": 128, "lr": 0.05},
+    "lr0.03": {"lr": 0.03},
+    "fw30": {"feature_weight": 30.0},
+    "mimic-stages": {"mimic": "stages"},
 }
+LONG_RECIPES = ("bs64-lr0.01", "bs256-lr0.04", "bs512-lr0.08", "bs512-lr0.04")
+DEEP_RECIPES = ("mimic-stages", "bs128-lr0.05", "lr0.03", "fw30")
 
 
 #: The plan stage, most informative first: the new plan on validation at −75 %, the baselines through the same
@@ -85,7 +98,10 @@ LONG_ROWS = [
 ]
 #: The recipe of ``long`` chosen on the validation split (at −75 % MACs, CKA one-shot blocks); GPU work.
 LONG_RECIPE_ROWS = [_row("cka", "macs75", "long", "validation", recipe=name) for name in LONG_RECIPES]
-STAGES = {"plan": PLAN_ROWS, "long-recipe": LONG_RECIPE_ROWS, "long": LONG_ROWS}
+#: The default recipe's variations at ``standard`` for the recommended deep plan (the default itself is the plan
+#: stage's ``r56-cka_capacity-macs75-standard-validation-s0``).
+DEEP_RECIPE_ROWS = [_row("cka_capacity", "macs75", "standard", "validation", recipe=name) for name in DEEP_RECIPES]
+STAGES = {"plan": PLAN_ROWS, "deep-recipe": DEEP_RECIPE_ROWS, "long-recipe": LONG_RECIPE_ROWS, "long": LONG_ROWS}
 ROWS = {r["id"]: r for rows in STAGES.values() for r in rows}
 
 
@@ -192,20 +208,59 @@ def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def recipe_findings_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Plain-words findings of the recipe rows: per (split, target, recovery, plan, seed), every recipe against
+    the default recipe's row of the same plan, and whether the best one leads the default by more than two
+    standard errors of the difference (binomial, :func:`benchmarks.common.accuracy_se`); empty without recipe
+    rows."""
+    def key(r: dict[str, Any]) -> tuple:
+        return r["split"], r["target"], r["recovery"], _plan_name(r), r["seed"]
+
+    defaults = {key(r): r for r in rows if not r.get("recipe_name")}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("recipe_name"):
+            groups.setdefault(key(r), []).append(r)
+    out = []
+    for k, group in sorted(groups.items()):
+        split, _, recovery, plan, seed = k
+        group = sorted(group, key=lambda r: -r["acc"])
+        parts = [f"{r['recipe_name']} {r['acc']:.2f} %" for r in group]
+        text = (f"- **recipes, {split}, −{100 * group[0]['macs_reduction']:.1f} % MACs, `{recovery}`, {plan}, "
+                f"seed {seed}**: " + ", ".join(parts))
+        default = defaults.get(k)
+        if default is None:
+            out.append(text + "; the default recipe's row is missing.")
+            continue
+        best = group[0]
+        n = best.get("eval_images", 5_000 if split == "validation" else 10_000)
+        se = (accuracy_se(best["acc"], n) ** 2 + accuracy_se(default["acc"], n) ** 2) ** 0.5
+        lead = best["acc"] - default["acc"]
+        text += f"; the default {default['acc']:.2f} %. "
+        if lead > 2 * se:
+            text += f"{best['recipe_name']} leads it by {lead:.2f} pp, more than two standard errors ({2 * se:.2f})"
+        else:
+            text += (f"No variation leads it by more than two standard errors of the difference ({2 * se:.2f} pp; "
+                     f"best: {best['recipe_name']}, {_pp(lead)} pp)")
+        out.append(text + ".")
+    return out
+
+
 def report_lines() -> list[str]:
     """The deep-cut section of REPORT.md: the finished rows and the rows still to run (empty without results)."""
     rows = load_results()["rows"]
     done = {r["id"] for r in rows}
-    missing = [r["id"] for r in PLAN_ROWS + LONG_RECIPE_ROWS + LONG_ROWS if r["id"] not in done]
+    missing = [r["id"] for r in PLAN_ROWS + DEEP_RECIPE_ROWS + LONG_RECIPE_ROWS + LONG_ROWS if r["id"] not in done]
     if not rows and not missing:
         return []
     lines = ["## Deep cuts (`python -m benchmarks.deep`)\n",
-             "ResNet-56 `cifar10jpeg`, every row one `run_prune` request with the default recovery recipe; "
+             "ResNet-56 `cifar10jpeg`, every row one `run_prune` request with the default recovery recipe "
+             "(unless the plan column names a recipe); "
              "validation = 5,000 training images held out of calibration and recovery, test = all 10,000 test "
              "images.\n"]
     lines += table_lines(rows) if rows else ["No row has finished yet."]
     if rows:
-        lines += ["", "What the rows say:", "", *findings_lines(rows)]
+        lines += ["", "What the rows say:", "", *findings_lines(rows), *recipe_findings_lines(rows)]
     if missing:
         lines.append(f"\nNot measured yet ({len(missing)} rows; a `long` one takes 1.5–2.5 h on one CPU "
                      "core, minutes of a device call through `scripts/gpu_session.sh`: see `benchmarks/README.md`): " + ", ".join(f"`{m}`" for m in missing) + ".")
@@ -214,11 +269,12 @@ def report_lines() -> list[str]:
 
 def write_report() -> Path:
     """``results/deep.md``: one table of every finished row."""
+    rows = load_results()["rows"]
     lines = ["# Deep cuts: ResNet-56 `cifar10jpeg`, plans and recoveries (benchmarks/deep.py)", "",
-             "Every row: `run_prune` with the default recovery recipe; validation = 5,000 training images held out "
+             "Every row: `run_prune` with the default recovery recipe (unless the plan column names a recipe); "
+             "validation = 5,000 training images held out "
              "of calibration and recovery, test = all 10,000 test images.", "",
-             *table_lines(load_results()["rows"]), "", "What the rows say:", "",
-             *findings_lines(load_results()["rows"])]
+             *table_lines(rows), "", "What the rows say:", "", *findings_lines(rows), *recipe_findings_lines(rows)]
     out = results_dir() / "deep.md"
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -227,7 +283,8 @@ def write_report() -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=[*STAGES, "all"], default="plan",
-                    help="plan: the plan rows (validation, standard; CPU hours); long-recipe: long's batch size and "
+                    help="plan: the plan rows (validation, standard; CPU hours); deep-recipe: variations of the "
+                         "default recipe for cka_capacity at -75 %% (validation, standard); long-recipe: long's batch size and "
                          "learning rate on the validation split; long: the issue's rows after long (GPU work)")
     ap.add_argument("--rows", help="comma-separated row ids to run, in this order (see --list)")
     ap.add_argument("--device", default="auto")

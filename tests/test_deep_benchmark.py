@@ -71,3 +71,26 @@ def test_gpu_session_merge_adds_the_rows_that_came_back_and_refuses_a_dry_run(tm
     assert merged.returncode == 0, merged.stderr
     assert [r["id"] for r in json.loads((tmp_path / "results" / "deep.json").read_text())["rows"]] == ["a", "b"]
     assert "cka_capacity 89.00 %" in (tmp_path / "results" / "deep.md").read_text()
+
+
+def test_recipe_rows_are_judged_against_the_default_recipe_of_the_same_plan() -> None:
+    default = row("cka_capacity", 91.22, split="validation", recovery="standard", base=96.98)
+    tuned = [{**default, "recipe_name": name, "acc": acc}
+             for name, acc in (("lr0.03", 91.50), ("mimic-stages", 92.90))]
+    lines = deep.recipe_findings_lines([default, row("cka", 88.0, split="validation", recovery="standard"), *tuned])
+    assert len(lines) == 1
+    assert "mimic-stages 92.90 %, lr0.03 91.50 %; the default 91.22 %" in lines[0]
+    assert "mimic-stages leads it by 1.68 pp, more than two standard errors (1.08)" in lines[0]
+    close = deep.recipe_findings_lines([default, tuned[0]])
+    assert "No variation leads it by more than two standard errors" in close[0] and "+0.28 pp" in close[0]
+    assert "missing" in deep.recipe_findings_lines(tuned)[0]
+    assert deep.recipe_findings_lines([default]) == []
+
+
+def test_every_recipe_row_parses_into_a_recovery_config() -> None:
+    from cka_analysis.recovery import RecoveryConfig
+
+    for spec in deep.DEEP_RECIPE_ROWS + deep.LONG_RECIPE_ROWS:
+        config = RecoveryConfig.parse(spec["recovery"], **spec["recipe"])
+        assert all(getattr(config, k) == v for k, v in spec["recipe"].items())
+    assert len(deep.ROWS) == sum(len(rows) for rows in deep.STAGES.values())  # ids unique
