@@ -101,7 +101,12 @@ LONG_RECIPE_ROWS = [_row("cka", "macs75", "long", "validation", recipe=name) for
 #: The default recipe's variations at ``standard`` for the recommended deep plan (the default itself is the plan
 #: stage's ``r56-cka_capacity-macs75-standard-validation-s0``).
 DEEP_RECIPE_ROWS = [_row("cka_capacity", "macs75", "standard", "validation", recipe=name) for name in DEEP_RECIPES]
-STAGES = {"plan": PLAN_ROWS, "deep-recipe": DEEP_RECIPE_ROWS, "long-recipe": LONG_RECIPE_ROWS, "long": LONG_ROWS}
+#: A network of the same family, trained the same way, for scale: ResNet-20 ``cifar10jpeg`` (the public checkpoint
+#: adapted to the JPEG copy for 4 epochs, as ResNet-56's was) unpruned on all 10,000 test images, measured through
+#: ``run_prune``'s own base measurement. Would a user do better to take the smaller network off the shelf?
+REFERENCE_ROWS = [{"id": "r20-reference-test", "reference": "cifar_resnet20", "split": "test"}]
+STAGES = {"plan": PLAN_ROWS, "deep-recipe": DEEP_RECIPE_ROWS, "long-recipe": LONG_RECIPE_ROWS, "long": LONG_ROWS,
+          "reference": REFERENCE_ROWS}
 ROWS = {r["id"]: r for rows in STAGES.values() for r in rows}
 
 
@@ -110,11 +115,35 @@ STORE = RowStore("deep.json")
 load_results, finished_ids, save_row = STORE.load, STORE.finished_ids, STORE.save
 
 
+def run_reference(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """A reference row: the unpruned ``spec["reference"]`` network's accuracy, MACs and parameters as
+    :func:`run_prune` measures its base (one data-free removal, no recovery: only the base is kept), with its MACs
+    and parameters as fractions of ResNet-56's."""
+    from cka_analysis.config import shared_data_dir
+    from cka_analysis.metrics import count_macs, count_params
+    from cka_analysis.models import build_model
+    from cka_analysis.workflow import PruneRequest, run_prune
+
+    t0 = time.perf_counter()
+    request = PruneRequest(model=spec["reference"], weights="cifar10jpeg", data=DATA.format(root=shared_data_dir()),
+                           criterion="weight_norm", target="1 blocks", recovery="none", eval_split=spec["split"],
+                           device=device, latency=False)
+    base = run_prune(request, progress=_progress(spec["id"])).record.base
+    r56 = build_model(ARCH)
+    return {**spec, "acc": base.accuracy, "macs": base.macs, "params": base.params,
+            "macs_reduction": 1 - base.macs / count_macs(r56, r56.cka_preset.input_size),
+            "params_reduction": 1 - base.params / count_params(r56), "eval_images": 10_000,
+            "seconds": time.perf_counter() - t0, "device": env_info(device).get("device")}
+
+
 def run_row(spec: dict[str, Any], device: str, checkpoints: Path) -> dict[str, Any]:
     """One row through run_prune; the recovery checkpoint lives in ``checkpoints/<id>`` until the row is saved."""
     from cka_analysis.config import shared_data_dir
     from cka_analysis.recovery import RecoveryConfig
     from cka_analysis.workflow import PruneRequest, run_prune
+
+    if spec.get("reference"):
+        return run_reference(spec, device)
 
     request = PruneRequest(model=ARCH, weights="cifar10jpeg", data=DATA.format(root=shared_data_dir()),
                            criterion=spec["criterion"], target=spec["target"], iterative=spec["iterative"],
@@ -139,8 +168,8 @@ def run_row(spec: dict[str, Any], device: str, checkpoints: Path) -> dict[str, A
 
 
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """A markdown table of finished rows (validation first)."""
-    rows = sorted(rows, key=lambda r: (r["split"] != "validation", r["recovery"], r["target"], r["criterion"],
+    """A markdown table of finished rows (validation first; reference rows have their own line)."""
+    rows = sorted((r for r in rows if not r.get("reference")), key=lambda r: (r["split"] != "validation", r["recovery"], r["target"], r["criterion"],
                                        r["seed"]))
     lines = ["| split | target | recovery | plan | seed | MACs removed | parameters kept | top-1 % | base % "
              "| images seen | wall time | device |",
@@ -177,7 +206,7 @@ def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
 
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        if not r.get("recipe_name"):
+        if not r.get("recipe_name") and not r.get("reference"):
             groups.setdefault((r["split"], r["target"], r["recovery"]), []).append(r)
     out = []
     for (split, target, recovery), group in sorted(groups.items(), key=lambda kv: (kv[0][0] != "validation",
@@ -216,7 +245,7 @@ def recipe_findings_lines(rows: list[dict[str, Any]]) -> list[str]:
     def key(r: dict[str, Any]) -> tuple:
         return r["split"], r["target"], r["recovery"], _plan_name(r), r["seed"]
 
-    defaults = {key(r): r for r in rows if not r.get("recipe_name")}
+    defaults = {key(r): r for r in rows if not r.get("recipe_name") and not r.get("reference")}
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("recipe_name"):
@@ -246,6 +275,29 @@ def recipe_findings_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def reference_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Each reference network against the pruned ResNet-56 rows on the test split that cost no more MACs than it:
+    per recovery, the best plan's accuracy and its difference to the reference; empty without reference rows."""
+    out = []
+    for ref in (r for r in rows if r.get("reference")):
+        text = (f"- **{ref['reference']} `cifar10jpeg`, unpruned, for scale** (adapted to the JPEG copy as ResNet-56 "
+                f"was): {ref['acc']:.2f} % on all 10,000 test images with {100 * ref['macs_reduction']:.1f} % fewer "
+                f"MACs and {100 * ref['params_reduction']:.0f} % fewer parameters than ResNet-56")
+        cheaper: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in rows:
+            if r.get("reference") or r.get("recipe_name") or r["split"] != ref["split"] or \
+                    r["macs_reduction"] < ref["macs_reduction"]:
+                continue
+            k = (r["recovery"], r["target"])
+            if k not in cheaper or r["acc"] > cheaper[k]["acc"]:
+                cheaper[k] = r
+        parts = [f"{_plan_name(r)} at −{100 * r['macs_reduction']:.1f} % after `{r['recovery']}` {r['acc']:.2f} % "
+                 f"({_pp(r['acc'] - ref['acc'])} pp)" for _, r in sorted(cheaper.items())]
+        out.append(text + ("; the pruned ResNet-56 rows with at least as few MACs: " + ", ".join(parts) if parts else "")
+                   + ".")
+    return out
+
+
 def report_lines() -> list[str]:
     """The deep-cut section of REPORT.md: the finished rows and the rows still to run (empty without results)."""
     rows = load_results()["rows"]
@@ -260,7 +312,8 @@ def report_lines() -> list[str]:
              "images.\n"]
     lines += table_lines(rows) if rows else ["No row has finished yet."]
     if rows:
-        lines += ["", "What the rows say:", "", *findings_lines(rows), *recipe_findings_lines(rows)]
+        lines += ["", "What the rows say:", "", *findings_lines(rows), *recipe_findings_lines(rows),
+                  *reference_lines(rows)]
     if missing:
         lines.append(f"\nNot measured yet ({len(missing)} rows; a `long` one takes 1.5–2.5 h on one CPU "
                      "core, minutes of a device call through `scripts/gpu_session.sh`: see `benchmarks/README.md`): " + ", ".join(f"`{m}`" for m in missing) + ".")
@@ -274,7 +327,8 @@ def write_report() -> Path:
              "Every row: `run_prune` with the default recovery recipe (unless the plan column names a recipe); "
              "validation = 5,000 training images held out "
              "of calibration and recovery, test = all 10,000 test images.", "",
-             *table_lines(rows), "", "What the rows say:", "", *findings_lines(rows), *recipe_findings_lines(rows)]
+             *table_lines(rows), "", "What the rows say:", "", *findings_lines(rows), *recipe_findings_lines(rows),
+             *reference_lines(rows)]
     out = results_dir() / "deep.md"
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -319,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             row["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
             save_row(row)
             shutil.rmtree(args.checkpoints / spec["id"], ignore_errors=True)
-            log(f"row {spec['id']} done: acc={row['acc']:.2f} images_seen={row['images_seen']} "
+            log(f"row {spec['id']} done: acc={row['acc']:.2f} images_seen={row.get('images_seen', 0)} "
                 f"seconds={row['seconds']:.0f}")
     write_report()
     return 0

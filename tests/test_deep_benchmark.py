@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def row(criterion: str, acc: float, *, split: str = "test", target: str = "macs:75%", recovery: str = "long",
         seed: int = 0, base: float = 89.51) -> dict[str, Any]:
     return {"criterion": criterion, "iterative": False, "acc": acc, "base_acc": base, "split": split,
-            "target": target, "recovery": recovery, "seed": seed, "macs_reduction": 0.752}
+            "target": target, "recovery": recovery, "seed": seed, "macs_reduction": 0.752, "params_reduction": 0.48,
+            "images_seen": 249_984, "seconds": 600.0, "device": "cpu (1 threads)"}
 
 
 def test_the_target_is_judged_on_the_best_plan_of_its_group() -> None:
@@ -94,3 +95,17 @@ def test_every_recipe_row_parses_into_a_recovery_config() -> None:
         config = RecoveryConfig.parse(spec["recovery"], **spec["recipe"])
         assert all(getattr(config, k) == v for k, v in spec["recipe"].items())
     assert len(deep.ROWS) == sum(len(rows) for rows in deep.STAGES.values())  # ids unique
+
+
+def test_a_reference_network_is_compared_with_the_pruned_rows_that_cost_no_more_macs() -> None:
+    ref = {"id": "r", "reference": "cifar_resnet20", "split": "test", "acc": 87.88, "macs_reduction": 0.677,
+           "params_reduction": 0.684}
+    rows = [ref, row("cka_capacity", 88.07), row("cka", 87.41), row("cka_capacity", 87.37, recovery="standard"),
+            {**row("cka", 89.0, target="macs:50%"), "macs_reduction": 0.526},  # more MACs than the reference
+            row("cka", 95.0, split="validation")]
+    lines = deep.reference_lines(rows)
+    assert len(lines) == 1 and "87.88 % on all 10,000 test images with 67.7 % fewer MACs" in lines[0]
+    assert "cka_capacity at −75.2 % after `long` 88.07 % (+0.19 pp)" in lines[0]
+    assert "after `standard` 87.37 % (−0.51 pp)" in lines[0]
+    assert "89.00" not in lines[0] and "95.00" not in lines[0] and "87.41" not in lines[0]
+    assert len(deep.findings_lines(rows)) == 4 and len(deep.table_lines(rows)) == 2 + 5  # the reference row left out
