@@ -109,3 +109,10 @@ def test_a_reference_network_is_compared_with_the_pruned_rows_that_cost_no_more_
     assert "after `standard` 87.37 % (−0.51 pp)" in lines[0]
     assert "89.00" not in lines[0] and "95.00" not in lines[0] and "87.41" not in lines[0]
     assert len(deep.findings_lines(rows)) == 4 and len(deep.table_lines(rows)) == 2 + 5  # the reference row left out
+
+
+def test_a_plan_with_several_seeds_is_ranked_and_judged_by_its_mean() -> None:
+    rows = [row("cka", 88.0), row("cka", 89.0, seed=1), row("cka_capacity", 88.4)]
+    line = deep.findings_lines(rows)[0]
+    assert line.index("cka 88.50 ± 0.71 % (2 seeds; −1.01 pp)") < line.index("cka_capacity 88.40 %")
+    assert "not met — best cka at −1.01 pp" in line
