@@ -249,8 +249,8 @@ def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def recipe_findings_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Plain-words findings of the recipe rows: per (split, target, recovery, plan, seed), every recipe against
-    the default recipe's row of the same plan, and whether the best one leads the default by more than two
-    standard errors of the difference (binomial, :func:`benchmarks.common.accuracy_se`); empty without recipe
+    the default recipe's row of the same plan, whether the best one leads the default by more than two standard
+    errors of the difference, and which trail it by more than that (binomial, :func:`benchmarks.common.accuracy_se`); empty without recipe
     rows."""
     def key(r: dict[str, Any]) -> tuple:
         return r["split"], r["target"], r["recovery"], _plan_name(r), r["seed"]
@@ -281,6 +281,11 @@ def recipe_findings_lines(rows: list[dict[str, Any]]) -> list[str]:
         else:
             text += (f"No variation leads it by more than two standard errors of the difference ({2 * se:.2f} pp; "
                      f"best: {best['recipe_name']}, {_pp(lead)} pp)")
+        worse = [f"{r['recipe_name']} ({_pp(r['acc'] - default['acc'])} pp)" for r in group
+                 if default["acc"] - r["acc"] > 2 * (accuracy_se(r["acc"], n) ** 2
+                                                     + accuracy_se(default["acc"], n) ** 2) ** 0.5]
+        if worse:
+            text += "; worse than it by more than two standard errors: " + ", ".join(worse)
         out.append(text + ".")
     return out
 

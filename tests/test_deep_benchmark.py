@@ -84,6 +84,9 @@ def test_recipe_rows_are_judged_against_the_default_recipe_of_the_same_plan() ->
     assert "mimic-stages leads it by 1.68 pp, more than two standard errors (1.08)" in lines[0]
     close = deep.recipe_findings_lines([default, tuned[0]])
     assert "No variation leads it by more than two standard errors" in close[0] and "+0.28 pp" in close[0]
+    assert "worse" not in close[0]
+    worse = deep.recipe_findings_lines([default, {**default, "recipe_name": "stages", "acc": 89.34}])
+    assert "worse than it by more than two standard errors: stages (−1.88 pp)" in worse[0]
     assert "missing" in deep.recipe_findings_lines(tuned)[0]
     assert deep.recipe_findings_lines([default]) == []
 
