@@ -81,12 +81,16 @@ class RecoveryConfig:
             steps, then cosine to zero). The defaults (and the method) are the best of the recipes compared on a
             validation split carved from the training images at ``quick`` (``benchmarks/recovery.py``,
             ``recipe-*`` rows); at ``standard`` none of seven variations of learning rate, batch, distillation
-            weight and temperature beat them beyond the noise (``tune-*`` rows), so one recipe serves every budget.
+            weight and temperature beat them beyond the noise (``tune-*`` rows), nor did lr 0.03, batch 128 with
+            lr 0.05 or feature weight 30 at −75 % MACs on ``cka_capacity``'s blocks (``benchmarks/deep.py``,
+            ``deep-recipe`` rows), so one recipe serves every budget and depth measured.
         kd_alpha, kd_temperature: weight and temperature of logit distillation (``kd``, ``feature``, ``adaptor``).
         feature_weight: weight of the feature-mimicking term (``feature``, ``adaptor``).
         mimic: where the feature term compares student and teacher: ``"blocks"`` (the default: the input of every
             kept block, each stage's output and the penultimate features) or ``"stages"`` (only the last two, the
-            first default). The dense signal recovers faster per image (validation split, ``recipe-*`` rows).
+            first default). The dense signal recovers faster per image (validation split, ``recipe-*`` rows),
+            and at −75 % MACs (``cka_capacity``'s blocks, ``standard``) ``"stages"`` ended 1.9 points lower
+            (``benchmarks/deep.py``, ``deep-recipe`` rows).
         feature_schedule: ``"cosine"`` (the default): the feature weight falls from ``feature_weight`` to 0 over
             the training steps, so that mimicking speeds up the start and plain distillation has the end (with a
             constant weight, block mimicking ended 0.2 points lower after ``standard`` on ResNet-56, one seed
