@@ -41,6 +41,8 @@ def results_dir() -> Path:
     that it never overwrites the committed numbers)."""
     env = os.environ.get("CKA_BENCH_RESULTS")
     return Path(env) if env else RESULTS_DIR
+
+
 ARCHS = {"resnet56": "cifar_resnet56", "resnet20": "cifar_resnet20"}
 
 

@@ -31,6 +31,7 @@ Two stages:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import time
@@ -39,7 +40,16 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import CACHE_DIR, RowStore, accuracy_se, env_info, log, results_dir, rows_to_run
+from benchmarks.common import (
+    CACHE_DIR,
+    RESULTS_DIR,
+    RowStore,
+    accuracy_se,
+    env_info,
+    log,
+    results_dir,
+    rows_to_run,
+)
 from benchmarks.recovery import DATA, _claim, _progress
 
 ARCH = "cifar_resnet56"
@@ -313,6 +323,44 @@ def reference_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+#: Where ``--write`` puts the plan evidence that the CLI's and the dashboard's deep-cut advice quotes
+#: (:func:`cka_analysis.choices.deep_reason`).
+EVIDENCE_FILE = Path(__file__).resolve().parents[1] / "cka_analysis" / "data_files" / "deep_plans.json"
+
+
+def plan_evidence(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The plan groups of the finished rows as data for :func:`cka_analysis.choices.deep_reason`: per (split,
+    target, recovery), each plan's mean accuracy, seeds and mean share of parameters kept, random blocks' mean, sd
+    and seeds, the base accuracy, the evaluation images and one accuracy's standard error (recipe and reference
+    rows left out)."""
+    import statistics
+
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if not r.get("recipe_name") and not r.get("reference"):
+            groups.setdefault((r["split"], r["target"], r["recovery"]), []).append(r)
+    out = []
+    for (split, target, recovery), group in sorted(groups.items()):
+        plans: dict[str, list[dict[str, Any]]] = {}
+        for r in group:
+            plans.setdefault(_plan_name(r), []).append(r)
+        n = group[0].get("eval_images", 5_000 if split == "validation" else 10_000)
+        summary = {name: {"acc": round(statistics.mean(r["acc"] for r in rs), 2), "seeds": len(rs),
+                          "params_kept": round(statistics.mean(1 - r["params_reduction"] for r in rs), 3)}
+                   for name, rs in sorted(plans.items())}
+        rand = summary.pop("random", None)
+        if rand is not None:
+            accs = [r["acc"] for r in plans["random"]]
+            rand["sd"] = round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0
+        mean_acc = statistics.mean(r["acc"] for r in group)
+        out.append({"split": split, "target": target, "recovery": recovery,
+                    "macs_reduction": round(max(r["macs_reduction"] for r in group), 4),
+                    "base_acc": group[0]["base_acc"], "eval_images": n, "se_pp": round(accuracy_se(mean_acc, n), 2),
+                    "plans": summary, **({"random": rand} if rand else {})})
+    return {"source": "benchmarks/deep.py (benchmarks/results/deep.json)", "arch": ARCH, "weights": "cifar10jpeg",
+            "groups": out}
+
+
 def report_lines() -> list[str]:
     """The deep-cut section of REPORT.md: the finished rows and the rows still to run (empty without results)."""
     rows = load_results()["rows"]
@@ -336,7 +384,8 @@ def report_lines() -> list[str]:
 
 
 def write_report() -> Path:
-    """``results/deep.md``: one table of every finished row."""
+    """``results/deep.md``: one table of every finished row; with the committed results folder also the plan
+    evidence the deep-cut advice quotes (:data:`EVIDENCE_FILE`)."""
     rows = load_results()["rows"]
     lines = ["# Deep cuts: ResNet-56 `cifar10jpeg`, plans and recoveries (benchmarks/deep.py)", "",
              "Every row: `run_prune` with the default recovery recipe (unless the plan column names a recipe); "
@@ -346,6 +395,8 @@ def write_report() -> Path:
              *reference_lines(rows)]
     out = results_dir() / "deep.md"
     out.write_text("\n".join(lines) + "\n")
+    if results_dir() == RESULTS_DIR:  # the committed rows only, never a trial run's
+        EVIDENCE_FILE.write_text(json.dumps(plan_evidence(rows), indent=1) + "\n")
     return out
 
 

@@ -9,9 +9,12 @@ help texts and the benchmarks all read :data:`CRITERION_INFO`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from .errors import ConfigError
 
@@ -78,11 +81,46 @@ DEFAULT_CAPACITY_WEIGHT = 1.0
 #: From this fraction of MACs removed on, a cut is "deep": the blocks kept decide the accuracy after recovery, and
 #: the CLI and the dashboard say which plan is recommended there (:func:`plan_advice`).
 DEEP_TARGET = 0.6
-#: The criterion recommended for deep cuts, and why (measured on the validation split, ``benchmarks/deep.py``).
+#: The criterion recommended for deep cuts (chosen on the validation split, ``benchmarks/deep.py``).
 DEEP_CRITERION = "cka_capacity"
-DEEP_REASON = ("at −75 % MACs the accuracy after recovery follows the weights kept; on ResNet-56 after `standard` "
-               "recovery, on 5,000 held-out training images, cka_capacity's blocks recovered to 91.22 % against "
-               "90.84 % for block_influence's and 88.20 % for cka's (one run each; ±0.4 points)")
+#: The measured plans behind the recommendation: written by ``python -m benchmarks.deep --write`` from its rows
+#: (``benchmarks/results/deep.json``), shipped inside the package; never typed in by hand.
+DEEP_EVIDENCE_FILE = Path(__file__).resolve().parent / "data_files" / "deep_plans.json"
+
+
+def load_deep_evidence(path: str | Path = DEEP_EVIDENCE_FILE) -> dict[str, Any]:
+    """The deep benchmark's plan groups (``{"groups": [...]}``, each with its split, target, recovery, MACs
+    reduction, evaluation images and per-plan mean accuracy, seeds and parameters kept); empty groups when the file
+    is missing (the advice then gives no numbers)."""
+    p = Path(path)
+    return json.loads(p.read_text()) if p.is_file() else {"groups": []}
+
+
+def deep_reason(evidence: Mapping[str, Any]) -> str:
+    """Why :data:`DEEP_CRITERION` is recommended, in words and with the numbers of the deepest validation group
+    after ``standard`` recovery in ``evidence`` (:func:`load_deep_evidence`): the plans' accuracies and the
+    parameters each keeps, best first, random blocks' mean ± sd, and one accuracy's standard error."""
+    groups = [g for g in evidence.get("groups", []) if g["split"] == "validation" and g["recovery"] == "standard"]
+    text = "deep cuts: the accuracy after recovery follows the weights kept"
+    if not groups:
+        return text
+    g = max(groups, key=lambda g: g["macs_reduction"])
+    plans = sorted(g["plans"].items(), key=lambda kv: -kv[1]["acc"])
+    seeds = {p["seeds"] for _, p in plans}
+    runs = "one run per plan" if seeds == {1} else "the mean where a plan ran with several seeds"
+    first, *rest = plans
+    parts = ", ".join([f"{first[0]} recovered to {first[1]['acc']:.2f} % ({100 * first[1]['params_kept']:.0f} % of "
+                       "the parameters kept)",
+                       *(f"{name}'s to {p['acc']:.2f} % ({100 * p['params_kept']:.0f} %)" for name, p in rest)])
+    rand = g.get("random")
+    rand_text = f", random blocks to {rand['acc']:.2f} ± {rand['sd']:.2f} % ({rand['seeds']} seeds)" if rand else ""
+    return (f"{text}; on ResNet-56 at −{100 * g['macs_reduction']:.1f} % MACs after `standard` recovery, on "
+            f"{g['eval_images']:,} held-out training images, the blocks chosen by {parts}{rand_text}; {runs}, one "
+            f"accuracy ±{g['se_pp']:.1f} points")
+
+
+#: Why :data:`DEEP_CRITERION` is recommended, from :data:`DEEP_EVIDENCE_FILE`.
+DEEP_REASON = deep_reason(load_deep_evidence())
 #: Recovery methods of :func:`cka_analysis.recovery.recover`, cheapest first (every one starts with batch-norm
 #: re-estimation), and the default.
 RECOVERY_METHODS: Mapping[str, str] = MappingProxyType({

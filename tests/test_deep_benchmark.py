@@ -119,3 +119,37 @@ def test_a_plan_with_several_seeds_is_ranked_and_judged_by_its_mean() -> None:
     line = deep.findings_lines(rows)[0]
     assert line.index("cka 88.50 ± 0.71 % (2 seeds; −1.01 pp)") < line.index("cka_capacity 88.40 %")
     assert "not met — best cka at −1.01 pp" in line
+
+
+def test_the_shipped_plan_evidence_is_what_the_committed_rows_say() -> None:
+    committed = json.loads((ROOT / "benchmarks" / "results" / "deep.json").read_text())["rows"]
+    shipped = json.loads(deep.EVIDENCE_FILE.read_text())
+    assert shipped == json.loads(json.dumps(deep.plan_evidence(committed))), \
+        "run `python -m benchmarks.deep --write` after adding rows"
+
+
+def test_plan_evidence_and_the_advice_it_feeds() -> None:
+    from cka_analysis.choices import deep_reason
+
+    rows = [row("cka", 88.0, split="validation", recovery="standard"),
+            row("cka", 89.0, split="validation", recovery="standard", seed=1),
+            {**row("cka_capacity", 91.2, split="validation", recovery="standard"), "params_reduction": 0.484},
+            *[row("random", a, split="validation", recovery="standard", seed=s) for s, a in enumerate((86., 88.))],
+            {**row("cka_capacity", 99.0, split="validation", recovery="standard"), "recipe_name": "fw30"},
+            {**row("cka_capacity", 95.0, split="validation", recovery="standard", target="macs:50%"),
+             "macs_reduction": 0.526},
+            row("cka_capacity", 88.0)]
+    ev = deep.plan_evidence(rows)
+    assert [(g["split"], g["target"], g["recovery"]) for g in ev["groups"]] == [
+        ("test", "macs:75%", "long"), ("validation", "macs:50%", "standard"), ("validation", "macs:75%", "standard")]
+    g = ev["groups"][2]
+    assert g["plans"]["cka"] == {"acc": 88.5, "seeds": 2, "params_kept": 0.52}
+    assert g["plans"]["cka_capacity"]["acc"] == 91.2 and g["random"] == {"acc": 87.0, "seeds": 2,
+                                                                          "params_kept": 0.52, "sd": 1.41}
+    reason = deep_reason(ev)
+    assert "at −75.2 % MACs" in reason and "5,000 held-out training images" in reason
+    assert reason.index("cka_capacity recovered to 91.20 % (52 % of the parameters kept)") < \
+        reason.index("cka's to 88.50 %")
+    assert "random blocks to 87.00 ± 1.41 % (2 seeds)" in reason and "several seeds" in reason
+    assert "99.00" not in reason and "95.00" not in reason  # recipe rows and the shallower group stay out
+    assert deep_reason({"groups": []}) == "deep cuts: the accuracy after recovery follows the weights kept"
