@@ -2,12 +2,11 @@
 
 Every row runs :func:`cka_analysis.workflow.run_prune` (the code path of ``cka-prune prune`` and the dashboard)
 on ResNet-56 ``cifar10jpeg`` with the library's default recovery recipe (the recipe stages: a named variation of
-it), and records the top-1, the images seen,
-the wall time and the device. Rows are appended to ``results/deep.json`` as they finish; a rerun skips the rows
+it), and records the top-1, the images seen, the wall time and the device. Rows are appended to ``results/deep.json`` as they finish; a rerun skips the rows
 already there, several processes (e.g. on one GPU) share the list by claiming rows, and a killed row goes on
 from its recovery checkpoint (``--checkpoints``).
 
-Two stages:
+The stages:
 
 * ``plan`` — the plan for the recovered network (``cka_capacity``) against ``cka``, ``block_influence`` and random
   blocks (3 seeds, at −75 %) at ``standard``, measured on the **validation split** (5,000 training images held
@@ -17,6 +16,7 @@ Two stages:
   deep plan (``cka_capacity``, −75 %), on the validation split: the default was tuned on CKA's blocks, and
   ``cka_capacity`` keeps almost nothing of the first two stages.
 * ``long-recipe`` — ``long``'s batch size and learning rate (``RECIPES``) on the validation split at −75 %.
+* ``reference`` — ResNet-20 ``cifar10jpeg`` unpruned, for scale (minutes).
 * ``long`` — the rows of the issue's point 4: at −52.6 % (``macs:50%``) and −75.2 % (``macs:75%``) after
   ``long`` (2,500,000 images): CKA one-shot and iterative, ``cka_capacity``, block influence, random (3 seeds),
   on all 10,000 test images. Hours on the 2-core CPU each; meant for a GPU::
@@ -72,7 +72,8 @@ def _row(criterion: str, target: str, recovery: str, split: str, seed: int = 0, 
 #: learning rate scaled linearly) become ``long``'s recipe only once their rows exist. ``DEEP_RECIPES`` (the
 #: ``deep-recipe`` stage, at ``standard``): the best variation of the earlier tuning on CKA's blocks (batch 128,
 #: lr 0.05), a higher learning rate, a stronger feature term, and mimicking only the last two stages (with the
-#: first two stages nearly gone, the student's early features need not copy the teacher's).
+#: first two stages nearly gone, the student's early features might not need to copy the teacher's: measured,
+#: they do).
 RECIPES: dict[str, dict[str, Any]] = {
     "bs64-lr0.01": {"batch_size": 64, "lr": 0.01},
     "bs256-lr0.04": {"batch_size": 256, "lr": 0.04},
