@@ -73,7 +73,8 @@ def _row(criterion: str, target: str, recovery: str, split: str, seed: int = 0, 
 #: ``deep-recipe`` stage, at ``standard``): the best variation of the earlier tuning on CKA's blocks (batch 128,
 #: lr 0.05), a higher learning rate, a stronger feature term, and mimicking only the last two stages (with the
 #: first two stages nearly gone, the student's early features might not need to copy the teacher's: measured,
-#: they do).
+#: they do); and the removed blocks fading out over the first 30 % of the steps instead of vanishing at once
+#: (``RecoveryConfig.fade``: the student starts as the unpruned network).
 RECIPES: dict[str, dict[str, Any]] = {
     "bs64-lr0.01": {"batch_size": 64, "lr": 0.01},
     "bs256-lr0.04": {"batch_size": 256, "lr": 0.04},
@@ -83,9 +84,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lr0.03": {"lr": 0.03},
     "fw30": {"feature_weight": 30.0},
     "mimic-stages": {"mimic": "stages"},
+    "fade0.3": {"fade": 0.3},
 }
 LONG_RECIPES = ("bs64-lr0.01", "bs256-lr0.04", "bs512-lr0.08", "bs512-lr0.04")
-DEEP_RECIPES = ("mimic-stages", "bs128-lr0.05", "lr0.03", "fw30")
+DEEP_RECIPES = ("mimic-stages", "bs128-lr0.05", "lr0.03", "fw30", "fade0.3")
 
 
 #: The plan stage, most informative first: the new plan on validation at −75 %, the baselines through the same

@@ -95,6 +95,12 @@ class RecoveryConfig:
             the training steps, so that mimicking speeds up the start and plain distillation has the end (with a
             constant weight, block mimicking ended 0.2 points lower after ``standard`` on ResNet-56, one seed
             each: within the noise); or ``"constant"``.
+        fade: the fraction of the training steps over which the removed blocks fade out instead of vanishing at
+            once: each removed block runs again as a frozen copy of the teacher's, its output blended with the
+            identity, ``x + a·(block(x) − x)``, with ``a`` falling from 1 to 0 (cosine) over the first ``fade`` of
+            the steps; after that the slots are plain identities again and steps cost what the pruned network
+            costs. 0 (the default): the blocks are gone from the first step. Needs the teacher (every method but
+            ``ce`` and ``bn``). The faded steps cost about what the unpruned network's training steps cost.
         clip_factor: every training step's gradient is clipped (global L2 norm) at this multiple of the first
             step's norm; None: no clipping. Recovery's gradients shrink as the pruned network relearns (on the CIFAR
             ResNets no later step's norm reached the first's: the clip never acts there, bit for bit), but on a
@@ -126,6 +132,7 @@ class RecoveryConfig:
     feature_weight: float = 10.0
     mimic: str = "blocks"
     feature_schedule: str = "cosine"
+    fade: float = 0.0
     clip_factor: float | None = 10.0
     bn_images: int = 2048
     adaptor_images: int = 1024
@@ -152,6 +159,12 @@ class RecoveryConfig:
         if self.feature_schedule not in FEATURE_SCHEDULES:
             raise ConfigError(f"feature_schedule={self.feature_schedule!r} must be one of "
                               f"{', '.join(FEATURE_SCHEDULES)}")
+        if isinstance(self.fade, bool) or not isinstance(self.fade, (int, float)) or not 0 <= self.fade < 1:
+            raise ConfigError(f"fade={self.fade!r} is the fraction of the training steps over which removed blocks "
+                              "fade out, in [0, 1); 0 = removed at once")
+        if self.fade and self.method in ("ce", "bn"):
+            raise ConfigError(f"fade={self.fade} takes the removed blocks from the teacher, which method="
+                              f"{self.method!r} does not use; choose 'kd', 'feature' or 'adaptor', or fade=0")
         if self.clip_factor is not None and not self.clip_factor > 0:
             raise ConfigError(f"clip_factor={self.clip_factor} must be positive, or None for no gradient clipping")
         if self.mimic not in MIMIC_POINTS:
@@ -475,9 +488,69 @@ class _Taps:
             h.remove()
 
 
+class _Fading(nn.Module):
+    """A removed block back in its slot for the start of training: ``x + a·(block(x) − x)`` with ``a`` read from
+    ``alpha`` at every call (``x`` alone once it is 0). The block is a frozen copy of the teacher's, kept in eval
+    mode and *not registered* as a submodule, so the student's parameters, state dict and checkpoints are those of
+    the pruned network throughout."""
+
+    def __init__(self, block: nn.Module, alpha: Callable[[], float]) -> None:
+        super().__init__()
+        self.__dict__["_block"] = block  # not a submodule: see the class docstring
+        self.alpha = alpha
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        a = self.alpha()
+        if a <= 0:
+            return x
+        out = self._block(x, *args, **kwargs)
+        if isinstance(out, (tuple, list)):  # transformer layers: (hidden states, ...); a removed one returns x
+            out = out[0]
+        return x + a * (out - x)
+
+
+def removed_slots(model: nn.Module) -> list[str]:
+    """The block slots of ``model`` whose block was removed (an identity; fitted adaptors are not)."""
+    from .blocks import topology
+
+    return [name for name in topology(model).slots
+            if isinstance(m := model.get_submodule(name), nn.Identity) and not isinstance(m, BlockAdaptor)]
+
+
+class _Fade:
+    """The removed blocks of ``student`` faded out over the first ``fraction`` of training (``progress`` in
+    [0, 1]): :class:`_Fading` modules in the removed slots, frozen copies of ``teacher``'s blocks; :meth:`close`
+    puts the identities back."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, fraction: float,
+                 progress: Callable[[], float]) -> None:
+        self.student, self.fraction, self.progress = student, fraction, progress
+        self.slots = removed_slots(student)
+        self.removed = {name: student.get_submodule(name) for name in self.slots}
+        for name in self.slots:  # the teacher's device and memory format come with the copy
+            block = copy.deepcopy(teacher.get_submodule(name)).eval().requires_grad_(False)
+            _set_submodule(student, name, _Fading(block, self.alpha))
+
+    def alpha(self) -> float:
+        """The blocks' share now: cosine from 1 to 0 over the first ``fraction`` of training, then 0."""
+        p = min(1.0, max(0.0, self.progress())) / self.fraction
+        return 0.5 * (1 + math.cos(math.pi * p)) if p < 1 else 0.0
+
+    def close(self) -> None:
+        for name, module in self.removed.items():
+            _set_submodule(self.student, name, module)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 class RecoveryObjective:
     """The loss of one recovery method: ``(1 − α)·CE + α·KD`` (``kd``), plus ``β·Σ MSE(s, t)/mean(t²)`` over the
-    feature points (``feature``, ``adaptor``), or CE alone (``ce``). Call :meth:`close` to remove its hooks."""
+    feature points (``feature``, ``adaptor``), or CE alone (``ce``); with ``config.fade`` the removed blocks fade
+    out of the student over the first steps (:class:`_Fade`). Call :meth:`close` to remove its hooks and the
+    fading blocks."""
 
     def __init__(self, config: RecoveryConfig, student: nn.Module, teacher: nn.Module | None) -> None:
         self.config, self.teacher = config, teacher
@@ -488,8 +561,12 @@ class RecoveryObjective:
         points = feature_points(student, config.mimic) if feats else []
         self.s_taps = _Taps(student, points) if feats else None
         self.t_taps = _Taps(teacher, points) if feats and teacher is not None else None
-        #: the fraction of training done, in [0, 1] (set by the training stage; the feature schedule reads it)
+        #: the fraction of training done, in [0, 1] (set by the training stage; the feature schedule and the
+        #: fading blocks read it)
         self.progress: Callable[[], float] = lambda: 0.0
+        # after the taps: the feature points are those of the pruned network
+        self.fade = _Fade(student, teacher, config.fade, lambda: self.progress()) \
+            if config.fade and teacher is not None else None
 
     def feature_weight(self) -> float:
         """The feature term's weight now: constant, or cosine-decayed over training."""
@@ -517,9 +594,13 @@ class RecoveryObjective:
         return loss
 
     def close(self) -> None:
+        """Remove the hooks and put the removed blocks' identities back (the student is the pruned network)."""
         for taps in (self.s_taps, self.t_taps):
             if taps is not None:
                 taps.close()
+        if self.fade is not None:
+            self.fade.close()
+            self.fade = None
 
 
 # ------------------------------------------------------------------------------------------------- recover()
@@ -714,7 +795,10 @@ def estimate_recovery(config: RecoveryConfig | str | int, model: nn.Module, teac
             opt.step()
 
         try:
-            per_train = timed(train_step)
+            per_train = timed(train_step)  # progress 0: with fading blocks, every one of them at full weight
+            if objective.fade is not None:  # the faded share of the steps at that cost, the rest without them
+                objective.progress = lambda: 1.0
+                per_train = cfg.fade * per_train + (1 - cfg.fade) * timed(train_step)
         finally:
             objective.close()
     seconds = per_train * steps * cfg.batch_size + per_forward * forward_images

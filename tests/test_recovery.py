@@ -77,7 +77,9 @@ def test_parse_refuses_what_it_cannot_read(bad) -> None:
 @pytest.mark.parametrize("kwargs, word", [({"method": "magic"}, "method"), ({"batch_size": 0}, "batch_size"),
                                           ({"lr": 0.0}, "lr"), ({"kd_alpha": 2.0}, "kd_alpha"),
                                           ({"images": -1}, "images"), ({"mimic": "layers"}, "mimic"),
-                                          ({"feature_schedule": "linear"}, "feature_schedule")])
+                                          ({"feature_schedule": "linear"}, "feature_schedule"),
+                                          ({"fade": 1.0}, "fade"), ({"fade": -0.1}, "fade"),
+                                          ({"fade": 0.3, "method": "ce"}, "fade")])
 def test_config_names_the_bad_argument(kwargs, word) -> None:
     with pytest.raises(ConfigError, match=word):
         RecoveryConfig(**kwargs)
@@ -139,6 +141,50 @@ def test_cosine_feature_schedule_decays_to_zero(demo, data, pruned) -> None:
     cfg = RecoveryConfig(images=1_500, feature_schedule="cosine", bn_images=256, batch_size=64)
     result = recover(student, data["train"], cfg, teacher=demo, eval_data=data["test"], device="cpu")
     assert result.images_seen <= cfg.images and result.accuracy > pruned[1] + 10
+
+
+def test_fading_blocks_start_as_the_teacher_and_end_as_the_pruned_network(demo, data, pruned) -> None:
+    teacher = copy.deepcopy(demo).eval()
+    student = copy.deepcopy(pruned[0]).eval()  # no batch-norm re-estimation: the kept blocks are the teacher's
+    keys = set(student.state_dict())
+    x = torch.stack([data["test"][i][0] for i in range(32)])
+    with torch.no_grad():
+        full, cut = teacher(x), student(x)
+    objective = RecoveryObjective(RecoveryConfig(fade=0.5), student, teacher)
+    try:
+        outputs = {}
+        for done in (0.0, 0.25, 0.5, 0.9):
+            objective.progress = lambda done=done: done
+            with torch.no_grad():
+                outputs[done] = student(x)
+        assert torch.allclose(outputs[0.0], full, atol=1e-4)  # every removed block back at full weight
+        assert torch.allclose(outputs[0.5], cut, atol=1e-5) and torch.allclose(outputs[0.9], cut, atol=1e-5)
+        assert not torch.allclose(outputs[0.25], full, atol=1e-2) and not torch.allclose(outputs[0.25], cut,
+                                                                                          atol=1e-2)
+        assert set(student.state_dict()) == keys  # checkpoints hold the pruned network's weights only
+        assert {n for n, p in student.named_parameters()} == {n for n, p in pruned[0].named_parameters()}
+    finally:
+        objective.close()
+    assert removed_blocks(student) == REMOVED
+    assert all(type(student.get_submodule(n)) is type(pruned[0].get_submodule(n)) for n in REMOVED)
+    with torch.no_grad():
+        assert torch.equal(student(x), cut)
+
+
+def test_fade_recovers_a_pruned_network_and_leaves_it_pruned(demo, data, pruned) -> None:
+    plain, faded = copy.deepcopy(pruned[0]), copy.deepcopy(pruned[0])
+    base = RecoveryConfig(images=1_500, bn_images=256, batch_size=64)
+    a = recover(plain, data["train"], base, teacher=demo, eval_data=data["test"], device="cpu")
+    b = recover(faded, data["train"], RecoveryConfig(**{**base.to_dict(), "fade": 0.5}), teacher=demo,
+                eval_data=data["test"], device="cpu")
+    assert b.images_seen == a.images_seen and b.accuracy > pruned[1] + 10
+    assert removed_blocks(faded) == REMOVED and set(faded.state_dict()) == set(plain.state_dict())
+    assert all(type(faded.get_submodule(n)) is type(plain.get_submodule(n)) for n in REMOVED)  # identities back
+    assert b.accuracy == pytest.approx(top1(faded, data["test"]))
+    assert any(not torch.equal(v, faded.state_dict()[k]) for k, v in plain.state_dict().items())  # it acted
+    # the estimate times the faded share of the steps with the blocks in
+    slow = estimate_recovery(RecoveryConfig(images=20_000, fade=0.9), pruned[0], demo, device="cpu")
+    assert slow["seconds"] > 0 and removed_blocks(pruned[0]) == REMOVED
 
 
 @pytest.mark.parametrize("images", [10, 255, 300, 1_000])
