@@ -79,8 +79,9 @@ DATA_FREE_CRITERIA: tuple[str, ...] = tuple(c.name for c in _INFOS if not c.need
 #: The knob of ``cka_capacity``: the exponent of the parameter ratio (0 = plain ``cka``).
 DEFAULT_CAPACITY_WEIGHT = 1.0
 #: From this fraction of MACs removed on, a cut is "deep": the blocks kept decide the accuracy after recovery, and
-#: the CLI and the dashboard say which plan is recommended there (:func:`plan_advice`).
-DEEP_TARGET = 0.6
+#: the CLI and the dashboard say which plan is recommended there (:func:`plan_advice`). 50 %: on ResNet-56 at
+#: −52.6 % ``cka_capacity`` led ``cka`` by 1.4 points on the validation split with both of two seeds.
+DEEP_TARGET = 0.5
 #: The criterion recommended for deep cuts (chosen on the validation split, ``benchmarks/deep.py``).
 DEEP_CRITERION = "cka_capacity"
 #: The measured plans behind the recommendation: written by ``python -m benchmarks.deep --write`` from its rows
@@ -99,14 +100,15 @@ def load_deep_evidence(path: str | Path = DEEP_EVIDENCE_FILE) -> dict[str, Any]:
 def deep_reason(evidence: Mapping[str, Any]) -> str:
     """Why :data:`DEEP_CRITERION` is recommended, in words and with the numbers of the deepest validation group
     after ``standard`` recovery in ``evidence`` (:func:`load_deep_evidence`): the plans' accuracies and the
-    parameters each keeps, best first, random blocks' mean ± sd, and one accuracy's standard error."""
+    parameters each keeps, best first, random blocks' mean ± sd, then the shallower validation groups' plans in
+    brief, and one accuracy's standard error."""
     groups = [g for g in evidence.get("groups", []) if g["split"] == "validation" and g["recovery"] == "standard"]
     text = "deep cuts: the accuracy after recovery follows the weights kept"
     if not groups:
         return text
     g = max(groups, key=lambda g: g["macs_reduction"])
     plans = sorted(g["plans"].items(), key=lambda kv: -kv[1]["acc"])
-    seeds = {p["seeds"] for _, p in plans}
+    seeds = {p["seeds"] for o in groups for p in o["plans"].values()}
     runs = "one run per plan" if seeds == {1} else "the mean where a plan ran with several seeds"
     first, *rest = plans
     parts = ", ".join([f"{first[0]} recovered to {first[1]['acc']:.2f} % ({100 * first[1]['params_kept']:.0f} % of "
@@ -114,9 +116,14 @@ def deep_reason(evidence: Mapping[str, Any]) -> str:
                        *(f"{name}'s to {p['acc']:.2f} % ({100 * p['params_kept']:.0f} %)" for name, p in rest)])
     rand = g.get("random")
     rand_text = f", random blocks to {rand['acc']:.2f} ± {rand['sd']:.2f} % ({rand['seeds']} seeds)" if rand else ""
+    shallower = "".join(
+        f"; at −{100 * o['macs_reduction']:.1f} %: " + ", ".join(
+            f"{name} {p['acc']:.2f} %" + (f" ({p['seeds']} seeds)" if p["seeds"] > 1 else "")
+            for name, p in sorted(o["plans"].items(), key=lambda kv: -kv[1]["acc"]))
+        for o in sorted(groups, key=lambda o: -o["macs_reduction"]) if o is not g)
     return (f"{text}; on ResNet-56 at −{100 * g['macs_reduction']:.1f} % MACs after `standard` recovery, on "
-            f"{g['eval_images']:,} held-out training images, the blocks chosen by {parts}{rand_text}; {runs}, one "
-            f"accuracy ±{g['se_pp']:.1f} points")
+            f"{g['eval_images']:,} held-out training images, the blocks chosen by {parts}{rand_text}{shallower}; "
+            f"{runs}, one accuracy ±{g['se_pp']:.1f} points")
 
 
 #: Why :data:`DEEP_CRITERION` is recommended, from :data:`DEEP_EVIDENCE_FILE`.

@@ -182,6 +182,7 @@ def test_plan_advice_names_the_reason_and_the_deep_recommendation() -> None:
     assert "91.22" in deep  # the measured reason
     assert "recommended" in plan_advice("cka_capacity", 0.75)
     assert plan_advice("cka", None) is None  # no MACs target: no deep-cut advice
+    assert DEEP_TARGET == 0.5 and plan_advice("cka", 0.526) is not None  # `macs:50%` on ResNet-56 is deep
 
 
 def test_debiased_cka(demo, calib, xy, removable) -> None:
