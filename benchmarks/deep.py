@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -216,17 +217,26 @@ def _plan_name(r: dict[str, Any]) -> str:
     return r["criterion"] + (" iterative" if r["iterative"] else "")
 
 
+def _is_plan_row(r: dict[str, Any]) -> bool:
+    """A row that compares plans: the default recipe on a pruned ResNet-56 (not a recipe variation, not a
+    reference network)."""
+    return not r.get("recipe_name") and not r.get("reference")
+
+
+def _plan_groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """The plan rows (:func:`_is_plan_row`) grouped by (split, target, recovery)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in filter(_is_plan_row, rows):
+        groups.setdefault((r["split"], r["target"], r["recovery"]), []).append(r)
+    return groups
+
+
 def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Plain-words findings from the finished rows, one bullet per (split, target, recovery) group: the plans
     ranked (by their mean over seeds), random's mean ± std (over its seeds) and whether each plan beats it by more than two of those standard
     deviations, the gap to the base; on the test split, whether the issue's target (:data:`TARGET_DROPS`) is met.
     Rows of a tuned recipe (``recipe_name``) are left out: they compare recipes, not plans."""
-    import statistics
-
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        if not r.get("recipe_name") and not r.get("reference"):
-            groups.setdefault((r["split"], r["target"], r["recovery"]), []).append(r)
+    groups = _plan_groups(rows)
     out = []
     for (split, target, recovery), group in sorted(groups.items(), key=lambda kv: (kv[0][0] != "validation",
                                                                                   kv[0][1:])):
@@ -270,7 +280,7 @@ def recipe_findings_lines(rows: list[dict[str, Any]]) -> list[str]:
     def key(r: dict[str, Any]) -> tuple:
         return r["split"], r["target"], r["recovery"], _plan_name(r), r["seed"]
 
-    defaults = {key(r): r for r in rows if not r.get("recipe_name") and not r.get("reference")}
+    defaults = {key(r): r for r in filter(_is_plan_row, rows)}
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("recipe_name"):
@@ -315,8 +325,7 @@ def reference_lines(rows: list[dict[str, Any]]) -> list[str]:
                 f"MACs and {100 * ref['params_reduction']:.0f} % fewer parameters than ResNet-56")
         cheaper: dict[tuple[str, str], dict[str, Any]] = {}
         for r in rows:
-            if r.get("reference") or r.get("recipe_name") or r["split"] != ref["split"] or \
-                    r["macs_reduction"] < ref["macs_reduction"]:
+            if not _is_plan_row(r) or r["split"] != ref["split"] or r["macs_reduction"] < ref["macs_reduction"]:
                 continue
             k = (r["recovery"], r["target"])
             if k not in cheaper or r["acc"] > cheaper[k]["acc"]:
@@ -338,12 +347,7 @@ def plan_evidence(rows: list[dict[str, Any]]) -> dict[str, Any]:
     target, recovery), each plan's mean accuracy, seeds and mean share of parameters kept, random blocks' mean, sd
     and seeds, the base accuracy, the evaluation images and one accuracy's standard error (recipe and reference
     rows left out)."""
-    import statistics
-
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        if not r.get("recipe_name") and not r.get("reference"):
-            groups.setdefault((r["split"], r["target"], r["recovery"]), []).append(r)
+    groups = _plan_groups(rows)
     out = []
     for (split, target, recovery), group in sorted(groups.items()):
         plans: dict[str, list[dict[str, Any]]] = {}
@@ -366,6 +370,11 @@ def plan_evidence(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "groups": out}
 
 
+def what_the_rows_say(rows: list[dict[str, Any]]) -> list[str]:
+    """The findings in words, as REPORT.md and ``results/deep.md`` both print them: plans, recipes, references."""
+    return ["What the rows say:", "", *findings_lines(rows), *recipe_findings_lines(rows), *reference_lines(rows)]
+
+
 def report_lines() -> list[str]:
     """The deep-cut section of REPORT.md: the finished rows and the rows still to run (empty without results)."""
     rows = load_results()["rows"]
@@ -380,8 +389,7 @@ def report_lines() -> list[str]:
              "images.\n"]
     lines += table_lines(rows) if rows else ["No row has finished yet."]
     if rows:
-        lines += ["", "What the rows say:", "", *findings_lines(rows), *recipe_findings_lines(rows),
-                  *reference_lines(rows)]
+        lines += ["", *what_the_rows_say(rows)]
     if missing:
         lines.append(f"\nNot measured yet ({len(missing)} rows; a `long` one takes 1.5–2.5 h on one CPU "
                      "core, minutes of a device call through `scripts/gpu_session.sh`: see `benchmarks/README.md`): " + ", ".join(f"`{m}`" for m in missing) + ".")
@@ -396,8 +404,7 @@ def write_report() -> Path:
              "Every row: `run_prune` with the default recovery recipe (unless the plan column names a recipe); "
              "validation = 5,000 training images held out "
              "of calibration and recovery, test = all 10,000 test images.", "",
-             *table_lines(rows), "", "What the rows say:", "", *findings_lines(rows), *recipe_findings_lines(rows),
-             *reference_lines(rows)]
+             *table_lines(rows), "", *what_the_rows_say(rows)]
     out = results_dir() / "deep.md"
     out.write_text("\n".join(lines) + "\n")
     if results_dir() == RESULTS_DIR:  # the committed rows only, never a trial run's
