@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from cka_analysis import recovery as recovery_module
 from cka_analysis.blocks import find_blocks, remove_blocks, removed_blocks
 from cka_analysis.data import load_dataset, make_loader
 from cka_analysis.errors import ConfigError
@@ -182,9 +183,27 @@ def test_fade_recovers_a_pruned_network_and_leaves_it_pruned(demo, data, pruned)
     assert all(type(faded.get_submodule(n)) is type(plain.get_submodule(n)) for n in REMOVED)  # identities back
     assert b.accuracy == pytest.approx(top1(faded, data["test"]))
     assert any(not torch.equal(v, faded.state_dict()[k]) for k, v in plain.state_dict().items())  # it acted
-    # the estimate times the faded share of the steps with the blocks in
-    slow = estimate_recovery(RecoveryConfig(images=20_000, fade=0.9), pruned[0], demo, device="cpu")
-    assert slow["seconds"] > 0 and removed_blocks(pruned[0]) == REMOVED
+
+
+def test_the_estimate_charges_fading_blocks_for_the_faded_share_of_the_steps(demo, pruned, monkeypatch) -> None:
+    # a clock that only a fading block's forward moves (one unit per call): the estimate must charge that cost
+    # for the ``fade`` share of the steps and nothing for the rest
+    clock = [0.0]
+    forward = recovery_module._Fading.forward
+
+    def timed_forward(self, x, *args, **kwargs):
+        clock[0] += 1.0 if self.alpha() > 0 else 0.0
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(recovery_module._Fading, "forward", timed_forward)
+    monkeypatch.setattr(recovery_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    for fade in (0.3, 0.9):
+        cfg = RecoveryConfig(images=20_000, fade=fade)
+        estimate = estimate_recovery(cfg, pruned[0], demo, device="cpu")
+        per_step = len(REMOVED) / cfg.batch_size  # each removed block once per step, per image of the batch
+        assert estimate["seconds_per_image"] == pytest.approx(fade * per_step)
+        assert estimate["seconds"] == pytest.approx(fade * per_step * cfg.train_steps * cfg.batch_size)
+    assert removed_blocks(pruned[0]) == REMOVED  # the estimate leaves the model as it was
 
 
 @pytest.mark.parametrize("images", [10, 255, 300, 1_000])
