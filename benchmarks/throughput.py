@@ -14,10 +14,15 @@ rows), in one run:
 
 Both are reported as the mean over the timed steps and as the best 10-step window: on a machine shared with other
 jobs (the 2-core CPU here), the best windows are what the code can do, the means what it did under the load
-recorded in ``env.loadavg_at_start``.
+recorded in ``env.loadavg_at_start``. The real run also counts the page faults per step.
 
-``python -m benchmarks.throughput [--device cpu|cuda] [--threads 1,2] [--steps N] [--batch-size B]`` appends one
-row per (device, threads, target, batch size) to ``results/throughput.json`` (a rerun replaces its rows).
+On the CPU, ``--allocator both`` measures glibc's default allocator settings (in a child process, since the tuning
+cannot be undone) and then the tuned ones the trainer sets (:func:`cka_analysis.device.tune_cpu_allocator`), in
+one run: the allocator is in each row's id and in the report.
+
+``python -m benchmarks.throughput [--device cpu|cuda] [--threads 1,2] [--steps N] [--batch-size B]
+[--allocator tuned|default|both]`` appends one row per (device, threads, target, batch size, allocator) to
+``results/throughput.json`` (a rerun replaces its rows).
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ import argparse
 import copy
 import itertools
 import json
+import os
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,21 +65,23 @@ def _train_data() -> Any:
 
 def real(student: torch.nn.Module, teacher: torch.nn.Module, data: Any, steps: int, batch_size: int,
          device: str) -> dict[str, Any]:
-    """Images/s of recover() between its first and last progress report (10-step spacing)."""
+    """Images/s of recover() between its first and last progress report (10-step spacing), and the minor page
+    faults per step over the same steps."""
     from cka_analysis.recovery import RecoveryConfig, recover
 
     cfg = RecoveryConfig(images=2048 + (steps + 1) * batch_size, batch_size=batch_size)
-    marks: list[tuple[float, int]] = []
+    marks: list[tuple[float, int, int]] = []
 
     def progress(done: int, total: int | None, message: str) -> None:
         if message.startswith("training: step"):
-            marks.append((time.perf_counter(), done))
+            marks.append((time.perf_counter(), done, resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
 
     res = recover(copy.deepcopy(student), data, cfg, teacher=teacher, device=device, progress=progress)
-    (t0, s0), (t1, s1) = marks[0], marks[-1]
+    (t0, s0, f0), (t1, s1, f1) = marks[0], marks[-1]
     windows = [(b[1] - a[1]) * batch_size / (b[0] - a[0]) for a, b in itertools.pairwise(marks)]
     return {"images_per_s": (s1 - s0) * batch_size / (t1 - t0), "best_window": max(windows),
-            "steps_timed": s1 - s0, "amp": res.amp, "seconds": res.seconds}
+            "steps_timed": s1 - s0, "amp": res.amp, "seconds": res.seconds,
+            "page_faults_per_step": (f1 - f0) / (s1 - s0)}
 
 
 def data_path(data: Any, preset: Any, batch_size: int, device: str, batches: int = 50) -> dict[str, float]:
@@ -107,7 +118,7 @@ def floor(student: torch.nn.Module, teacher: torch.nn.Module, steps: int, batch_
 
     ``compile_mode``: run both networks through ``torch.compile`` with this mode (``"default"``, or
     ``"reduce-overhead"`` for CUDA graphs); ``warmup_seconds`` then holds the compilation."""
-    from cka_analysis.device import resolve_device, synchronize
+    from cka_analysis.device import resolve_device, synchronize, tune_cpu_allocator
     from cka_analysis.recovery import RecoveryConfig
     from cka_analysis.training import (
         distillation_loss,
@@ -117,6 +128,8 @@ def floor(student: torch.nn.Module, teacher: torch.nn.Module, steps: int, batch_
     )
 
     dev = resolve_device(device)
+    if dev.type == "cpu":  # the allocator the trainer runs with
+        tune_cpu_allocator()
     cfg = RecoveryConfig()
     s, t = copy.deepcopy(student).to(dev).train(), copy.deepcopy(teacher).to(dev).eval()
     x = torch.randn(batch_size, *student.cka_preset.input_size, device=dev)
@@ -177,15 +190,18 @@ def report_lines() -> list[str]:
              "distillation + update on one synthetic batch already on the device), ResNet-56, CKA's blocks; mean "
              "over the timed steps and the best 10-step window (the machine may be shared: load average at start "
              "in the last column).\n",
-             "| device | threads | MACs removed | batch | real images/s | floor images/s | ratio | best windows: real "
-             "/ floor (ratio) | data + augmentation, ms/batch: DataLoader → TensorBatches | floor through torch.compile: "
-             "images/s (× eager, seconds to compile) | precision | load |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|"]
+             "| device | threads | allocator | MACs removed | batch | real images/s | floor images/s | ratio | best "
+             "windows: real / floor (ratio) | page faults per real step | data + augmentation, ms/batch: DataLoader "
+             "→ TensorBatches | floor through torch.compile: images/s (× eager, seconds to compile) | precision | "
+             "load |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['device']} | {r['threads']} | {100 * r['macs_reduction']:.1f} % | {r['batch_size']} | "
+        faults = f"{r['page_faults_per_step']:,.0f}" if r.get("page_faults_per_step") is not None else "–"
+        lines.append(f"| {r['device']} | {r['threads']} | {r.get('allocator', '–')} | "
+                     f"{100 * r['macs_reduction']:.1f} % | {r['batch_size']} | "
                      f"{r['real_images_per_s']:.0f} | {r['floor_images_per_s']:.0f} | {r['ratio']:.2f} | "
                      f"{r['real_best_window']:.0f} / {r['floor_best_window']:.0f} ({r['ratio_best_windows']:.2f}) | "
-                     + (f"{r['data_path_ms_per_batch']['loader_ms']:.1f} → "
+                     f"{faults} | " + (f"{r['data_path_ms_per_batch']['loader_ms']:.1f} → "
                         f"{r['data_path_ms_per_batch']['tensor_batches_ms']:.1f} | "
                         if r.get("data_path_ms_per_batch") else "– | ") +
                      ("; ".join(f"{m}: {c['images_per_s']:.0f} ({c['speedup']:.2f}×, {c['compile_seconds']:.0f} s)"
@@ -203,12 +219,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true",
                     help="also time the floor through torch.compile (default mode; on CUDA also reduce-overhead, "
                          "i.e. CUDA graphs), compilation time included in the row")
+    ap.add_argument("--allocator", choices=["tuned", "default", "both"], default="tuned",
+                    help="CPU memory allocator: the trainer's tuned setting (default), glibc's defaults, or both "
+                         "in one run (glibc's in a child process first)")
     args = ap.parse_args(argv)
     from cka_analysis.blocks import remove_blocks
-    from cka_analysis.device import resolve_device
+    from cka_analysis.device import CPU_ALLOCATOR_ENV, resolve_device, tune_cpu_allocator
     from cka_analysis.metrics import count_macs
 
     dev = resolve_device(args.device)
+    if args.allocator == "both" and dev.type == "cpu":
+        child = ["--device", args.device, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                 "--allocator", "default", *(["--threads", args.threads] if args.threads else []),
+                 *(["--compile"] if args.compile else [])]
+        log("glibc's default allocator, in a child process")
+        subprocess.run([sys.executable, "-m", "benchmarks.throughput", *child], check=True,
+                       env={**os.environ, CPU_ALLOCATOR_ENV: "default"})
+    if args.allocator == "default":
+        os.environ[CPU_ALLOCATOR_ENV] = "default"  # before anything tunes it
+    allocator = ("tuned" if tune_cpu_allocator() else "glibc default") if dev.type == "cpu" else "–"
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     teacher = load_model("resnet56")
     data = _train_data()
@@ -236,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{dev} threads={n} {target}: real recovery")
             re = real(student, teacher, data, args.steps, args.batch_size, str(dev))
             env = env_info(dev)
-            row = {"id": f"{env['device']}-t{n}-{target}-b{args.batch_size}", "target": target,
+            suffix = "-glibc" if allocator == "glibc default" else ""
+            row = {"id": f"{env['device']}-t{n}-{target}-b{args.batch_size}{suffix}", "target": target,
                    "macs_reduction": macs, "batch_size": args.batch_size, "threads": n, "device": env["device"],
+                   "allocator": allocator, "page_faults_per_step": re["page_faults_per_step"],
                    "real_images_per_s": re["images_per_s"], "floor_images_per_s": fl["images_per_s"],
                    "ratio": re["images_per_s"] / fl["images_per_s"],
                    "data_path_ms_per_batch": dp, "real_best_window": re["best_window"], "floor_best_window": fl["best_window"],
@@ -246,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                    "env": env, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
             log(f"{row['id']}: real {row['real_images_per_s']:.0f} images/s, floor "
                 f"{row['floor_images_per_s']:.0f} images/s, ratio {row['ratio']:.2f} (best 10-step windows: "
-                f"{row['real_best_window']:.0f} / {row['floor_best_window']:.0f} = {row['ratio_best_windows']:.2f})")
+                f"{row['real_best_window']:.0f} / {row['floor_best_window']:.0f} = {row['ratio_best_windows']:.2f}), "
+                f"{row['page_faults_per_step']:,.0f} page faults per step ({allocator})")
             STORE.save(row)
     return 0
 

@@ -748,10 +748,12 @@ def estimate_recovery(config: RecoveryConfig | str | int, model: nn.Module, teac
 
     Returns ``{"seconds", "seconds_per_image", "images", "reference_drop_pp", "reference"}``.
     """
-    from .device import resolve_device, synchronize
+    from .device import resolve_device, synchronize, tune_cpu_allocator
 
     cfg = RecoveryConfig.parse(config)
     dev = resolve_device(device)
+    if dev.type == "cpu":  # as the trainer will run
+        tune_cpu_allocator()
     steps = cfg.train_steps if cfg.images else 0
     forward_images = min(cfg.bn_images, cfg.images) + (cfg.adaptor_images if cfg.method == "adaptor" else 0)
     # the recipe's own batch (throughput per image depends on it), fewer images only where a batch would cost

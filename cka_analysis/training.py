@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .device import amp_dtype, resolve_device, use_channels_last
+from .device import amp_dtype, resolve_device, tune_cpu_allocator, use_channels_last
 from .errors import Cancelled, CheckpointError, ConfigError, DivergedError
 from .progress import CancelToken, ProgressFn, no_progress
 
@@ -342,6 +342,8 @@ class Trainer:
         self.ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
         self.checkpoint_every, self.checkpoint_seconds = checkpoint_every, float(checkpoint_seconds)
         self._last_save = time.perf_counter()
+        if self.dev.type == "cpu":  # no page faults on every step's activations
+            tune_cpu_allocator()
         model.to(self.dev)
         self.channels_last = train_in_channels_last(self.dev, model)
         if self.channels_last:
