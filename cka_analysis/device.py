@@ -185,10 +185,10 @@ def tune_cpu_allocator() -> bool:
     """Keep the memory that freed tensors give back inside the process (glibc on Linux), once per process.
 
     Why: training on the CPU allocates and frees the same activation-sized blocks at every step, and glibc's
-    defaults hand the large ones back to the system (unmapping them, trimming the heap), so every page is
-    faulted in again at the next step: about 38,000 page faults per ResNet-56 training step at batch 64 and
-    a tenth of the CPU time spent in the kernel (``benchmarks/throughput.py`` measures both settings in one
-    run). This raises glibc's mmap threshold to its maximum (32 MiB) and its trim threshold to 1 GiB; the
+    defaults hand the large ones back to the system (unmapping them, trimming the heap), so their pages are
+    faulted in again at the next step, in the kernel's time (``python -m benchmarks.throughput --allocator
+    both`` counts the page faults per step and the images/s of both settings in one run). This raises glibc's
+    mmap threshold to its maximum (32 MiB) and its trim threshold to 1 GiB; the
     cost is a resident size that stays at its peak. The trainer and the recovery estimate call it when they
     run on the CPU. ``CKA_PRUNE_CPU_ALLOCATOR=default`` leaves the allocator as it is.
 
