@@ -5,6 +5,9 @@ One setting each, read from the environment so that tests, CI, the CLI and the d
 * ``CKA_PRUNE_DATA`` — the shared data folder (CIFAR-10 JPEG copy and public weights); default
   ``../shared/data`` beside the checkout.
 * ``CKA_PRUNE_CACHE`` — where downloaded weights and datasets are cached; default torch.hub's directory.
+
+Elsewhere: ``CKA_PRUNE_CPU_ALLOCATOR=default`` leaves glibc's allocator as it is when training on the CPU
+(:func:`cka_analysis.device.tune_cpu_allocator`); ``CKA_PRUNE_LATENCY_CACHE`` in :mod:`cka_analysis.latency`.
 """
 
 from __future__ import annotations
