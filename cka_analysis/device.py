@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -178,9 +179,9 @@ _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 _TRIM_THRESHOLD = 1 << 30
 #: The environment setting that turns :func:`tune_cpu_allocator` off (``default``: glibc's own settings).
 CPU_ALLOCATOR_ENV = "CKA_PRUNE_CPU_ALLOCATOR"
-_allocator_tuned: bool | None = None
 
 
+@functools.cache
 def tune_cpu_allocator() -> bool:
     """Keep the memory that freed tensors give back inside the process (glibc on Linux), once per process.
 
@@ -188,24 +189,18 @@ def tune_cpu_allocator() -> bool:
     defaults hand the large ones back to the system (unmapping them, trimming the heap), so their pages are
     faulted in again at the next step, in the kernel's time (``python -m benchmarks.throughput --allocator
     both`` counts the page faults per step and the images/s of both settings in one run). This raises glibc's
-    mmap threshold to its maximum (32 MiB) and its trim threshold to 1 GiB; the
-    cost is a resident size that stays at its peak. The trainer and the recovery estimate call it when they
-    run on the CPU. ``CKA_PRUNE_CPU_ALLOCATOR=default`` leaves the allocator as it is.
+    mmap threshold to its maximum (32 MiB) and its trim threshold to 1 GiB; the cost is a resident size that
+    stays at its peak. The trainer and the recovery estimate call it when they run on the CPU.
+    ``CKA_PRUNE_CPU_ALLOCATOR=default`` (read at the first call) leaves the allocator as it is.
 
     Returns whether the setting is in effect (False on other C libraries and platforms, or when turned off).
     """
-    global _allocator_tuned
-    if _allocator_tuned is None:
-        _allocator_tuned = False
-        if os.environ.get(CPU_ALLOCATOR_ENV, "tuned").strip().lower() == "default":
-            return False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                mallopt = libc.mallopt  # glibc only (musl has none)
-            except (OSError, AttributeError):
-                return False
-            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-            _allocator_tuned = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and \
-                bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
-    return _allocator_tuned
+    if os.environ.get(CPU_ALLOCATOR_ENV, "tuned").strip().lower() == "default" or \
+            not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt  # glibc only (musl has none)
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
