@@ -723,6 +723,7 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
     from .errors import ConfigError
     from .export import save_pruned
     from .metrics import format_duration
+    from .native import NATIVE_DIRS
     from .workflow import PruneData, check_feasible, estimate_run, run_prune
 
     dev = dist_utils.init_from_env(args.device)
@@ -750,7 +751,7 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
         save_pruned(outcome.model, out, report=report)
         _write_json(str(out / "report.json"), report)
         print(outcome.record.summary())
-        native = [d for d in ("huggingface", "timm") if (out / d).is_dir()]
+        native = [d for d in NATIVE_DIRS if (out / d).is_dir()]
         print(f"wrote {out}/ (model.safetensors, manifest.json, report.json"
               + "".join(f", {d}/: the native format" for d in native) + ")")
         if not outcome.record.cancelled:

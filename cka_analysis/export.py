@@ -139,14 +139,14 @@ def save_pruned(model: nn.Module, path: str | Path, *, report: dict[str, Any] | 
     if source is not None:
         manifest["source"] = jsonable(source)
         manifest["blocks"] = list(getattr(model, PATTERNS_ATTR, ()))
-        folder = native_dir_name(model)
-        if folder is not None:
-            try:
-                manifest["native"] = export_native(model, out / folder)
-            except NativeUnsupported as exc:
-                manifest["native"] = {"format": None, "reason": str(exc)}
-            except Exception as exc:  # an unforeseen family: the project's own format above still holds it
-                manifest["native"] = {"format": None, "reason": f"{type(exc).__name__}: {exc}"}
+    folder = native_dir_name(model)
+    if folder is not None:
+        try:
+            manifest["native"] = export_native(model, out / folder)
+        except NativeUnsupported as exc:
+            manifest["native"] = {"format": None, "reason": str(exc)}
+        except Exception as exc:  # an unforeseen family: the project's own format above still holds it
+            manifest["native"] = {"format": None, "reason": f"{type(exc).__name__}: {exc}"}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
 

@@ -15,12 +15,26 @@ the keyword arguments and the preset) and ``config.json`` (``{"model_name": ...,
 rebuilds it (and ``cka-prune ... --model timm:NAME --weights DIR/timm/model.safetensors`` reopens it). Other timm
 families (EfficientNet, MobileNetV3, RegNet: depth is not one argument) keep the project's own format only.
 
+A pruned torchvision ``ResNet``, ``MobileNetV2`` or ``VisionTransformer`` (the registry's ``resnet18``–``resnet101``,
+``mobilenet_v2``, ``vit_b_16``, ``vit_tiny``, or a factory that returns one of these classes) is written as
+``model.safetensors`` (renumbered state dict) and ``config.json``: the class, its keyword arguments with the depth
+reduced (``layers`` per stage, the blocks per group of ``inverted_residual_setting``, ``num_layers``), the arguments
+that are classes as dotted paths (``classes``: a ResNet's ``block``), and the same call written out (``call``)::
+
+    def find(path):  # "torchvision.models.resnet.ResNet" -> the class
+        module, _, name = path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+    model = find(cfg["class"])(**cfg["kwargs"], **{k: find(v) for k, v in cfg["classes"].items()})
+    model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
+
 Each export is checked before it is written: the rebuilt native model must load the weights strictly and give the
 pruned model's logits.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -34,47 +48,67 @@ from .errors import BlockError
 from .models.preset import get_preset
 from .recovery import adaptor_slots
 
-__all__ = ["NativeUnsupported", "export_native", "native_dir_name"]
+__all__ = ["NATIVE_DIRS", "NATIVE_FAMILIES", "NativeUnsupported", "export_native", "native_dir_name"]
 
 HF_DIR = "huggingface"
 TIMM_DIR = "timm"
+TORCHVISION_DIR = "torchvision"
+#: every sub-directory :func:`export_native` may write
+NATIVE_DIRS = (HF_DIR, TIMM_DIR, TORCHVISION_DIR)
+#: what has a native format, for messages
+NATIVE_FAMILIES = "hf: models, timm: ConvNeXt / ResNet / ViT models and torchvision ResNet / MobileNetV2 / ViT models"
 
 
 class NativeUnsupported(BlockError):
     """The model's family has no native format that can express the removed blocks (the reason says why)."""
 
 
+def _torchvision_family(model: nn.Module) -> str | None:
+    """``"ResNet"``, ``"MobileNetV2"`` or ``"VisionTransformer"`` when ``model`` is exactly that torchvision class
+    (a subclass may take other constructor arguments), else None."""
+    from torchvision.models import MobileNetV2, ResNet, VisionTransformer
+
+    return {ResNet: "ResNet", MobileNetV2: "MobileNetV2", VisionTransformer: "VisionTransformer"}.get(type(model))
+
+
 def native_dir_name(model: nn.Module) -> str | None:
-    """The sub-directory :func:`export_native` writes for ``model`` (None: no native format for its source)."""
+    """The sub-directory :func:`export_native` writes for ``model`` (None: no native format for it)."""
     kind = (getattr(model, "cka_source", None) or {}).get("kind")
-    return {"hf": HF_DIR, "timm": TIMM_DIR}.get(kind)
+    if kind in ("hf", "timm"):
+        return {"hf": HF_DIR, "timm": TIMM_DIR}[kind]
+    return TORCHVISION_DIR if _torchvision_family(model) is not None else None
 
 
-def _split(name: str) -> tuple[str, int]:
-    container, _, index = name.rpartition(".")
-    if not index.isdigit():
+_ITEM = re.compile(r"^(?P<container>.+)\.(?P<prefix>[A-Za-z_]*?)(?P<index>\d+)$")
+
+
+def _split(name: str) -> tuple[str, str, int]:
+    """``"layers.3"`` → ``("layers", "", 3)``; ``"encoder.layers.encoder_layer_3"`` → ``(…, "encoder_layer_", 3)``."""
+    m = _ITEM.match(name)
+    if m is None:
         raise NativeUnsupported(f"block {name!r} is not an item of a numbered list of layers")
-    return container, int(index)
+    return m["container"], m["prefix"], int(m["index"])
 
 
 def _renumber(state: dict[str, torch.Tensor], removed: list[str], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
-    """The state dict with each container's kept items renumbered 0..k-1."""
-    mapping: dict[str, dict[int, int]] = {}
-    gone: dict[str, set[int]] = {}
+    """The state dict with each container's kept items renumbered 0..k-1 (``encoder_layer_i`` style names too)."""
+    mapping: dict[str, tuple[str, dict[int, int]]] = {}
+    gone: dict[str, tuple[str, set[int]]] = {}
     for name in removed:
-        c, i = _split(name)
-        gone.setdefault(c, set()).add(i)
-    for c, drop in gone.items():
+        c, prefix, i = _split(name)
+        gone.setdefault(c, (prefix, set()))[1].add(i)
+    for c, (prefix, drop) in gone.items():
         kept = [i for i in range(sizes[c]) if i not in drop]
-        mapping[c] = {old: new for new, old in enumerate(kept)}
+        mapping[c] = (prefix, {old: new for new, old in enumerate(kept)})
     out = {}
     for key, value in state.items():
         new_key = key
-        for c, m in mapping.items():
+        for c, (prefix, m) in mapping.items():
             if key.startswith(c + "."):
                 head, _, rest = key[len(c) + 1:].partition(".")
-                if head.isdigit() and int(head) in m:
-                    new_key = f"{c}.{m[int(head)]}.{rest}"
+                index = head.removeprefix(prefix)
+                if head.startswith(prefix) and index.isdigit() and int(index) in m:
+                    new_key = f"{c}.{prefix}{m[int(index)]}.{rest}"
                 break
         out[new_key] = value
     return out
@@ -95,6 +129,10 @@ def _counts(model: nn.Module, removed: list[str]) -> dict[str, int]:
     return {c: len(model.get_submodule(c)) for c in {_split(n)[0] for n in removed}}
 
 
+def _kept(sizes: dict[str, int], removed: list[str], container: str) -> int:
+    return sizes[container] - sum(1 for r in removed if _split(r)[0] == container)
+
+
 def _export_hf(model: nn.Module, out: Path) -> dict[str, Any]:
     import transformers
 
@@ -103,8 +141,8 @@ def _export_hf(model: nn.Module, out: Path) -> dict[str, Any]:
     sizes = _counts(inner, removed)
     config = inner.config.__class__.from_dict(inner.config.to_dict())
     stage_re = re.compile(r"(?:^|\.)stages\.(\d+)\.layers$")
-    for c, n in sizes.items():
-        kept = n - sum(1 for r in removed if _split(r)[0] == c)
+    for c in sizes:
+        kept = _kept(sizes, removed, c)
         stage = stage_re.search(c)
         if stage and hasattr(config, "depths"):
             depths = list(config.depths)
@@ -149,7 +187,7 @@ def _export_timm(model: nn.Module, out: Path) -> dict[str, Any]:
     removed = removed_blocks(model)
     names = containers(model)
     sizes = {c: len(model.get_submodule(c)) for c in names}
-    depths = [sizes[c] - sum(1 for r in removed if _split(r)[0] == c) for c in names]
+    depths = [_kept(sizes, removed, c) for c in names]
     source = model.cka_source
     kwargs = {**source.get("kwargs", {}), kwarg: depths[0] if kwarg == "depth" else depths}
     state = _renumber({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, removed, sizes)
@@ -166,8 +204,111 @@ def _export_timm(model: nn.Module, out: Path) -> dict[str, Any]:
     return {"format": "timm", "dir": out.name, "config_changes": {kwarg: kwargs[kwarg]}}
 
 
+def _dotted(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _first_kept(items: list[nn.Module], what: str) -> nn.Module:
+    from .blocks import Removed
+
+    for m in items:
+        if not isinstance(m, Removed):
+            return m
+    raise NativeUnsupported(f"every block of {what} was removed, which the torchvision class cannot express")
+
+
+def _tv_resnet(model: nn.Module, removed: list[str], sizes: dict[str, int]) -> tuple[dict, dict]:
+    names = [f"layer{i}" for i in range(1, 5)]
+    for c in names:
+        if _kept(sizes, removed, c) == 0:  # torchvision builds at least one block per stage
+            raise NativeUnsupported(f"every block of {c} was removed; torchvision's ResNet builds at least one "
+                                    "block per stage")
+    block = type(_first_kept([b for c in names for b in model.get_submodule(c)], "the network"))
+    kwargs = {"layers": [_kept(sizes, removed, c) for c in names], "num_classes": model.fc.out_features,
+              "groups": model.groups, "width_per_group": model.base_width}
+    return kwargs, {"block": _dotted(block)}
+
+
+def _tv_mobilenet_v2(model: nn.Module, removed: list[str], sizes: dict[str, int]) -> tuple[dict, dict]:
+    from .blocks import Removed
+
+    stem, last, blocks = model.features[0][0], model.features[-1][0], list(model.features)[1:-1]
+    if stem.out_channels != 32 or last.out_channels != 1280:
+        raise NativeUnsupported("only width_mult=1 MobileNetV2 (a 32-channel stem, 1280 final channels) is rebuilt "
+                                "from inverted_residual_setting; the project's format holds this one")
+    setting: list[list[float | int]] = []
+    inp = stem.out_channels
+    for b in blocks:
+        if isinstance(b, Removed):
+            continue
+        hidden = b.conv[-3].out_channels if len(b.conv) == 4 else inp  # expand → depthwise → project → norm
+        t = hidden / inp
+        t = int(t) if t == int(t) else t
+        if b.use_res_connect and setting and setting[-1][0] == t and setting[-1][1] == b.out_channels:
+            setting[-1][2] += 1  # one more block of the same group (stride 1, same width)
+        else:
+            setting.append([t, b.out_channels, 1, b.stride])
+        inp = b.out_channels
+    kwargs = {"num_classes": model.classifier[-1].out_features, "inverted_residual_setting": setting,
+              "dropout": model.classifier[0].p}
+    return kwargs, {}
+
+
+def _tv_vit(model: nn.Module, removed: list[str], sizes: dict[str, int]) -> tuple[dict, dict]:
+    if not isinstance(model.conv_proj, nn.Conv2d):
+        raise NativeUnsupported("a VisionTransformer with a convolutional stem (conv_stem_configs) is not rebuilt; "
+                                "the project's format holds it")
+    layers = list(model.encoder.layers)
+    first = _first_kept(layers, "the encoder")
+    kwargs = {"image_size": model.image_size, "patch_size": model.patch_size,
+              "num_layers": len(layers) - sum(1 for r in removed if _split(r)[0] == "encoder.layers"),
+              "num_heads": first.self_attention.num_heads, "hidden_dim": model.hidden_dim, "mlp_dim": model.mlp_dim,
+              "dropout": model.dropout, "attention_dropout": model.attention_dropout,
+              "num_classes": model.num_classes, "representation_size": model.representation_size}
+    return kwargs, {}
+
+
+_TORCHVISION = {  # family → (the containers whose items are blocks, kwargs with the depth reduced)
+    "ResNet": (lambda m: [f"layer{i}" for i in range(1, 5)], _tv_resnet),
+    "MobileNetV2": (lambda m: ["features"], _tv_mobilenet_v2),
+    "VisionTransformer": (lambda m: ["encoder.layers"], _tv_vit),
+}
+
+
+def _export_torchvision(model: nn.Module, out: Path) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    family = _torchvision_family(model)
+    containers, arguments = _TORCHVISION[family]
+    removed = removed_blocks(model)
+    sizes = {c: len(model.get_submodule(c)) for c in containers(model)}
+    kwargs, classes = arguments(model, removed, sizes)
+    cls = type(model)
+    state = _renumber({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, removed, sizes)
+    native = cls(**kwargs, **{k: _resolve(v) for k, v in classes.items()})
+    native.load_state_dict(state, strict=True)
+    _check_same(model, native, lambda m, x: m(x), get_preset(model).input_size)
+    out.mkdir(parents=True, exist_ok=True)
+    preset = get_preset(model)
+    arguments_text = ", ".join([f"{k}={v}" for k, v in classes.items()] + [f"{k}={v!r}" for k, v in kwargs.items()])
+    config = {"class": _dotted(cls), "kwargs": kwargs, "classes": classes,
+              "call": f"{_dotted(cls)}({arguments_text})", "preset": preset.to_dict()}
+    save_file({k: v.clone() for k, v in state.items()}, str(out / "model.safetensors"),
+              metadata={"torchvision_class": config["class"], "torchvision_kwargs": json.dumps(kwargs),
+                        "torchvision_classes": json.dumps(classes), "preset": json.dumps(preset.to_dict())})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    depth = {"ResNet": "layers", "MobileNetV2": "inverted_residual_setting", "VisionTransformer": "num_layers"}[family]
+    return {"format": "torchvision", "dir": out.name, "config_changes": {depth: kwargs[depth]}}
+
+
+def _resolve(path: str) -> Any:
+    """``"torchvision.models.resnet.Bottleneck"`` → the class (what a user's reload does with ``classes``)."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def export_native(model: nn.Module, out: str | Path) -> dict[str, Any]:
-    """Write the pruned ``hf:`` or ``timm:`` model in its own library's format into the directory ``out``.
+    """Write the pruned ``hf:``, ``timm:`` or torchvision model in its own library's format into the directory ``out``.
 
     Returns what was written (``format``, ``dir``, the config changes). Raises :class:`NativeUnsupported` when the
     source has no native format (a factory model) or the family cannot express the removal.
@@ -181,5 +322,7 @@ def export_native(model: nn.Module, out: str | Path) -> dict[str, Any]:
         return _export_hf(model, out)
     if kind == "timm":
         return _export_timm(model, out)
-    raise NativeUnsupported("only hf: and timm: models have a native format; this one is saved in the project's "
+    if _torchvision_family(model) is not None:
+        return _export_torchvision(model, out)
+    raise NativeUnsupported(f"only {NATIVE_FAMILIES} have a native format; this one is saved in the project's "
                             "format (load_pruned)")

@@ -6,12 +6,14 @@ directories."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from cka_analysis._version import __version__
@@ -118,6 +120,54 @@ def test_other_families_round_trip(tmp_path: Path) -> None:
         x = torch.randn(3, *size)
         assert torch.equal(logits(loaded, x), logits(model, x)), name
         assert get_preset(loaded).num_classes == 7
+
+
+# ------------------------------------------------------------------------------- torchvision's own format
+def _find(path: str):
+    """What the README tells a user to do with config.json's dotted paths (no import of this project)."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("name,blocks,depth_key,depth", [
+    ("resnet18", ["layer3.1", "layer1.0"], "layers", [1, 2, 1, 2]),
+    ("resnet50", ["layer1.1", "layer3.2", "layer3.4"], "layers", [2, 4, 4, 3]),
+    ("mobilenet_v2", ["features.3", "features.13", "features.6", "features.16"], "inverted_residual_setting",
+     [[1, 16, 1, 1], [6, 24, 1, 2], [6, 32, 2, 2], [6, 64, 4, 2], [6, 96, 2, 1], [6, 160, 2, 2], [6, 320, 1, 1]]),
+    ("vit_tiny", ["encoder.layers.encoder_layer_2", "encoder.layers.encoder_layer_0"], "num_layers", 2),
+])
+def test_torchvision_pruned_rebuilds_with_its_own_class(name, blocks, depth_key, depth, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=7)
+    with torch.no_grad():  # no zero-initialised heads, batch-norm statistics that are not the identity: a block
+        for p in model.parameters():  # out of place, or one kept too many, changes the logits
+            if not p.any():
+                p.normal_(0, 0.05)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    pruned = remove_blocks(model, blocks).eval()
+    folder = save_pruned(pruned, tmp_path / "out")
+    assert read_manifest(folder)["native"]["format"] == "torchvision"
+    cfg = json.loads((folder / "torchvision" / "config.json").read_text())
+    assert cfg["class"] == f"{type(model).__module__}.{type(model).__name__}"
+    assert cfg["kwargs"][depth_key] == depth and cfg["kwargs"]["num_classes"] == 7
+    native = _find(cfg["class"])(**cfg["kwargs"], **{k: _find(v) for k, v in cfg["classes"].items()}).eval()
+    native.load_state_dict(load_file(str(folder / "torchvision" / "model.safetensors")), strict=True)
+    x = torch.randn(2, *get_preset(model).input_size)
+    assert torch.equal(logits(native, x), logits(load_pruned(folder), x))
+    assert not torch.allclose(logits(native, x), logits(model.eval(), x))  # the blocks are really gone
+
+
+def test_a_torchvision_resnet_without_a_stage_keeps_the_projects_format_only(tmp_path: Path) -> None:
+    pruned = remove_blocks(build_model("resnet18", num_classes=7), ["layer1.0", "layer1.1"]).eval()
+    folder = save_pruned(pruned, tmp_path / "out")
+    native = read_manifest(folder)["native"]
+    assert native["format"] is None and "every block of layer1 was removed" in native["reason"]
+    assert not (folder / "torchvision").exists()
+    x = torch.randn(1, 3, 224, 224)
+    assert torch.equal(logits(load_pruned(folder), x), logits(pruned, x))
 
 
 # ---------------------------------------------------------------------------------------------- manifest

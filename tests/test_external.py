@@ -447,4 +447,4 @@ def test_export_page_writes_the_native_format(hf_dirs, tmp_path: Path) -> None:
     from cka_analysis.models import build_model
 
     out = compute.build_exports(build_model("digits_resnet", weights="random"), "d", {}, ("native",))
-    assert "only timm: and hf:" in out["errors"]["native"]
+    assert "have a native format" in out["errors"]["native"]

@@ -27,7 +27,7 @@ from cka_analysis.errors import CKAPruneError
 from cka_analysis.export import export_onnx, export_pt2, save_pruned
 from cka_analysis.latency import TimingOptions, compare_latency
 from cka_analysis.metrics import evaluate
-from cka_analysis.native import NativeUnsupported, export_native, native_dir_name
+from cka_analysis.native import NATIVE_FAMILIES, NativeUnsupported, export_native, native_dir_name
 from cka_analysis.robustness import RobustnessResult, evaluate_robustness
 from cka_analysis.scoring import ScoringOptions, score_blocks
 from cka_analysis.workflow import estimate_further, estimate_run
@@ -171,7 +171,8 @@ def build_exports(model: nn.Module, name: str, report: dict, formats: tuple[str,
     """Write the requested exports into a private temporary folder and return their bytes.
 
     ``formats`` ⊆ ``("safetensors", "native", "pt2", "onnx")``; ``native`` is the model in its own library's
-    format (a Hugging Face directory, or a timm state dict + kwargs: :func:`cka_analysis.native.export_native`). Returns ``{"files": {format: (file name, bytes)},
+    format (a Hugging Face directory, or a timm / torchvision state dict + config:
+    :func:`cka_analysis.native.export_native`). Returns ``{"files": {format: (file name, bytes)},
     "errors": {format: message}, "onnx": info}``: one format failing (an architecture ``torch.export`` cannot
     trace, say) does not lose the others. The temporary folder is removed before returning.
     """
@@ -193,8 +194,8 @@ def build_exports(model: nn.Module, name: str, report: dict, formats: tuple[str,
                 elif fmt == "native":
                     dirname = native_dir_name(model)
                     if dirname is None:
-                        raise NativeUnsupported("only timm: and hf: models have a native format; the safetensors "
-                                                "+ manifest export holds this one")
+                        raise NativeUnsupported(f"only {NATIVE_FAMILIES} have a native format; the "
+                                                "safetensors + manifest export holds this one")
                     folder = tmp / f"{name}-{dirname}"
                     export_native(model, folder)
                     out["files"][fmt] = (f"{folder.name}.zip", _zip_dir(folder))

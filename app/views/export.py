@@ -13,8 +13,8 @@ from cka_analysis.native import native_dir_name
 
 FORMATS = {
     "safetensors": "safetensors + manifest (.zip; reload with cka_analysis.export.load_pruned or this app)",
-    "native": "native format of timm: / hf: models (.zip: a Hugging Face directory for from_pretrained, or a timm "
-              "state dict + config.json)",
+    "native": "native format of hf:, timm: and torchvision models (.zip: a Hugging Face directory for "
+              "from_pretrained, or a timm / torchvision state dict + config.json)",
     "pt2": "torch.export program (.pt2)",
     "onnx": "ONNX (checked against onnxruntime when installed)",
 }
