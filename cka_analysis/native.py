@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import removed_blocks
+from .blocks import Removed, removed_blocks
 from .errors import BlockError
 from .models.preset import get_preset
 from .recovery import adaptor_slots
@@ -209,8 +209,6 @@ def _dotted(cls: type) -> str:
 
 
 def _first_kept(items: list[nn.Module], what: str) -> nn.Module:
-    from .blocks import Removed
-
     for m in items:
         if not isinstance(m, Removed):
             return m
@@ -218,7 +216,7 @@ def _first_kept(items: list[nn.Module], what: str) -> nn.Module:
 
 
 def _tv_resnet(model: nn.Module, removed: list[str], sizes: dict[str, int]) -> tuple[dict, dict]:
-    names = [f"layer{i}" for i in range(1, 5)]
+    names = list(sizes)  # layer1..layer4
     for c in names:
         if _kept(sizes, removed, c) == 0:  # torchvision builds at least one block per stage
             raise NativeUnsupported(f"every block of {c} was removed; torchvision's ResNet builds at least one "
@@ -230,8 +228,6 @@ def _tv_resnet(model: nn.Module, removed: list[str], sizes: dict[str, int]) -> t
 
 
 def _tv_mobilenet_v2(model: nn.Module, removed: list[str], sizes: dict[str, int]) -> tuple[dict, dict]:
-    from .blocks import Removed
-
     stem, last, blocks = model.features[0][0], model.features[-1][0], list(model.features)[1:-1]
     if stem.out_channels != 32 or last.out_channels != 1280:
         raise NativeUnsupported("only width_mult=1 MobileNetV2 (a 32-channel stem, 1280 final channels) is rebuilt "
@@ -261,17 +257,17 @@ def _tv_vit(model: nn.Module, removed: list[str], sizes: dict[str, int]) -> tupl
     layers = list(model.encoder.layers)
     first = _first_kept(layers, "the encoder")
     kwargs = {"image_size": model.image_size, "patch_size": model.patch_size,
-              "num_layers": len(layers) - sum(1 for r in removed if _split(r)[0] == "encoder.layers"),
+              "num_layers": _kept(sizes, removed, "encoder.layers"),
               "num_heads": first.self_attention.num_heads, "hidden_dim": model.hidden_dim, "mlp_dim": model.mlp_dim,
               "dropout": model.dropout, "attention_dropout": model.attention_dropout,
               "num_classes": model.num_classes, "representation_size": model.representation_size}
     return kwargs, {}
 
 
-_TORCHVISION = {  # family → (the containers whose items are blocks, kwargs with the depth reduced)
-    "ResNet": (lambda m: [f"layer{i}" for i in range(1, 5)], _tv_resnet),
-    "MobileNetV2": (lambda m: ["features"], _tv_mobilenet_v2),
-    "VisionTransformer": (lambda m: ["encoder.layers"], _tv_vit),
+_TORCHVISION = {  # family → (the containers whose items are blocks, kwargs with the depth reduced, the depth kwarg)
+    "ResNet": ([f"layer{i}" for i in range(1, 5)], _tv_resnet, "layers"),
+    "MobileNetV2": (["features"], _tv_mobilenet_v2, "inverted_residual_setting"),
+    "VisionTransformer": (["encoder.layers"], _tv_vit, "num_layers"),
 }
 
 
@@ -279,17 +275,17 @@ def _export_torchvision(model: nn.Module, out: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     family = _torchvision_family(model)
-    containers, arguments = _TORCHVISION[family]
+    containers, arguments, depth = _TORCHVISION[family]
     removed = removed_blocks(model)
-    sizes = {c: len(model.get_submodule(c)) for c in containers(model)}
+    sizes = {c: len(model.get_submodule(c)) for c in containers}
     kwargs, classes = arguments(model, removed, sizes)
     cls = type(model)
     state = _renumber({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, removed, sizes)
     native = cls(**kwargs, **{k: _resolve(v) for k, v in classes.items()})
     native.load_state_dict(state, strict=True)
-    _check_same(model, native, lambda m, x: m(x), get_preset(model).input_size)
-    out.mkdir(parents=True, exist_ok=True)
     preset = get_preset(model)
+    _check_same(model, native, lambda m, x: m(x), preset.input_size)
+    out.mkdir(parents=True, exist_ok=True)
     arguments_text = ", ".join([f"{k}={v}" for k, v in classes.items()] + [f"{k}={v!r}" for k, v in kwargs.items()])
     config = {"class": _dotted(cls), "kwargs": kwargs, "classes": classes,
               "call": f"{_dotted(cls)}({arguments_text})", "preset": preset.to_dict()}
@@ -297,7 +293,6 @@ def _export_torchvision(model: nn.Module, out: Path) -> dict[str, Any]:
               metadata={"torchvision_class": config["class"], "torchvision_kwargs": json.dumps(kwargs),
                         "torchvision_classes": json.dumps(classes), "preset": json.dumps(preset.to_dict())})
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    depth = {"ResNet": "layers", "MobileNetV2": "inverted_residual_setting", "VisionTransformer": "num_layers"}[family]
     return {"format": "torchvision", "dir": out.name, "config_changes": {depth: kwargs[depth]}}
 
 
