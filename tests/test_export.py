@@ -160,6 +160,43 @@ def test_torchvision_pruned_rebuilds_with_its_own_class(name, blocks, depth_key,
     assert not torch.allclose(logits(native, x), logits(model.eval(), x))  # the blocks are really gone
 
 
+TV_FACTORY = """
+import torchvision
+from cka_analysis.models import Preset, attach_preset
+
+class MyResNet(torchvision.models.ResNet):  # a subclass may take other constructor arguments
+    pass
+
+def _preset(num_classes):
+    return Preset(arch="mine", input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=num_classes)
+
+def build(num_classes=5):
+    return attach_preset(torchvision.models.resnet18(num_classes=num_classes), _preset(num_classes))
+
+def build_subclass(num_classes=5):
+    model = MyResNet(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+    return attach_preset(model, _preset(num_classes))
+"""
+
+
+def test_a_factory_returning_a_torchvision_resnet_gets_torchvision_format_back(tmp_path: Path) -> None:
+    (tmp_path / "tvfactory.py").write_text(TV_FACTORY)
+    model = open_model(f"factory:{tmp_path / 'tvfactory.py'}:build", weights="random")
+    assert "layer2.1" in [b.name for b in find_blocks(model)]  # found by discovery, not declared by the registry
+    pruned = remove_blocks(model, ["layer2.1", "layer3.1"]).eval()
+    folder = save_pruned(pruned, tmp_path / "out")
+    cfg = json.loads((folder / "torchvision" / "config.json").read_text())
+    assert cfg["class"] == "torchvision.models.resnet.ResNet" and cfg["kwargs"]["layers"] == [2, 1, 1, 2]
+    native = _find(cfg["class"])(**cfg["kwargs"], **{k: _find(v) for k, v in cfg["classes"].items()}).eval()
+    native.load_state_dict(load_file(str(folder / "torchvision" / "model.safetensors")), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(logits(native, x), logits(load_pruned(folder), x))
+
+    sub = open_model(f"factory:{tmp_path / 'tvfactory.py'}:build_subclass", weights="random")
+    folder = save_pruned(remove_blocks(sub, ["layer2.1"]).eval(), tmp_path / "sub")
+    assert read_manifest(folder).get("native") is None and not (folder / "torchvision").exists()
+
+
 def test_a_torchvision_resnet_without_a_stage_keeps_the_projects_format_only(tmp_path: Path) -> None:
     pruned = remove_blocks(build_model("resnet18", num_classes=7), ["layer1.0", "layer1.1"]).eval()
     folder = save_pruned(pruned, tmp_path / "out")
