@@ -237,7 +237,8 @@ def _add_score(sub: Any) -> None:
                samples_default=DEFAULT_CALIBRATION_IMAGES)
     _criterion_args(p, CRITERIA)
     p.add_argument("--seed", type=int, default=0, help="calibration sample and random-criterion seed")
-    p.add_argument("--json", metavar="FILE", help="write {criterion, samples, seconds, scores} ('-' for stdout)")
+    p.add_argument("--json", metavar="FILE",
+                   help="write {criterion, samples, seconds, scores, options, model, seed, latency} ('-' for stdout)")
     _common(p)
 
 
