@@ -33,6 +33,7 @@ LABELS = {
     "angular": "angular distance",
     "taylor": "Taylor (gate)",
     "loss": "loss oracle",
+    "cka_capacity": "capacity-aware CKA",
     "base": "unpruned",
 }
 
@@ -224,7 +225,7 @@ def plot_criteria(crit: dict[str, Any]) -> list[Path]:
                     continue
                 colour, style = styles[c]
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=style,
-                            color=colour, label=LABELS[c], capsize=3, lw=2.2 if c == "cka" else 1.4, ms=5)
+                            color=colour, label=LABELS.get(c, c), capsize=3, lw=2.2 if c == "cka" else 1.4, ms=5)
             n_eval = base["eval_images"]
             ax.set_title(f"{model}: {'without fine-tuning' if key == 'acc_no_ft' else 'after the short fine-tune'}"
                          f" ({n_eval:,} test images)", fontsize=10)
