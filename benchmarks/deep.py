@@ -119,6 +119,8 @@ PLAN_ROWS = [
     # random blocks at −52.6 % on the test split after `standard` (the recovery benchmark has them after `quick` only)
     _row("random", "macs50", "standard", "test"),
     _row("random", "macs50", "standard", "test", seed=1),
+    _row("random", "macs50", "standard", "test", seed=2),  # the third draw the issue asks for
+    _row("block_influence", "macs50", "standard", "test", seed=1),  # a second seed beside random's three
 ]
 #: The rows of the issue's point 4 (after ``long``, all 10,000 test images); GPU work.
 LONG_ROWS = [
