@@ -373,7 +373,7 @@ def plan_evidence(rows: list[dict[str, Any]]) -> dict[str, Any]:
         rand = summary.pop("random", None)
         if rand is not None:
             accs = [r["acc"] for r in plans["random"]]
-            rand["sd"] = round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0
+            rand["sd"] = round(statistics.stdev(accs), 2) if len(accs) > 1 else None  # one draw: no spread
         mean_acc = statistics.mean(r["acc"] for r in group)
         out.append({"split": split, "target": target, "recovery": recovery,
                     "macs_reduction": round(max(r["macs_reduction"] for r in group), 4),
