@@ -57,6 +57,7 @@ def test_recovery_runs_with_the_request_seed(demo) -> None:
     assert implicit.recovery.config.seed == 2 and other.recovery.config.seed == 0
     assert implicit.final.accuracy == explicit.final.accuracy
     assert implicit.recovery.history == explicit.recovery.history
+    assert implicit.recovery.history != other.recovery.history  # the seed reached the training run
 
 
 def test_recover_further_goes_on_with_the_runs_recipe(demo) -> None:

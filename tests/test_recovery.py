@@ -95,8 +95,17 @@ def test_iterative_split_never_exceeds_the_budget(images: int, steps: int) -> No
 
 
 # ---------------------------------------------------------------------------------------------- every method
+@pytest.fixture(scope="module")
+def bn_only(demo, data, pruned) -> tuple[nn.Module, float]:
+    """The pruned model after batch-norm re-estimation alone (the images and seed every recovery below starts
+    with): what training has to beat, so that a recovery whose optimiser does nothing cannot pass."""
+    model = copy.deepcopy(pruned[0])
+    cfg = RecoveryConfig(images=2_500, method="bn", bn_images=256)
+    return model, recover(model, data["train"], cfg, teacher=demo, eval_data=data["test"], device="cpu").accuracy
+
+
 @pytest.mark.parametrize("method", list(RECOVERY_METHODS))
-def test_each_method_recovers_within_budget(method: str, demo, data, pruned) -> None:
+def test_each_method_recovers_within_budget(method: str, demo, data, pruned, bn_only) -> None:
     model, removed_acc = pruned
     student = copy.deepcopy(model)
     cfg = RecoveryConfig(images=2_500, method=method, bn_images=256, adaptor_images=256, batch_size=64)
@@ -109,6 +118,13 @@ def test_each_method_recovers_within_budget(method: str, demo, data, pruned) -> 
     else:
         assert result.steps == cfg.train_steps > 0
         assert result.images_seen == result.bn_images + result.adaptor_images + result.steps * cfg.batch_size
+        # training, not the re-estimation before it, lifts the accuracy (measured: 32.5 % after re-estimation
+        # alone, 95-99 % after training; 31.7 % for ce, kd and feature with the learning rate scaled by 1e-6)
+        # and every kept weight moved
+        reference, bn_acc = bn_only
+        before = dict(reference.named_parameters())
+        assert all(not torch.equal(p, before[n]) for n, p in student.named_parameters() if n in before)
+        assert result.accuracy > bn_acc + 40, f"{method}: {bn_acc:.1f} after re-estimation alone"
     assert (len(result.adaptors) > 0) == (method == "adaptor")
     assert removed_blocks(student) == REMOVED
     assert result.to_dict()["images_seen"] == result.images_seen
@@ -250,7 +266,7 @@ def test_adaptors_fit_the_teacher_and_are_counted(demo, data, pruned) -> None:
     slots = fit_adaptors(student, demo, data["plain"], images=256, device="cpu")
     # layer1.0 and layer1.1 are one run (one adaptor); layer2.1 is a run of its own
     assert slots == ["layer1.0", "layer2.1"]
-    assert adaptor_slots(student) == {"layer1.0": 16, "layer2.1": 32} or set(adaptor_slots(student)) == set(slots)
+    assert adaptor_slots(student) == {"layer1.0": 16, "layer2.1": 32}
     assert all(isinstance(student.get_submodule(s), BlockAdaptor) for s in slots)
     assert [b.name for b in find_blocks(student, count_macs=False)] == \
         [b.name for b in find_blocks(model, count_macs=False)], "an adaptor slot is still a removed block"
@@ -291,17 +307,25 @@ def test_same_seed_same_weights_even_concurrently(demo, data, pruned) -> None:
 
 
 def test_cancel_keeps_the_weights_reached(demo, data, pruned) -> None:
+    """A cancel stops at the next step and returns the weights trained so far (not the start, not a rollback),
+    with the images those steps drew counted."""
     token = CancelToken()
+    student = copy.deepcopy(pruned[0])
+    at_cancel: dict[str, torch.Tensor] = {}
 
     def progress(done, total, message):
-        if total and done >= 10:
+        if total and done >= 10 and not token.cancelled:
+            at_cancel.update({k: v.detach().clone() for k, v in student.named_parameters()})
             token.cancel()
 
-    student = copy.deepcopy(pruned[0])
-    result = recover(student, data["train"], RecoveryConfig(images=5_000, bn_images=128), teacher=demo,
-                     device="cpu", progress=progress, cancel=token)
-    assert result.cancelled and 10 <= result.steps < RecoveryConfig(images=5_000, bn_images=128).train_steps
-    assert result.images_seen <= 5_000
+    cfg = RecoveryConfig(images=5_000, bn_images=128)
+    result = recover(student, data["train"], cfg, teacher=demo, device="cpu", progress=progress, cancel=token)
+    assert result.cancelled and 10 <= result.steps < cfg.train_steps
+    assert result.images_seen == result.bn_images + result.steps * cfg.batch_size <= 5_000
+    kept = dict(student.named_parameters())
+    assert at_cancel.keys() == kept.keys() and all(torch.equal(kept[k], v) for k, v in at_cancel.items())
+    start = dict(pruned[0].named_parameters())
+    assert all(not torch.equal(kept[k], start[k]) for k in kept)  # they are trained weights
 
 
 def test_estimate_is_positive_and_scales_with_the_budget(demo, pruned, monkeypatch) -> None:

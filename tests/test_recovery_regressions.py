@@ -122,6 +122,36 @@ def test_feature_weight_follows_its_cosine_schedule_through_training(demo, prune
     assert used[0] == pytest.approx(10.0) and used[-1] < 0.3
 
 
+@pytest.mark.parametrize("method", ["ce", "kd", "feature", "adaptor"])
+def test_training_minimises_the_runs_objective_against_the_unpruned_teacher(method, demo, pruned,
+                                                                             monkeypatch) -> None:
+    """recover() builds its training objective from the run's own recipe (values unlike the defaults, so the
+    defaults cannot pass for it) and hands it a private copy of the unpruned teacher (none for plain
+    cross-entropy, which does not distil)."""
+    built: list[tuple[RecoveryConfig, nn.Module | None]] = []
+    real = RecoveryObjective.__init__
+
+    def spy(self: RecoveryObjective, config: RecoveryConfig, student: nn.Module, teacher: nn.Module | None) -> None:
+        built.append((config, teacher))
+        real(self, config, student, teacher)
+
+    monkeypatch.setattr(RecoveryObjective, "__init__", spy)
+    cfg = RecoveryConfig(images=96 + 4 * 16, bn_images=32, adaptor_images=64, batch_size=16, method=method,
+                         kd_alpha=0.3, kd_temperature=2.0, feature_weight=7.0, feature_schedule="constant", seed=5)
+    train = load_dataset("digits", "train", demo.cka_preset, augment=True)
+    result = recover(copy.deepcopy(pruned), train, cfg, teacher=demo, device="cpu")
+    assert result.steps > 0 and len(built) == 1
+    config, teacher = built[0]
+    assert config == cfg
+    if method == "ce":
+        assert teacher is None
+        return
+    assert teacher is not None and teacher is not demo
+    expected = demo.state_dict()
+    got = teacher.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 # ----------------------------------------------------------------------------------------- image accounting
 def _spent(cfg: RecoveryConfig, train_images: int) -> int:
     """Images one recovery draws: batch-norm re-estimation, then whole batches of the rest of the budget."""

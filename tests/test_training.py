@@ -51,6 +51,17 @@ def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights only: batch-norm running statistics move on any forward pass in train mode, so a
+    run whose optimiser never stepped would still change the state dict."""
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+# what the optimiser adds, measured on the damaged demo below (19.2 %) after 24 steps: 94.4 % at lr 0.05 (95.3 %
+# distilling), 42.2 % at lr 5e-9 (the running statistics alone); the bar sits between the two
+REPAIR = 40
+
+
 # ------------------------------------------------------------------------------------------- it repairs
 def test_finetune_repairs_a_damaged_model(damaged, data, test_loader) -> None:
     model, before = damaged
@@ -64,7 +75,7 @@ def test_finetune_repairs_a_damaged_model(damaged, data, test_loader) -> None:
     assert not model.training
     assert result.history[0] == {**result.history[0], "step": 0, "eval_top1": before}
     assert after == result.best_accuracy  # the returned weights are the best ones seen
-    assert after >= before + 3
+    assert after >= before + REPAIR
     evals = [h for h in result.history if "eval_top1" in h]
     assert [h["step"] for h in evals] == [0, 23, 24]  # start, once per epoch (23 batches), end
     losses = [h for h in result.history if "train_loss" in h]
@@ -76,10 +87,10 @@ def test_finetune_repairs_a_damaged_model(damaged, data, test_loader) -> None:
 
 def test_without_eval_loader_the_last_weights_are_kept(demo, data) -> None:
     model = copy.deepcopy(demo)
-    start = state_of(model)
+    start = params_of(model)
     result = finetune(model, train_loader(data, "small", 32), FinetuneConfig(steps=3, lr=0.01), device="cpu")
     assert result.best_accuracy is None and result.steps == 3
-    assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    assert any(not torch.equal(v, start[k]) for k, v in params_of(model).items())
 
 
 # -------------------------------------------------------------------------------------------------- budget
@@ -89,12 +100,12 @@ def test_without_eval_loader_the_last_weights_are_kept(demo, data) -> None:
 )
 def test_step_budget_versus_epochs(demo, data, epochs: float, steps: int | None, expected: int) -> None:
     model = copy.deepcopy(demo)
-    start = state_of(model)
+    start = params_of(model)
     loader = train_loader(data, "small", 32)  # 128 images → 4 batches per epoch
     assert len(loader) == 4
     result = finetune(model, loader, FinetuneConfig(epochs=epochs, steps=steps, lr=1e-3), device="cpu")
     assert result.steps == expected
-    changed = any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    changed = any(not torch.equal(v, start[k]) for k, v in params_of(model).items())
     assert changed == (expected > 0)
 
 
@@ -179,7 +190,7 @@ def test_distillation_uses_the_teacher(demo, damaged, data, test_loader) -> None
     model = copy.deepcopy(student)
     config = FinetuneConfig(steps=24, lr=0.05, distill=True, kd_alpha=1.0, seed=0, eval_every=10**6)
     result = finetune(model, train_loader(data), config, teacher=demo, eval_loader=test_loader, device="cpu")
-    assert result.best_accuracy >= before + 3
+    assert result.best_accuracy >= before + REPAIR
     assert all(torch.equal(v, teacher_before[k]) for k, v in demo.state_dict().items())
     assert not demo.training
     with pytest.raises(ConfigError, match="no teacher"):
