@@ -1,9 +1,9 @@
 """Apply one-line regressions to a copy of the tree, one at a time, and check that the tests catch each one.
 
-Issue 21 found that each of these changes to the library passed the whole suite; the tests named beside each
+Issue 21 and later reviews found that each of these changes to the library passed the whole suite; the tests named beside each
 now fail on it. Rerun after changing the recovery, the accounting, the planning or the figures:
 
-    OMP_NUM_THREADS=1 python tests/mutations.py            # every mutation (about 4 minutes on 2 cores)
+    OMP_NUM_THREADS=1 python tests/mutations.py            # every mutation, one pytest run each
     python tests/mutations.py --only distillation          # the mutations whose name contains a word
     python tests/mutations.py --list
 
