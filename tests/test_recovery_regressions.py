@@ -100,6 +100,15 @@ def test_objective_on_a_fixed_batch_is_the_documented_combination(method, demo, 
         assert abs(expected.item() - ce.item()) > 1e-3
 
 
+def test_feature_points_are_the_documented_ones(pruned) -> None:
+    """Written out by hand (the objective test above takes its points from the library, so a wrong list would
+    agree on both sides): each stage's output and the classifier's input; ``blocks`` adds the input of every
+    kept block that is not a stage's first (the demo without layer1.0, layer1.1 and layer2.1)."""
+    assert feature_points(pruned, "stages") == ["layer1", "layer2", "layer3", "linear:in"]
+    assert feature_points(pruned, "blocks") == ["layer1.2:in", "layer2.2:in", "layer3.1:in", "layer3.2:in",
+                                                "layer1", "layer2", "layer3", "linear:in"]
+
+
 def test_feature_weight_follows_its_cosine_schedule_through_training(demo, pruned, monkeypatch) -> None:
     """The weight the objective uses at each training step is the schedule at step / total: full at the first
     step, near zero at the last (the trainer wires its progress into the objective)."""
