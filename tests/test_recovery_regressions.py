@@ -132,7 +132,7 @@ def test_feature_weight_follows_its_cosine_schedule_through_training(demo, prune
 
 
 @pytest.mark.parametrize("method", ["ce", "kd", "feature", "adaptor"])
-def test_training_minimises_the_runs_objective_against_the_unpruned_teacher(method, demo, pruned,
+def test_training_builds_the_runs_objective_with_the_unpruned_teacher(method, demo, pruned,
                                                                              monkeypatch) -> None:
     """recover() builds its training objective from the run's own recipe (values unlike the defaults, so the
     defaults cannot pass for it) and hands it a private copy of the unpruned teacher (none for plain

@@ -52,6 +52,7 @@ def run_once(seed: int = 0) -> dict[str, Any]:
                            recovery="2400", eval_samples=64, batch_size=16, seed=seed, device="cpu", latency=False)
     result = run_prune(request)
     kept = {name for name, _ in result.model.named_parameters()}  # the trainable weights the pruned model kept
+    assert kept and kept <= set(model.state_dict())  # each is in the base model too, so the comparison is real
     return {
         "scores": {c: {k: repr(v) for k, v in s.items()} for c, s in scores.items()},
         "removed": result.record.removed,
