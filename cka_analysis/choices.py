@@ -116,7 +116,8 @@ def deep_reason(evidence: Mapping[str, Any]) -> str:
                        *(f"{name}'s to {p['acc']:.2f} % ({100 * p['params_kept']:.0f} %)" for name, p in rest)])
     rand = g.get("random")
     spread = f" ± {rand['sd']:.2f}" if rand and rand.get("sd") is not None else ""
-    rand_text = f", random blocks to {rand['acc']:.2f}{spread} % ({rand['seeds']} seeds)" if rand else ""
+    draws = f"{rand['seeds']} seeds" if rand and rand["seeds"] > 1 else "one seed"
+    rand_text = f", random blocks to {rand['acc']:.2f}{spread} % ({draws})" if rand else ""
     shallower = "".join(
         f"; at −{100 * o['macs_reduction']:.1f} %: " + ", ".join(
             f"{name} {p['acc']:.2f} %" + (f" ({p['seeds']} seeds)" if p["seeds"] > 1 else "")

@@ -155,5 +155,5 @@ def test_plan_evidence_and_the_advice_it_feeds() -> None:
     assert reason.endswith("; at −52.6 %: cka_capacity 95.00 %; the mean where a plan ran with several seeds, one "
                            "accuracy ±0.5 points")  # the shallower group in brief, after the deepest
     one_draw = {**g, "random": {"acc": 86.0, "seeds": 1, "params_kept": 0.2, "sd": None}}
-    assert "random blocks to 86.00 % (1 seeds)" in deep_reason({"groups": [one_draw]})  # no spread from one draw
+    assert "random blocks to 86.00 % (one seed)" in deep_reason({"groups": [one_draw]})  # no spread from one draw
     assert deep_reason({"groups": []}) == "deep cuts: the accuracy after recovery follows the weights kept"

@@ -87,9 +87,15 @@ def test_finetune_resumed_after_a_cancel_ends_with_the_uninterrupted_weights(tmp
                       resume=True)
     assert result.steps == 24 and not result.cancelled
     _assert_same_weights(resumed.state_dict(), straight.state_dict())
-    # the control: restarting the data order from the beginning would not give these weights
+    # the control: a resume that restores the weights, optimiser and schedule but starts the data order again
+    # (the checkpoint's position in the epoch set back to its first batch) does not give these weights
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["batch"] > 0
+    torch.save({**saved, "batch": 0}, ckpt)
     restarted = copy.deepcopy(base)
-    finetune(restarted, loader(), FinetuneConfig(steps=8, lr=0.05, seed=3), device="cpu")
+    again = finetune(restarted, loader(), config, device="cpu", checkpoint_path=ckpt, checkpoint_every=8,
+                     resume=True)
+    assert again.steps == 24
     assert not all(torch.equal(a, b) for a, b in zip(restarted.state_dict().values(),
                                                      straight.state_dict().values(), strict=True))
 
