@@ -185,7 +185,6 @@ def run_row(spec: dict[str, Any], device: str, checkpoints: Path) -> dict[str, A
                            seed=spec["seed"], eval_split=spec["split"],
                            device=device, latency=False)
     ckpt = checkpoints / spec["id"]
-    t0 = time.perf_counter()
     outcome = run_prune(request, progress=_progress(spec["id"]), checkpoint_dir=ckpt, resume=True)
     rec = outcome.record
     if rec.cancelled:
@@ -195,9 +194,20 @@ def run_row(spec: dict[str, Any], device: str, checkpoints: Path) -> dict[str, A
         "eval_images": 5_000 if spec["split"] == "validation" else 10_000,
         "images_seen": rec.images_seen, "budget": request.recovery.images, "recipe": request.recovery.to_dict(),
         "macs_reduction": rec.macs_reduction, "params_reduction": rec.params_reduction, "removed": rec.removed,
-        "recovery_seconds": None if rec.recovery is None else rec.recovery.seconds, "seconds": time.perf_counter() - t0,
+        "recovery_seconds": None if rec.recovery is None else rec.recovery.seconds, "seconds": rec.seconds,
+        "resumed_step": None if rec.recovery is None else rec.recovery.resumed_step,
         "device": env_info(device).get("device"),
     }
+
+
+def _wall(r: dict[str, Any]) -> str:
+    """A row's wall time; for a row resumed from its checkpoint, the step it went on from (its time before that
+    step is included when the checkpoint recorded it, which older checkpoints did not), or the row's
+    ``wall_note`` (what is known of a resume that predates ``resumed_step``)."""
+    text = f"{r['seconds'] / 60:.1f} min"
+    if r.get("resumed_step"):
+        text += f" (resumed at step {r['resumed_step']:,}, the time before it included)"
+    return text + (f" ({r['wall_note']})" if r.get("wall_note") else "")
 
 
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -212,7 +222,7 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
             (f" ({r['recipe_name']})" if r.get("recipe_name") else "")
         lines.append(f"| {r['split']} | {r['target']} | {r['recovery']} | {plan} | {r['seed']} | "
                      f"{100 * r['macs_reduction']:.1f} % | {100 * (1 - r['params_reduction']):.0f} % | "
-                     f"{r['acc']:.2f} | {r['base_acc']:.2f} | {r['images_seen']:,} | {r['seconds'] / 60:.1f} min | "
+                     f"{r['acc']:.2f} | {r['base_acc']:.2f} | {r['images_seen']:,} | {_wall(r)} | "
                      f"{r['device']} |")
     return lines
 

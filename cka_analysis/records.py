@@ -44,6 +44,9 @@ class RecoveryRecord:
     adaptors: list[str] = field(default_factory=list)
     cancelled: bool = False
     amp: str | None = None
+    #: a recovery resumed from a checkpoint: the step it went on from and the training time before it (in seconds)
+    resumed_step: int | None = None
+    resumed_seconds: float = 0.0
     further: list[RecoveryRecord] = field(default_factory=list)
     #: for a further recovery: the time estimated before it started and the whole call's wall time (recovery,
     #: data and evaluation), so that estimates can be checked against what they announced
@@ -67,13 +70,16 @@ class RecoveryRecord:
         return cls(config=result.config, images_seen=int(result.images_seen), bn_images=int(result.bn_images),
                    adaptor_images=int(result.adaptor_images), steps=int(result.steps), seconds=float(result.seconds),
                    accuracy=result.accuracy, history=list(result.history), adaptors=list(result.adaptors),
-                   cancelled=bool(result.cancelled), amp=result.amp)
+                   cancelled=bool(result.cancelled), amp=result.amp, resumed_step=result.resumed_step,
+                   resumed_seconds=float(result.resumed_seconds))
 
     def to_dict(self) -> dict[str, Any]:
         out = {"config": dict(self.config_as_read or self.config.to_dict()), "method": self.method, "images_seen": self.images_seen,
                "bn_images": self.bn_images, "adaptor_images": self.adaptor_images, "steps": self.steps,
                "seconds": self.seconds, "accuracy": self.accuracy, "history": self.history,
                "adaptors": self.adaptors, "cancelled": self.cancelled, "amp": self.amp}
+        if self.resumed_step is not None:
+            out.update(resumed_step=self.resumed_step, resumed_seconds=self.resumed_seconds)
         if self.further:
             out["further"] = [f.to_dict() for f in self.further]
         for k in ("estimated_seconds", "total_seconds"):
@@ -90,6 +96,7 @@ class RecoveryRecord:
                    steps=int(d.get("steps", 0)), seconds=float(d.get("seconds", 0.0)), accuracy=d.get("accuracy"),
                    history=list(d.get("history") or []), adaptors=list(d.get("adaptors") or []),
                    cancelled=bool(d.get("cancelled", False)), amp=d.get("amp"),
+                   resumed_step=d.get("resumed_step"), resumed_seconds=float(d.get("resumed_seconds", 0.0)),
                    further=[cls.from_dict(f) for f in d.get("further") or []],
                    estimated_seconds=d.get("estimated_seconds"), total_seconds=d.get("total_seconds"))
 

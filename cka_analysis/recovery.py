@@ -267,7 +267,9 @@ class RecoveryConfig:
 @dataclass
 class RecoveryResult:
     """What recovery did: the method, images drawn (≤ budget), steps, wall time, the accuracy curve (when
-    evaluation data was given), the adaptors it inserted and their cost."""
+    evaluation data was given), the adaptors it inserted and their cost. A run resumed from a checkpoint counts
+    the training time its checkpoint recorded in ``seconds`` (``resumed_seconds`` of them; ``resumed_step``: where
+    it went on)."""
 
     model: nn.Module
     config: RecoveryConfig
@@ -281,6 +283,8 @@ class RecoveryResult:
     adaptors: list[str] = field(default_factory=list)
     cancelled: bool = False
     amp: str | None = None
+    resumed_step: int | None = None
+    resumed_seconds: float = 0.0
 
     @property
     def method(self) -> str:
@@ -666,7 +670,7 @@ def recover(
 
         result.accuracy = evaluate(model, eval_loader, device=dev, max_samples=eval_samples).top1
     model.eval()
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - start + result.resumed_seconds
     return result
 
 
@@ -732,6 +736,7 @@ def _train(model: nn.Module, teacher: nn.Module | None, cfg: RecoveryConfig, spe
         objective.close()
     spent = result.images_seen
     result.steps, result.cancelled, result.amp = tr.steps, tr.cancelled, tr.amp
+    result.resumed_step, result.resumed_seconds = tr.resumed_step, tr.resumed_seconds
     result.history = [{**h, "images": h.get("images", 0) + spent} for h in tr.history]
     result.accuracy = next((h["eval_top1"] for h in reversed(tr.history) if "eval_top1" in h), None)
     result.images_seen = spent + tr.images

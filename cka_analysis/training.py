@@ -107,7 +107,12 @@ class TrainSpec:
 @dataclass
 class TrainResult:
     """What a training run did: history (losses, learning rates, evaluations), the best evaluation, the steps
-    and images it took, whether it was cancelled, and its wall time."""
+    and images it took, whether it was cancelled, and its wall time.
+
+    A resumed run's ``seconds`` include the time the run had spent before it was interrupted, as its checkpoint
+    recorded it (``resumed_seconds``; the work between that checkpoint and the interruption is lost and not
+    counted), and ``resumed_step`` is the step it went on from (None when it started from scratch).
+    """
 
     history: list[dict[str, Any]] = field(default_factory=list)
     best_accuracy: float | None = None
@@ -117,6 +122,8 @@ class TrainResult:
     cancelled: bool = False
     seconds: float = 0.0
     amp: str | None = None
+    resumed_step: int | None = None
+    resumed_seconds: float = 0.0
 
 
 class BatchAugment:
@@ -341,7 +348,7 @@ class Trainer:
         self.cancel = cancel
         self.ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
         self.checkpoint_every, self.checkpoint_seconds = checkpoint_every, float(checkpoint_seconds)
-        self._last_save = time.perf_counter()
+        self._last_save = self._start = time.perf_counter()
         if self.dev.type == "cpu":  # no page faults on every step's activations
             tune_cpu_allocator()
         model.to(self.dev)
@@ -380,8 +387,13 @@ class Trainer:
             "best_state": self.best_state, "best_accuracy": r.best_accuracy, "best_step": r.best_step,
             "last_eval": self.last_eval, "history": r.history, "images": r.images, "grad_norm_ref": self.grad_norm_ref,
             "augment": None if self.augment is None else self.augment.state(), "settings": self._settings(),
+            "seconds": self._elapsed(),
             **self.epoch_state,
         }
+
+    def _elapsed(self) -> float:
+        """The run's wall time so far: this process's part and, for a resumed run, the checkpointed time before."""
+        return self.result.resumed_seconds + time.perf_counter() - self._start
 
     def _settings(self) -> dict[str, Any]:
         """What a resumed run must share with the run that wrote the checkpoint (the recipe and the batch size)."""
@@ -437,6 +449,7 @@ class Trainer:
         self.last_eval = saved["last_eval"]
         self.grad_norm_ref = saved.get("grad_norm_ref")
         self.step, self.epoch, self.skip = saved["step"], saved["epoch"], saved["batch"]
+        r.resumed_step, r.resumed_seconds = self.step, float(saved.get("seconds") or 0.0)  # older: no time saved
         self._set_epoch_state(saved)
         if self.augment is not None and saved.get("augment") is not None:
             self.augment.set_state(saved["augment"])
@@ -594,13 +607,13 @@ class Trainer:
 
     def run(self, *, resume: bool = False) -> TrainResult:
         """Train to the budget (or a cancel) and return the record; the model holds the kept weights."""
-        start = time.perf_counter()
+        self._start = time.perf_counter()
         with torch.random.fork_rng(devices=[], enabled=self.spec.seed_global):
             if self.spec.seed_global:
                 torch.manual_seed(self.spec.seed)
-            return self._run(resume, start)
+            return self._run(resume)
 
-    def _run(self, resume: bool, start: float) -> TrainResult:
+    def _run(self, resume: bool) -> TrainResult:
         resumed = self.restore() if resume else False
         if not resumed:
             self.evaluate()
@@ -623,7 +636,7 @@ class Trainer:
                 self.model.load_state_dict(self.best_state)
             if self.channels_last:
                 self.model.to(memory_format=torch.contiguous_format)
-            self.result.seconds = time.perf_counter() - start
+            self.result.seconds = self._elapsed()
         return self.result
 
 

@@ -344,7 +344,8 @@ class PruneRecord:
         latency_ms: a :class:`~cka_analysis.records.LatencyRecord` (median ms of the unpruned and pruned model, and
             for a latency target the prediction and its error), None when not measured.
         robustness: optional robustness results added by the caller.
-        cancelled: the run was cancelled; what it finished is kept. seconds: wall time of the run.
+        cancelled: the run was cancelled; what it finished is kept. seconds: wall time of the run (of a resumed
+            run: this part, plus the recovery's training time before the resume, ``recovery.resumed_seconds``).
         estimated_seconds: what :func:`estimate_run` said the run would take before it started (None when no
             estimate was made), kept beside ``seconds`` so that every estimate can be checked against the truth.
     """
@@ -943,7 +944,7 @@ def run_prune(
         latency_ms=runner.latency(result.model), cancelled=result.cancelled or cancelled,
         estimated_seconds=estimated_seconds,
     )
-    record.seconds = time.perf_counter() - start
+    record.seconds = time.perf_counter() - start + (recovery.resumed_seconds if recovery is not None else 0.0)
     return PruneOutcome(result.model, record)
 
 

@@ -303,12 +303,16 @@ def test_killed_prune_resumes_from_its_last_checkpoint(tmp_path):
     assert (out / ".resume" / "scores.json").exists()
     saved = torch.load(ckpt, weights_only=True)
     saved_step = saved["step"]
-    assert saved_step > 0
+    assert saved_step > 0 and saved["seconds"] > 0  # the checkpoint carries the training time so far
+    # the time before the kill counts in the report: made large here, so that this part alone cannot reach it
+    torch.save({**saved, "seconds": 1000.0}, ckpt)
     r = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "reusing the cka scores" in r.stderr and f"resumed at step {saved_step}/" in r.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["recovery"]["steps"] > saved_step and len(report["removed"]) == 2
+    assert report["recovery"]["resumed_step"] == saved_step and report["recovery"]["resumed_seconds"] == 1000.0
+    assert 1000.0 < report["recovery"]["seconds"] <= report["seconds"] < 1000.0 + 600
     assert report["images_seen"] <= 40000
     load_pruned(out)
 

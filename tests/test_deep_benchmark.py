@@ -157,3 +157,14 @@ def test_plan_evidence_and_the_advice_it_feeds() -> None:
     one_draw = {**g, "random": {"acc": 86.0, "seeds": 1, "params_kept": 0.2, "sd": None}}
     assert "random blocks to 86.00 % (one seed)" in deep_reason({"groups": [one_draw]})  # no spread from one draw
     assert deep_reason({"groups": []}) == "deep cuts: the accuracy after recovery follows the weights kept"
+
+
+def test_a_resumed_row_says_so_beside_its_wall_time() -> None:
+    """A row that went on from a checkpoint names the step (its time before it is in ``seconds``); a row resumed
+    before checkpoints carried their time shows its note instead; an uninterrupted row shows the time alone."""
+    whole, resumed, older = row("cka", 88.0), {**row("cka", 88.0, seed=1), "resumed_step": 21_800}, \
+        {**row("cka", 88.0, seed=2), "wall_note": "resumed; the time before it is not in the row"}
+    lines = deep.table_lines([whole, resumed, older])[2:]
+    assert lines[0].endswith("| 10.0 min | cpu (1 threads) |")
+    assert "| 10.0 min (resumed at step 21,800, the time before it included) |" in lines[1]
+    assert "| 10.0 min (resumed; the time before it is not in the row) |" in lines[2]

@@ -80,12 +80,17 @@ def test_finetune_resumed_after_a_cancel_ends_with_the_uninterrupted_weights(tmp
     cut = finetune(first, loader(), config, device="cpu", checkpoint_path=ckpt, checkpoint_every=8,
                    progress=stop_after_the_second_checkpoint, cancel=token)
     assert cut.cancelled and cut.steps < 24
-    saved = torch.load(ckpt, weights_only=True)["step"]
-    assert saved == 16
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["step"] == 16 and 0 < saved["seconds"] <= cut.seconds
+    torch.save({**saved, "seconds": 1000.0}, ckpt)  # the time before the cancel, made large to be seen
     resumed = copy.deepcopy(base)  # a fresh process would start from the same saved model
+    t0 = time.perf_counter()
     result = finetune(resumed, loader(), config, device="cpu", checkpoint_path=ckpt, checkpoint_every=8,
                       resume=True)
     assert result.steps == 24 and not result.cancelled
+    # the wall time counts the part before the resume, as the checkpoint recorded it
+    assert result.resumed_step == 16 and result.resumed_seconds == 1000.0
+    assert 1000.0 < result.seconds <= 1000.0 + time.perf_counter() - t0
     _assert_same_weights(resumed.state_dict(), straight.state_dict())
     # the control: a resume that restores the weights, optimiser and schedule but starts the data order again
     # (the checkpoint's position in the epoch set back to its first batch) does not give these weights
