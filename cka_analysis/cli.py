@@ -740,10 +740,18 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
         advice = plan_advice(request.criterion, request.macs_target) if request.target is not None else None
         if advice:
             bar.info("plan: " + advice)
-        est = estimate_run(request, model, data)
+        est = estimate_run(request, model, data, resume_dir=out / ".resume" if args.resume else None)
         estimated = est.seconds
         _announce_recovery(est.request.recovery, bar, lambda: est.recovery)
-        bar.info(f"the whole run: about {format_duration(est.seconds)} on this device")
+        if est.resumed is None:
+            bar.info(f"the whole run: about {format_duration(est.seconds)} on this device")
+        else:
+            done = [what for what, saved in (("the saved scores reused", est.resumed["scores"]),
+                                              (f"recovery going on from step {est.resumed['step']:,}/"
+                                               f"{est.resumed['total']:,}", est.resumed["step"] is not None))
+                    if saved]
+            bar.info(f"the rest of the run: about {format_duration(est.seconds)} on this device "
+                     f"({', '.join(done)})")
     outcome = run_prune(request, data=data, progress=bar, checkpoint_dir=out / ".resume", resume=args.resume,
                         estimated_seconds=estimated)
     bar.newline()

@@ -41,6 +41,7 @@ __all__ = [
     "TensorBatches",
     "TrainSpec",
     "Trainer",
+    "checkpoint_progress",
     "distillation_loss",
     "finetune",
     "learning_rates",
@@ -286,6 +287,22 @@ def train_in_channels_last(dev: torch.device, model: nn.Module) -> bool:
     if use_channels_last(dev):
         return True
     return dev.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def checkpoint_progress(path: str | Path) -> tuple[int, int] | None:
+    """``(step, total steps)`` of the training checkpoint at ``path``, or None when there is none there (or it is
+    not a readable cka-prune checkpoint: the run that resumes from it says why). Read with memory mapping, so that
+    only the two numbers are loaded; for estimates and messages before a resumed run starts."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # advisory only: the resume itself reports a broken checkpoint
+        return None
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        return None
+    return int(saved["step"]), int(saved["total"])
 
 
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -347,7 +347,8 @@ class PruneRecord:
         cancelled: the run was cancelled; what it finished is kept. seconds: wall time of the run (of a resumed
             run: this part, plus the recovery's training time before the resume, ``recovery.resumed_seconds``).
         estimated_seconds: what :func:`estimate_run` said the run would take before it started (None when no
-            estimate was made), kept beside ``seconds`` so that every estimate can be checked against the truth.
+            estimate was made), kept beside ``seconds`` so that every estimate can be checked against the truth
+            (of a resumed run: what was left, against ``seconds − recovery.resumed_seconds``).
     """
 
     request: dict[str, Any]
@@ -617,19 +618,40 @@ class RunEstimate:
     """How long a run (or a further recovery) will take here, said before it starts: :func:`estimate_run`.
 
     Attributes:
-        seconds: the whole run. phases: seconds by phase (``scoring``, ``evaluation``, ``recovery``,
-            ``latency``, ``bookkeeping``). recovery: :func:`~cka_analysis.recovery.estimate_recovery`'s answer for the budget that
-            will be spent (after :func:`fit_recovery`), with the reference benchmark's accuracy drop; None
-            without recovery. request: the request as it will run (its budget fitted to the training split).
+        seconds: the whole run (of a resumed run: what is left of it). phases: seconds by phase (``scoring``,
+            ``evaluation``, ``recovery``, ``latency``, ``bookkeeping``). recovery:
+            :func:`~cka_analysis.recovery.estimate_recovery`'s answer for the budget that will be spent (after
+            :func:`fit_recovery`; for the whole budget, also when resumed), with the reference benchmark's
+            accuracy drop; None without recovery. request: the request as it will run (its budget fitted to the
+            training split). resumed: for a run that goes on from its checkpoint folder, what it will not redo
+            (``scores``: saved one-shot scores reused; ``step``/``total``: where the recovery goes on), else None.
     """
 
     seconds: float
     phases: dict[str, float]
     recovery: dict[str, Any] | None
     request: PruneRequest
+    resumed: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seconds": self.seconds, "phases": dict(self.phases), "recovery": self.recovery}
+        return {"seconds": self.seconds, "phases": dict(self.phases), "recovery": self.recovery,
+                "resumed": self.resumed}
+
+
+#: The file in a run's checkpoint folder that holds its final recovery's training state.
+RECOVERY_CHECKPOINT = "recovery.pt"
+
+
+def resumed_phases(phases: Mapping[str, float], *, scores_saved: bool, step: int | None, total: int | None
+                   ) -> dict[str, float]:
+    """The phases of :func:`estimate_run` that are left for a run resumed from its checkpoint folder: no scoring
+    when its one-shot scores were saved, and the recovery's share of steps not yet done (``step`` of ``total``)."""
+    left = dict(phases)
+    if scores_saved and "scoring" in left:
+        left["scoring"] = 0.0
+    if step is not None and total and "recovery" in left:
+        left["recovery"] *= max(0.0, 1.0 - step / total)
+    return left
 
 
 def forward_seconds_per_image(model: nn.Module, device: str | Any = "auto") -> float:
@@ -689,7 +711,7 @@ def _load_rate(dataset: Dataset) -> float:
 
 
 def estimate_run(request: PruneRequest, model: nn.Module, data: PruneData, *,
-                 per_image_s: float | None = None) -> RunEstimate:
+                 per_image_s: float | None = None, resume_dir: str | Path | None = None) -> RunEstimate:
     """What :func:`run_prune` of ``request`` will take on its device, before it starts: the one time estimate of
     a run, which the CLI announces, the dashboard shows and the ``estimates`` benchmark checks against the truth.
 
@@ -697,7 +719,8 @@ def estimate_run(request: PruneRequest, model: nn.Module, data: PruneData, *,
     :meth:`PruneData.filled`). Scoring, the accuracy evaluations and the latency timing are forward passes at the
     probed rate (``per_image_s``: a rate already measured for this model and device, else probed here); the
     recovery is :func:`~cka_analysis.recovery.estimate_recovery` of the budget that will be spent, timed on
-    :func:`recovery_stand_in`.
+    :func:`recovery_stand_in`. ``resume_dir``: the checkpoint folder of a run that will resume from it (the
+    CLI's ``--resume``): the estimate is what is left (:func:`resumed_phases`).
     """
     from .blocks import find_blocks
     from .metrics import count_macs, estimate_seconds
@@ -735,7 +758,18 @@ def estimate_run(request: PruneRequest, model: nn.Module, data: PruneData, *,
     start = time.perf_counter()
     count_macs(model, model.cka_preset.input_size)
     phases["bookkeeping"] = (time.perf_counter() - start) * (4 + steps)
-    return RunEstimate(seconds=sum(phases.values()), phases=phases, recovery=rec, request=request)
+    resumed = None
+    if resume_dir is not None:
+        from .training import checkpoint_progress
+
+        folder = Path(resume_dir)
+        done = checkpoint_progress(folder / RECOVERY_CHECKPOINT) if recovering else None
+        scores = not request.iterative and (folder / "scores.json").is_file()
+        if done is not None or scores:
+            step, total = done if done is not None else (None, None)
+            resumed = {"scores": scores, "step": step, "total": total}
+            phases = resumed_phases(phases, scores_saved=scores, step=step, total=total)
+    return RunEstimate(seconds=sum(phases.values()), phases=phases, recovery=rec, request=request, resumed=resumed)
 
 
 def estimate_further(record: PruneRecord, model: nn.Module, base: nn.Module, recovery: RecoveryConfig | str | int,
@@ -818,7 +852,7 @@ class _Runner:
 
         self.progress(0, None, f"recovering the pruned model ({config.name or 'budget'}: {config.images:,} images)"
                       if final else f"recovering after the removal ({config.images:,} images)")
-        ckpt = self.store.path("recovery.pt") if (final and self.store is not None) else None
+        ckpt = self.store.path(RECOVERY_CHECKPOINT) if (final and self.store is not None) else None
         res = recover(model, self.data.train_augmented, config, teacher=self.base,
                       eval_data=self.test if final else None, device=self.device, progress=self.progress,
                       cancel=self.cancel, checkpoint_path=ckpt,

@@ -309,6 +309,9 @@ def test_killed_prune_resumes_from_its_last_checkpoint(tmp_path):
     r = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "reusing the cka scores" in r.stderr and f"resumed at step {saved_step}/" in r.stderr
+    # the estimate said beforehand is for what is left, read from the same checkpoint
+    assert "the rest of the run: about" in r.stderr and "the saved scores reused" in r.stderr, r.stderr
+    assert f"recovery going on from step {saved_step:,}/{saved['total']:,}" in r.stderr, r.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["recovery"]["steps"] > saved_step and len(report["removed"]) == 2
     assert report["recovery"]["resumed_step"] == saved_step and report["recovery"]["resumed_seconds"] == 1000.0

@@ -26,7 +26,7 @@ from cka_analysis.cli import main
 from cka_analysis.data import load_dataset, make_loader
 from cka_analysis.export import load_pruned, open_model, save_pruned
 from cka_analysis.progress import CancelToken
-from cka_analysis.training import FinetuneConfig, finetune
+from cka_analysis.training import FinetuneConfig, checkpoint_progress, finetune
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT = 600  # upper bound for events on a busy machine; nothing waits a fixed time
@@ -82,6 +82,8 @@ def test_finetune_resumed_after_a_cancel_ends_with_the_uninterrupted_weights(tmp
     assert cut.cancelled and cut.steps < 24
     saved = torch.load(ckpt, weights_only=True)
     assert saved["step"] == 16 and 0 < saved["seconds"] <= cut.seconds
+    assert checkpoint_progress(ckpt) == (16, 24)  # what an estimate before resuming reads
+    assert checkpoint_progress(tmp_path / "none.pt") is None and checkpoint_progress(damaged / "manifest.json") is None
     torch.save({**saved, "seconds": 1000.0}, ckpt)  # the time before the cancel, made large to be seen
     resumed = copy.deepcopy(base)  # a fresh process would start from the same saved model
     t0 = time.perf_counter()

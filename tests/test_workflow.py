@@ -24,6 +24,7 @@ from cka_analysis.workflow import (
     eval_subset,
     records_equal,
     recovery_stand_in,
+    resumed_phases,
     run_prune,
 )
 
@@ -233,3 +234,36 @@ def test_capacity_aware_plan_runs_through_the_workflow(data) -> None:
     assert cap.removed == ["layer1.2"]
     assert cap.criterion == "cka_capacity" and cap.request["capacity_weight"] == 1.0
     assert cap.final.params > plain.final.params  # it keeps more of the weights
+
+
+def test_a_resumed_run_is_estimated_for_what_is_left() -> None:
+    """Saved one-shot scores take the scoring out of the estimate; a recovery checkpoint at step 30 of 40 leaves a
+    quarter of the recovery; the other phases stay whole."""
+    phases = {"scoring": 10.0, "evaluation": 5.0, "recovery": 100.0, "latency": 1.0, "bookkeeping": 0.5}
+    assert resumed_phases(phases, scores_saved=True, step=30, total=40) == {**phases, "scoring": 0.0, "recovery": 25.0}
+    assert resumed_phases(phases, scores_saved=False, step=None, total=None) == phases
+    assert resumed_phases({"evaluation": 5.0}, scores_saved=True, step=3, total=4) == {"evaluation": 5.0}
+
+
+def test_the_estimate_of_a_resumed_run_reads_its_checkpoint_folder(demo, data, tmp_path: Path) -> None:
+    """A run cancelled late in its recovery leaves its scores and a recovery checkpoint: the estimate for resuming
+    it leaves out the scoring and most of the recovery (the whole-run estimate of the same request keeps both)."""
+    from cka_analysis.progress import CancelToken
+
+    request = PruneRequest(**DEMO, target="2", recovery="12800", calibration_samples=64, eval_samples=64)
+    token = CancelToken()
+
+    def cancel_late(done: int, total: int | None, message: str) -> None:
+        if message.startswith("training: step") and total and done >= 0.8 * total:
+            token.cancel()
+
+    run_prune(request, data=data, progress=cancel_late, cancel=token, checkpoint_dir=tmp_path)
+    saved = torch.load(tmp_path / "recovery.pt", weights_only=True)
+    step, total = saved["step"], saved["total"]
+    assert 0.7 * total <= step < total
+    whole = estimate_run(request, demo, data, per_image_s=1e-4)
+    left = estimate_run(request, demo, data, per_image_s=1e-4, resume_dir=tmp_path)
+    assert whole.resumed is None and left.resumed == {"scores": True, "step": step, "total": total}
+    assert whole.phases["scoring"] > 0 and left.phases["scoring"] == 0.0
+    assert left.phases["recovery"] < 0.6 * whole.phases["recovery"]  # a quarter of it, probed twice
+    assert left.phases.keys() == whole.phases.keys() and left.seconds < whole.seconds
