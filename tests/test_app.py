@@ -13,6 +13,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 from app_session import TIMEOUT, settle
 from streamlit.testing.v1 import AppTest
@@ -23,6 +24,13 @@ from cka_analysis.export import load_pruned
 from cka_analysis.workflow import records_equal
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch) -> None:
+    """Each test's runs keep their checkpoint folders (a cancelled run's stays) in a cache of its own, never the
+    user's, and never one a test before it left."""
+    monkeypatch.setenv("CKA_PRUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
 def assert_clean(at: AppTest, where: str, errors: bool = True) -> None:
@@ -303,3 +311,41 @@ def test_prune_page_offers_the_capacity_aware_plan_and_warns_about_long_on_the_c
     assert_clean(at, "long recovery")
     assert any("`long` draws 2,500,000 training images" in w.value and "h on this CPU" in w.value
                for w in at.warning), [w.value for w in at.warning]
+
+
+def test_a_cancelled_prune_goes_on_from_its_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """Cancelled during recovery (after a checkpoint), the same settings show the step it stopped at and the time
+    left, and **Prune** goes on from there: the new run's recovery says where it resumed and the folder is gone."""
+    monkeypatch.setenv("CKA_PRUNE_CACHE", str(tmp_path))
+    at = start_app()
+    at.session_state["device_choice"] = "cpu"
+    page(at, "prune")
+    prune_settings(at, macs=20, recovery=12_000, eval_samples=32)
+    at.button(key="pr_run").click()
+    at.run(timeout=TIMEOUT)
+    job = at.session_state["_job"]
+    folder = next(iter((tmp_path / "cka-prune" / "dashboard-runs").glob("*")), None) if \
+        (tmp_path / "cka-prune" / "dashboard-runs").is_dir() else None
+    deadline = time.perf_counter() + TIMEOUT
+    while job.running and time.perf_counter() < deadline and not (
+            folder is not None and (folder / "recovery.pt").exists()):
+        time.sleep(0.05)
+        runs_dir = tmp_path / "cka-prune" / "dashboard-runs"
+        folder = next(iter(runs_dir.glob("*")), None) if runs_dir.is_dir() else None
+    assert job.running and folder is not None, job.status
+    at.run(timeout=TIMEOUT)
+    at.button(key="cancel_prune").click()
+    settle(at)
+    assert_clean(at, "cancelled prune")
+    step = torch.load(folder / "recovery.pt", weights_only=True)["step"]
+    assert step > 0 and len(at.session_state["runs"]) == 1
+    assert any(f"stopped at recovery step {step:,} of" in i.value and "left" in i.value for i in at.info), \
+        [i.value for i in at.info]
+    at.button(key="pr_run").click()
+    settle(at)
+    assert_clean(at, "resumed prune")
+    runs = at.session_state["runs"]
+    assert len(runs) == 2 and not runs[1]["record"]["cancelled"]
+    assert runs[1]["record"]["recovery"]["resumed_step"] == step
+    assert runs[1]["record"]["removed"] == runs[0]["record"]["removed"]
+    assert not folder.exists()

@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -79,7 +80,8 @@ def server() -> Iterator[tuple[str, ServerLog]]:
          "--server.headless", "true", "--server.address", "localhost", "--browser.gatherUsageStats", "false",
          "--server.fileWatcherType", "none"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # runs keep checkpoint folders under the cache until they finish: a folder of this test's own
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "CKA_PRUNE_CACHE": tempfile.mkdtemp(prefix="cka-prune-cache-")},
     )
     url = f"http://localhost:{port}"
     log = ServerLog(proc)

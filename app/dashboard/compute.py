@@ -11,6 +11,7 @@ No math lives here: every number comes from :mod:`cka_analysis`.
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ import streamlit as st
 from torch import nn
 
 from cka_analysis.cka import CKAOptions, cka_matrix
+from cka_analysis.config import cache_dir
 from cka_analysis.errors import CKAPruneError
 from cka_analysis.export import export_onnx, export_pt2, save_pruned
 from cka_analysis.latency import TimingOptions, compare_latency
@@ -218,14 +220,26 @@ def build_exports(model: nn.Module, name: str, report: dict, formats: tuple[str,
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def run_estimate(model_key: str, request_key: str, *, _request: Any, _model: nn.Module, _data: Any,
-                 _per_image_s: float | None = None) -> dict:
+def run_estimate(model_key: str, request_key: str, resumed_at: int | None = None, *, _request: Any,
+                 _model: nn.Module, _data: Any, _per_image_s: float | None = None,
+                 _resume_dir: Path | None = None) -> dict:
     """How long ``_request``'s run will take here (``workflow.estimate_run``, what the CLI announces), with the
     recovery's reference accuracy drop and the budget as it will be spent; once per model and request
-    (``request_key`` names the request's target, blocks, recovery, test images and device)."""
-    est = estimate_run(_request, private_copy(_model), _data, per_image_s=_per_image_s)
+    (``request_key`` names the request's target, blocks, recovery, test images and device). For a run that will
+    go on from ``_resume_dir`` (its recovery checkpoint at step ``resumed_at``): what is left of it."""
+    est = estimate_run(_request, private_copy(_model), _data, per_image_s=_per_image_s, resume_dir=_resume_dir)
     return {**est.to_dict(), "recovery_config": est.request.recovery.to_dict(),
             "recovery_text": est.request.recovery.describe()}
+
+
+def run_checkpoint_dir(model_key: str, request_key: str) -> Path:
+    """Where the Prune page's run of this model and request keeps what it finished (scores, the recovery
+    checkpoint; :func:`~cka_analysis.workflow.run_prune`'s ``checkpoint_dir``), so that a run interrupted by a
+    cancel or a stopped server goes on from there when the same request is started again: under
+    ``$CKA_PRUNE_CACHE``, one folder per model and request (``request_key`` must name everything the run depends
+    on, seed included)."""
+    digest = hashlib.sha256(f"{model_key}\n{request_key}".encode()).hexdigest()[:20]
+    return cache_dir() / "cka-prune" / "dashboard-runs" / digest
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

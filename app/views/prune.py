@@ -7,6 +7,7 @@ The page builds a :class:`~cka_analysis.workflow.PruneRequest` from its widgets 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pandas as pd
@@ -25,7 +26,8 @@ from cka_analysis.figures import pruning_trajectory, score_bars
 from cka_analysis.metrics import format_duration
 from cka_analysis.pruning import Target, plan
 from cka_analysis.recovery import RECOVERY_PRESETS, RecoveryConfig
-from cka_analysis.workflow import PruneData, PruneRecord, PruneRequest, run_prune
+from cka_analysis.training import checkpoint_progress
+from cka_analysis.workflow import RECOVERY_CHECKPOINT, PruneData, PruneRecord, PruneRequest, run_prune
 
 st.title("Prune")
 a = state.require_active()
@@ -116,14 +118,24 @@ def _run_data(req: PruneRequest) -> PruneData:
                      train_augmented=state.train_augmented(a) if req.recovery.images > 0 else None)
 
 
+def _checkpoint_dir(req: PruneRequest):
+    """Where this model's run of ``req`` keeps what it finished (:func:`dashboard.compute.run_checkpoint_dir`)."""
+    key = json.dumps({"request": req.to_dict(), "data": a.data_key}, sort_keys=True, default=str)
+    return compute.run_checkpoint_dir(a.model_key, key)
+
+
 def _run_estimate(req: PruneRequest) -> dict:
     """How long ``req``'s run will take here (``workflow.estimate_run``, as the CLI announces it; the record keeps
-    it beside the actual time), cached per model and request."""
+    it beside the actual time), cached per model and request; for a run that goes on from its checkpoint, what is
+    left."""
     key = json.dumps({"target": str(req.target), "blocks": req.blocks, "device": str(req.device),
                       "recovery": req.recovery.to_dict(), "eval": req.eval_samples, "iterative": req.iterative,
                       "criterion": req.criterion, "data": a.data_key}, sort_keys=True)
-    return compute.run_estimate(a.model_key, key, _request=req, _model=a.model, _data=_run_data(req),
-                                _per_image_s=estimate.seconds_per_image(a.model, a.model_key, dev))
+    folder = _checkpoint_dir(req)
+    done = checkpoint_progress(folder / RECOVERY_CHECKPOINT)
+    return compute.run_estimate(a.model_key, key, None if done is None else done[0], _request=req, _model=a.model,
+                                _data=_run_data(req), _per_image_s=estimate.seconds_per_image(a.model, a.model_key, dev),
+                                _resume_dir=folder if folder.is_dir() else None)
 
 
 request: PruneRequest | None = None
@@ -146,6 +158,11 @@ if request is not None and run_est is not None and request.recovery.images > 0:
                       f"{run_est['recovery_config']['images']:,} training images instead of "
                       f"{run_est['recovery_config']['preset_images']:,} ({len(a.train):,} in the split). "
                       "Choose **custom** to spend more.")
+    resumed = run_est.get("resumed")
+    if resumed and resumed.get("step") is not None:
+        right.info(f"A run with these settings stopped at recovery step {resumed['step']:,} of "
+                   f"{resumed['total']:,} (cancelled, or the server stopped): **Prune** goes on from there, about "
+                   f"{format_duration(run_est['seconds'])} left.")
     if request.recovery.name == "long" and str(dev).startswith("cpu"):
         right.warning(f"`long` draws {request.recovery.images:,} training images: about "
                       f"{run_est['seconds'] / 3600:.1f} h on this CPU. It is meant for a GPU.")
@@ -207,10 +224,21 @@ if preview is not None:
 
 # ---------------------------------------------------------------------------------------------- run
 def _make_job(req: PruneRequest, estimated: float | None):
+    """The run of ``req``, resumable: what it finishes is kept in its checkpoint folder until it ends (kept after
+    a cancel, so that **Prune** with the same settings goes on; removed when it finishes or fails)."""
     data = _run_data(req)
+    folder = _checkpoint_dir(req)
 
     def run(progress=None, cancel=None):
-        return run_prune(req, data=data, progress=progress, cancel=cancel, estimated_seconds=estimated)
+        try:
+            outcome = run_prune(req, data=data, progress=progress, cancel=cancel, estimated_seconds=estimated,
+                                checkpoint_dir=folder, resume=True)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # a failed run starts afresh next time
+            raise
+        if not outcome.record.cancelled:
+            shutil.rmtree(folder, ignore_errors=True)
+        return outcome
 
     return run
 
@@ -232,7 +260,8 @@ elif job is not None and job.result is not None:
     state.log_timing("prune", job.label, record.estimated_seconds, record.seconds)
     if record.cancelled:
         st.warning("Cancelled: the blocks removed and the recovered weights so far are kept as "
-                   f"“{label}”.")
+                   f"“{label}”. **Prune** with the same settings goes on from what the run finished (its scores "
+                   "and last recovery checkpoint).")
     jobs.clear()
 elif job is not None:
     jobs.show_outcome(job)
