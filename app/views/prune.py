@@ -119,8 +119,11 @@ def _run_data(req: PruneRequest) -> PruneData:
 
 
 def _checkpoint_dir(req: PruneRequest):
-    """Where this model's run of ``req`` keeps what it finished (:func:`dashboard.compute.run_checkpoint_dir`)."""
-    key = json.dumps({"request": req.to_dict(), "data": a.data_key}, sort_keys=True, default=str)
+    """Where this model's run of ``req`` keeps what it finished (:func:`dashboard.compute.run_checkpoint_dir`). A
+    registry model with random weights is drawn anew on each load: its folder is this loaded instance's only."""
+    random_weights = a.model_spec.get("kind") == "registry" and a.model_spec.get("weights") is None
+    key = json.dumps({"request": req.to_dict(), "data": a.data_key,
+                      "instance": id(a.model) if random_weights else None}, sort_keys=True, default=str)
     return compute.run_checkpoint_dir(a.model_key, key)
 
 
