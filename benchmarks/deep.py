@@ -196,17 +196,19 @@ def run_row(spec: dict[str, Any], device: str, checkpoints: Path) -> dict[str, A
         "macs_reduction": rec.macs_reduction, "params_reduction": rec.params_reduction, "removed": rec.removed,
         "recovery_seconds": None if rec.recovery is None else rec.recovery.seconds, "seconds": rec.seconds,
         "resumed_step": None if rec.recovery is None else rec.recovery.resumed_step,
+        "resumed_seconds": None if rec.recovery is None else rec.recovery.resumed_seconds,
         "device": env_info(device).get("device"),
     }
 
 
 def _wall(r: dict[str, Any]) -> str:
-    """A row's wall time; for a row resumed from its checkpoint, the step it went on from (its time before that
-    step is included when the checkpoint recorded it, which older checkpoints did not), or the row's
-    ``wall_note`` (what is known of a resume that predates ``resumed_step``)."""
+    """A row's wall time; for a row resumed from its checkpoint, the step it went on from and whether its time
+    before that step is included (``resumed_seconds``: checkpoints written before they recorded it did not), or
+    the row's ``wall_note`` (what is known of a resume that predates ``resumed_step``)."""
     text = f"{r['seconds'] / 60:.1f} min"
     if r.get("resumed_step"):
-        text += f" (resumed at step {r['resumed_step']:,}, the time before it included)"
+        before = "included" if r.get("resumed_seconds") else "not recorded"
+        text += f" (resumed at step {r['resumed_step']:,}, the time before it {before})"
     return text + (f" ({r['wall_note']})" if r.get("wall_note") else "")
 
 

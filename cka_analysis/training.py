@@ -292,7 +292,7 @@ def train_in_channels_last(dev: torch.device, model: nn.Module) -> bool:
 def checkpoint_progress(path: str | Path) -> tuple[int, int] | None:
     """``(step, total steps)`` of the training checkpoint at ``path``, or None when there is none there (or it is
     not a readable cka-prune checkpoint: the run that resumes from it says why). Read with memory mapping, so that
-    only the two numbers are loaded; for estimates and messages before a resumed run starts."""
+    the tensors (weights, optimiser state) stay on disk; for estimates and messages before a resumed run starts."""
     path = Path(path)
     if not path.is_file():
         return None

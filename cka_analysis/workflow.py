@@ -719,8 +719,9 @@ def estimate_run(request: PruneRequest, model: nn.Module, data: PruneData, *,
     :meth:`PruneData.filled`). Scoring, the accuracy evaluations and the latency timing are forward passes at the
     probed rate (``per_image_s``: a rate already measured for this model and device, else probed here); the
     recovery is :func:`~cka_analysis.recovery.estimate_recovery` of the budget that will be spent, timed on
-    :func:`recovery_stand_in`. ``resume_dir``: the checkpoint folder of a run that will resume from it (the
-    CLI's ``--resume``): the estimate is what is left (:func:`resumed_phases`).
+    :func:`recovery_stand_in`. ``resume_dir``: the checkpoint folder of a one-shot run that will resume from it
+    (the CLI's ``--resume``): the estimate is what is left (:func:`resumed_phases`); an iterative run is estimated
+    whole (its saved steps are not read: an over-estimate).
     """
     from .blocks import find_blocks
     from .metrics import count_macs, estimate_seconds
@@ -759,7 +760,7 @@ def estimate_run(request: PruneRequest, model: nn.Module, data: PruneData, *,
     count_macs(model, model.cka_preset.input_size)
     phases["bookkeeping"] = (time.perf_counter() - start) * (4 + steps)
     resumed = None
-    if resume_dir is not None:
+    if resume_dir is not None and not request.iterative:  # iterative: the whole run (an over-estimate)
         from .training import checkpoint_progress
 
         folder = Path(resume_dir)
@@ -1051,8 +1052,8 @@ def recover_further(
 
 
 def records_equal(a: PruneRecord | Mapping[str, Any], b: PruneRecord | Mapping[str, Any],
-                  ignore: Sequence[str] = ("seconds", "estimated_seconds", "total_seconds", "latency_ms",
-                                           "device")) -> bool:
+                  ignore: Sequence[str] = ("seconds", "estimated_seconds", "total_seconds", "resumed_seconds",
+                                           "latency_ms", "device")) -> bool:
     """Whether two records agree on everything but wall-clock fields (``ignore`` keys at any depth)."""
     def strip(x: Any) -> Any:
         if isinstance(x, Mapping):

@@ -12,7 +12,6 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -73,7 +72,7 @@ def wait_ready(url: str, proc: subprocess.Popen, log: ServerLog, timeout: float)
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, ServerLog]]:
+def server(tmp_path_factory) -> Iterator[tuple[str, ServerLog]]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.port", str(port),
@@ -81,7 +80,7 @@ def server() -> Iterator[tuple[str, ServerLog]]:
          "--server.fileWatcherType", "none"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         # runs keep checkpoint folders under the cache until they finish: a folder of this test's own
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "CKA_PRUNE_CACHE": tempfile.mkdtemp(prefix="cka-prune-cache-")},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "CKA_PRUNE_CACHE": str(tmp_path_factory.mktemp("cache"))},
     )
     url = f"http://localhost:{port}"
     log = ServerLog(proc)

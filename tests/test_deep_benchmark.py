@@ -162,9 +162,12 @@ def test_plan_evidence_and_the_advice_it_feeds() -> None:
 def test_a_resumed_row_says_so_beside_its_wall_time() -> None:
     """A row that went on from a checkpoint names the step (its time before it is in ``seconds``); a row resumed
     before checkpoints carried their time shows its note instead; an uninterrupted row shows the time alone."""
-    whole, resumed, older = row("cka", 88.0), {**row("cka", 88.0, seed=1), "resumed_step": 21_800}, \
-        {**row("cka", 88.0, seed=2), "wall_note": "resumed; the time before it is not in the row"}
-    lines = deep.table_lines([whole, resumed, older])[2:]
+    whole = row("cka", 88.0)
+    resumed = {**row("cka", 88.0, seed=1), "resumed_step": 21_800, "resumed_seconds": 3_000.0}
+    untimed = {**row("cka", 88.0, seed=2), "resumed_step": 1_700, "resumed_seconds": 0.0}
+    older = {**row("cka", 88.0, seed=3), "wall_note": "resumed; the time before it is not in the row"}
+    lines = deep.table_lines([whole, resumed, untimed, older])[2:]
     assert lines[0].endswith("| 10.0 min | cpu (1 threads) |")
     assert "| 10.0 min (resumed at step 21,800, the time before it included) |" in lines[1]
-    assert "| 10.0 min (resumed; the time before it is not in the row) |" in lines[2]
+    assert "| 10.0 min (resumed at step 1,700, the time before it not recorded) |" in lines[2]
+    assert "| 10.0 min (resumed; the time before it is not in the row) |" in lines[3]

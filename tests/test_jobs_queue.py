@@ -8,8 +8,10 @@ produce must equal those of each job run alone.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
 
-from dashboard import jobs
+from dashboard import compute, jobs
 
 from cka_analysis.data import calibration_subset, load_dataset, make_loader
 from cka_analysis.models import build_model
@@ -122,6 +124,22 @@ def test_time_left_follows_a_runs_phases_and_converges_when_the_estimate_is_wron
     assert job.phase == 2 and job.seconds_left() == pytest.approx(4.0)
     now[0] = 64.0
     assert job.seconds_left() == pytest.approx(0.0)
+
+
+def test_time_left_of_a_recovery_resumed_part_way_follows_its_pace_from_there(monkeypatch):
+    """A recovery that goes on from its checkpoint at half its steps: the time left is the pace since it went on
+    (10 s for a quarter: 10 s left), not the steps so far over the time in the phase (which said 3.3 s)."""
+    now = [0.0]
+    monkeypatch.setattr(jobs, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    job = jobs.Job(name="prune", key=0, label="x", estimate=30.0, started=0.0,
+                   phases=[(jobs.FIRST_PHASE, 10.0), ("recovery", 20.0)])
+    job.status = "running"
+    now[0] = 10.0
+    job.progress(0, None, "recovering the pruned model (quick: 1,000 images)")
+    job.progress(50, 100, "training: resumed at step 50/100")
+    now[0] = 20.0
+    job.progress(75, 100, "training: step 75/100")
+    assert job.seconds_left() == pytest.approx(10.0)
 
 
 # ---------------------------------------------------------------------------------------------- seeded records
@@ -293,3 +311,17 @@ def test_stop_all_cancels_and_joins_running_jobs():
     assert jobs.stop_all(timeout=WAIT) == []
     assert not job.thread.is_alive() and seen == ["cancelled"] and job.result == "stopped"
     release.set()
+
+
+def test_run_folders_left_untouched_for_two_weeks_are_removed(tmp_path: Path) -> None:
+    """A cancelled run's checkpoint folder stays for a resume; one with nothing written for 14 days goes when
+    another run starts (the Prune page calls this), one written since stays."""
+    old, recent = tmp_path / "old", tmp_path / "recent"
+    for folder in (old, recent):
+        folder.mkdir()
+        (folder / "scores.json").write_text("{}")
+    weeks_ago = time.time() - 15 * 86400
+    os.utime(old / "scores.json", (weeks_ago, weeks_ago))
+    assert compute.clear_stale_run_dirs(tmp_path) == [old]
+    assert not old.exists() and recent.is_dir()
+    assert compute.clear_stale_run_dirs(tmp_path / "missing") == []

@@ -15,6 +15,7 @@ import hashlib
 import io
 import shutil
 import tempfile
+import time
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -220,13 +221,13 @@ def build_exports(model: nn.Module, name: str, report: dict, formats: tuple[str,
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def run_estimate(model_key: str, request_key: str, resumed_at: int | None = None, *, _request: Any,
+def run_estimate(model_key: str, request_key: str, left: str | None = None, *, _request: Any,
                  _model: nn.Module, _data: Any, _per_image_s: float | None = None,
                  _resume_dir: Path | None = None) -> dict:
     """How long ``_request``'s run will take here (``workflow.estimate_run``, what the CLI announces), with the
     recovery's reference accuracy drop and the budget as it will be spent; once per model and request
     (``request_key`` names the request's target, blocks, recovery, test images and device). For a run that will
-    go on from ``_resume_dir`` (its recovery checkpoint at step ``resumed_at``): what is left of it."""
+    go on from ``_resume_dir`` (``left`` names what the folder holds, for the cache): what is left of it."""
     est = estimate_run(_request, private_copy(_model), _data, per_image_s=_per_image_s, resume_dir=_resume_dir)
     return {**est.to_dict(), "recovery_config": est.request.recovery.to_dict(),
             "recovery_text": est.request.recovery.describe()}
@@ -240,6 +241,25 @@ def run_checkpoint_dir(model_key: str, request_key: str) -> Path:
     on, seed included)."""
     digest = hashlib.sha256(f"{model_key}\n{request_key}".encode()).hexdigest()[:20]
     return cache_dir() / "cka-prune" / "dashboard-runs" / digest
+
+
+#: A run's checkpoint folder untouched this long is removed when another run starts (it was never resumed).
+STALE_RUN_DAYS = 14.0
+
+
+def clear_stale_run_dirs(parent: Path, days: float = STALE_RUN_DAYS) -> list[Path]:
+    """Remove the run folders in ``parent`` (:func:`run_checkpoint_dir`) with nothing written for ``days`` days:
+    runs that were cancelled or interrupted and never started again. Returns the folders removed."""
+    if not parent.is_dir():
+        return []
+    cutoff = time.time() - days * 86400
+    gone = []
+    for folder in parent.iterdir():
+        stamps = [p.stat().st_mtime for p in folder.rglob("*") if p.is_file()] or [folder.stat().st_mtime]
+        if folder.is_dir() and max(stamps) < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder)
+    return gone
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -101,6 +101,9 @@ class Job:
     phases: list[tuple[str, float]] | None = None
     phase: int = 0
     phase_started: float | None = None
+    #: (time, fraction) of the current phase's first report with a total: a phase can start part-way (a recovery
+    #: resumed from its checkpoint), so its pace is measured from there, not from zero
+    phase_origin: tuple[float, float] | None = None
 
     @property
     def running(self) -> bool:
@@ -141,8 +144,9 @@ class Job:
         if current > 0 and in_phase > scale * current:
             scale = in_phase / current  # the current phase overran its scaled estimate already
         scale = min(10.0, max(0.1, scale))
-        if self.phase > 0 and frac and frac >= 0.02 and in_phase >= 1.0:
-            left_here = in_phase * (1.0 - frac) / frac
+        t0, f0 = self.phase_origin if self.phase_origin is not None else (since, 0.0)
+        if self.phase > 0 and frac and frac - f0 >= 0.02 and now - t0 >= 1.0:
+            left_here = (now - t0) * (1.0 - frac) / (frac - f0)
         else:
             left_here = max(0.0, scale * current - in_phase)
         return left_here + scale * after
@@ -151,6 +155,8 @@ class Job:
         """The progress callback handed to the library (called from the worker thread)."""
         if self.phases:
             self._follow_phase(str(message))
+            if self.phase_origin is None and total:
+                self.phase_origin = (time.perf_counter(), max(0.0, min(1.0, done / total)))
         self.done, self.total, self.message = int(done), total, str(message)
 
     def _follow_phase(self, message: str) -> None:
@@ -159,7 +165,7 @@ class Job:
         names = [name for name, _ in self.phases or []]
         for i in range(self.phase + 1, len(names)):
             if any(text.startswith(m) for m in PHASE_MARKERS.get(names[i], ())):
-                self.phase, self.phase_started = i, time.perf_counter()
+                self.phase, self.phase_started, self.phase_origin = i, time.perf_counter(), None
                 return
 
     def fraction(self) -> float | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -22,6 +23,7 @@ from cka_analysis.choices import (
     RECOVERY_METHODS,
     plan_advice,
 )
+from cka_analysis.errors import CheckpointError
 from cka_analysis.figures import pruning_trajectory, score_bars
 from cka_analysis.metrics import format_duration
 from cka_analysis.pruning import Target, plan
@@ -118,12 +120,16 @@ def _run_data(req: PruneRequest) -> PruneData:
                      train_augmented=state.train_augmented(a) if req.recovery.images > 0 else None)
 
 
-def _checkpoint_dir(req: PruneRequest):
-    """Where this model's run of ``req`` keeps what it finished (:func:`dashboard.compute.run_checkpoint_dir`). A
-    registry model with random weights is drawn anew on each load: its folder is this loaded instance's only."""
-    random_weights = a.model_spec.get("kind") == "registry" and a.model_spec.get("weights") is None
-    key = json.dumps({"request": req.to_dict(), "data": a.data_key,
-                      "instance": id(a.model) if random_weights else None}, sort_keys=True, default=str)
+def _checkpoint_dir(req: PruneRequest) -> Path | None:
+    """Where this model's run of ``req`` keeps what it finished (:func:`dashboard.compute.run_checkpoint_dir`), or
+    None for a model with random weights (drawn anew on each load: another draw must not go on from it). The
+    folder is named by the model's key and the request without where an upload was unpacked (a new temporary
+    folder on each load), so that it is found again after the server restarts."""
+    w = a.model_spec.get("weights")
+    if (a.model_spec.get("kind") == "registry" and w is None) or w == "random":
+        return None
+    described = {k: v for k, v in req.to_dict().items() if k != "origin"}
+    key = json.dumps({"request": described, "data": a.data_key}, sort_keys=True, default=str)
     return compute.run_checkpoint_dir(a.model_key, key)
 
 
@@ -134,11 +140,15 @@ def _run_estimate(req: PruneRequest) -> dict:
     key = json.dumps({"target": str(req.target), "blocks": req.blocks, "device": str(req.device),
                       "recovery": req.recovery.to_dict(), "eval": req.eval_samples, "iterative": req.iterative,
                       "criterion": req.criterion, "data": a.data_key}, sort_keys=True)
-    folder = _checkpoint_dir(req)
-    done = checkpoint_progress(folder / RECOVERY_CHECKPOINT)
-    return compute.run_estimate(a.model_key, key, None if done is None else done[0], _request=req, _model=a.model,
-                                _data=_run_data(req), _per_image_s=estimate.seconds_per_image(a.model, a.model_key, dev),
-                                _resume_dir=folder if folder.is_dir() else None)
+    # what a run of these settings left (none while this session's own job runs: its checkpoint is live)
+    folder = None if jobs.busy() else _checkpoint_dir(req)
+    left = None
+    if folder is not None and folder.is_dir():
+        done = checkpoint_progress(folder / RECOVERY_CHECKPOINT)
+        left = json.dumps({"scores": (folder / "scores.json").is_file(), "step": done and done[0]})
+    return compute.run_estimate(a.model_key, key, left, _request=req, _model=a.model, _data=_run_data(req),
+                                _per_image_s=estimate.seconds_per_image(a.model, a.model_key, dev),
+                                _resume_dir=folder if left is not None else None)
 
 
 request: PruneRequest | None = None
@@ -227,19 +237,27 @@ if preview is not None:
 
 # ---------------------------------------------------------------------------------------------- run
 def _make_job(req: PruneRequest, estimated: float | None):
-    """The run of ``req``, resumable: what it finishes is kept in its checkpoint folder until it ends (kept after
-    a cancel, so that **Prune** with the same settings goes on; removed when it finishes or fails)."""
+    """The run of ``req``, resumable: what it finishes is kept in its checkpoint folder (:func:`_checkpoint_dir`)
+    until it finishes, so that after a cancel, a stopped server or a failure **Prune** with the same settings goes
+    on from there; a folder it cannot go on from (another version wrote it) is removed and the run starts afresh."""
     data = _run_data(req)
     folder = _checkpoint_dir(req)
+    if folder is not None:
+        compute.clear_stale_run_dirs(folder.parent)
 
     def run(progress=None, cancel=None):
+        def once():
+            return run_prune(req, data=data, progress=progress, cancel=cancel, estimated_seconds=estimated,
+                             checkpoint_dir=folder, resume=folder is not None)
+
         try:
-            outcome = run_prune(req, data=data, progress=progress, cancel=cancel, estimated_seconds=estimated,
-                                checkpoint_dir=folder, resume=True)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)  # a failed run starts afresh next time
-            raise
-        if not outcome.record.cancelled:
+            outcome = once()
+        except CheckpointError:
+            if folder is None:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            outcome = once()
+        if folder is not None and not outcome.record.cancelled:
             shutil.rmtree(folder, ignore_errors=True)
         return outcome
 
@@ -260,7 +278,9 @@ elif job is not None and job.result is not None:
     state.runs().append({"id": run_id, "label": label, "model": outcome.model, "record": record.to_dict(),
                          "created": time.strftime("%H:%M:%S")})
     st.session_state["pr_show_run"] = run_id
-    state.log_timing("prune", job.label, record.estimated_seconds, record.seconds)
+    # a resumed run was estimated for what was left: compared with this part's time
+    resumed = record.recovery.resumed_seconds if record.recovery is not None else 0.0
+    state.log_timing("prune", job.label, record.estimated_seconds, record.seconds - resumed)
     if record.cancelled:
         st.warning("Cancelled: the blocks removed and the recovered weights so far are kept as "
                    f"“{label}”. **Prune** with the same settings goes on from what the run finished (its scores "
