@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -339,6 +340,13 @@ def test_a_cancelled_prune_goes_on_from_its_checkpoint(tmp_path: Path, monkeypat
     assert step > 0 and len(at.session_state["runs"]) == 1
     assert any(f"stopped at recovery step {step:,} of" in i.value and "left" in i.value for i in at.info), \
         [i.value for i in at.info]
+    copy = tmp_path / "kept"  # the folder as the cancel left it, to go on from after trying "Start afresh"
+    shutil.copytree(folder, copy)
+    at.button(key="pr_discard_resume").click()
+    settle(at)
+    assert not folder.exists() and not any("stopped at recovery step" in i.value for i in at.info)
+    shutil.copytree(copy, folder)
+    at.run(timeout=TIMEOUT)
     at.button(key="pr_run").click()
     settle(at)
     assert_clean(at, "resumed prune")

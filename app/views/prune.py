@@ -176,6 +176,10 @@ if request is not None and run_est is not None and request.recovery.images > 0:
         right.info(f"A run with these settings stopped at recovery step {resumed['step']:,} of "
                    f"{resumed['total']:,} (cancelled, or the server stopped): **Prune** goes on from there, about "
                    f"{format_duration(run_est['seconds'])} left.")
+        if right.button("Start afresh instead", key="pr_discard_resume",
+                        help="Delete what that run finished; the next Prune starts from the beginning"):
+            shutil.rmtree(_checkpoint_dir(request), ignore_errors=True)
+            st.rerun()
     if request.recovery.name == "long" and str(dev).startswith("cpu"):
         right.warning(f"`long` draws {request.recovery.images:,} training images: about "
                       f"{run_est['seconds'] / 3600:.1f} h on this CPU. It is meant for a GPU.")
