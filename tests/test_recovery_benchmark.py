@@ -3,6 +3,7 @@ keeps trial runs out of the committed results."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -94,3 +95,22 @@ def test_rows_to_run_skips_finished_and_claimed_rows_and_stops_at_until() -> Non
         done.add("d")  # another process finishes d while this one runs b
     assert [s["id"] for s in ran] == ["b"] and ran[0]["recovery"] == "500"
     assert list(rows_to_run(todo, lambda: set(), lambda i: True, until=time.time() - 1)) == []
+
+
+def test_the_row_log_says_the_time_left_at_the_pace_since_the_phase_began(monkeypatch) -> None:
+    """A recovery resumed at step 500 of 1,000 that does 100 steps in 60 s has 4 min left (not the 40 s that
+    pacing from step 0 would say); a new phase (another total) is paced afresh; a phase without a total, none."""
+    now, lines = [0.0], []
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(bench, "log", lines.append)
+    report = bench._progress("row")
+    report(0, None, "re-estimating batch-norm statistics")
+    report(500, 1000, "training: resumed at step 500/1000")
+    now[0] = 60.0
+    report(600, 1000, "training: step 600/1000")
+    assert lines[-1] == "row: training: step 600/1000 (about 4 min 00 s left)"
+    now[0] = 100.0
+    report(10, 20, "evaluating")
+    now[0] = 140.0
+    report(15, 20, "evaluating")
+    assert lines[-1] == "row: evaluating (about 40 s left)"
