@@ -276,7 +276,10 @@ def _add_prune(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed for calibration, the test subset, recovery's data order and random scores")
     p.add_argument("--out", default="pruned", metavar="DIR", help="output directory (default ./pruned)")
-    p.add_argument("--resume", action="store_true", help="go on from what an interrupted run left in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from what an interrupted run left in --out (OUT/.resume/: its scores and recovery "
+                        "checkpoint; the estimate is then for what is left, and the report's times include the "
+                        "training before the interruption)")
     _common(p)
 
 
