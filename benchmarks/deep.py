@@ -207,8 +207,9 @@ def _wall(r: dict[str, Any]) -> str:
     the row's ``wall_note`` (what is known of a resume that predates ``resumed_step``)."""
     text = f"{r['seconds'] / 60:.1f} min"
     if r.get("resumed_step"):
-        before = "included" if r.get("resumed_seconds") else "not recorded"
-        text += f" (resumed at step {r['resumed_step']:,}, the time before it {before})"
+        before = "" if "resumed_seconds" not in r else \
+            ", the time before it " + ("included" if r["resumed_seconds"] else "not recorded")
+        text += f" (resumed at step {r['resumed_step']:,}{before})"
     return text + (f" ({r['wall_note']})" if r.get("wall_note") else "")
 
 

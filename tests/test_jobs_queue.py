@@ -142,6 +142,24 @@ def test_time_left_of_a_recovery_resumed_part_way_follows_its_pace_from_there(mo
     assert job.seconds_left() == pytest.approx(10.0)
 
 
+def test_time_left_is_paced_afresh_for_each_count_within_a_phase(monkeypatch):
+    """An iterative run's recovery phase counts a short recovery after a removal, then the final one: each count
+    is paced from its own start (a finished 10-step count must not freeze the pace at "done")."""
+    now = [0.0]
+    monkeypatch.setattr(jobs, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    job = jobs.Job(name="prune", key=0, label="x", estimate=30.0, started=0.0,
+                   phases=[(jobs.FIRST_PHASE, 10.0), ("recovery", 20.0)])
+    job.status = "running"
+    now[0] = 10.0
+    job.progress(0, None, "recovering the pruned model (quick: 1,000 images)")
+    job.progress(10, 10, "training: step 10/10")  # a short recovery's only report: already at its end
+    now[0] = 12.0
+    job.progress(10, 100, "training: step 10/100")  # the final recovery begins
+    now[0] = 16.0
+    job.progress(60, 100, "training: step 60/100")
+    assert job.seconds_left() == pytest.approx(3.2)  # 50 steps in 4 s, 40 to go (the estimate said 14 s)
+
+
 # ---------------------------------------------------------------------------------------------- seeded records
 @pytest.fixture(scope="module")
 def digits():
@@ -322,6 +340,11 @@ def test_run_folders_left_untouched_for_two_weeks_are_removed(tmp_path: Path) ->
         (folder / "scores.json").write_text("{}")
     weeks_ago = time.time() - 15 * 86400
     os.utime(old / "scores.json", (weeks_ago, weeks_ago))
+    assert compute.clear_stale_run_dirs(tmp_path, keep=old) == []  # the run about to go on from it
+    assert compute.claim_run_dir(old) and not compute.claim_run_dir(old)  # one writer at a time
+    assert compute.run_dir_in_use(old) and compute.clear_stale_run_dirs(tmp_path) == []  # a run is writing it
+    compute.release_run_dir(old)
+    assert not compute.run_dir_in_use(old)
     assert compute.clear_stale_run_dirs(tmp_path) == [old]
     assert not old.exists() and recent.is_dir()
     assert compute.clear_stale_run_dirs(tmp_path / "missing") == []

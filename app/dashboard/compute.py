@@ -15,6 +15,7 @@ import hashlib
 import io
 import shutil
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import asdict
@@ -247,16 +248,48 @@ def run_checkpoint_dir(model_key: str, request_key: str) -> Path:
 STALE_RUN_DAYS = 14.0
 
 
-def clear_stale_run_dirs(parent: Path, days: float = STALE_RUN_DAYS) -> list[Path]:
+#: The run folders a run of this server process is writing now (every session's): never shared, never removed.
+_RUN_DIRS_IN_USE: set[Path] = set()
+_RUN_DIRS_LOCK = threading.Lock()
+
+
+def claim_run_dir(folder: Path) -> bool:
+    """Mark ``folder`` as written by the calling run; False when another run of this process holds it."""
+    with _RUN_DIRS_LOCK:
+        if folder in _RUN_DIRS_IN_USE:
+            return False
+        _RUN_DIRS_IN_USE.add(folder)
+        return True
+
+
+def release_run_dir(folder: Path) -> None:
+    """The run that claimed ``folder`` (:func:`claim_run_dir`) has ended."""
+    with _RUN_DIRS_LOCK:
+        _RUN_DIRS_IN_USE.discard(folder)
+
+
+def run_dir_in_use(folder: Path) -> bool:
+    """Whether a run of this process is writing ``folder`` now (its checkpoint is live: not a run to go on from)."""
+    with _RUN_DIRS_LOCK:
+        return folder in _RUN_DIRS_IN_USE
+
+
+def clear_stale_run_dirs(parent: Path, days: float = STALE_RUN_DAYS, keep: Path | None = None) -> list[Path]:
     """Remove the run folders in ``parent`` (:func:`run_checkpoint_dir`) with nothing written for ``days`` days:
-    runs that were cancelled or interrupted and never started again. Returns the folders removed."""
+    runs that were cancelled or interrupted and never started again; never ``keep`` (the run about to go on from
+    it) or a folder a run is writing. Returns the folders removed."""
     if not parent.is_dir():
         return []
     cutoff = time.time() - days * 86400
     gone = []
     for folder in parent.iterdir():
-        stamps = [p.stat().st_mtime for p in folder.rglob("*") if p.is_file()] or [folder.stat().st_mtime]
-        if folder.is_dir() and max(stamps) < cutoff:
+        if folder == keep or not folder.is_dir() or run_dir_in_use(folder):
+            continue
+        try:
+            stamps = [p.stat().st_mtime for p in folder.rglob("*") if p.is_file()] or [folder.stat().st_mtime]
+        except OSError:  # removed meanwhile
+            continue
+        if max(stamps) < cutoff:
             shutil.rmtree(folder, ignore_errors=True)
             gone.append(folder)
     return gone

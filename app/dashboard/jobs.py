@@ -101,9 +101,9 @@ class Job:
     phases: list[tuple[str, float]] | None = None
     phase: int = 0
     phase_started: float | None = None
-    #: (time, fraction) of the current phase's first report with a total: a phase can start part-way (a recovery
-    #: resumed from its checkpoint), so its pace is measured from there, not from zero
-    phase_origin: tuple[float, float] | None = None
+    #: (time, fraction, total) of the first report of the current phase's count: a phase can start part-way (a
+    #: recovery resumed from its checkpoint), so its pace is measured from there, not from zero
+    phase_origin: tuple[float, float, int] | None = None
 
     @property
     def running(self) -> bool:
@@ -144,7 +144,7 @@ class Job:
         if current > 0 and in_phase > scale * current:
             scale = in_phase / current  # the current phase overran its scaled estimate already
         scale = min(10.0, max(0.1, scale))
-        t0, f0 = self.phase_origin if self.phase_origin is not None else (since, 0.0)
+        t0, f0 = self.phase_origin[:2] if self.phase_origin is not None else (since, 0.0)
         if self.phase > 0 and frac and frac - f0 >= 0.02 and now - t0 >= 1.0:
             left_here = (now - t0) * (1.0 - frac) / (frac - f0)
         else:
@@ -155,8 +155,10 @@ class Job:
         """The progress callback handed to the library (called from the worker thread)."""
         if self.phases:
             self._follow_phase(str(message))
-            if self.phase_origin is None and total:
-                self.phase_origin = (time.perf_counter(), max(0.0, min(1.0, done / total)))
+            origin = self.phase_origin
+            # a new count (another total, or one that went back: the next of several recoveries) is paced afresh
+            if total and (origin is None or origin[2] != total or done / total < origin[1]):
+                self.phase_origin = (time.perf_counter(), max(0.0, min(1.0, done / total)), total)
         self.done, self.total, self.message = int(done), total, str(message)
 
     def _follow_phase(self, message: str) -> None:

@@ -122,14 +122,12 @@ def _run_data(req: PruneRequest) -> PruneData:
 
 def _checkpoint_dir(req: PruneRequest) -> Path | None:
     """Where this model's run of ``req`` keeps what it finished (:func:`dashboard.compute.run_checkpoint_dir`), or
-    None for a model with random weights (drawn anew on each load: another draw must not go on from it). The
-    folder is named by the model's key and the request without where an upload was unpacked (a new temporary
-    folder on each load), so that it is found again after the server restarts."""
-    w = a.model_spec.get("weights")
-    if (a.model_spec.get("kind") == "registry" and w is None) or w == "random":
+    None for a model that could not go on from it after a reload: random weights (drawn anew on each load) and
+    uploads (unpacked to a new temporary folder on each load, which the run's settings name)."""
+    w, kind = a.model_spec.get("weights"), a.model_spec.get("kind")
+    if (kind == "registry" and w is None) or w == "random" or kind in ("checkpoint", "archive"):
         return None
-    described = {k: v for k, v in req.to_dict().items() if k != "origin"}
-    key = json.dumps({"request": described, "data": a.data_key}, sort_keys=True, default=str)
+    key = json.dumps({"request": req.to_dict(), "data": a.data_key}, sort_keys=True, default=str)
     return compute.run_checkpoint_dir(a.model_key, key)
 
 
@@ -140,8 +138,9 @@ def _run_estimate(req: PruneRequest) -> dict:
     key = json.dumps({"target": str(req.target), "blocks": req.blocks, "device": str(req.device),
                       "recovery": req.recovery.to_dict(), "eval": req.eval_samples, "iterative": req.iterative,
                       "criterion": req.criterion, "data": a.data_key}, sort_keys=True)
-    # what a run of these settings left (none while this session's own job runs: its checkpoint is live)
-    folder = None if jobs.busy() else _checkpoint_dir(req)
+    # what a run of these settings left (none while a run, of any session, is writing there)
+    folder = _checkpoint_dir(req)
+    folder = None if folder is None or compute.run_dir_in_use(folder) else folder
     left = None
     if folder is not None and folder.is_dir():
         done = checkpoint_progress(folder / RECOVERY_CHECKPOINT)
@@ -178,7 +177,9 @@ if request is not None and run_est is not None and request.recovery.images > 0:
                    f"{format_duration(run_est['seconds'])} left.")
         if right.button("Start afresh instead", key="pr_discard_resume",
                         help="Delete what that run finished; the next Prune starts from the beginning"):
-            shutil.rmtree(_checkpoint_dir(request), ignore_errors=True)
+            folder = _checkpoint_dir(request)
+            if folder is not None and not compute.run_dir_in_use(folder):
+                shutil.rmtree(folder, ignore_errors=True)
             st.rerun()
     if request.recovery.name == "long" and str(dev).startswith("cpu"):
         right.warning(f"`long` draws {request.recovery.images:,} training images: about "
@@ -243,27 +244,31 @@ if preview is not None:
 def _make_job(req: PruneRequest, estimated: float | None):
     """The run of ``req``, resumable: what it finishes is kept in its checkpoint folder (:func:`_checkpoint_dir`)
     until it finishes, so that after a cancel, a stopped server or a failure **Prune** with the same settings goes
-    on from there; a folder it cannot go on from (another version wrote it) is removed and the run starts afresh."""
+    on from there. Only one run at a time writes a folder (another session's run of the same settings runs
+    without one); a folder it cannot go on from (another version wrote it) is deleted with a message."""
     data = _run_data(req)
-    folder = _checkpoint_dir(req)
-    if folder is not None:
-        compute.clear_stale_run_dirs(folder.parent)
+    wanted = _checkpoint_dir(req)
 
     def run(progress=None, cancel=None):
-        def once():
-            return run_prune(req, data=data, progress=progress, cancel=cancel, estimated_seconds=estimated,
-                             checkpoint_dir=folder, resume=folder is not None)
-
+        folder = wanted if wanted is not None and compute.claim_run_dir(wanted) else None
         try:
-            outcome = once()
-        except CheckpointError:
-            if folder is None:
-                raise
-            shutil.rmtree(folder, ignore_errors=True)
-            outcome = once()
-        if folder is not None and not outcome.record.cancelled:
-            shutil.rmtree(folder, ignore_errors=True)
-        return outcome
+            if folder is not None:
+                compute.clear_stale_run_dirs(folder.parent, keep=folder)
+            try:
+                outcome = run_prune(req, data=data, progress=progress, cancel=cancel, estimated_seconds=estimated,
+                                    checkpoint_dir=folder, resume=folder is not None)
+            except CheckpointError as exc:
+                if folder is None:
+                    raise
+                shutil.rmtree(folder, ignore_errors=True)
+                raise CheckpointError(f"what an earlier run of these settings saved could not be used ({exc}); it "
+                                      "was deleted: press Prune again to start afresh") from exc
+            if folder is not None and not outcome.record.cancelled:
+                shutil.rmtree(folder, ignore_errors=True)
+            return outcome
+        finally:
+            if folder is not None:
+                compute.release_run_dir(folder)
 
     return run
 
@@ -286,9 +291,10 @@ elif job is not None and job.result is not None:
     resumed = record.recovery.resumed_seconds if record.recovery is not None else 0.0
     state.log_timing("prune", job.label, record.estimated_seconds, record.seconds - resumed)
     if record.cancelled:
-        st.warning("Cancelled: the blocks removed and the recovered weights so far are kept as "
-                   f"“{label}”. **Prune** with the same settings goes on from what the run finished (its scores "
-                   "and last recovery checkpoint).")
+        resumable = request is not None and _checkpoint_dir(request) is not None
+        st.warning(f"Cancelled: the blocks removed and the recovered weights so far are kept as “{label}”."
+                   + (" **Prune** with the same settings goes on from what the run finished (its scores and last "
+                      "recovery checkpoint)." if resumable else ""))
     jobs.clear()
 elif job is not None:
     jobs.show_outcome(job)
