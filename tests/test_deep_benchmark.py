@@ -171,3 +171,5 @@ def test_a_resumed_row_says_so_beside_its_wall_time() -> None:
     assert "| 10.0 min (resumed at step 21,800, the time before it included) |" in lines[1]
     assert "| 10.0 min (resumed at step 1,700, the time before it not recorded) |" in lines[2]
     assert "| 10.0 min (resumed; the time before it is not in the row) |" in lines[3]
+    earlier = {k: v for k, v in untimed.items() if k != "resumed_seconds"}  # a row from before that field
+    assert "| 10.0 min (resumed at step 1,700) |" in deep.table_lines([earlier])[2]
