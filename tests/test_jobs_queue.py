@@ -126,9 +126,9 @@ def test_time_left_follows_a_runs_phases_and_converges_when_the_estimate_is_wron
     assert job.seconds_left() == pytest.approx(0.0)
 
 
-def test_time_left_of_a_recovery_resumed_part_way_follows_its_pace_from_there(monkeypatch):
-    """A recovery that goes on from its checkpoint at half its steps: the time left is the pace since it went on
-    (10 s for a quarter: 10 s left), not the steps so far over the time in the phase (which said 3.3 s)."""
+def _job_in_recovery(monkeypatch) -> tuple[jobs.Job, list[float]]:
+    """A run estimated at 10 s before its recovery and 20 s of recovery, which enters the recovery at 10 s (the
+    clock is ``now[0]``)."""
     now = [0.0]
     monkeypatch.setattr(jobs, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     job = jobs.Job(name="prune", key=0, label="x", estimate=30.0, started=0.0,
@@ -136,22 +136,26 @@ def test_time_left_of_a_recovery_resumed_part_way_follows_its_pace_from_there(mo
     job.status = "running"
     now[0] = 10.0
     job.progress(0, None, "recovering the pruned model (quick: 1,000 images)")
-    job.progress(50, 100, "training: resumed at step 50/100")
+    return job, now
+
+
+def test_time_left_of_a_recovery_resumed_part_way_follows_its_pace_from_there(monkeypatch):
+    """A recovery that goes on from its checkpoint at half its steps (the trainer says so without a total, then
+    counts on): the time left is the pace since it went on (20 steps in 8 s, 20 to go: 8 s), not the steps so
+    far over the time in the phase (which said 2.5 s)."""
+    job, now = _job_in_recovery(monkeypatch)
+    job.progress(50, None, "training: resumed at step 50/100")
+    now[0] = 12.0
+    job.progress(60, 100, "training: step 60/100")
     now[0] = 20.0
-    job.progress(75, 100, "training: step 75/100")
-    assert job.seconds_left() == pytest.approx(10.0)
+    job.progress(80, 100, "training: step 80/100")
+    assert job.seconds_left() == pytest.approx(8.0)
 
 
 def test_time_left_is_paced_afresh_for_each_count_within_a_phase(monkeypatch):
     """An iterative run's recovery phase counts a short recovery after a removal, then the final one: each count
     is paced from its own start (a finished 10-step count must not freeze the pace at "done")."""
-    now = [0.0]
-    monkeypatch.setattr(jobs, "time", SimpleNamespace(perf_counter=lambda: now[0]))
-    job = jobs.Job(name="prune", key=0, label="x", estimate=30.0, started=0.0,
-                   phases=[(jobs.FIRST_PHASE, 10.0), ("recovery", 20.0)])
-    job.status = "running"
-    now[0] = 10.0
-    job.progress(0, None, "recovering the pruned model (quick: 1,000 images)")
+    job, now = _job_in_recovery(monkeypatch)
     job.progress(10, 10, "training: step 10/10")  # a short recovery's only report: already at its end
     now[0] = 12.0
     job.progress(10, 100, "training: step 10/100")  # the final recovery begins
