@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from .choices import CRITERION_INFO, DEFAULT_CALIBRATION_IMAGES, DEFAULT_CAPACITY_WEIGHT, criterion_info
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .progress import CancelToken, ProgressFn, no_progress
 from .pruning import (
     PruneHooks,
@@ -765,7 +765,11 @@ def estimate_run(request: PruneRequest, model: nn.Module, data: PruneData, *,
 
         folder = Path(resume_dir)
         done = checkpoint_progress(folder / RECOVERY_CHECKPOINT) if recovering else None
-        scores = not request.iterative and (folder / "scores.json").is_file()
+        try:  # the scores count as saved only when written with these settings (the run checks the same key)
+            scores = not request.iterative and \
+                ResumeStore(folder, request.resume_key(), resume=True).load_scores() is not None
+        except CheckpointError:
+            scores = False  # another run's: the run itself refuses the folder, with its message
         if done is not None or scores:
             step, total = done if done is not None else (None, None)
             resumed = {"scores": scores, "step": step, "total": total}

@@ -268,3 +268,6 @@ def test_the_estimate_of_a_resumed_run_reads_its_checkpoint_folder(demo, data, t
     share = 1 - step / total  # the share of the recovery left
     assert left.phases["recovery"] < (share + 0.3) * whole.phases["recovery"]  # each estimate probes its own timing
     assert left.phases.keys() == whole.phases.keys() and left.seconds < whole.seconds
+    # scores saved by a run with other settings are not counted as saved (the run refuses them)
+    other = PruneRequest(**DEMO, target="2", recovery="12800", calibration_samples=64, eval_samples=64, seed=1)
+    assert estimate_run(other, demo, data, per_image_s=1e-4, resume_dir=tmp_path).resumed["scores"] is False
