@@ -749,10 +749,12 @@ def cmd_prune(args: argparse.Namespace, bar: StderrProgress) -> int:
         if est.resumed is None:
             bar.info(f"the whole run: about {format_duration(est.seconds)} on this device")
         else:
-            done = [what for what, saved in (("the saved scores reused", est.resumed["scores"]),
-                                              (f"recovery going on from step {est.resumed['step']:,}/"
-                                               f"{est.resumed['total']:,}", est.resumed["step"] is not None))
-                    if saved]
+            r = est.resumed
+            done = ["the saved scores reused"] if r["scores"] else []
+            if r["removals_done"]:
+                done.append(f"{r['removals_done']} iterative step{'s' if r['removals_done'] > 1 else ''} saved")
+            if r["step"] is not None:
+                done.append(f"recovery going on from step {r['step']:,}/{r['total']:,}")
             bar.info(f"the rest of the run: about {format_duration(est.seconds)} on this device "
                      f"({', '.join(done)})")
     outcome = run_prune(request, data=data, progress=bar, checkpoint_dir=out / ".resume", resume=args.resume,

@@ -412,6 +412,11 @@ class ResumeStore:
             return None
         return Scores.from_dict(saved["scores"])
 
+    def iterative_removed(self) -> list[str] | None:
+        """The blocks the saved iterative steps removed, without loading their weights (None when none saved)."""
+        saved = self._read("iterative.json")
+        return None if saved is None else list(saved["removed"])
+
     def load_iterative(self, model: nn.Module) -> tuple[nn.Module, list[str], list[PruneStep]] | None:
         """The model after the last saved step (``model`` with those blocks removed and the saved weights)."""
         saved = self._read("iterative.json")

@@ -624,7 +624,8 @@ class RunEstimate:
             :func:`fit_recovery`; for the whole budget, also when resumed), with the reference benchmark's
             accuracy drop; None without recovery. request: the request as it will run (its budget fitted to the
             training split). resumed: for a run that goes on from its checkpoint folder, what it will not redo
-            (``scores``: saved one-shot scores reused; ``step``/``total``: where the recovery goes on), else None.
+            (``scores``: saved one-shot scores reused; ``removals_done``: iterative steps saved; ``step``/``total``:
+            where the final recovery goes on), else None.
     """
 
     seconds: float
@@ -642,15 +643,22 @@ class RunEstimate:
 RECOVERY_CHECKPOINT = "recovery.pt"
 
 
-def resumed_phases(phases: Mapping[str, float], *, scores_saved: bool, step: int | None, total: int | None
-                   ) -> dict[str, float]:
-    """The phases of :func:`estimate_run` that are left for a run resumed from its checkpoint folder: no scoring
-    when its one-shot scores were saved, and the recovery's share of steps not yet done (``step`` of ``total``)."""
+def resumed_phases(phases: Mapping[str, float], *, scores_saved: bool, step: int | None, total: int | None,
+                   removals: int = 1, removals_done: int = 0, step_share: float = 0.0) -> dict[str, float]:
+    """The phases of :func:`estimate_run` that are left for a run resumed from its checkpoint folder.
+
+    One-shot: no scoring when its scores were saved, and the final recovery's share of steps not yet done
+    (``step`` of ``total``). Iterative (``removals`` steps planned, ``removals_done`` of them saved): the scoring of
+    the steps left, and of the recovery budget the per-step share (``step_share``) of the steps left plus the final
+    recovery's share of its steps not yet done. The evaluations stay whole.
+    """
     left = dict(phases)
-    if scores_saved and "scoring" in left:
-        left["scoring"] = 0.0
-    if step is not None and total and "recovery" in left:
-        left["recovery"] *= max(0.0, 1.0 - step / total)
+    todo = max(0, removals - removals_done) / max(1, removals)
+    if "scoring" in left:
+        left["scoring"] *= 0.0 if scores_saved else todo
+    if "recovery" in left:
+        final = 1.0 - step / total if step is not None and total else 1.0
+        left["recovery"] *= step_share * todo + (1.0 - step_share) * max(0.0, final)
     return left
 
 
@@ -719,9 +727,9 @@ def estimate_run(request: PruneRequest, model: nn.Module, data: PruneData, *,
     :meth:`PruneData.filled`). Scoring, the accuracy evaluations and the latency timing are forward passes at the
     probed rate (``per_image_s``: a rate already measured for this model and device, else probed here); the
     recovery is :func:`~cka_analysis.recovery.estimate_recovery` of the budget that will be spent, timed on
-    :func:`recovery_stand_in`. ``resume_dir``: the checkpoint folder of a one-shot run that will resume from it
-    (the CLI's ``--resume``): the estimate is what is left (:func:`resumed_phases`); an iterative run is estimated
-    whole (its saved steps are not read: an over-estimate).
+    :func:`recovery_stand_in`. ``resume_dir``: the checkpoint folder of a run that will resume from it (the CLI's
+    ``--resume``): the estimate is what is left (:func:`resumed_phases`: saved scores, iterative steps and recovery
+    steps).
     """
     from .blocks import find_blocks
     from .metrics import count_macs, estimate_seconds
@@ -760,20 +768,26 @@ def estimate_run(request: PruneRequest, model: nn.Module, data: PruneData, *,
     count_macs(model, model.cka_preset.input_size)
     phases["bookkeeping"] = (time.perf_counter() - start) * (4 + steps)
     resumed = None
-    if resume_dir is not None and not request.iterative:  # iterative: the whole run (an over-estimate)
+    if resume_dir is not None:
         from .training import checkpoint_progress
 
         folder = Path(resume_dir)
         done = checkpoint_progress(folder / RECOVERY_CHECKPOINT) if recovering else None
-        try:  # the scores count as saved only when written with these settings (the run checks the same key)
-            scores = not request.iterative and \
-                ResumeStore(folder, request.resume_key(), resume=True).load_scores() is not None
+        store = ResumeStore(folder, request.resume_key(), resume=True)
+        try:  # saved parts count only when written with these settings (the run checks the same key)
+            scores = not request.iterative and store.load_scores() is not None
+            removed = store.iterative_removed() if request.iterative else None
         except CheckpointError:
-            scores = False  # another run's: the run itself refuses the folder, with its message
-        if done is not None or scores:
+            scores, removed = False, None  # another run's: the run itself refuses the folder, with its message
+        if done is not None or scores or removed:
             step, total = done if done is not None else (None, None)
-            resumed = {"scores": scores, "step": step, "total": total}
-            phases = resumed_phases(phases, scores_saved=scores, step=step, total=total)
+            resumed = {"scores": scores, "step": step, "total": total, "removals_done": len(removed or ())}
+            share = 0.0
+            if request.iterative and recovering and request.recovery.images:
+                per_step, _ = request.recovery.split_iterative(steps)
+                share = per_step * steps / request.recovery.images
+            phases = resumed_phases(phases, scores_saved=scores, step=step, total=total, removals=steps,
+                                    removals_done=len(removed or ()), step_share=share)
     return RunEstimate(seconds=sum(phases.values()), phases=phases, recovery=rec, request=request, resumed=resumed)
 
 

@@ -209,6 +209,7 @@ def test_cli_iterative_prune_resumed_after_a_kill_ends_with_the_uninterrupted_re
     log = capsys.readouterr().err
     assert code == 0, log
     assert f"resumed after step {finished}" in log, log
+    assert "the rest of the run: about" in log and f"{finished} iterative step" in log, log  # the estimate knew
     a = json.loads((tmp_path / "straight" / "report.json").read_text())
     b = json.loads((out / "report.json").read_text())
     assert a["removed"] == b["removed"] and len(b["removed"]) == 3

@@ -243,6 +243,12 @@ def test_a_resumed_run_is_estimated_for_what_is_left() -> None:
     assert resumed_phases(phases, scores_saved=True, step=30, total=40) == {**phases, "scoring": 0.0, "recovery": 25.0}
     assert resumed_phases(phases, scores_saved=False, step=None, total=None) == phases
     assert resumed_phases({"evaluation": 5.0}, scores_saved=True, step=3, total=4) == {"evaluation": 5.0}
+    # iterative, 4 removals planned, 30 % of the budget for the per-step recoveries: 3 steps saved leave a quarter
+    # of the scoring and of the per-step share, and the whole final recovery; with the final one half done, half of it
+    assert resumed_phases(phases, scores_saved=False, step=None, total=None, removals=4, removals_done=3,
+                          step_share=0.3) == {**phases, "scoring": 2.5, "recovery": pytest.approx(77.5)}
+    assert resumed_phases(phases, scores_saved=False, step=50, total=100, removals=4, removals_done=4,
+                          step_share=0.3) == {**phases, "scoring": 0.0, "recovery": pytest.approx(35.0)}
 
 
 def test_the_estimate_of_a_resumed_run_reads_its_checkpoint_folder(demo, data, tmp_path: Path) -> None:
@@ -263,7 +269,8 @@ def test_the_estimate_of_a_resumed_run_reads_its_checkpoint_folder(demo, data, t
     assert 0 < step < total
     whole = estimate_run(request, demo, data, per_image_s=1e-4)
     left = estimate_run(request, demo, data, per_image_s=1e-4, resume_dir=tmp_path)
-    assert whole.resumed is None and left.resumed == {"scores": True, "step": step, "total": total}
+    assert whole.resumed is None
+    assert left.resumed == {"scores": True, "step": step, "total": total, "removals_done": 0}
     assert whole.phases["scoring"] > 0 and left.phases["scoring"] == 0.0
     share = 1 - step / total  # the share of the recovery left
     assert left.phases["recovery"] < (share + 0.3) * whole.phases["recovery"]  # each estimate probes its own timing
@@ -271,3 +278,26 @@ def test_the_estimate_of_a_resumed_run_reads_its_checkpoint_folder(demo, data, t
     # scores saved by a run with other settings are not counted as saved (the run refuses them)
     other = PruneRequest(**DEMO, target="2", recovery="12800", calibration_samples=64, eval_samples=64, seed=1)
     assert estimate_run(other, demo, data, per_image_s=1e-4, resume_dir=tmp_path).resumed["scores"] is False
+
+
+def test_the_estimate_of_a_resumed_iterative_run_leaves_out_its_saved_steps(demo, data, tmp_path: Path) -> None:
+    """An iterative run cancelled once its first removal is saved: the estimate for resuming it counts that step
+    as done (half the scoring of two planned steps), and the whole-run estimate does not."""
+    from cka_analysis.progress import CancelToken
+
+    request = PruneRequest(**DEMO, target="2", iterative=True, recovery="4800", calibration_samples=64,
+                           eval_samples=64)
+    token = CancelToken()
+
+    def cancel_after_the_first_step(done: int, total: int | None, message: str) -> None:
+        if (tmp_path / "iterative.json").exists():
+            token.cancel()
+
+    run_prune(request, data=data, progress=cancel_after_the_first_step, cancel=token, checkpoint_dir=tmp_path)
+    removed = json.loads((tmp_path / "iterative.json").read_text())["removed"]
+    assert len(removed) == 1
+    whole = estimate_run(request, demo, data, per_image_s=1e-4)
+    left = estimate_run(request, demo, data, per_image_s=1e-4, resume_dir=tmp_path)
+    assert whole.resumed is None and left.resumed["removals_done"] == 1 and left.resumed["step"] is None
+    assert left.phases["scoring"] == pytest.approx(whole.phases["scoring"] / 2, rel=0.5)
+    assert left.phases["scoring"] < 0.75 * whole.phases["scoring"]

@@ -171,10 +171,11 @@ if request is not None and run_est is not None and request.recovery.images > 0:
                       f"{run_est['recovery_config']['preset_images']:,} ({len(a.train):,} in the split). "
                       "Choose **custom** to spend more.")
     resumed = run_est.get("resumed")
-    if resumed and resumed.get("step") is not None:
-        right.info(f"A run with these settings stopped at recovery step {resumed['step']:,} of "
-                   f"{resumed['total']:,} (cancelled, or the server stopped): **Prune** goes on from there, about "
-                   f"{format_duration(run_est['seconds'])} left.")
+    if resumed and (resumed.get("step") is not None or resumed.get("removals_done")):
+        where = f"recovery step {resumed['step']:,} of {resumed['total']:,}" if resumed.get("step") is not None \
+            else f"{resumed['removals_done']} iterative step{'s' if resumed['removals_done'] > 1 else ''} done"
+        right.info(f"A run with these settings stopped at {where} (cancelled, or the server stopped): **Prune** "
+                   f"goes on from there, about {format_duration(run_est['seconds'])} left.")
         if right.button("Start afresh instead", key="pr_discard_resume",
                         help="Delete what that run finished; the next Prune starts from the beginning"):
             folder = _checkpoint_dir(request)
