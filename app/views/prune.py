@@ -144,7 +144,9 @@ def _run_estimate(req: PruneRequest) -> dict:
     left = None
     if folder is not None and folder.is_dir():
         done = checkpoint_progress(folder / RECOVERY_CHECKPOINT)
-        left = json.dumps({"scores": (folder / "scores.json").is_file(), "step": done and done[0]})
+        steps = folder / "iterative.json"  # written whole (atomically) after each iterative step
+        left = json.dumps({"scores": (folder / "scores.json").is_file(), "step": done and done[0],
+                           "iterative": steps.stat().st_mtime if steps.is_file() else None})
     return compute.run_estimate(a.model_key, key, left, _request=req, _model=a.model, _data=_run_data(req),
                                 _per_image_s=estimate.seconds_per_image(a.model, a.model_key, dev),
                                 _resume_dir=folder if left is not None else None)
