@@ -786,8 +786,10 @@ def estimate_run(request: PruneRequest, model: nn.Module, data: PruneData, *,
             if request.iterative and recovering and request.recovery.images:
                 per_step, _ = request.recovery.split_iterative(steps)
                 share = per_step * steps / request.recovery.images
+            # the final recovery starts once every step is done (the target may need fewer than planned)
+            finished = steps if done is not None else len(removed or ())
             phases = resumed_phases(phases, scores_saved=scores, step=step, total=total, removals=steps,
-                                    removals_done=len(removed or ()), step_share=share)
+                                    removals_done=finished, step_share=share)
     return RunEstimate(seconds=sum(phases.values()), phases=phases, recovery=rec, request=request, resumed=resumed)
 
 
