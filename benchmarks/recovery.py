@@ -36,6 +36,7 @@ import torch
 from benchmarks.common import RowStore, env_info, log, results_dir, rows_to_run
 from cka_analysis.data import VALIDATION_IMAGES
 from cka_analysis.metrics import format_duration
+from cka_analysis.progress import Pace
 
 DATA = "imagefolder:{root}/cifar10-jpeg"
 VALIDATION = VALIDATION_IMAGES  # held-out training images of the validation rows (the library's split)
@@ -245,19 +246,16 @@ def run_report_row(spec: dict[str, Any], device: str) -> dict[str, Any]:
 def _progress(tag: str):
     """A progress callback that logs at most every 30 s, with the time left of a counted phase (a recovery's
     steps) at its pace since its first report (so a run resumed part-way is paced from there)."""
-    state: dict[str, Any] = {"t": 0.0, "origin": None}
+    state: dict[str, Any] = {"t": 0.0}
+    pace = Pace()
 
     def report(done: int, total: int | None, message: str) -> None:
         now = time.perf_counter()
-        origin = state["origin"]
-        if not total or origin is None or origin[2] != total or done < origin[1]:
-            state["origin"] = origin = (now, done, total) if total else None
+        pace.observe(done, total, now)
         if now - state["t"] > 30 or (total and done == total):
             state["t"] = now
-            left = ""
-            if origin is not None and done > origin[1] and done < total:
-                left = f" (about {format_duration((now - origin[0]) * (total - done) / (done - origin[1]))} left)"
-            log(f"{tag}: {message}{left}")
+            left = pace.seconds_left(done, now) if total and done < total else None
+            log(f"{tag}: {message}" + ("" if left is None else f" (about {format_duration(left)} left)"))
 
     return report
 

@@ -24,6 +24,7 @@ from dashboard import compute, jobs
 
 from cka_analysis.data import calibration_subset, load_dataset, make_loader
 from cka_analysis.models import build_model
+from cka_analysis.progress import Pace
 from cka_analysis.robustness import evaluate_robustness
 from cka_analysis.scoring import ScoringOptions, score_blocks
 from cka_analysis.training import FinetuneConfig, finetune
@@ -352,3 +353,14 @@ def test_run_folders_left_untouched_for_two_weeks_are_removed(tmp_path: Path) ->
     assert compute.clear_stale_run_dirs(tmp_path) == [old]
     assert not old.exists() and recent.is_dir()
     assert compute.clear_stale_run_dirs(tmp_path / "missing") == []
+
+
+def test_a_pace_starts_afresh_when_its_count_goes_back() -> None:
+    """Two counts of the same total in a row (two evaluations): the second is paced from its own start."""
+    pace = Pace()
+    pace.observe(1, 10, 0.0)
+    pace.observe(10, 10, 9.0)  # the first count: 1 s per step
+    pace.observe(1, 10, 100.0)  # the next one begins
+    pace.observe(5, 10, 104.0)
+    assert pace.seconds_left(5, 104.0) == pytest.approx(5.0)  # 4 steps in 4 s, 5 to go
+    assert Pace().seconds_left(3, 1.0) is None

@@ -39,7 +39,7 @@ from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ct
 from cka_analysis.device import is_out_of_memory
 from cka_analysis.errors import Cancelled, CKAPruneError
 from cka_analysis.metrics import format_duration
-from cka_analysis.progress import CancelToken
+from cka_analysis.progress import CancelToken, Pace
 
 JOB_KEY = "_job"
 POLL_SECONDS = 0.5
@@ -101,9 +101,8 @@ class Job:
     phases: list[tuple[str, float]] | None = None
     phase: int = 0
     phase_started: float | None = None
-    #: (time, fraction, total) of the first report of the current phase's count: a phase can start part-way (a
-    #: recovery resumed from its checkpoint), so its pace is measured from there, not from zero
-    phase_origin: tuple[float, float, int] | None = None
+    #: the pace of the current phase's count (a phase can start part-way: a recovery resumed from its checkpoint)
+    pace: Pace = field(default_factory=Pace)
 
     @property
     def running(self) -> bool:
@@ -144,21 +143,15 @@ class Job:
         if current > 0 and in_phase > scale * current:
             scale = in_phase / current  # the current phase overran its scaled estimate already
         scale = min(10.0, max(0.1, scale))
-        t0, f0 = self.phase_origin[:2] if self.phase_origin is not None else (since, 0.0)
-        if self.phase > 0 and frac and frac - f0 >= 0.02 and now - t0 >= 1.0:
-            left_here = (now - t0) * (1.0 - frac) / (frac - f0)
-        else:
-            left_here = max(0.0, scale * current - in_phase)
+        paced = self.pace.seconds_left(self.done, now, min_share=0.02, min_seconds=1.0) if self.phase > 0 else None
+        left_here = paced if paced is not None else max(0.0, scale * current - in_phase)
         return left_here + scale * after
 
     def progress(self, done: int, total: int | None, message: str) -> None:
         """The progress callback handed to the library (called from the worker thread)."""
         if self.phases:
             self._follow_phase(str(message))
-            origin = self.phase_origin
-            # a new count (another total, or one that went back: the next of several recoveries) is paced afresh
-            if total and (origin is None or origin[2] != total or done / total < origin[1]):
-                self.phase_origin = (time.perf_counter(), max(0.0, min(1.0, done / total)), total)
+            self.pace.observe(done, total, time.perf_counter())
         self.done, self.total, self.message = int(done), total, str(message)
 
     def _follow_phase(self, message: str) -> None:
@@ -167,7 +160,7 @@ class Job:
         names = [name for name, _ in self.phases or []]
         for i in range(self.phase + 1, len(names)):
             if any(text.startswith(m) for m in PHASE_MARKERS.get(names[i], ())):
-                self.phase, self.phase_started, self.phase_origin = i, time.perf_counter(), None
+                self.phase, self.phase_started, self.pace = i, time.perf_counter(), Pace()
                 return
 
     def fraction(self) -> float | None:
