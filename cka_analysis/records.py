@@ -21,32 +21,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .recovery import RecoveryConfig, RecoveryResult
+from .recovery import RecoveryConfig, RecoveryFacts, RecoveryResult
 
 __all__ = ["LatencyRecord", "RecoveryRecord"]
 
 
 @dataclass
-class RecoveryRecord:
-    """What one recovery did (no model): the recipe it ran with (its seed resolved), the images it drew (batch-norm
-    re-estimation and adaptor fits included), optimiser steps, wall time, the final accuracy when it measured one,
-    the accuracy-vs-images history, the adaptors it inserted, whether it was cancelled, the precision it trained in,
-    and — for a run recovered further afterwards (the dashboard's Compare page) — those extra recoveries."""
+class RecoveryRecord(RecoveryFacts):
+    """What one recovery did, without the model (:class:`~cka_analysis.recovery.RecoveryFacts`, its seed
+    resolved in ``config``), plus — for a run recovered further afterwards (the dashboard's Compare page) — those
+    extra recoveries."""
 
-    config: RecoveryConfig
-    images_seen: int = 0
-    bn_images: int = 0
-    adaptor_images: int = 0
-    steps: int = 0
-    seconds: float = 0.0
-    accuracy: float | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    adaptors: list[str] = field(default_factory=list)
-    cancelled: bool = False
-    amp: str | None = None
-    #: a recovery resumed from a checkpoint: the step it went on from and the training time before it (in seconds)
-    resumed_step: int | None = None
-    resumed_seconds: float = 0.0
     further: list[RecoveryRecord] = field(default_factory=list)
     #: for a further recovery: the time estimated before it started and the whole call's wall time (recovery,
     #: data and evaluation), so that estimates can be checked against what they announced
@@ -57,21 +42,13 @@ class RecoveryRecord:
     config_as_read: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
-    def method(self) -> str:
-        return self.config.method
-
-    @property
     def images_with_further(self) -> int:
         """Images drawn by this recovery and every further one."""
         return self.images_seen + sum(f.images_seen for f in self.further)
 
     @classmethod
     def from_result(cls, result: RecoveryResult) -> RecoveryRecord:
-        return cls(config=result.config, images_seen=int(result.images_seen), bn_images=int(result.bn_images),
-                   adaptor_images=int(result.adaptor_images), steps=int(result.steps), seconds=float(result.seconds),
-                   accuracy=result.accuracy, history=list(result.history), adaptors=list(result.adaptors),
-                   cancelled=bool(result.cancelled), amp=result.amp, resumed_step=result.resumed_step,
-                   resumed_seconds=float(result.resumed_seconds))
+        return cls(**result.facts())
 
     def to_dict(self) -> dict[str, Any]:
         out = {"config": dict(self.config_as_read or self.config.to_dict()), "method": self.method, "images_seen": self.images_seen,

@@ -49,6 +49,7 @@ __all__ = [
     "RECOVERY_PRESETS",
     "BlockAdaptor",
     "RecoveryConfig",
+    "RecoveryFacts",
     "RecoveryResult",
     "adaptor_slots",
     "estimate_recovery",
@@ -265,13 +266,14 @@ class RecoveryConfig:
 
 
 @dataclass
-class RecoveryResult:
-    """What recovery did: the method, images drawn (≤ budget), steps, wall time, the accuracy curve (when
-    evaluation data was given), the adaptors it inserted and their cost. A run resumed from a checkpoint counts
-    the training time its checkpoint recorded in ``seconds`` (``resumed_seconds`` of them; ``resumed_step``: where
-    it went on)."""
+class RecoveryFacts:
+    """The model-free facts of one recovery, shared by :class:`RecoveryResult` (which adds the model) and
+    :class:`~cka_analysis.records.RecoveryRecord` (which adds what a front end keeps): the recipe, images drawn
+    (≤ budget; batch-norm re-estimation and adaptor fits counted apart), optimiser steps, wall time, the accuracy
+    curve (when evaluation data was given), the adaptors inserted, whether it was cancelled and the precision it
+    trained in. A run resumed from a checkpoint counts the training time its checkpoint recorded in ``seconds``
+    (``resumed_seconds`` of them; ``resumed_step``: where it went on)."""
 
-    model: nn.Module
     config: RecoveryConfig
     images_seen: int = 0
     bn_images: int = 0
@@ -289,6 +291,22 @@ class RecoveryResult:
     @property
     def method(self) -> str:
         return self.config.method
+
+    def facts(self) -> dict[str, Any]:
+        """These fields as plain Python values (lists copied), to build the other type from."""
+        out = {f.name: getattr(self, f.name) for f in fields(RecoveryFacts)}
+        for name in ("images_seen", "bn_images", "adaptor_images", "steps"):
+            out[name] = int(out[name])
+        out.update(seconds=float(self.seconds), resumed_seconds=float(self.resumed_seconds),
+                   cancelled=bool(self.cancelled), history=list(self.history), adaptors=list(self.adaptors))
+        return out
+
+
+@dataclass
+class RecoveryResult(RecoveryFacts):
+    """What :func:`recover` returns: the recovered ``model`` and what recovery did (:class:`RecoveryFacts`)."""
+
+    model: nn.Module = field(kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of its model-free part, :class:`~cka_analysis.records.RecoveryRecord` (one format for both)."""
