@@ -3,7 +3,8 @@
 One result type per layer:
 
 * :class:`~cka_analysis.recovery.RecoveryResult` — what :func:`~cka_analysis.recovery.recover` returns: the
-  recovered model and what it did. Its JSON-ready part is a :class:`RecoveryRecord`.
+  recovered model and what it did. Its JSON-ready part is a :class:`RecoveryRecord`; the fields both hold are
+  one class, :class:`~cka_analysis.recovery.RecoveryFacts`.
 * :class:`~cka_analysis.pruning.PruneResult` — what :func:`~cka_analysis.pruning.prune` returns: the pruned model
   and its :class:`~cka_analysis.pruning.PruneStep` trajectory (each step's recovery a :class:`RecoveryRecord`).
 * :class:`~cka_analysis.workflow.PruneOutcome` — what :func:`~cka_analysis.workflow.run_prune` returns: the model
