@@ -163,3 +163,22 @@ def test_stored_reports_load_as_typed_records_and_write_the_same_json() -> None:
         assert isinstance(record.latency_ms, LatencyRecord)
         assert json.loads(json.dumps(record.to_dict())) == stored, path.name
         assert Target.from_dict(stored["target"]) == record.target
+
+
+def test_a_recovery_record_carries_every_fact_of_the_result_it_was_made_from() -> None:
+    """RecoveryResult and RecoveryRecord share one set of fields (RecoveryFacts): every one of them, set to a value
+    unlike its default, reaches the record and survives its JSON round trip."""
+    from dataclasses import fields
+
+    from cka_analysis.records import RecoveryRecord
+    from cka_analysis.recovery import RecoveryFacts, RecoveryResult
+
+    facts = {"images_seen": 640, "bn_images": 128, "adaptor_images": 64, "steps": 10, "seconds": 12.5,
+             "accuracy": 81.25, "history": [{"step": 10, "images": 640, "eval_top1": 81.25}],
+             "adaptors": ["layer2.1"], "cancelled": True, "amp": "bfloat16", "resumed_step": 4,
+             "resumed_seconds": 3.5}
+    assert set(facts) | {"config"} == {f.name for f in fields(RecoveryFacts)}, "a new fact needs a value here"
+    result = RecoveryResult(model=nn.Linear(1, 1), config=RecoveryConfig(images=640, seed=3), **facts)
+    record = RecoveryRecord.from_result(result)
+    assert {k: getattr(record, k) for k in facts} == facts and record.config == result.config
+    assert RecoveryRecord.from_dict(record.to_dict()) == record
