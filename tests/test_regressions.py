@@ -175,12 +175,19 @@ def test_corruptions_apply_the_published_strength(severity):
 
 
 # ------------------------------------------------------------------------------------------ Ctrl-C
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_with_one_line(tmp_path):
     save_pruned(open_model("digits_resnet", weights="demo"), tmp_path / "init")
     cmd = [sys.executable, "-m", "cka_analysis", "finetune", str(tmp_path / "init"), "--data", "digits",
            "--steps", "100000", "--batch-size", "16", "--device", "cpu", "--eval-samples", "32",
            "--out", str(tmp_path / "out")]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action in the child, as in a terminal: a suite started as a background job of a
+    # non-interactive shell (`pytest &`) inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     training = threading.Event()
     err: list[str] = []
 
