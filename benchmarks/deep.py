@@ -417,7 +417,7 @@ def report_lines() -> list[str]:
     if rows:
         lines += ["", *what_the_rows_say(rows)]
     if missing:
-        lines.append(f"\nNot measured yet ({len(missing)} rows; a `long` one takes 1.5–2.5 h on one CPU "
+        lines.append(f"\nNot measured yet ({len(missing)} rows; a `long` one takes 1.5–3.2 h on one CPU "
                      "core, minutes of a device call through `scripts/gpu_session.sh`: see `benchmarks/README.md`): " + ", ".join(f"`{m}`" for m in missing) + ".")
     return [*lines, ""]
 
