@@ -52,6 +52,7 @@ from benchmarks.common import (
     rows_to_run,
 )
 from benchmarks.recovery import DATA, _claim, _progress
+from cka_analysis.device import describe_devices
 
 ARCH = "cifar_resnet56"
 #: The issue's two compressions: ``macs:50%`` reaches −52.6 % MACs on ResNet-56 (the nearest block count to the
@@ -197,7 +198,7 @@ def run_row(spec: dict[str, Any], device: str, checkpoints: Path) -> dict[str, A
         "recovery_seconds": None if rec.recovery is None else rec.recovery.seconds, "seconds": rec.seconds,
         "resumed_step": None if rec.recovery is None else rec.recovery.resumed_step,
         "resumed_seconds": None if rec.recovery is None else rec.recovery.resumed_seconds,
-        "device": env_info(device).get("device"),
+        "device": rec.device, "devices": [] if rec.recovery is None else rec.recovery.devices,
     }
 
 
@@ -226,7 +227,7 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {r['split']} | {r['target']} | {r['recovery']} | {plan} | {r['seed']} | "
                      f"{100 * r['macs_reduction']:.1f} % | {100 * (1 - r['params_reduction']):.0f} % | "
                      f"{r['acc']:.2f} | {r['base_acc']:.2f} | {r['images_seen']:,} | {_wall(r)} | "
-                     f"{r['device']} |")
+                     f"{describe_devices(r.get('devices') or []) or r['device']} |")
     return lines
 
 

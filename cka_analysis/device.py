@@ -11,7 +11,8 @@ import ctypes.util
 import functools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ __all__ = [
     "amp_dtype",
     "autocast",
     "describe_device",
+    "describe_devices",
     "eval_mode",
     "is_out_of_memory",
     "resolve_device",
@@ -84,6 +86,23 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"
     return device.type
+
+
+def describe_devices(stretches: Sequence[Mapping[str, Any]]) -> str | None:
+    """Where a training run ran, in words, from its stretches (``{"from_step": int, "device": str | None}``, one
+    per start or resume, in order): ``"cpu (2 threads)"`` when it ran on one device, ``"cpu (1 threads) to step
+    17,200, then cpu (2 threads)"`` when a resume moved it. A device an older checkpoint did not record reads
+    "an unrecorded device"; consecutive stretches on the same device are one. None when there are no stretches.
+    """
+    merged: list[tuple[int, str]] = []
+    for s in stretches:
+        name = s.get("device") or "an unrecorded device"
+        if not merged or merged[-1][1] != name:
+            merged.append((int(s.get("from_step") or 0), name))
+    if not merged:
+        return None
+    return ", then ".join(name if i + 1 == len(merged) else f"{name} to step {merged[i + 1][0]:,}"
+                          for i, (_, name) in enumerate(merged))
 
 
 def accumulation_device(device: torch.device) -> torch.device:

@@ -58,6 +58,8 @@ class RecoveryRecord(RecoveryFacts):
                "adaptors": self.adaptors, "cancelled": self.cancelled, "amp": self.amp}
         if self.resumed_step is not None:
             out.update(resumed_step=self.resumed_step, resumed_seconds=self.resumed_seconds)
+        if self.devices:  # absent from reports written before it was recorded
+            out["devices"] = [dict(d) for d in self.devices]
         if self.further:
             out["further"] = [f.to_dict() for f in self.further]
         for k in ("estimated_seconds", "total_seconds"):
@@ -75,6 +77,7 @@ class RecoveryRecord(RecoveryFacts):
                    history=list(d.get("history") or []), adaptors=list(d.get("adaptors") or []),
                    cancelled=bool(d.get("cancelled", False)), amp=d.get("amp"),
                    resumed_step=d.get("resumed_step"), resumed_seconds=float(d.get("resumed_seconds", 0.0)),
+                   devices=[dict(x) for x in d.get("devices") or []],
                    further=[cls.from_dict(f) for f in d.get("further") or []],
                    estimated_seconds=d.get("estimated_seconds"), total_seconds=d.get("total_seconds"))
 

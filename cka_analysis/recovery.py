@@ -272,7 +272,8 @@ class RecoveryFacts:
     (≤ budget; batch-norm re-estimation and adaptor fits counted apart), optimiser steps, wall time, the accuracy
     curve (when evaluation data was given), the adaptors inserted, whether it was cancelled and the precision it
     trained in. A run resumed from a checkpoint counts the training time its checkpoint recorded in ``seconds``
-    (``resumed_seconds`` of them; ``resumed_step``: where it went on)."""
+    (``resumed_seconds`` of them; ``resumed_step``: where it went on), and ``devices`` says where each stretch of
+    its training ran (``{"from_step", "device"}`` per start and resume; empty when it did not train)."""
 
     config: RecoveryConfig
     images_seen: int = 0
@@ -287,6 +288,7 @@ class RecoveryFacts:
     amp: str | None = None
     resumed_step: int | None = None
     resumed_seconds: float = 0.0
+    devices: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def method(self) -> str:
@@ -298,7 +300,8 @@ class RecoveryFacts:
         for name in ("images_seen", "bn_images", "adaptor_images", "steps"):
             out[name] = int(out[name])
         out.update(seconds=float(self.seconds), resumed_seconds=float(self.resumed_seconds),
-                   cancelled=bool(self.cancelled), history=list(self.history), adaptors=list(self.adaptors))
+                   cancelled=bool(self.cancelled), history=list(self.history), adaptors=list(self.adaptors),
+                   devices=[dict(d) for d in self.devices])
         return out
 
 
@@ -754,7 +757,7 @@ def _train(model: nn.Module, teacher: nn.Module | None, cfg: RecoveryConfig, spe
         objective.close()
     spent = result.images_seen
     result.steps, result.cancelled, result.amp = tr.steps, tr.cancelled, tr.amp
-    result.resumed_step, result.resumed_seconds = tr.resumed_step, tr.resumed_seconds
+    result.resumed_step, result.resumed_seconds, result.devices = tr.resumed_step, tr.resumed_seconds, tr.devices
     result.history = [{**h, "images": h.get("images", 0) + spent} for h in tr.history]
     result.accuracy = next((h["eval_top1"] for h in reversed(tr.history) if "eval_top1" in h), None)
     result.images_seen = spent + tr.images

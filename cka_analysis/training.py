@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .device import amp_dtype, resolve_device, tune_cpu_allocator, use_channels_last
+from .device import amp_dtype, describe_device, resolve_device, tune_cpu_allocator, use_channels_last
 from .errors import Cancelled, CheckpointError, ConfigError, DivergedError
 from .progress import CancelToken, ProgressFn, no_progress
 
@@ -113,6 +113,8 @@ class TrainResult:
     A resumed run's ``seconds`` include the time the run had spent before it was interrupted, as its checkpoint
     recorded it (``resumed_seconds``; the work between that checkpoint and the interruption is lost and not
     counted), and ``resumed_step`` is the step it went on from (None when it started from scratch).
+    ``devices`` says where each stretch ran: ``{"from_step", "device"}`` per start and resume, in order (the
+    checkpoint carries the earlier ones; one an older checkpoint did not record has device None).
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -125,6 +127,7 @@ class TrainResult:
     amp: str | None = None
     resumed_step: int | None = None
     resumed_seconds: float = 0.0
+    devices: list[dict[str, Any]] = field(default_factory=list)
 
 
 class BatchAugment:
@@ -404,7 +407,7 @@ class Trainer:
             "best_state": self.best_state, "best_accuracy": r.best_accuracy, "best_step": r.best_step,
             "last_eval": self.last_eval, "history": r.history, "images": r.images, "grad_norm_ref": self.grad_norm_ref,
             "augment": None if self.augment is None else self.augment.state(), "settings": self._settings(),
-            "seconds": self._elapsed(),
+            "seconds": self._elapsed(), "devices": r.devices,
             **self.epoch_state,
         }
 
@@ -467,6 +470,7 @@ class Trainer:
         self.grad_norm_ref = saved.get("grad_norm_ref")
         self.step, self.epoch, self.skip = saved["step"], saved["epoch"], saved["batch"]
         r.resumed_step, r.resumed_seconds = self.step, float(saved.get("seconds") or 0.0)  # older: no time saved
+        r.devices = [dict(d) for d in saved.get("devices") or [{"from_step": 0, "device": None}]]
         self._set_epoch_state(saved)
         if self.augment is not None and saved.get("augment") is not None:
             self.augment.set_state(saved["augment"])
@@ -632,6 +636,7 @@ class Trainer:
 
     def _run(self, resume: bool) -> TrainResult:
         resumed = self.restore() if resume else False
+        self.result.devices.append({"from_step": self.step, "device": describe_device(self.dev)})
         if not resumed:
             self.evaluate()
         running = torch.zeros((), device=self.dev)

@@ -32,7 +32,9 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from .choices import CRITERION_INFO, DEFAULT_CALIBRATION_IMAGES, DEFAULT_CAPACITY_WEIGHT, criterion_info
+from .device import describe_device, describe_devices
 from .errors import CheckpointError, ConfigError
+from .metrics import format_duration
 from .progress import CancelToken, ProgressFn, no_progress
 from .pruning import (
     PruneHooks,
@@ -349,6 +351,9 @@ class PruneRecord:
         estimated_seconds: what :func:`estimate_run` said the run would take before it started (None when no
             estimate was made), kept beside ``seconds`` so that every estimate can be checked against the truth
             (of a resumed run: what was left, against ``seconds − recovery.resumed_seconds``).
+        device: what the run computed on, in words (``"cuda (NVIDIA H200)"``, ``"cpu (2 threads)"``); where a
+            resumed recovery's earlier part ran is in ``recovery.devices`` (see :meth:`where`). None in reports
+            written before it was recorded.
     """
 
     request: dict[str, Any]
@@ -368,6 +373,7 @@ class PruneRecord:
     cancelled: bool = False
     seconds: float = 0.0
     estimated_seconds: float | None = None
+    device: str | None = None
 
     @property
     def macs_reduction(self) -> float:
@@ -392,6 +398,8 @@ class PruneRecord:
         }
         if self.estimated_seconds is not None:  # absent from reports written before estimates were recorded
             out["estimated_seconds"] = self.estimated_seconds
+        if self.device is not None:  # likewise
+            out["device"] = self.device
         return out
 
     @classmethod
@@ -409,7 +417,7 @@ class PruneRecord:
             images_seen=int(d.get("images_seen", 0)),
             latency_ms=None if d.get("latency_ms") is None else LatencyRecord.from_dict(d["latency_ms"]),
             robustness=d.get("robustness"), cancelled=bool(d.get("cancelled")), seconds=float(d.get("seconds", 0)),
-            estimated_seconds=d.get("estimated_seconds"),
+            estimated_seconds=d.get("estimated_seconds"), device=d.get("device"),
         )
 
     # ------------------------------------------------------------------------------------------------ views
@@ -420,6 +428,15 @@ class PruneRecord:
         if self.target is None:
             return f"{how}, {len(self.removed)} chosen block(s)"
         return f"{how}, {self.target.describe()}"
+
+    def where(self) -> str | None:
+        """What the run computed on, in words; for a recovery resumed on another device (or thread count), each
+        stretch of it too: ``"cpu (2 threads); its recovery: cpu (1 threads) to step 17,200, then cpu (2
+        threads)"``. None when the record does not say (reports written before it was recorded)."""
+        stretches = describe_devices(self.recovery.devices) if self.recovery is not None else None
+        if stretches is None or stretches == self.device:
+            return self.device
+        return stretches if self.device is None else f"{self.device}; its recovery: {stretches}"
 
     def recovery_name(self) -> str:
         """The recovery asked for, in words (``quick``, ``12,000 images``, ``none``)."""
@@ -452,6 +469,8 @@ class PruneRecord:
         if lat is not None and lat.predicted_reduction is not None:
             lines.append(f"latency −{100 * lat.measured_reduction:.1f} % measured at batch {lat.batch_size} "
                          f"(predicted −{100 * lat.predicted_reduction:.1f} %, error {100 * lat.error:+.1f} points)")
+        if self.where() is not None:
+            lines.append(f"took {format_duration(self.seconds)} on {self.where()}")
         return "\n".join(lines)
 
     def markdown(self) -> str:
@@ -461,7 +480,8 @@ class PruneRecord:
         out = [f"- Removed (in order): {', '.join(self.removed) or 'nothing'}",
                f"- How: {self.describe()}",
                f"- Recovery: {self.recovery_name()}, {self.images_seen:,} training images"
-               + (" (cancelled)" if self.cancelled else ""), "",
+               + (" (cancelled)" if self.cancelled else ""),
+               *([f"- Took {format_duration(self.seconds)} on {self.where()}"] if self.where() else []), "",
                markdown_table(["", "accuracy %", "MACs", "params"],
                               [[n, m.accuracy, m.macs, m.params] for n, m in
                                (("original", self.base), ("after removal", self.after_removal),
@@ -997,7 +1017,7 @@ def run_prune(
         after_removal=Measurement(after.macs, after.params, after.accuracy),
         final=Measurement(final_macs, final_params, final_acc), recovery=recovery, images_seen=runner.images_seen,
         latency_ms=runner.latency(result.model), cancelled=result.cancelled or cancelled,
-        estimated_seconds=estimated_seconds,
+        estimated_seconds=estimated_seconds, device=describe_device(runner.device),
     )
     record.seconds = time.perf_counter() - start + (recovery.resumed_seconds if recovery is not None else 0.0)
     return PruneOutcome(result.model, record)

@@ -105,6 +105,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("heatmap cells sized by the columns only (a tall matrix overflows)", "cka_analysis/figures.py",
              "cell = size / max(len(nx), len(ny))", "cell = size / len(nx)",
              ("tests/test_figures.py::test_cka_heatmap_cells_are_square_and_the_colour_bar_is_beside_it",)),
+    Mutation("a resumed training forgets where its checkpointed stretch ran (device record)",
+             "cka_analysis/training.py",
+             'r.devices = [dict(d) for d in saved.get("devices") or [{"from_step": 0, "device": None}]]', "pass",
+             ("tests/test_resume.py::test_finetune_resumed_after_a_cancel_ends_with_the_uninterrupted_weights",)),
+    Mutation("report.json drops where the recovery's stretches ran (device record)", "cka_analysis/records.py",
+             'out["devices"] = [dict(d) for d in self.devices]', "pass",
+             ("tests/test_one_rule.py::test_a_recovery_record_carries_every_fact_of_the_result_it_was_made_from",)),
 )
 
 

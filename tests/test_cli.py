@@ -315,6 +315,10 @@ def test_killed_prune_resumes_from_its_last_checkpoint(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["recovery"]["steps"] > saved_step and len(report["removed"]) == 2
     assert report["recovery"]["resumed_step"] == saved_step and report["recovery"]["resumed_seconds"] == 1000.0
+    # where it ran: the run's device, and each stretch of its recovery (the killed one and the resumed one)
+    assert report["device"].startswith("cpu (") and [d["from_step"] for d in report["recovery"]["devices"]] == \
+        [0, saved_step] and all(d["device"] == report["device"] for d in report["recovery"]["devices"])
+    assert f" on {report['device']}\n" in r.stdout, r.stdout  # and the summary says it
     assert 1000.0 < report["recovery"]["seconds"] <= report["seconds"] < 1000.0 + 600
     assert report["images_seen"] <= 40000
     load_pruned(out)

@@ -173,3 +173,6 @@ def test_a_resumed_row_says_so_beside_its_wall_time() -> None:
     assert "| 10.0 min (resumed; the time before it is not in the row) |" in lines[3]
     earlier = {k: v for k, v in untimed.items() if k != "resumed_seconds"}  # a row from before that field
     assert "| 10.0 min (resumed at step 1,700) |" in deep.table_lines([earlier])[2]
+    moved = {**resumed, "device": "cpu (2 threads)", "devices": [{"from_step": 0, "device": "cpu (1 threads)"},
+                                                                 {"from_step": 21_800, "device": "cpu (2 threads)"}]}
+    assert deep.table_lines([moved])[2].endswith("| cpu (1 threads) to step 21,800, then cpu (2 threads) |")

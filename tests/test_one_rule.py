@@ -176,7 +176,8 @@ def test_a_recovery_record_carries_every_fact_of_the_result_it_was_made_from() -
     facts = {"images_seen": 640, "bn_images": 128, "adaptor_images": 64, "steps": 10, "seconds": 12.5,
              "accuracy": 81.25, "history": [{"step": 10, "images": 640, "eval_top1": 81.25}],
              "adaptors": ["layer2.1"], "cancelled": True, "amp": "bfloat16", "resumed_step": 4,
-             "resumed_seconds": 3.5}
+             "resumed_seconds": 3.5, "devices": [{"from_step": 0, "device": "cpu (1 threads)"},
+                                                 {"from_step": 4, "device": "cuda (NVIDIA H200)"}]}
     assert set(facts) | {"config"} == {f.name for f in fields(RecoveryFacts)}, "a new fact needs a value here"
     result = RecoveryResult(model=nn.Linear(1, 1), config=RecoveryConfig(images=640, seed=3), **facts)
     record = RecoveryRecord.from_result(result)

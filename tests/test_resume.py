@@ -24,6 +24,7 @@ import torch
 
 from cka_analysis.cli import main
 from cka_analysis.data import load_dataset, make_loader
+from cka_analysis.device import describe_device, describe_devices
 from cka_analysis.export import load_pruned, open_model, save_pruned
 from cka_analysis.progress import CancelToken
 from cka_analysis.training import FinetuneConfig, checkpoint_progress, finetune
@@ -67,7 +68,8 @@ def test_finetune_resumed_after_a_cancel_ends_with_the_uninterrupted_weights(tmp
         return make_loader(train, batch_size=16, shuffle=True, seed=3)
 
     straight = copy.deepcopy(base)
-    finetune(straight, loader(), config, device="cpu")
+    whole = finetune(straight, loader(), config, device="cpu")
+    assert whole.resumed_step is None and whole.devices == [{"from_step": 0, "device": describe_device(torch.device("cpu"))}]
 
     ckpt = tmp_path / "ft.pt"
     token = CancelToken()
@@ -84,7 +86,11 @@ def test_finetune_resumed_after_a_cancel_ends_with_the_uninterrupted_weights(tmp
     assert saved["step"] == 16 and 0 < saved["seconds"] <= cut.seconds
     assert checkpoint_progress(ckpt) == (16, 24)  # what an estimate before resuming reads
     assert checkpoint_progress(tmp_path / "none.pt") is None and checkpoint_progress(damaged / "manifest.json") is None
-    torch.save({**saved, "seconds": 1000.0}, ckpt)  # the time before the cancel, made large to be seen
+    here = describe_device(torch.device("cpu"))
+    assert saved["devices"] == [{"from_step": 0, "device": here}]  # where the part before the cancel ran
+    # the time before the cancel, made large to be seen; and that part said to have run elsewhere, so that a
+    # resume which forgot it (or recorded only where it went on) is seen
+    torch.save({**saved, "seconds": 1000.0, "devices": [{"from_step": 0, "device": "cuda (NVIDIA H200)"}]}, ckpt)
     resumed = copy.deepcopy(base)  # a fresh process would start from the same saved model
     t0 = time.perf_counter()
     result = finetune(resumed, loader(), config, device="cpu", checkpoint_path=ckpt, checkpoint_every=8,
@@ -93,18 +99,34 @@ def test_finetune_resumed_after_a_cancel_ends_with_the_uninterrupted_weights(tmp
     # the wall time counts the part before the resume, as the checkpoint recorded it
     assert result.resumed_step == 16 and result.resumed_seconds == 1000.0
     assert 1000.0 < result.seconds <= 1000.0 + time.perf_counter() - t0
+    assert result.devices == [{"from_step": 0, "device": "cuda (NVIDIA H200)"}, {"from_step": 16, "device": here}]
     _assert_same_weights(resumed.state_dict(), straight.state_dict())
     # the control: a resume that restores the weights, optimiser and schedule but starts the data order again
     # (the checkpoint's position in the epoch set back to its first batch) does not give these weights
     saved = torch.load(ckpt, weights_only=True)
     assert saved["batch"] > 0
-    torch.save({**saved, "batch": 0}, ckpt)
+    # (written as an older checkpoint, which did not record where it ran: that stretch's device is unknown)
+    torch.save({**{k: v for k, v in saved.items() if k != "devices"}, "batch": 0}, ckpt)
     restarted = copy.deepcopy(base)
     again = finetune(restarted, loader(), config, device="cpu", checkpoint_path=ckpt, checkpoint_every=8,
                      resume=True)
-    assert again.steps == 24
+    assert again.steps == 24 and again.devices == [{"from_step": 0, "device": None}, {"from_step": 16, "device": here}]
     assert not all(torch.equal(a, b) for a, b in zip(restarted.state_dict().values(),
                                                      straight.state_dict().values(), strict=True))
+
+
+def test_where_a_resumed_run_ran_is_said_stretch_by_stretch() -> None:
+    """One device reads as itself; a resume that moved the run names the step it moved at; repeats of one device
+    are one stretch; a stretch an older checkpoint did not record is said to be unrecorded."""
+    one, two, gpu = "cpu (1 threads)", "cpu (2 threads)", "cuda (NVIDIA H200)"
+    assert describe_devices([]) is None
+    assert describe_devices([{"from_step": 0, "device": two}]) == two
+    assert describe_devices([{"from_step": 0, "device": two}, {"from_step": 9_400, "device": two}]) == two
+    assert describe_devices([{"from_step": 0, "device": one}, {"from_step": 17_200, "device": two},
+                             {"from_step": 20_000, "device": two}, {"from_step": 30_000, "device": gpu}]) == \
+        f"{one} to step 17,200, then {two} to step 30,000, then {gpu}"
+    assert describe_devices([{"from_step": 0, "device": None}, {"from_step": 50, "device": one}]) == \
+        f"an unrecorded device to step 50, then {one}"
 
 
 # ------------------------------------------------------------------------------------------ CLI
