@@ -123,6 +123,8 @@ def test_walk_every_page_on_the_digits_demo(tmp_path: Path) -> None:
     assert rec["final"]["macs_reduction"] >= 0.2 and rec["removed"]
     assert rec["recovery"]["config"]["images"] == 2500 and 0 < rec["images_seen"] <= 2500
     assert any(m.label == "Test accuracy" for m in at.metric)
+    assert rec["device"].startswith("cpu (")  # where it ran, in the record and beside its time
+    assert next(m for m in at.metric if m.label == "Time").help.startswith(f"on {rec['device']}; estimated ")
 
     # the original-vs-pruned heatmap now appears on the heatmap page
     page(at, "heatmap")

@@ -334,8 +334,10 @@ if runs:
                    f"on {n_eval:,} test images")
     c2.metric("MACs", count(final.macs), f"-{100 * rec.macs_reduction:.1f} %", delta_color="inverse")
     c3.metric("Parameters", count(final.params), f"-{100 * rec.params_reduction:.1f} %", delta_color="inverse")
-    c4.metric("Time", f"{rec.seconds:.1f} s", help=None if rec.estimated_seconds is None else
-              f"estimated {rec.estimated_seconds:.1f} s before it started")
+    c4.metric("Time", f"{rec.seconds:.1f} s", help="; ".join(
+        ([] if rec.where() is None else [f"on {rec.where()}"])
+        + ([] if rec.estimated_seconds is None else [f"estimated {rec.estimated_seconds:.1f} s before it started"]))
+        or None)
     st.markdown("Removed, in order: " + ", ".join(f"`{b}`" for b in rec.removed))
     lat = rec.latency_ms
     if lat is not None and lat.predicted_reduction is not None:
