@@ -839,6 +839,7 @@ def _clear_resume(path: Path) -> None:
 
 def cmd_finetune(args: argparse.Namespace, bar: StderrProgress) -> int:
     from . import distributed as dist_utils
+    from .device import describe_devices
     from .export import save_pruned
     from .training import finetune
 
@@ -861,7 +862,7 @@ def cmd_finetune(args: argparse.Namespace, bar: StderrProgress) -> int:
         _write_json(str(out / "report.json"), report)
         best = "-" if result.best_accuracy is None else f"{result.best_accuracy:.2f} %"
         print(f"fine-tuned {result.steps} steps in {result.seconds:.1f} s on {dist_utils.world_size()} "
-              f"process(es); best test accuracy {best} (step {result.best_step})"
+              f"process(es), {describe_devices(result.devices)}; best test accuracy {best} (step {result.best_step})"
               + (" — cancelled, best weights kept" if result.cancelled else ""))
         print(f"wrote {out}/ (model.safetensors, manifest.json, report.json)")
         if not result.cancelled:

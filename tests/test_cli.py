@@ -197,6 +197,9 @@ def test_finetune_evaluate_export(capsys, tmp_path, pruned_dir):
     assert code == 0, text
     model = load_pruned(out)
     assert model.cka_manifest["removed"] == load_pruned(pruned_dir).cka_manifest["removed"]
+    ran = json.loads((out / "report.json").read_text())["finetune"]["devices"]
+    assert [d["from_step"] for d in ran] == [0] and ran[0]["device"].startswith("cpu (")  # where it ran
+    assert f"process(es), {ran[0]['device']}; best" in text
 
     path = tmp_path / "eval.json"
     code, text, _ = run(capsys, "evaluate", out, "--data", "digits", "--samples", "64", "--device", "cpu",
