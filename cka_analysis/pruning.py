@@ -293,7 +293,9 @@ class PruneStep:
 class PruneResult:
     """A pruned model and the record of how it was obtained (JSON-ready through :meth:`to_dict`).
 
-    ``steps[0]`` is the unpruned model, ``steps[-1]`` the pruned one right after its last removal.
+    ``steps[0]`` is the unpruned model, ``steps[-1]`` the pruned one right after its last removal. ``seconds`` is
+    the wall time; of a run resumed from a :class:`ResumeStore` it includes ``resumed_seconds``, the time the
+    restored parts took when they ran (the saved iterative steps, or the reused scores of a one-shot run).
     """
 
     model: nn.Module
@@ -305,6 +307,7 @@ class PruneResult:
     steps: list[PruneStep] = field(default_factory=list)
     cancelled: bool = False
     seconds: float = 0.0
+    resumed_seconds: float = 0.0
 
     @property
     def base(self) -> dict[str, Any]:
@@ -500,6 +503,7 @@ def _one_shot(run: _Run, model: nn.Module, result: PruneResult, target: Target |
                 store.save_scores(scores)
         else:
             run.progress(0, None, f"reusing the {run.criterion} scores of the interrupted run")
+            result.resumed_seconds = float(scores.seconds)
     p = plan(run.blocks, scores, target, base_macs=run.base_macs, base_params=run.base_params, chosen=chosen,
              block_costs=run.hooks.block_costs, base_latency=run.hooks.base_latency)
     pruned = remove_blocks(model, p.blocks)
@@ -517,6 +521,7 @@ def _resume_iterative(run: _Run, model: nn.Module, result: PruneResult) -> nn.Mo
         return model
     current, result.removed, result.steps = restored
     result.model = current
+    result.resumed_seconds = float(sum(s.seconds for s in result.steps))
     run.progress(len(result.steps) - 1, None,
                  f"resumed after step {len(result.steps) - 1} ({', '.join(result.removed)} removed)")
     return current
@@ -550,7 +555,8 @@ def _iterative(run: _Run, model: nn.Module, result: PruneResult, target: Target)
         if run.hooks.after_removal is not None:
             record.recovery = run.hooks.after_removal(current, step)
         record.accuracy = run.accuracy(current, step=not ledger.met(target))
-        record.seconds = time.perf_counter() - t0
+        # a step whose recovery went on from a checkpoint: its time before the resume too
+        record.seconds = time.perf_counter() - t0 + (record.recovery.resumed_seconds if record.recovery else 0.0)
         if run.hooks.store is not None:
             run.hooks.store.save_iterative(current, result)
         if record.recovery is not None and record.recovery.cancelled:
@@ -611,5 +617,5 @@ def prune(
             _one_shot(run, work, result, target, blocks_to_remove)
     except Cancelled:
         result.cancelled = True
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - start + result.resumed_seconds
     return result

@@ -346,11 +346,13 @@ class PruneRecord:
         latency_ms: a :class:`~cka_analysis.records.LatencyRecord` (median ms of the unpruned and pruned model, and
             for a latency target the prediction and its error), None when not measured.
         robustness: optional robustness results added by the caller.
-        cancelled: the run was cancelled; what it finished is kept. seconds: wall time of the run (of a resumed
-            run: this part, plus the recovery's training time before the resume, ``recovery.resumed_seconds``).
+        cancelled: the run was cancelled; what it finished is kept. seconds: wall time of the run; of a resumed
+            run, this part plus ``resumed_seconds``: the time the interrupted run had spent on what this one
+            reused (the saved scores or iterative steps, as saved, and the recovery's training before its
+            checkpoint, ``recovery.resumed_seconds``; the work after the last checkpoint is lost and not counted).
         estimated_seconds: what :func:`estimate_run` said the run would take before it started (None when no
             estimate was made), kept beside ``seconds`` so that every estimate can be checked against the truth
-            (of a resumed run: what was left, against ``seconds − recovery.resumed_seconds``).
+            (of a resumed run: what was left, against ``seconds − resumed_seconds``).
         device: what the run computed on, in words (``"cuda (NVIDIA H200)"``, ``"cpu (2 threads)"``); where a
             resumed recovery's earlier part ran is in ``recovery.devices`` (see :meth:`where`). None in reports
             written before it was recorded.
@@ -374,6 +376,7 @@ class PruneRecord:
     seconds: float = 0.0
     estimated_seconds: float | None = None
     device: str | None = None
+    resumed_seconds: float = 0.0
 
     @property
     def macs_reduction(self) -> float:
@@ -400,6 +403,8 @@ class PruneRecord:
             out["estimated_seconds"] = self.estimated_seconds
         if self.device is not None:  # likewise
             out["device"] = self.device
+        if self.resumed_seconds:  # only a resumed run has it
+            out["resumed_seconds"] = self.resumed_seconds
         return out
 
     @classmethod
@@ -418,6 +423,8 @@ class PruneRecord:
             latency_ms=None if d.get("latency_ms") is None else LatencyRecord.from_dict(d["latency_ms"]),
             robustness=d.get("robustness"), cancelled=bool(d.get("cancelled")), seconds=float(d.get("seconds", 0)),
             estimated_seconds=d.get("estimated_seconds"), device=d.get("device"),
+            # older reports: the recovery's part was the only one counted
+            resumed_seconds=float(d.get("resumed_seconds", (d.get("recovery") or {}).get("resumed_seconds", 0.0))),
         )
 
     # ------------------------------------------------------------------------------------------------ views
@@ -1019,7 +1026,8 @@ def run_prune(
         latency_ms=runner.latency(result.model), cancelled=result.cancelled or cancelled,
         estimated_seconds=estimated_seconds, device=describe_device(runner.device),
     )
-    record.seconds = time.perf_counter() - start + (recovery.resumed_seconds if recovery is not None else 0.0)
+    record.resumed_seconds = result.resumed_seconds + (recovery.resumed_seconds if recovery is not None else 0.0)
+    record.seconds = time.perf_counter() - start + record.resumed_seconds
     return PruneOutcome(result.model, record)
 
 

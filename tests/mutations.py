@@ -112,6 +112,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("report.json drops where the recovery's stretches ran (device record)", "cka_analysis/records.py",
              'out["devices"] = [dict(d) for d in self.devices]', "pass",
              ("tests/test_one_rule.py::test_a_recovery_record_carries_every_fact_of_the_result_it_was_made_from",)),
+    Mutation("a resumed iterative run's wall time leaves out the saved steps' time", "cka_analysis/pruning.py",
+             "result.resumed_seconds = float(sum(s.seconds for s in result.steps))", "pass",
+             ("tests/test_pruning.py::test_iterative_resume_goes_on_like_the_uninterrupted_run",
+              "tests/test_resume.py::test_cli_iterative_prune_resumed_after_a_kill_ends_with_the_uninterrupted_record")),
 )
 
 

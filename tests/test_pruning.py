@@ -407,12 +407,17 @@ def test_iterative_resume_goes_on_like_the_uninterrupted_run(demo, loaders, tmp_
     part = prune(demo, loaders["calib"], target="3", criterion="cka", iterative=True, cancel=token,
                  hooks=PruneHooks(after_removal=stop_after_first, store=store))
     assert part.cancelled and part.removed == whole.removed[:1]
+    saved = json.loads((tmp_path / "it" / "iterative.json").read_text())
+    assert saved["steps"][1]["seconds"] > 0
+    saved["steps"][1]["seconds"] = 1000.0  # the saved step's time, made large to be seen in the resumed run's
+    (tmp_path / "it" / "iterative.json").write_text(json.dumps(saved))
     messages: list[str] = []
     rest = prune(demo, loaders["calib"], target="3", criterion="cka", iterative=True,
                  hooks=PruneHooks(store=ResumeStore(tmp_path / "it", {"run": 1}, resume=True)),
                  progress=lambda d, t, m: messages.append(m))
     assert any(m.startswith("resumed after step 1") for m in messages)
     assert rest.removed == whole.removed and not rest.cancelled
+    assert rest.resumed_seconds == 1000.0 and 1000.0 < rest.seconds < 1000.0 + 600  # the saved step's time counts
     for a, b in zip(rest.steps[2:], whole.steps[2:], strict=True):
         assert a.scores == pytest.approx(b.scores, abs=1e-9)  # rescored on the restored model
     x = torch.randn(4, 1, 8, 8)

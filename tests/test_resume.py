@@ -221,6 +221,11 @@ def test_cli_iterative_prune_resumed_after_a_kill_ends_with_the_uninterrupted_re
                           stderr)
     finished = len([s for s in done if s.get("removed")])
     assert 1 <= finished < 3
+    # the saved steps' time, made large to be seen: the report's wall time counts it (they ran, and took it)
+    saved = json.loads(saved_file.read_text())
+    for st in saved["steps"][1:]:
+        st["seconds"] = 1000.0
+    saved_file.write_text(json.dumps(saved))
     capsys.readouterr()
     other = [("96" if a == "64" and i == common.index("--samples") + 1 else a) for i, a in enumerate(common)]
     code = main([*other, "--out", str(out), "--resume", "--quiet"])
@@ -235,6 +240,8 @@ def test_cli_iterative_prune_resumed_after_a_kill_ends_with_the_uninterrupted_re
     a = json.loads((tmp_path / "straight" / "report.json").read_text())
     b = json.loads((out / "report.json").read_text())
     assert a["removed"] == b["removed"] and len(b["removed"]) == 3
+    assert b["resumed_seconds"] >= 1000.0 * finished and b["seconds"] > b["resumed_seconds"]
+    assert [s["seconds"] for s in b["steps"][1:finished + 1]] == [1000.0] * finished
     for sa, sb in zip(a["steps"], b["steps"], strict=True):
         assert sa["removed"] == sb["removed"]
         if sa.get("scores"):

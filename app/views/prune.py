@@ -291,8 +291,7 @@ elif job is not None and job.result is not None:
                          "created": time.strftime("%H:%M:%S")})
     st.session_state["pr_show_run"] = run_id
     # a resumed run was estimated for what was left: compared with this part's time
-    resumed = record.recovery.resumed_seconds if record.recovery is not None else 0.0
-    state.log_timing("prune", job.label, record.estimated_seconds, record.seconds - resumed)
+    state.log_timing("prune", job.label, record.estimated_seconds, record.seconds - record.resumed_seconds)
     if record.cancelled:
         resumable = request is not None and _checkpoint_dir(request) is not None
         st.warning(f"Cancelled: the blocks removed and the recovered weights so far are kept as “{label}”."
