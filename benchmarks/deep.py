@@ -418,9 +418,20 @@ def report_lines() -> list[str]:
     if rows:
         lines += ["", *what_the_rows_say(rows)]
     if missing:
-        lines.append(f"\nNot measured yet ({len(missing)} rows; a `long` one takes 1.5–3.2 h on one CPU "
-                     "core, minutes of a device call through `scripts/gpu_session.sh`: see `benchmarks/README.md`): " + ", ".join(f"`{m}`" for m in missing) + ".")
+        span = long_hours(rows)
+        took = "" if span is None else f"the `long` rows so far took {span} each on the CPU; "
+        lines.append(f"\nNot measured yet ({len(missing)} rows; {took}a device call through "
+                     "`scripts/gpu_session.sh` runs them in minutes: see `benchmarks/README.md`): "
+                     + ", ".join(f"`{m}`" for m in missing) + ".")
     return [*lines, ""]
+
+
+def long_hours(rows: list[dict[str, Any]]) -> str | None:
+    """The shortest and longest wall time of the finished `long` rows run on the CPU, in hours (``"1.4–3.6 h"``),
+    leaving out rows whose time before a resume is not in the row; None when there is none."""
+    hours = [r["seconds"] / 3600 for r in rows if r.get("recovery") == "long" and not r.get("wall_note")
+             and str(r.get("device", "")).startswith("cpu") and r.get("resumed_seconds") != 0.0]
+    return None if not hours else f"{min(hours):.1f}–{max(hours):.1f} h"
 
 
 def write_report() -> Path:

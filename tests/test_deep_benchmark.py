@@ -176,3 +176,15 @@ def test_a_resumed_row_says_so_beside_its_wall_time() -> None:
     moved = {**resumed, "device": "cpu (2 threads)", "devices": [{"from_step": 0, "device": "cpu (1 threads)"},
                                                                  {"from_step": 21_800, "device": "cpu (2 threads)"}]}
     assert deep.table_lines([moved])[2].endswith("| cpu (1 threads) to step 21,800, then cpu (2 threads) |")
+
+
+def test_the_time_a_long_row_takes_is_read_from_the_rows_that_timed_it_all() -> None:
+    """The span quoted beside the rows still to run comes from finished CPU `long` rows, leaving out a row whose
+    time before a resume was not recorded, a row with a note instead, a GPU row and the shorter recoveries."""
+    timed = [{**row("cka", 88.0), "seconds": 5_040.0}, {**row("bi", 88.0), "seconds": 12_960.0, "resumed_seconds": 9.0}]
+    left_out = [{**row("a", 88.0), "seconds": 60.0, "resumed_step": 1_700, "resumed_seconds": 0.0},
+                {**row("b", 88.0), "seconds": 60.0, "wall_note": "resumed"},
+                {**row("c", 88.0), "seconds": 60.0, "device": "cuda (NVIDIA H200)"},
+                {**row("d", 88.0, recovery="standard"), "seconds": 60.0}]
+    assert deep.long_hours(timed + left_out) == "1.4–3.6 h"
+    assert deep.long_hours(left_out) is None
