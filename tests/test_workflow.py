@@ -4,6 +4,7 @@ input refused before anything is scored or written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -141,6 +142,25 @@ def test_recovery_spends_at_most_the_budget(demo, data) -> None:
     assert rec.recovery is not None and 0 < rec.images_seen <= 512
     assert rec.recovery.config == request.recovery
     assert rec.final.accuracy is not None and rec.after_removal.accuracy is not None
+
+
+def test_where_a_run_ran_is_said_in_the_summary_and_the_markdown(demo, data) -> None:
+    """A run on one device reads as that device; a run whose recovery a resume moved names the run's device, then
+    each stretch of its recovery, through the report's round trip; an older report that did not record it, none."""
+    request = PruneRequest(**DEMO, target="2", calibration_samples=64, eval_samples=100, recovery="4096")
+    rec = run_prune(request, data=data).record
+    assert rec.recovery is not None and rec.recovery.steps > 0 and rec.device is not None
+    assert rec.recovery.devices == [{"from_step": 0, "device": rec.device}] and rec.where() == rec.device
+    assert f"on {rec.device}" in rec.summary() and f"on {rec.device}" in rec.markdown()
+    # a run whose recovery was resumed on another device names the run's device, then each stretch of the recovery
+    moved = dataclasses.replace(rec, device="cuda (NVIDIA H200)", recovery=dataclasses.replace(
+        rec.recovery, devices=[{"from_step": 0, "device": "cpu (1 threads)"},
+                               {"from_step": 17_200, "device": "cuda (NVIDIA H200)"}]))
+    said = "cuda (NVIDIA H200); its recovery: cpu (1 threads) to step 17,200, then cuda (NVIDIA H200)"
+    assert moved.where() == said and said in moved.summary() and said in moved.markdown()
+    assert PruneRecord.from_dict(json.loads(json.dumps(moved.to_dict()))).where() == said
+    # a report written before the device was recorded says nothing about it
+    assert dataclasses.replace(rec, device=None, recovery=dataclasses.replace(rec.recovery, devices=[])).where() is None
 
 
 def test_iterative_run_shares_one_budget_between_steps_and_the_end(demo, data) -> None:
