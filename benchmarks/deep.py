@@ -288,6 +288,11 @@ def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
                 "; no plan beats random by more than two of its standard deviations"
         elif rand:
             text += f"; random {rand[0]:.2f} % (one seed: no noise estimate)"
+        follows = weights_kept_correlation(group)
+        if follows is not None:
+            rho, slope, n = follows
+            text += (f"; top-1 against the weights kept over these {n} rows: Spearman ρ {rho:+.2f}, "
+                     f"{_pp(slope)} pp per 10 points of weights kept (least squares)")
         allowed = TARGET_DROPS.get((target, recovery))
         if split == "test" and allowed is not None and plans:
             name, acc, _ = plans[0]
@@ -297,6 +302,34 @@ def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
                      f"{_pp(-drop)} pp")
         out.append(text + ".")
     return out
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties given the mean of the ranks they share (as Spearman's ρ needs)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            ranks[k] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def weights_kept_correlation(group: list[dict[str, Any]], min_rows: int = 5) -> tuple[float, float, int] | None:
+    """How closely top-1 follows the share of weights kept across one group's rows (every plan and seed):
+    Spearman's ρ, the least-squares slope in points of top-1 per 10 points of weights kept, and the row count.
+    None with fewer than ``min_rows`` rows, fewer than three distinct shares kept or one accuracy for all (too
+    few to say)."""
+    kept = [100 * (1 - r["params_reduction"]) for r in group]
+    acc = [r["acc"] for r in group]
+    if len(group) < min_rows or len({round(k, 1) for k in kept}) < 3 or len(set(acc)) < 2:
+        return None
+    rho = statistics.correlation(_ranks(kept), _ranks(acc))
+    return rho, 10 * statistics.linear_regression(kept, acc).slope, len(group)
 
 
 def recipe_findings_lines(rows: list[dict[str, Any]]) -> list[str]:

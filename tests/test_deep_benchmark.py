@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from benchmarks import deep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +40,27 @@ def test_a_plan_beats_random_only_beyond_two_of_its_standard_deviations() -> Non
     assert "beyond two standard deviations of random: block_influence." in lines[0]
     none = deep.findings_lines([*rand, row("cka", 88.9)])
     assert "no plan beats random by more than two of its standard deviations" in none[0]
+
+
+def test_how_closely_top1_follows_the_weights_kept_is_measured_per_group() -> None:
+    """Spearman's ρ on ranks (ties share their mean rank) and the least-squares slope per 10 points kept; said
+    only with five rows or more and at least three distinct shares kept."""
+    def kept(share: float, acc: float, seed: int = 0) -> dict[str, Any]:
+        return {**row("random", acc, seed=seed), "params_reduction": 1 - share}
+
+    rising = [kept(s, 86.0 + 5 * s, seed=i) for i, s in enumerate((0.2, 0.4, 0.6, 0.8, 1.0))]
+    rho, slope, n = deep.weights_kept_correlation(rising)
+    assert rho == pytest.approx(1.0) and slope == pytest.approx(0.5) and n == 5
+    # the order reversed at one end: one swapped pair of five ranks, ρ = 1 − 6·2 / (5·24) = 0.9
+    swapped = [*rising[:3], kept(0.8, 90.5, 3), kept(1.0, 89.9, 4)]
+    assert deep.weights_kept_correlation(swapped)[0] == pytest.approx(0.9)
+    # two rows keeping the same weights with the same accuracy share one rank: ρ from mean ranks, not 1
+    tied = [kept(0.2, 87.0), kept(0.2, 87.0, 1), kept(0.5, 86.0, 2), kept(0.8, 88.0, 3), kept(0.8, 89.0, 4)]
+    assert deep.weights_kept_correlation(tied)[0] == pytest.approx(0.6489, abs=1e-4)  # as scipy.stats.spearmanr gives
+    assert deep.weights_kept_correlation(rising[:4]) is None  # too few rows
+    assert deep.weights_kept_correlation([kept(0.5, 86.0 + i, i) for i in range(5)]) is None  # one share kept
+    assert "Spearman ρ +1.00, +0.50 pp per 10 points of weights kept" in deep.findings_lines(rising)[0]
+    assert "Spearman" not in deep.findings_lines(rising[:4])[0]
 
 
 def test_groups_are_split_by_split_target_and_recovery_and_recipe_rows_left_out() -> None:
