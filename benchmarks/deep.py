@@ -258,10 +258,20 @@ def _plan_groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[
     return groups
 
 
+def random_noise(plan: list[float], rand: list[float], images: int) -> float:
+    """How far a plan's mean top-1 must lead random blocks' mean to beat them, in points: two standard deviations
+    of random's draws, or two standard errors of the difference of the two means (binomial, each accuracy measured
+    on ``images`` images) where that is larger — two draws that happen to land close say less than one
+    measurement's own noise."""
+    se = (accuracy_se(statistics.mean(plan), images) ** 2 / len(plan)
+          + accuracy_se(statistics.mean(rand), images) ** 2 / len(rand)) ** 0.5
+    return max(2 * statistics.stdev(rand), 2 * se)
+
+
 def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Plain-words findings from the finished rows, one bullet per (split, target, recovery) group: the plans
-    ranked (by their mean over seeds), random's mean ± std (over its seeds) and whether each plan beats it by more than two of those standard
-    deviations, the gap to the base; on the test split, whether the issue's target (:data:`TARGET_DROPS`) is met.
+    ranked (by their mean over seeds), random's mean ± std (over its seeds) and whether each plan beats it by more
+    than its noise (:func:`random_noise`), the gap to the base; on the test split, whether the issue's target (:data:`TARGET_DROPS`) is met.
     Rows of a tuned recipe (``recipe_name``) are left out: they compare recipes, not plans."""
     groups = _plan_groups(rows)
     out = []
@@ -283,9 +293,12 @@ def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
         if len(rand) >= 2:
             mean, sd = statistics.mean(rand), statistics.stdev(rand)
             text += f"; random {mean:.2f} ± {sd:.2f} % ({len(rand)} seeds)"
-            beat = [name for name, acc, _ in plans if acc - mean > 2 * sd]
-            text += ("; beyond two standard deviations of random: " + ", ".join(beat)) if beat else \
-                "; no plan beats random by more than two of its standard deviations"
+            n = group[0].get("eval_images", 5_000 if split == "validation" else 10_000)
+            beat = [name for name, acc, accs in plans if acc - mean > random_noise(accs, rand, n)]
+            text += ("; beyond random's noise: " + ", ".join(beat)) if beat else \
+                "; no plan beats random by more than its noise"
+            if len(rand) < 3:
+                text += " (two draws: their spread says little)"
         elif rand:
             text += f"; random {rand[0]:.2f} % (one seed: no noise estimate)"
         follows = weights_kept_correlation(group)
