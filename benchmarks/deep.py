@@ -271,8 +271,9 @@ def random_noise(plan: list[float], rand: list[float], images: int) -> float:
 def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Plain-words findings from the finished rows, one bullet per (split, target, recovery) group: the plans
     ranked (by their mean over seeds), random's mean ± std (over its seeds) and whether each plan beats it by more
-    than its noise (:func:`random_noise`), the gap to the base; on the test split, whether the issue's target (:data:`TARGET_DROPS`) is met.
-    Rows of a tuned recipe (``recipe_name``) are left out: they compare recipes, not plans."""
+    than its noise (:func:`random_noise`), the gap to the base, how closely top-1 follows the weights kept
+    (:func:`weights_kept_correlation`); on the test split, whether the issue's target (:data:`TARGET_DROPS`) is
+    met. Rows of a tuned recipe (``recipe_name``) are left out: they compare recipes, not plans."""
     groups = _plan_groups(rows)
     out = []
     for (split, target, recovery), group in sorted(groups.items(), key=lambda kv: (kv[0][0] != "validation",
@@ -303,8 +304,8 @@ def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
             text += f"; random {rand[0]:.2f} % (one seed: no noise estimate)"
         follows = weights_kept_correlation(group)
         if follows is not None:
-            rho, slope, n = follows
-            text += (f"; top-1 against the weights kept over these {n} rows: Spearman ρ {rho:+.2f}, "
+            rho, slope, count = follows
+            text += (f"; top-1 against the weights kept over these {count} rows: Spearman ρ {rho:+.2f}, "
                      f"{_pp(slope)} pp per 10 points of weights kept (least squares)")
         allowed = TARGET_DROPS.get((target, recovery))
         if split == "test" and allowed is not None and plans:
