@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.stats import spearmanr
 
 from benchmarks.common import (
     CACHE_DIR,
@@ -258,6 +259,11 @@ def _plan_groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[
     return groups
 
 
+def _eval_images(row: dict[str, Any]) -> int:
+    """The images ``row``'s accuracy was measured on: as recorded, else the split's size (older rows)."""
+    return row.get("eval_images", 5_000 if row["split"] == "validation" else 10_000)
+
+
 def random_noise(plan: list[float], rand: list[float], images: int) -> float:
     """How far a plan's mean top-1 must lead random blocks' mean to beat them, in points: two standard deviations
     of random's draws, or two standard errors of the difference of the two means (binomial, each accuracy measured
@@ -294,8 +300,7 @@ def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
         if len(rand) >= 2:
             mean, sd = statistics.mean(rand), statistics.stdev(rand)
             text += f"; random {mean:.2f} ± {sd:.2f} % ({len(rand)} seeds)"
-            n = group[0].get("eval_images", 5_000 if split == "validation" else 10_000)
-            beat = [name for name, acc, accs in plans if acc - mean > random_noise(accs, rand, n)]
+            beat = [name for name, acc, accs in plans if acc - mean > random_noise(accs, rand, _eval_images(group[0]))]
             text += ("; beyond random's noise: " + ", ".join(beat)) if beat else \
                 "; no plan beats random by more than its noise"
             if len(rand) < 3:
@@ -318,21 +323,6 @@ def findings_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _ranks(values: list[float]) -> list[float]:
-    """Ranks from 1, ties given the mean of the ranks they share (as Spearman's ρ needs)."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in order[i:j + 1]:
-            ranks[k] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
 def weights_kept_correlation(group: list[dict[str, Any]], min_rows: int = 5) -> tuple[float, float, int] | None:
     """How closely top-1 follows the share of weights kept across one group's rows (every plan and seed):
     Spearman's ρ, the least-squares slope in points of top-1 per 10 points of weights kept, and the row count.
@@ -342,7 +332,7 @@ def weights_kept_correlation(group: list[dict[str, Any]], min_rows: int = 5) -> 
     acc = [r["acc"] for r in group]
     if len(group) < min_rows or len({round(k, 1) for k in kept}) < 3 or len(set(acc)) < 2:
         return None
-    rho = statistics.correlation(_ranks(kept), _ranks(acc))
+    rho = float(spearmanr(kept, acc).statistic)  # ties share their mean rank
     return rho, 10 * statistics.linear_regression(kept, acc).slope, len(group)
 
 
@@ -371,7 +361,7 @@ def recipe_findings_lines(rows: list[dict[str, Any]]) -> list[str]:
             out.append(text + "; the default recipe's row is missing.")
             continue
         best = group[0]
-        n = best.get("eval_images", 5_000 if split == "validation" else 10_000)
+        n = _eval_images(best)
         se = (accuracy_se(best["acc"], n) ** 2 + accuracy_se(default["acc"], n) ** 2) ** 0.5
         lead = best["acc"] - default["acc"]
         text += f"; the default {default['acc']:.2f} %. "
@@ -427,7 +417,7 @@ def plan_evidence(rows: list[dict[str, Any]]) -> dict[str, Any]:
         plans: dict[str, list[dict[str, Any]]] = {}
         for r in group:
             plans.setdefault(_plan_name(r), []).append(r)
-        n = group[0].get("eval_images", 5_000 if split == "validation" else 10_000)
+        n = _eval_images(group[0])
         summary = {name: {"acc": round(statistics.mean(r["acc"] for r in rs), 2), "seeds": len(rs),
                           "params_kept": round(statistics.mean(1 - r["params_reduction"] for r in rs), 3)}
                    for name, rs in sorted(plans.items())}
