@@ -33,7 +33,9 @@ def test_the_target_is_judged_on_the_best_plan_of_its_group() -> None:
     assert "Target" not in deep.findings_lines([row("cka", 80.0, split="validation")])[0]  # validation chooses
 
 
-def test_a_plan_beats_random_only_beyond_two_of_its_standard_deviations() -> None:
+def test_a_plan_beats_random_only_beyond_random_noise_when_the_draws_spread_wide() -> None:
+    """Three draws a point apart: two of their standard deviations (2 points) is the bar, above the standard
+    error of the difference of the means."""
     rand = [row("random", a, seed=s) for s, a in enumerate((86.0, 87.0, 88.0))]  # mean 87, sd 1
     lines = deep.findings_lines([*rand, row("cka", 88.9), row("block_influence", 89.1)])
     assert "random 87.00 ± 1.00 % (3 seeds)" in lines[0]
