@@ -77,9 +77,9 @@ def _row(criterion: str, target: str, recovery: str, split: str, seed: int = 0, 
 #: lr 0.05), a higher learning rate, a stronger feature term, and mimicking only the last two stages (with the
 #: first two stages nearly gone, the student's early features might not need to copy the teacher's: measured,
 #: they do); and the removed blocks fading out over the first 30 % of the steps instead of vanishing at once
-#: (``RecoveryConfig.fade``: the student starts as the unpruned network); and ``long``'s larger-batch candidates
-#: at ``standard`` (the batches that make a GPU fast: do they cost accuracy at the default budget?), and batch 32
-#: (twice the default's steps for the same images: does the trend go on the other way?).
+#: (``RecoveryConfig.fade``: the student starts as the unpruned network); ``long``'s larger-batch candidates at
+#: ``standard`` (the batches that make a GPU fast: do they cost accuracy at the default budget?); batch 32 (twice
+#: the default's steps for the same images: does more steps help?).
 RECIPES: dict[str, dict[str, Any]] = {
     "bs64-lr0.01": {"batch_size": 64, "lr": 0.01},
     "bs256-lr0.04": {"batch_size": 256, "lr": 0.04},

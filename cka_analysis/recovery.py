@@ -85,7 +85,8 @@ class RecoveryConfig:
             weight and temperature beat them beyond the noise (``tune-*`` rows), nor did lr 0.03, batch 128 with
             lr 0.05 or feature weight 30 at −75 % MACs on ``cka_capacity``'s blocks (``benchmarks/deep.py``,
             ``deep-recipe`` rows), so one recipe serves every budget and depth measured. Larger batches cost
-            accuracy at a fixed budget: batch 512 (lr 0.04 or 0.08) ended 1.7–1.9 points lower there.
+            accuracy at a fixed budget: batch 512 (lr 0.04 or 0.08) ended 1.7–1.9 points lower there (one run
+            each; batch 32 and 256 stayed within the noise).
         kd_alpha, kd_temperature: weight and temperature of logit distillation (``kd``, ``feature``, ``adaptor``).
         feature_weight: weight of the feature-mimicking term (``feature``, ``adaptor``).
         mimic: where the feature term compares student and teacher: ``"blocks"`` (the default: the input of every
